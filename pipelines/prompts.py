@@ -1,0 +1,51 @@
+"""Prompt files: YAML with a ``system`` and a ``user`` Jinja template, rendered into chat messages.
+
+Templates use StrictUndefined, so a template that names a column the rows do not have fails with the
+variable's name instead of rendering an empty string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ChatPrompt:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict) or "user" not in data:
+            raise ValueError(f"prompt file {path} must be a mapping with 'user' (and optional 'system')")
+        unknown = set(data) - {"system", "user"}
+        if unknown:
+            raise ValueError(f"prompt file {path}: unknown keys {sorted(unknown)}")
+        self.system: str | None = data.get("system")
+        self.user: str = data["user"]
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self._compiled = None
+
+    def __getstate__(self):  # Jinja templates are not picklable; recompile in each worker
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        return state
+
+    def _templates(self):
+        if self._compiled is None:
+            import jinja2
+
+            env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+            self._compiled = (env.from_string(self.system) if self.system else None,
+                              env.from_string(self.user))
+        return self._compiled
+
+    def render(self, variables: dict[str, Any]) -> list[dict[str, str]]:
+        system, user = self._templates()
+        messages = []
+        if system is not None:
+            messages.append({"role": "system", "content": system.render(**variables).strip()})
+        messages.append({"role": "user", "content": user.render(**variables).strip()})
+        return messages

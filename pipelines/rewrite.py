@@ -1,0 +1,96 @@
+"""LLM rewriting: each input row -> one prompt (``output: text``) or several (``output: list``).
+
+The template sees every column of the input row (``text``, ``macro``, ``micro``, ...). Output rows
+carry lineage: ``parent_id`` (the input row), ``method``, ``model``, and the raw answer. An input row
+whose prompt is too long, whose request failed, or whose answer yields no prompt becomes one
+``error`` row with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from actors.llm import chat
+from pipelines.config import LLMEndpoint, RewriteConfig
+from pipelines.parsing import split_prompts, strip_thinking
+from pipelines.prompts import ChatPrompt
+from pipelines.rows import ERROR, content_id, error_detail, make_row, to_table
+from pipelines.stage import Stage
+
+LINEAGE = {"model": pa.string(), "raw_output": pa.string()}
+
+
+def classify_llm_error(message: str) -> str:
+    """Short reason code for a failed request (``prompt_too_long`` or ``inference_error``)."""
+    lowered = message.lower()
+    if "maximum context length" in lowered or "longer than the maximum" in lowered or \
+            "too long" in lowered:
+        return "prompt_too_long"
+    return "inference_error"
+
+
+class RenderRow:
+    """Row -> chat messages, with the row's columns as template variables."""
+
+    def __init__(self, prompt: ChatPrompt, extra: dict[str, Any] | None = None):
+        self.prompt = prompt
+        self.extra = extra or {}
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        return self.prompt.render({**row, **self.extra})
+
+
+def answers_to_rows(batch: pa.Table, *, config: RewriteConfig, model: str) -> pa.Table:
+    """LLM answers -> output rows (fan-out for ``list``), or one error row per failed input."""
+    out = []
+    for row in batch.to_pylist():
+        inherited = {k: row.get(k, "") for k in ("lang", "macro", "micro")}
+        if config.label is not None:
+            inherited["label"] = config.label
+        if row["llm_error"]:
+            out.append(make_row(id=row["id"], parent_id=row["id"], text=row["text"], model=model,
+                                source=config.source, method=config.method, status=ERROR,
+                                reason=classify_llm_error(row["llm_error"]),
+                                detail=error_detail(row["llm_error"]), **inherited))
+            continue
+        answer = row["llm_output"]
+        if config.output == "list":
+            pieces = split_prompts(answer, min_chars=config.min_chars)[: config.max_outputs]
+        else:
+            piece = strip_thinking(answer)
+            pieces = [piece] if len(piece) >= config.min_chars else []
+        if not pieces:
+            out.append(make_row(id=row["id"], parent_id=row["id"], text=row["text"], model=model,
+                                source=config.source, method=config.method, status=ERROR,
+                                reason="unparseable_output", raw_output=answer,
+                                detail=error_detail(f"no prompt of >= {config.min_chars} chars in: "
+                                                    f"{answer!r}"), **inherited))
+            continue
+        for piece in pieces:
+            out.append(make_row(id=content_id(piece, row["id"]), text=piece, parent_id=row["id"],
+                                source=config.source, method=config.method, model=model,
+                                raw_output=answer, **inherited))
+    return to_table(out, LINEAGE)
+
+
+class RewriteStage(Stage):
+    name = "rewrite"
+    inputs = ("ingest",)
+    fan_out = True
+
+    def __init__(self, config: RewriteConfig, endpoint: LLMEndpoint):
+        super().__init__(config)
+        self.endpoint = endpoint
+        self.prompt = ChatPrompt(config.template)
+
+    def hash_payload(self) -> Any:
+        return {"config": self.config.model_dump(mode="json"),
+                "endpoint": self.endpoint.model_dump(mode="json"),
+                "template_digest": self.prompt.digest}
+
+    def build(self, inputs: dict) -> Any:
+        answers = chat(inputs["ingest"], self.endpoint, RenderRow(self.prompt))
+        return answers.map_batches(answers_to_rows, batch_format="pyarrow",
+                                   fn_kwargs={"config": self.config, "model": self.endpoint.model})

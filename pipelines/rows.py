@@ -1,0 +1,79 @@
+"""The row schema every stage reads and writes.
+
+One sample is one row. Fields of the schema are always present and never null (unknown text fields are
+``""``), so Parquet files written by different blocks share one schema. Stages may add lineage
+columns (``model``, ``raw_output``, ...). While a stage runs, each row also carries
+
+- ``status``: ``ok`` (goes downstream), ``dropped`` (filtered on purpose) or ``error`` (failed);
+- ``reason``: a short machine-readable code for dropped/error rows (``""`` for ok rows);
+- ``detail``: a human-readable explanation (the exception, the unparseable answer, ...).
+
+The run directory stores each status in its own partition, so nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+SCHEMA_FIELDS: dict[str, pa.DataType] = {
+    "id": pa.string(),         # stable content hash
+    "text": pa.string(),
+    "lang": pa.string(),       # ISO code, "" until language ID ran
+    "label": pa.string(),      # "safe" / "unsafe" / "" (unknown)
+    "macro": pa.string(),      # A..E or ""
+    "micro": pa.string(),      # A1..E2 or ""
+    "source": pa.string(),     # rag / real / pe / external / gen / corpus
+    "method": pa.string(),     # how the row was made (rewriting method, loader, ...)
+    "parent_id": pa.string(),  # what it was derived from ("" for originals)
+    "iteration": pa.int32(),   # generator-classifier loop iteration
+}
+STATUS_FIELDS: dict[str, pa.DataType] = {
+    "status": pa.string(),
+    "reason": pa.string(),
+    "detail": pa.string(),
+}
+OK, DROPPED, ERROR = "ok", "dropped", "error"
+STATUSES = (OK, DROPPED, ERROR)
+
+
+def content_id(text: str, *salt: str) -> str:
+    """Stable 16-hex id: sha1 over the text and optional lineage salt (e.g. the parent id)."""
+    h = hashlib.sha1(text.encode("utf-8"))
+    for s in salt:
+        h.update(b"\x00" + s.encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def make_row(**fields: Any) -> dict[str, Any]:
+    """A row with every schema and status field present (defaults: "" / 0 / ok)."""
+    row: dict[str, Any] = {name: "" for name in SCHEMA_FIELDS}
+    row["iteration"] = 0
+    row.update(status=OK, reason="", detail="")
+    row.update(fields)
+    return row
+
+
+def to_table(rows: Iterable[dict[str, Any]], extra: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Rows -> Arrow table with the fixed schema (schema + status + ``extra`` lineage columns).
+
+    Giving every batch the same types keeps Parquet files of one stage mergeable (no ``null``-typed
+    column in one file and ``string`` in another).
+    """
+    fields = {**SCHEMA_FIELDS, **(extra or {}), **STATUS_FIELDS}
+    rows = list(rows)
+    columns = {}
+    for name, typ in fields.items():
+        default = 0 if pa.types.is_integer(typ) else ""
+        values = [row.get(name, default) for row in rows]
+        if pa.types.is_string(typ):
+            values = ["" if v is None else str(v) for v in values]
+        columns[name] = pa.array(values, type=typ)
+    return pa.table(columns)
+
+
+def error_detail(value: Any, limit: int = 500) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"

@@ -1,0 +1,165 @@
+"""Stages and the runner that chains them with resume.
+
+A stage is one transform over a Ray Dataset with declared inputs (NeMo Curator's ProcessingStage,
+datatrove's PipelineStep): ``build(inputs) -> Dataset`` returns rows of the row schema plus
+``status``/``reason``/``detail``. The runner writes them to the run directory in one pass, partitioned
+by status, then writes the manifest.
+
+Resume: a stage is skipped when its manifest exists and both its config hash and its input
+fingerprint match. The input fingerprint of a stage is made of its upstream stages' output
+fingerprints (and, for source stages, the input files' sizes and mtimes), so recomputing a stage
+recomputes everything downstream of it.
+
+Accounting, checked after every stage: ``in = out_parents + dropped + errored``, where ``in`` is the
+rows the stage read and ``out_parents`` the input rows that produced at least one output row
+(``out_parents == out`` for one-to-one stages).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pipelines.rows import DROPPED, ERROR, OK
+from pipelines.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class AccountingError(RuntimeError):
+    """A stage lost or invented rows: in != out_parents + dropped + errored."""
+
+
+class Stage(ABC):
+    #: folder name in the run directory and key under ``stages:`` in recipes
+    name: ClassVar[str]
+    #: upstream stage names whose ``ok`` rows this stage reads
+    inputs: ClassVar[tuple[str, ...]] = ()
+    #: one input row may produce several output rows (their ``parent_id`` is the input id)
+    fan_out: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def hash_payload(self) -> Any:
+        """Everything the output depends on besides the inputs. Extend to add template texts,
+        model endpoints, seeds."""
+        return self.config.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        payload = {"version": VERSION, "stage": self.name, "config": self.hash_payload()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def source_fingerprint(self) -> str | None:
+        """For stages that read external files: a fingerprint of those files."""
+        return None
+
+    @abstractmethod
+    def build(self, inputs: dict[str, Any]) -> Any:
+        """Return a lazy ``ray.data.Dataset`` with the row schema and status columns."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
+    parts = {up: manifests[up]["output_fingerprint"] for up in stage.inputs}
+    parts["__source__"] = stage.source_fingerprint()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_ok(rundir: RunDir, stage: str):
+    import ray
+
+    return ray.data.read_parquet(rundir.partition_uri(stage, OK), partitioning=None)
+
+
+def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> dict[str, dict]:
+    """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests."""
+    manifests: dict[str, dict] = {}
+    for stage in stages:
+        missing = [up for up in stage.inputs if up not in manifests]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs {missing}, which run before it")
+        config_hash = stage.config_hash()
+        input_fp = _input_fingerprint(stage, manifests)
+        previous = rundir.read_manifest(stage.name)
+        if (not force and previous and previous.get("config_hash") == config_hash
+                and previous.get("input_fingerprint") == input_fp):
+            log.info("stage %-10s up to date, skipped (%s rows out)", stage.name, previous["rows"]["out"])
+            manifests[stage.name] = previous
+            continue
+        manifests[stage.name] = run_one(stage, rundir, manifests, config_hash, input_fp)
+    return manifests
+
+
+def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_hash: str,
+            input_fp: str) -> dict:
+    rundir.clear_stage(stage.name)
+    started, t0 = _now(), time.perf_counter()
+    rows_in_upstream = sum(manifests[up]["rows"]["out"] for up in stage.inputs)
+    log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
+
+    if stage.inputs and rows_in_upstream == 0:
+        log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
+    else:
+        inputs = {up: _read_ok(rundir, up) for up in stage.inputs}
+        dataset = stage.build(inputs)
+        # One streaming pass; Ray Data writes each status to its own hive partition.
+        dataset.write_parquet(rundir.uri(stage.name), partition_cols=["status"])
+
+    counts = {status: rundir.count_rows(stage.name, status) for status in (OK, DROPPED, ERROR)}
+    if stage.fan_out and counts[OK]:
+        out_parents = len(set(rundir.column_values(stage.name, OK, "parent_id")))
+    else:
+        out_parents = counts[OK]
+    rows_in = rows_in_upstream if stage.inputs else out_parents + counts[DROPPED] + counts[ERROR]
+    if rows_in != out_parents + counts[DROPPED] + counts[ERROR]:
+        raise AccountingError(
+            f"stage {stage.name}: {rows_in} rows in but {out_parents} produced output, "
+            f"{counts[DROPPED]} dropped, {counts[ERROR]} errored")
+
+    manifest = {
+        "stage": stage.name,
+        "status": "complete",
+        "config_hash": config_hash,
+        "input_fingerprint": input_fp,
+        "output_fingerprint": rundir.output_fingerprint(stage.name),
+        "inputs": list(stage.inputs),
+        "rows": {"in": rows_in, "out": counts[OK], "out_parents": out_parents,
+                 "dropped": counts[DROPPED], "errored": counts[ERROR]},
+        "reasons": {"dropped": rundir.reason_counts(stage.name, DROPPED),
+                    "errored": rundir.reason_counts(stage.name, ERROR)},
+        "config": stage.hash_payload(),
+        "started_at": started,
+        "finished_at": _now(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "version": VERSION,
+    }
+    rundir.write_manifest(stage.name, manifest)
+    r = manifest["rows"]
+    log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
+             manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])
+    return manifest
+
+
+def status_table(rundir: RunDir) -> str:
+    """The table ``chillguard status RUN_DIR`` prints."""
+    header = f"{'stage':<14}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
+    lines = [header, "-" * len(header)]
+    for name, m in sorted(rundir.manifests().items(), key=lambda kv: (kv[1] or {}).get("started_at", "~")):
+        if m is None:
+            lines.append(f"{name:<14}{'incomplete':<12}")
+            continue
+        r = m["rows"]
+        lines.append(f"{name:<14}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
+                     f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
+    return "\n".join(lines)
