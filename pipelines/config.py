@@ -125,11 +125,13 @@ class SamplingConfig(Strict):
     stop: list[str] = Field(default_factory=list)
     repetition_penalty: float = Field(1.0, gt=0)
     logprobs: int | None = Field(None, ge=0, le=20)
+    ignore_eos: bool = Field(False, description="generate max_tokens always (benchmarks)")
 
     def to_params(self) -> dict[str, Any]:
         params = self.model_dump(exclude_none=True)
-        if not params["stop"]:
-            params.pop("stop")
+        for key in ("stop", "ignore_eos"):  # only sent when set
+            if not params[key]:
+                params.pop(key)
         return params
 
 
@@ -266,6 +268,9 @@ class Recipe(Strict):
 # Loading
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], parsed value). Values are YAML scalars/lists/maps."""
     if "=" not in text:
@@ -278,6 +283,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads "2e-5" as a string
+        value = float(value)
     return parts, value
 
 

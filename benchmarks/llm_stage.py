@@ -1,0 +1,168 @@
+"""LLM stage throughput: bare vLLM vs stock ray.data.llm vs our LLM stage, same prompts and model.
+
+    python benchmarks/llm_stage.py [--model DIR] [--prompts 5000] [--warm 1000] [--max-tokens 32]
+
+Steady-state rate is the marginal rate between the ``--warm``-th and the last prompt (engine start-up
+and the first batches are reported separately). Each request generates exactly ``--max-tokens``
+tokens (``ignore_eos``), so the three variants do the same work. Prints a table and writes JSON.
+Without ``--model`` the offline tiny Qwen3 is built into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipelines.config import LLMEndpoint  # noqa: E402
+
+DOCS = ["网络上有人散布关于健康的虚假信息，请把它改写成用户的提问。", "A user asks how to report a scam website.",
+        "某公司利用算法优势排挤竞争对手。", "Please summarise the privacy policy in two sentences."]
+
+
+def make_rows(n: int) -> list[dict]:
+    return [{"id": f"r{i}", "text": f"{DOCS[i % len(DOCS)]} #{i}"} for i in range(n)]
+
+
+def messages(row: dict) -> list[dict]:
+    return [{"role": "user", "content": f"Rewrite as a user prompt: {row['text']}"}]
+
+
+def bare_vllm(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(endpoint.model)
+    prompts = [tok.apply_chat_template(messages(r), tokenize=False, add_generation_prompt=True) for r in rows]
+    t0 = time.perf_counter()
+    llm = LLM(model=endpoint.model, **endpoint.engine_kwargs)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(**endpoint.sampling.to_params())
+    t1 = time.perf_counter()
+    first = llm.generate(prompts[:warm], params, use_tqdm=False)
+    t2 = time.perf_counter()
+    rest = llm.generate(prompts[warm:], params, use_tqdm=False)
+    t3 = time.perf_counter()
+    tokens = sum(len(o.outputs[0].token_ids) for o in rest)
+    result = {"startup_s": startup, "first_batch_s": t2 - t1, "steady_tokens": tokens,
+              "steady_s": t3 - t2, "tok_per_s": tokens / (t3 - t2),
+              "total_tokens": tokens + sum(len(o.outputs[0].token_ids) for o in first)}
+    llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
+    del llm
+    gc.collect()
+    return result
+
+
+def _consume(dataset, tokens_of, warm: int) -> dict:
+    """Iterate the output; marginal rate between the warm-th row and the end."""
+    t0 = time.perf_counter()
+    seen, t_first, t_warm, warm_tokens, total_tokens = 0, None, None, 0, 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        now = time.perf_counter()
+        t_first = t_first or now
+        n_tokens = tokens_of(batch)
+        seen += batch.num_rows
+        total_tokens += n_tokens
+        if t_warm is None and seen >= warm:
+            t_warm, warm_tokens = now, total_tokens
+    end = time.perf_counter()
+    steady = total_tokens - warm_tokens
+    return {"startup_s": t_first - t0, "rows": seen, "steady_tokens": steady, "steady_s": end - t_warm,
+            "tok_per_s": steady / (end - t_warm), "total_tokens": total_tokens}
+
+
+def stock_ray_data_llm(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    sampling = endpoint.sampling.to_params()
+    config = vLLMEngineProcessorConfig(
+        model_source=endpoint.model, engine_kwargs=dict(endpoint.engine_kwargs),
+        batch_size=endpoint.batch_size, concurrency=1,
+        max_concurrent_batches=endpoint.max_concurrent_batches, log_engine_metrics=False)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"messages": messages(row), "sampling_params": dict(sampling)},
+        postprocess=lambda row: {"id": row["id"], "n_tokens": row["num_generated_tokens"]})
+    out = processor(ray.data.from_items(rows))
+    return _consume(out, lambda b: sum(b.column("n_tokens").to_pylist()), warm)
+
+
+def our_stage(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
+    import ray
+
+    from actors.llm import chat
+
+    out = chat(ray.data.from_items(rows), endpoint, messages)
+    return _consume(out, lambda b: sum(b.column("llm_output_tokens").to_pylist()), warm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or HF id (default: build the tiny model)")
+    parser.add_argument("--prompts", type=int, default=5000)
+    parser.add_argument("--warm", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-concurrent-batches", type=int, default=8)
+    parser.add_argument("--engine-kwargs", default='{"dtype": "float32", "max_model_len": 1024, '
+                        '"enforce_eager": true, "kv_cache_memory_bytes": 536870912, "seed": 0}')
+    parser.add_argument("--out", default="bench_out/llm_stage.json")
+    parser.add_argument("--only", nargs="*", default=["bare", "stock", "ours"])
+    args = parser.parse_args()
+
+    model = args.model
+    if model is None:
+        from pipelines.tiny_models import build_tiny_models
+
+        model = build_tiny_models(tempfile.mkdtemp(prefix="tiny"))["causal-lm"]
+    endpoint = LLMEndpoint(engine="vllm", model=model, engine_kwargs=json.loads(args.engine_kwargs),
+                           sampling={"temperature": 0.7, "max_tokens": args.max_tokens, "ignore_eos": True},
+                           batch_size=args.batch_size, max_concurrent_batches=args.max_concurrent_batches)
+    rows = make_rows(args.prompts)
+    results: dict[str, dict] = {}
+    if "bare" in args.only:
+        results["bare_vllm"] = bare_vllm(endpoint, rows, args.warm)
+    if {"stock", "ours"} & set(args.only):
+        import ray
+
+        from cluster.connect import cuda_device_count
+
+        ray.init(address="local", num_gpus=cuda_device_count() or 1, include_dashboard=False)
+        if "stock" in args.only:
+            results["stock_ray_data_llm"] = stock_ray_data_llm(endpoint, rows, args.warm)
+        if "ours" in args.only:
+            results["chillguard_stage"] = our_stage(endpoint, rows, args.warm)
+        ray.shutdown()
+    base = results.get("bare_vllm", {}).get("tok_per_s")
+    for r in results.values():
+        r["ratio_to_bare"] = r["tok_per_s"] / base if base else None
+    report = {
+        "benchmark": "llm_stage", "model": model, "prompts": args.prompts, "warm": args.warm,
+        "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "max_concurrent_batches": args.max_concurrent_batches,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": __import__("cluster.connect", fromlist=["x"]).cuda_device_count()},
+        "results": results,
+    }
+    print(f"\n{'variant':<22}{'startup s':>10}{'steady tok/s':>14}{'ratio':>8}")
+    for name, r in results.items():
+        ratio = f"{r['ratio_to_bare']:.2f}" if r["ratio_to_bare"] else "-"
+        print(f"{name:<22}{r['startup_s']:>10.1f}{r['tok_per_s']:>14.0f}{ratio:>8}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_recipe, parse_override
+from tests.conftest import PYTHON, REPO
+
+
+def _recipe(tmp_path: Path, tiny_models, **extra) -> Path:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    data = {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "models": {"rw": {"engine": "vllm", "model": tiny_models["causal-lm"]}},
+        "stages": {
+            "ingest": {"paths": [str(corpus)]},
+            "rewrite": {"model": "rw", "template": str(REPO / "configs/prompts/rewrite_to_prompts.yaml")},
+        },
+    }
+    data.update(extra)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_overrides_are_typed_and_nested(tmp_path, tiny_models):
+    path = _recipe(tmp_path, tiny_models)
+    recipe = load_recipe(path, ["models.rw.batch_size=7", "models.rw.sampling.temperature=0.1",
+                                "stages.rewrite.max_outputs=2", "cluster.num_cpus=1",
+                                "models.rw.engine_kwargs={max_model_len: 512}"])
+    assert recipe.models["rw"].batch_size == 7
+    assert recipe.models["rw"].sampling.temperature == pytest.approx(0.1)
+    assert recipe.stages.rewrite.max_outputs == 2
+    assert recipe.cluster.num_cpus == 1
+    assert recipe.models["rw"].engine_kwargs == {"max_model_len": 512}
+    assert recipe.stages.ingest.format == "jsonl"  # inferred from the extension
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=2e-5") == (["a", "b"], 2e-5)
+    assert parse_override("a=[x, y]") == (["a"], ["x", "y"])
+    assert parse_override("a=") == (["a"], "")
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("models.rw.batch_size=abc", "models.rw.batch_size", "valid integer"),
+    ("stages.rewrite.colour=red", "stages.rewrite.colour", "unknown key"),
+    ("models.rw.model=/no/such/model", "models.rw.model", "model path does not exist"),
+    ("stages.ingest.paths=[/no/such/file.jsonl]", "stages.ingest.paths.0", "file does not exist"),
+    ("stages.rewrite.template=/no/such.yaml", "stages.rewrite.template", "file does not exist"),
+    ("stages.rewrite.model=missing", "stages.rewrite.model", "not defined under models"),
+    ("models.rw.engine=grpc", "models.rw.engine", "'vllm' or 'http'"),
+])
+def test_validation_errors_name_key_and_file(tmp_path, tiny_models, override, key, message):
+    path = _recipe(tmp_path, tiny_models)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, [override])
+    text = str(err.value)
+    assert str(path) in text
+    assert key in text
+    assert message in text
+
+
+def test_http_endpoint_needs_url(tmp_path, tiny_models):
+    path = _recipe(tmp_path, tiny_models)
+    with pytest.raises(ConfigError, match="needs url"):
+        load_recipe(path, ["models.rw.engine=http"])
+    recipe = load_recipe(path, ["models.rw.engine=http", "models.rw.model=served-name",
+                                "models.rw.url=http://127.0.0.1:1/v1/chat/completions"])
+    assert recipe.models["rw"].model == "served-name"  # a served name is not a local path
+
+
+def test_hf_ids_are_accepted_without_download(tmp_path, tiny_models):
+    recipe = load_recipe(_recipe(tmp_path, tiny_models), ["models.rw.model=Qwen/Qwen3-8B"])
+    assert recipe.models["rw"].model == "Qwen/Qwen3-8B"
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_cli_config_prints_resolved_recipe_and_fails_fast(tmp_path, tiny_models):
+    path = _recipe(tmp_path, tiny_models)
+    out = subprocess.run([PYTHON, "-m", "pipelines.cli", "config", str(path), "models.rw.batch_size=3"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    resolved = yaml.safe_load(out)
+    assert resolved["models"]["rw"]["batch_size"] == 3
+    assert resolved["models"]["rw"]["sampling"]["max_tokens"] == 256  # defaults are shown
+    assert resolved["run_dir"] == str(tmp_path / "run")
+
+    bad = subprocess.run([PYTHON, "-m", "pipelines.cli", "run", str(path), "cluster.bogus=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2
+    assert "cluster.bogus: unknown key" in bad.stderr
+    assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_demo_recipe_is_valid():
+    recipe_path = REPO / "configs/recipes/demo.yaml"
+    data = yaml.safe_load(recipe_path.read_text())
+    assert data["stages"]["rewrite"]["model"] in data["models"]
