@@ -53,7 +53,7 @@ def vllm_endpoint(model: str, **overrides) -> dict:
         "model": model,
         "engine_kwargs": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True,
                           "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0},
-        "sampling": {"temperature": 0.0, "max_tokens": 16},
+        "sampling": {"temperature": 1.0, "max_tokens": 16},
         "batch_size": 8,
     }
     endpoint.update(overrides)
@@ -61,3 +61,21 @@ def vllm_endpoint(model: str, **overrides) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def stop_group(proc, timeout: float = 30) -> None:
+    """Stop a process the test started in its own session, with everything it spawned (and only
+    that: never `ray stop`, which would hit every Ray on the machine)."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.rundir import RunDir
-from tests.conftest import PYTHON, REPO, free_port, vllm_endpoint, write_jsonl
+from tests.conftest import PYTHON, REPO, free_port, stop_group, vllm_endpoint, write_jsonl
 
 BIN = Path(PYTHON).parent
 
@@ -140,8 +140,4 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
         assert rewrite["rows"]["in"] == ingest["rows"]["out"] == 38
         assert rewrite["rows"]["in"] == rewrite["rows"]["out_parents"] + rewrite["rows"]["errored"]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_group(head, timeout=15)
