@@ -27,9 +27,9 @@ def _cmd_run(args) -> int:
     from pipelines.stage import status_table
     from pipelines.rundir import RunDir
 
-    build_stages(recipe)  # templates and references are checked before the cluster starts too
+    stages = build_stages(recipe)  # templates are read and checked before the cluster starts
     connect(recipe.cluster, env_address(args.address, recipe))
-    run_recipe(recipe, force=args.force)
+    run_recipe(recipe, stages, force=args.force)
     print(status_table(RunDir(recipe.run_dir)))
     return 0
 

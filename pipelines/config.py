@@ -13,8 +13,6 @@ for ``make demo``; the uploaded working dir for ``ray job submit``) and printed 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -257,11 +255,6 @@ class Recipe(Strict):
             if self.stages.ingest is None:
                 raise ValueError("stages.rewrite needs stages.ingest (its input)")
         return self
-
-    def fingerprint(self, section: Any) -> str:
-        """Stable hash of a config section (a model or plain data), for stage manifests."""
-        data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,9 +24,12 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     return stages
 
 
-def run_recipe(recipe: Recipe, *, force: bool = False) -> dict[str, dict]:
-    """Run every enabled stage of ``recipe`` into its run directory; return the manifests."""
-    stages = build_stages(recipe)  # builds prompts etc. before any cluster work
+def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> dict[str, dict]:
+    """Run ``stages`` (from :func:`build_stages`) into the recipe's run directory; return manifests.
+
+    Stages are built by the caller before it connects to Ray, so template and reference problems
+    fail before any cluster work.
+    """
     rundir = RunDir(recipe.run_dir)
     rundir.write_text("recipe.yaml", dump_recipe(recipe))
     log.info("run directory: %s", recipe.run_dir)
