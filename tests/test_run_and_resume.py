@@ -110,10 +110,22 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
             time.sleep(1)
 
 
+def _agent_logs(temp_dir: str) -> str:
+    """The head's dashboard-agent logs, to explain a refused submission."""
+    logs = sorted(Path(temp_dir).glob("session_latest/logs/dashboard_agent*.log"))
+    return "".join(f"\n--- {p.name}\n" + p.read_text()[-3000:] for p in logs)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
     """A Ray head on 127.0.0.1 (token auth, as `ray start` sets up), the demo submitted as a job."""
     gcs_port, dash_port = free_port(), free_port()
+    # Every port the head would otherwise take at its fixed default (agent 52365, client 10001, ...):
+    # the session's other Ray (the ray_local fixture) already holds those, and a head whose agent
+    # cannot bind refuses every job with "No available agent".
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = tempfile.mkdtemp(prefix="cgray")  # short: Ray's socket paths have a length limit
     env = {**_env(), "RAY_AUTH_MODE": "token"}
     head_log = tmp_path / "head.log"
@@ -121,7 +133,7 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
         head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=1",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-             "--include-dashboard=true", "--block", "--disable-usage-stats"],
+             "--include-dashboard=true", "--block", "--disable-usage-stats", *own_ports],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{dash_port}/api/version", head, head_log)
@@ -136,7 +148,8 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
             if "No available agent to submit job" not in submit.stdout + submit.stderr:
                 break
             time.sleep(5)
-        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        assert submit.returncode == 0, (submit.stdout[-4000:] + submit.stderr[-2000:]
+                                        + _agent_logs(temp_dir))
         assert "succeeded" in submit.stdout.lower()
         rundir = RunDir(str(run_dir))
         ingest, rewrite = rundir.read_manifest("ingest"), rundir.read_manifest("rewrite")
