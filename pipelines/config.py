@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -53,6 +53,9 @@ def _existing_path(value: str) -> str:
 def _output_path(value: str) -> str:
     return value if is_uri(value) else str(Path(value).expanduser().resolve())
 
+
+#: the repository's configs/ folder (taxonomy, prompt templates, recipes)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -203,6 +206,8 @@ class IngestConfig(Strict):
     columns: ColumnMap = Field(default_factory=ColumnMap)
     source: str = "corpus"
     min_chars: int = Field(1, ge=1)
+    normalize: Literal["nfc", "nfkc", "none"] = Field(
+        "nfc", description="Unicode form; nfkc also folds full-width punctuation and letters")
 
     @model_validator(mode="after")
     def _infer_format(self) -> "IngestConfig":
@@ -229,9 +234,93 @@ class RewriteConfig(Strict):
     label: Literal["safe", "unsafe"] | None = "unsafe"
 
 
+class KeywordsConfig(Strict):
+    """The keyword pool: the taxonomy's seed keywords, expanded by an LLM to a target per category."""
+
+    model: str | None = Field(None, description="endpoint under `models:`; unset = seeds only")
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "expand_keywords.yaml"),
+                                   validate_default=True)
+    target_per_category: int = Field(80, ge=1, description="keywords kept per micro category")
+    requests_per_category: int = Field(
+        1, ge=1, description="LLM requests per category; their answers are pooled and deduplicated")
+    max_chars: int = Field(32, ge=2, description="longer candidates are dropped (invalid_keyword)")
+
+
+class EmbedConfig(Strict):
+    """Sentence-transformers embeddings in a Ray Data actor pool (normalised, for inner product)."""
+
+    model: ModelRef = Field(description="BAAI/bge-m3 at paper scale; a local folder offline")
+    batch_size: int = Field(1024, ge=1, description="rows per Ray Data batch sent to one actor")
+    encode_batch_size: int = Field(64, ge=1, description="sentence-transformers encode batch size")
+    concurrency: int = Field(1, ge=1, description="embedding actors")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per actor when the cluster has GPU nodes, else CPU")
+    num_cpus: float = Field(1, gt=0, description="CPU slots each actor reserves")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per CPU actor; default: its num_cpus")
+    max_seq_length: int | None = Field(None, ge=8, description="default: the model's own")
+
+
+class IndexConfig(Strict):
+    """The FAISS index over the corpus vectors (inner product on normalised vectors = cosine)."""
+
+    kind: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field(
+        "flat", description="flat: exact (small corpora); ivf / hnsw / ivfpq: approximate")
+    nlist: int | None = Field(None, ge=1, description="ivf/ivfpq lists; default 4*sqrt(n)")
+    nprobe: int = Field(32, ge=1, description="ivf/ivfpq lists searched per query")
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(256, ge=1)
+    pq_m: int = Field(32, ge=1, description="ivfpq sub-quantizers; must divide the dimension")
+    pq_bits: int = Field(8, ge=1, le=16)
+    refine: bool = Field(True, description="ivfpq: re-rank candidates with exact vectors")
+    train_size: int = Field(100_000, ge=1, description="vectors sampled to train ivf/ivfpq")
+    num_cpus: float = Field(1, gt=0, description="CPU slots the build task reserves")
+    threads: int | None = Field(None, ge=1, description="FAISS threads; default: all cores")
+
+
+class RetrieveConfig(Strict):
+    """Per micro category: queries of macro label + micro label + sampled keywords; top-k; sample."""
+
+    queries_per_category: int = Field(1, ge=1)
+    keywords_per_query: int = Field(3, ge=1)
+    top_k: int = Field(100, ge=1)
+    sample: int = Field(5, ge=1, description="neighbours drawn uniformly from the top-k")
+    lang: Literal["zh", "en", "both"] = Field("zh", description="language of labels and keywords")
+    search_actors: int = Field(1, ge=1, description="actors that each load the index and search")
+    max_text_chars: int = Field(1500, ge=16, description="retrieved texts are cut to this length")
+
+    @model_validator(mode="after")
+    def _sample_within_top_k(self) -> "RetrieveConfig":
+        if self.sample > self.top_k:
+            raise ValueError(f"sample ({self.sample}) must not exceed top_k ({self.top_k})")
+        return self
+
+
+class RagConfig(RewriteConfig):
+    """RAG rewriting: 5 retrieved texts + labels + keywords -> natural user prompts."""
+
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "rag_rewrite.yaml"),
+                                   validate_default=True)
+    max_outputs: int = Field(10, ge=1)
+    method: str = "rag"
+
+
 class StagesConfig(Strict):
+    keywords: KeywordsConfig | None = None
     ingest: IngestConfig | None = None
+    embed: EmbedConfig | None = None
+    index: IndexConfig | None = None
+    retrieve: RetrieveConfig | None = None
+    rag: RagConfig | None = None
     rewrite: RewriteConfig | None = None
+
+    #: stage -> the stages it needs (validated on load; the runner orders by this list)
+    NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "embed": ("ingest",), "index": ("embed",),
+        "retrieve": ("keywords", "ingest", "embed", "index"), "rag": ("retrieve",),
+        "rewrite": ("ingest",),
+    }
 
 
 class Recipe(Strict):
@@ -240,20 +329,26 @@ class Recipe(Strict):
     name: str
     run_dir: OutputPath
     seed: int = 0
+    taxonomy: ExistingPath = Field(str(CONFIGS / "taxonomy.yaml"), validate_default=True)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     models: dict[str, LLMEndpoint] = Field(default_factory=dict)
     stages: StagesConfig = Field(default_factory=StagesConfig)
 
     @model_validator(mode="after")
     def _check_references(self) -> "Recipe":
-        rewrite = self.stages.rewrite
-        if rewrite is not None:
-            if rewrite.model not in self.models:
+        for name, needs in StagesConfig.NEEDS.items():
+            if getattr(self.stages, name) is None:
+                continue
+            missing = [n for n in needs if getattr(self.stages, n) is None]
+            if missing:
+                raise ValueError(f"stages.{name} needs stages {', '.join(missing)}")
+        for name in ("keywords", "rag", "rewrite"):
+            stage = getattr(self.stages, name)
+            model = getattr(stage, "model", None)
+            if model is not None and model not in self.models:
                 raise ValueError(
-                    f"stages.rewrite.model: {rewrite.model!r} is not defined under models "
+                    f"stages.{name}.model: {model!r} is not defined under models "
                     f"(defined: {sorted(self.models) or 'none'})")
-            if self.stages.ingest is None:
-                raise ValueError("stages.rewrite needs stages.ingest (its input)")
         return self
 
 

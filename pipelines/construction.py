@@ -5,22 +5,37 @@ from __future__ import annotations
 import logging
 
 from pipelines.config import Recipe, dump_recipe
+from pipelines.embedding import EmbedStage
 from pipelines.ingest import IngestStage
-from pipelines.rewrite import RewriteStage
+from pipelines.keywords import KeywordPoolStage
+from pipelines.retrieval import RetrieveStage
+from pipelines.rewrite import RagRewriteStage, RewriteStage
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage, run_stages
+from pipelines.vector_index import IndexStage
 
 log = logging.getLogger(__name__)
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
     """The stages the recipe enables, in pipeline order."""
+    s = recipe.stages
     stages: list[Stage] = []
-    if recipe.stages.ingest is not None:
-        stages.append(IngestStage(recipe.stages.ingest))
-    if recipe.stages.rewrite is not None:
-        rewrite = recipe.stages.rewrite
-        stages.append(RewriteStage(rewrite, recipe.models[rewrite.model]))
+    if s.keywords is not None:
+        endpoint = recipe.models[s.keywords.model] if s.keywords.model else None
+        stages.append(KeywordPoolStage(s.keywords, endpoint, recipe.taxonomy))
+    if s.ingest is not None:
+        stages.append(IngestStage(s.ingest))
+    if s.embed is not None:
+        stages.append(EmbedStage(s.embed))
+    if s.index is not None:
+        stages.append(IndexStage(s.index, recipe.seed))
+    if s.retrieve is not None:
+        stages.append(RetrieveStage(s.retrieve, s.embed, recipe.taxonomy, recipe.seed, recipe.run_dir))
+    if s.rag is not None:
+        stages.append(RagRewriteStage(s.rag, recipe.models[s.rag.model]))
+    if s.rewrite is not None:
+        stages.append(RewriteStage(s.rewrite, recipe.models[s.rewrite.model]))
     return stages
 
 

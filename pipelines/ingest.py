@@ -2,7 +2,7 @@
 
 JSONL is read as text lines and parsed per row, so a malformed line becomes an ``error`` row
 (``invalid_json``) instead of failing the read. Rows whose text is missing, not a string, or empty go
-to ``error`` with a reason. The corpus is never materialised in the driver: this is a lazy Ray
+to ``error`` with a reason. Text is normalised (Unicode form, control characters, whitespace runs). The corpus is never materialised in the driver: this is a lazy Ray
 Dataset that the runner streams to Parquet.
 """
 
@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipelines.config import ColumnMap, IngestConfig
 from pipelines.rows import ERROR, content_id, error_detail, make_row, to_table
 from pipelines.rundir import source_fingerprint
+from pipelines.textnorm import normalize_text
 from pipelines.stage import Stage
 
 ORIGIN = {"origin": pa.string()}  # the file a row came from
@@ -25,9 +26,10 @@ class MissingColumnError(ValueError):
     pass
 
 
-def record_to_row(record: Any, columns: ColumnMap, *, source: str, min_chars: int,
-                  origin: str) -> dict[str, Any]:
-    """One input record (dict) -> one row; problems become an error row with a reason."""
+def record_to_row(record: Any, columns: ColumnMap, *, source: str, min_chars: int, origin: str,
+                  normalize: str = "nfc") -> dict[str, Any]:
+    """One input record (dict) -> one row with normalised text; problems become an error row with a
+    reason (``not_an_object``, ``missing_text``, ``non_text``, ``empty_text``)."""
     if not isinstance(record, dict):
         return make_row(id=content_id(repr(record)), source=source, method="ingest", origin=origin,
                         status=ERROR, reason="not_an_object", detail=error_detail(record))
@@ -42,10 +44,9 @@ def record_to_row(record: Any, columns: ColumnMap, *, source: str, min_chars: in
         reason = "missing_text"
     elif not isinstance(text, str):
         reason = "non_text"
-    elif len(text.strip()) < min_chars:
+    elif len(text := normalize_text(text, normalize)) < min_chars:
         reason = "empty_text"
     else:
-        text = text.strip()
         return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(text), text=text,
                         **fields)
     return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(repr(record)),
@@ -59,7 +60,8 @@ def _check_text_column(keys_seen: set[str], columns: ColumnMap, origin: str) -> 
             "set stages.ingest.columns.text to the column that holds the text")
 
 
-def parse_jsonl_batch(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int) -> pa.Table:
+def parse_jsonl_batch(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int,
+                      normalize: str) -> pa.Table:
     rows, keys_seen = [], set()
     for line, origin in zip(batch.column("text").to_pylist(), batch.column("path").to_pylist()):
         try:
@@ -71,25 +73,28 @@ def parse_jsonl_batch(batch: pa.Table, *, columns: ColumnMap, source: str, min_c
             continue
         if isinstance(record, dict):
             keys_seen.update(record)
-        rows.append(record_to_row(record, columns, source=source, min_chars=min_chars, origin=origin))
+        rows.append(record_to_row(record, columns, source=source, min_chars=min_chars, origin=origin,
+                                  normalize=normalize))
     if keys_seen:
         _check_text_column(keys_seen, columns, str(batch.column("path")[0]))
     return to_table(rows, ORIGIN)
 
 
-def table_batch_to_rows(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int) -> pa.Table:
+def table_batch_to_rows(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int,
+                        normalize: str) -> pa.Table:
     origins = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * batch.num_rows
     _check_text_column(set(batch.column_names), columns, origins[0] if origins else "")
     records = batch.drop_columns(["path"]).to_pylist() if "path" in batch.column_names else batch.to_pylist()
-    return to_table([record_to_row(r, columns, source=source, min_chars=min_chars, origin=o)
-                     for r, o in zip(records, origins)], ORIGIN)
+    return to_table([record_to_row(r, columns, source=source, min_chars=min_chars, origin=o,
+                                   normalize=normalize) for r, o in zip(records, origins)], ORIGIN)
 
 
 def read_corpus(config: IngestConfig):
     """The lazy Ray Dataset of rows for ``config`` (row schema + status + ``origin``)."""
     import ray
 
-    kwargs = dict(columns=config.columns, source=config.source, min_chars=config.min_chars)
+    kwargs = dict(columns=config.columns, source=config.source, min_chars=config.min_chars,
+                  normalize=config.normalize)
     if config.format == "jsonl":
         ds = ray.data.read_text(config.paths, include_paths=True, drop_empty_lines=True)
         return ds.map_batches(parse_jsonl_batch, batch_format="pyarrow", fn_kwargs=kwargs)

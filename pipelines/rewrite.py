@@ -42,11 +42,17 @@ class RenderRow:
         return self.prompt.render({**row, **self.extra})
 
 
-def answers_to_rows(batch: pa.Table, *, config: RewriteConfig, model: str) -> pa.Table:
-    """LLM answers -> output rows (fan-out for ``list``), or one error row per failed input."""
+def answers_to_rows(batch: pa.Table, *, config: RewriteConfig, model: str,
+                    carry: dict[str, tuple[str, pa.DataType]] | None = None) -> pa.Table:
+    """LLM answers -> output rows (fan-out for ``list``), or one error row per failed input.
+
+    ``carry`` maps lineage columns of the output to the input column they copy, with their type
+    (``{"query": ("text", pa.string())}`` keeps the retrieval query of a RAG row)."""
+    carry = carry or {}
     out = []
     for row in batch.to_pylist():
         inherited = {k: row.get(k, "") for k in ("lang", "macro", "micro")}
+        inherited.update({out_col: row.get(in_col) for out_col, (in_col, _) in carry.items()})
         if config.label is not None:
             inherited["label"] = config.label
         if row["llm_error"]:
@@ -72,13 +78,16 @@ def answers_to_rows(batch: pa.Table, *, config: RewriteConfig, model: str) -> pa
             out.append(make_row(id=content_id(piece, row["id"]), text=piece, parent_id=row["id"],
                                 source=config.source, method=config.method, model=model,
                                 raw_output=answer, **inherited))
-    return to_table(out, LINEAGE)
+    return to_table(out, {**LINEAGE, **{col: typ for col, (_, typ) in carry.items()}})
 
 
 class RewriteStage(Stage):
+    """Rewrites the ingested documents themselves (one LLM request per document)."""
+
     name = "rewrite"
     inputs = ("ingest",)
     fan_out = True
+    carry: dict[str, tuple[str, pa.DataType]] = {}
 
     def __init__(self, config: RewriteConfig, endpoint: LLMEndpoint):
         super().__init__(config)
@@ -91,6 +100,18 @@ class RewriteStage(Stage):
                 "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
-        answers = chat(inputs["ingest"], self.endpoint, RenderRow(self.prompt))
+        answers = chat(inputs[self.inputs[0]], self.endpoint, RenderRow(self.prompt))
         return answers.map_batches(answers_to_rows, batch_format="pyarrow",
-                                   fn_kwargs={"config": self.config, "model": self.endpoint.model})
+                                   fn_kwargs={"config": self.config, "model": self.endpoint.model,
+                                              "carry": self.carry})
+
+
+class RagRewriteStage(RewriteStage):
+    """RAG prompt construction: each retrieval query (labels, keywords, 5 retrieved texts) -> user
+    prompts, labelled ``unsafe`` with the query's macro/micro category, with the query, keywords and
+    retrieved ids as lineage."""
+
+    name = "rag"
+    inputs = ("retrieve",)
+    carry = {"query": ("text", pa.string()), "keywords": ("keywords", pa.list_(pa.string())),
+             "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}

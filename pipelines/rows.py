@@ -66,10 +66,17 @@ def to_table(rows: Iterable[dict[str, Any]], extra: dict[str, pa.DataType] | Non
     rows = list(rows)
     columns = {}
     for name, typ in fields.items():
-        default = 0 if pa.types.is_integer(typ) else ""
+        if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+            default = 0
+        elif pa.types.is_list(typ):
+            default = []
+        else:
+            default = ""
         values = [row.get(name, default) for row in rows]
         if pa.types.is_string(typ):
             values = ["" if v is None else str(v) for v in values]
+        elif pa.types.is_list(typ):
+            values = [[] if v is None else list(v) for v in values]
         columns[name] = pa.array(values, type=typ)
     return pa.table(columns)
 
@@ -77,3 +84,12 @@ def to_table(rows: Iterable[dict[str, Any]], extra: dict[str, pa.DataType] | Non
 def error_detail(value: Any, limit: int = 500) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+def keyed_rng(seed: int, *keys: str):
+    """A numpy Generator determined by the run seed and string keys (a category, a row id), so a
+    sample does not depend on partitioning, ordering or which worker draws it."""
+    import numpy as np
+
+    digest = hashlib.sha256("\x00".join([str(seed), *keys]).encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))

@@ -23,7 +23,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.config import is_uri
-from pipelines.rows import STATUSES
 
 MANIFEST = "manifest.json"
 
@@ -111,12 +110,40 @@ class RunDir:
         return dict(Counter(self.column_values(stage, status, "reason")))
 
     def output_fingerprint(self, stage: str) -> str:
-        """Identifies a stage's outputs: file names and sizes of every partition."""
+        """Identifies a stage's outputs: names and sizes of its files (partitions and artifacts
+        such as an index), the manifest excepted."""
         h = hashlib.sha256()
-        for status in STATUSES:
-            for info in self.parquet_files(stage, status):
+        infos = self.fs.get_file_info(pafs.FileSelector(self._fs_path(stage), recursive=True,
+                                                        allow_not_found=True))
+        for info in sorted(infos, key=lambda i: i.path):
+            if info.type == pafs.FileType.File and info.base_name != MANIFEST:
                 h.update(f"{info.path}:{info.size}\n".encode())
         return h.hexdigest()[:16]
+
+    # Binary artifacts -------------------------------------------------------------------------
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        path = self._fs_path(relpath)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        if not self.exists(relpath):
+            raise FileNotFoundError(f"{self.uri(relpath)} does not exist")
+        with self.fs.open_input_stream(self._fs_path(relpath)) as f:
+            return f.read()
+
+    def write_table(self, stage: str, status: str, table, name: str = "part-00000.parquet") -> None:
+        """Write one Arrow table as a file of a stage's status partition."""
+        path = self._fs_path(stage, f"status={status}", name)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=self.fs)
+
+    def iter_batches(self, stage: str, status: str, columns: list[str], batch_size: int = 65536):
+        """Stream columns of a partition as Arrow record batches (the driver never holds it all)."""
+        for info in self.parquet_files(stage, status):
+            with self.fs.open_input_file(info.path) as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def source_fingerprint(paths: list[str]) -> str:

