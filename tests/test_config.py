@@ -105,7 +105,29 @@ def test_cli_config_prints_resolved_recipe_and_fails_fast(tmp_path, tiny_models)
     assert not (tmp_path / "run").exists()  # failed before any work
 
 
-def test_demo_recipe_is_valid():
-    recipe_path = REPO / "configs/recipes/demo.yaml"
-    data = yaml.safe_load(recipe_path.read_text())
-    assert data["stages"]["rewrite"]["model"] in data["models"]
+def test_demo_recipe_is_valid(tiny_models):
+    demo = load_recipe(REPO / "configs/recipes/demo.yaml", [
+        f"models.keyword_writer.model={tiny_models['causal-lm']}",
+        f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}"])
+    assert [name for name, cfg in demo.stages if cfg is not None] == [
+        "keywords", "ingest", "embed", "index", "retrieve", "rag"]
+
+
+def test_paper_recipe_is_valid_offline():
+    """Hub ids and cloud URIs are accepted without downloading or listing anything."""
+    paper = load_recipe(REPO / "configs/recipes/chillguard_paper.yaml")
+    assert paper.stages.embed.model == "BAAI/bge-m3"
+    assert paper.models["rewriter"].model == "dphn/Dolphin-Mistral-24B-Venice-Edition"
+    assert paper.stages.keywords.target_per_category * 31 == 2480
+    assert paper.stages.retrieve.top_k == 100 and paper.stages.retrieve.sample == 5
+
+
+def test_stage_dependencies_are_checked(tmp_path, tiny_models):
+    path = _recipe(tmp_path, tiny_models)
+    with pytest.raises(ConfigError, match="stages.retrieve needs stages keywords, embed, index"):
+        load_recipe(path, ["stages.retrieve={}"])
+    with pytest.raises(ConfigError, match=r"sample \(500\) must not exceed top_k \(100\)"):
+        load_recipe(path, ["stages.retrieve.sample=500", "stages.keywords={}",
+                           f"stages.embed.model={tiny_models['embedder']}", "stages.index={}"])
+    with pytest.raises(ConfigError, match="stages.keywords.model: 'gpt' is not defined under models"):
+        load_recipe(path, ["stages.keywords.model=gpt"])

@@ -141,7 +141,9 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
         cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}",
                "--working-dir", str(REPO), "--",
                str(BIN / "chillguard"), "run", "configs/recipes/demo.yaml", f"run_dir={run_dir}",
-               f"models.rewriter.model={tiny_models['causal-lm']}"]
+               f"models.rewriter.model={tiny_models['causal-lm']}",
+               f"models.keyword_writer.model={tiny_models['causal-lm']}",
+               f"stages.embed.model={tiny_models['embedder']}"]
         for _ in range(24):
             submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             # The dashboard answers before the head's job agent registers: retry only that refusal.
@@ -152,9 +154,10 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
                                         + _agent_logs(temp_dir))
         assert "succeeded" in submit.stdout.lower()
         rundir = RunDir(str(run_dir))
-        ingest, rewrite = rundir.read_manifest("ingest"), rundir.read_manifest("rewrite")
+        ingest, rag = rundir.read_manifest("ingest"), rundir.read_manifest("rag")
         assert ingest["rows"]["in"] == 41 and ingest["rows"]["errored"] == 3
-        assert rewrite["rows"]["in"] == ingest["rows"]["out"] == 38
-        assert rewrite["rows"]["in"] == rewrite["rows"]["out_parents"] + rewrite["rows"]["errored"]
+        assert rundir.read_manifest("index")["summary"]["ntotal"] == 38
+        assert rag["rows"]["in"] == rundir.read_manifest("retrieve")["rows"]["out"] == 31
+        assert rag["rows"]["in"] == rag["rows"]["out_parents"] + rag["rows"]["errored"]
     finally:
         stop_group(head, timeout=15)
