@@ -26,7 +26,7 @@ else
 endif
 	touch $@
 
-models/tiny/tiny_models.json: | install
+models/tiny/tiny_models.json: pipelines/tiny_models.py | install
 	$(BIN)/chillguard tiny-models models/tiny
 
 demo: install models/tiny/tiny_models.json
@@ -37,6 +37,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/llm_stage.py
+	$(BIN)/python benchmarks/corpus_index.py
 
 clean:
 	rm -rf runs models bench_out

@@ -20,6 +20,7 @@ from pipelines.rows import ERROR, OK, error_detail
 log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
+BATCHES_PER_BLOCK = 4
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -115,6 +116,10 @@ def embed(dataset, config: EmbedConfig, *, text_column: str = "text", corpus: bo
     device = resolve_device(config)
     if corpus:
         dataset = dataset.select_columns(["id", text_column])
+    # Readers pack small files into one block (a 480k-document corpus of short posts is ~30 MB):
+    # cut the stream into blocks of a few batches so that every actor gets work, outputs stream to
+    # the writer as they are produced, and progress moves.
+    dataset = dataset.repartition(target_num_rows_per_block=BATCHES_PER_BLOCK * config.batch_size)
     return dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={"config": config, "device": device, "text_column": text_column,

@@ -195,10 +195,12 @@ class ColumnMap(Strict):
     label: str | None = None
     macro: str | None = None
     micro: str | None = None
+    response: str | None = Field(None, description="prompt-response datasets: kept as lineage")
 
 
 class IngestConfig(Strict):
-    """Stream a corpus (JSONL / Parquet / CSV files or folders, local or cloud URIs)."""
+    """Stream a corpus or a labelled seed dataset (JSONL / Parquet / CSV files or folders, local or
+    cloud URIs). Column names may be dotted paths into nested records (``metadata.language``)."""
 
     paths: list[ExistingPath] = Field(min_length=1)
     format: Literal["jsonl", "parquet", "csv"] | None = Field(
@@ -208,6 +210,27 @@ class IngestConfig(Strict):
     min_chars: int = Field(1, ge=1)
     normalize: Literal["nfc", "nfkc", "none"] = Field(
         "nfc", description="Unicode form; nfkc also folds full-width punctuation and letters")
+    preset: str | None = Field(None, description="a public dataset's mapping (pipelines/seed_formats.py)")
+    label: Literal["safe", "unsafe"] | None = Field(None, description="one label for every row")
+    label_map: dict[str, Literal["safe", "unsafe"]] = Field(
+        default_factory=dict, description="raw label values -> safe/unsafe; others are errors")
+    macro_map: dict[str, str] = Field(default_factory=dict, description="raw category -> macro code")
+    lang: str | None = Field(None, description="one language code for every row")
+    keep: dict[str, list[str]] = Field(
+        default_factory=dict, description="keep rows whose column value is listed; others dropped")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        from pipelines.seed_formats import PRESETS
+
+        if data["preset"] not in PRESETS:
+            raise ValueError(f"unknown preset {data['preset']!r} (known: {', '.join(sorted(PRESETS))})")
+        merged = {**PRESETS[data["preset"]], **data}
+        merged["columns"] = {**PRESETS[data["preset"]].get("columns", {}), **(data.get("columns") or {})}
+        return merged
 
     @model_validator(mode="after")
     def _infer_format(self) -> "IngestConfig":
@@ -306,6 +329,57 @@ class RagConfig(RewriteConfig):
     method: str = "rag"
 
 
+class NormalizeConfig(Strict):
+    form: Literal["nfkc", "nfc", "none"] = Field(
+        "nfkc", description="Unicode form; nfkc folds full-width letters, digits and punctuation")
+    traditional_to_simplified: bool = Field(False, description="OpenCC t2s conversion")
+
+
+class LengthFilterConfig(Strict):
+    min_chars: int = Field(5, ge=0)
+    max_chars: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LengthFilterConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+        return self
+
+
+class DedupConfig(Strict):
+    casefold: bool = Field(True, description="compare case-insensitively (texts are normalised)")
+
+
+class NearDedupConfig(Strict):
+    """MinHash LSH near-duplicate removal (beyond the paper; set to null to switch off)."""
+
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of n-gram sets")
+    num_perm: int = Field(128, ge=8)
+    bands: int | None = Field(None, ge=1, description="default: optimal for the threshold")
+    ngram: int = Field(5, ge=1, description="character shingle length")
+    verify: bool = Field(True, description="keep only candidates whose estimated Jaccard >= threshold")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "NearDedupConfig":
+        if self.bands is not None and self.bands > self.num_perm:
+            raise ValueError(f"bands ({self.bands}) > num_perm ({self.num_perm})")
+        return self
+
+
+class PreprocessConfig(Strict):
+    """Preprocessing chain over the union of ``inputs``: normalize -> length_filter -> dedup ->
+    near_dedup; each step is its own stage (set a step to null to skip it)."""
+
+    inputs: list[str] = Field(min_length=1, description="upstream stages whose ok rows are merged")
+    normalize: NormalizeConfig | None = Field(default_factory=NormalizeConfig)
+    length_filter: LengthFilterConfig | None = Field(default_factory=LengthFilterConfig)
+    dedup: DedupConfig | None = Field(default_factory=DedupConfig)
+    near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig)
+
+    STEPS: ClassVar[tuple[str, ...]] = ("normalize", "length_filter", "dedup", "near_dedup")
+
+
 class StagesConfig(Strict):
     keywords: KeywordsConfig | None = None
     ingest: IngestConfig | None = None
@@ -314,6 +388,9 @@ class StagesConfig(Strict):
     retrieve: RetrieveConfig | None = None
     rag: RagConfig | None = None
     rewrite: RewriteConfig | None = None
+    seeds: dict[str, IngestConfig] = Field(
+        default_factory=dict, description="labelled seed datasets; each is stage seeds_<key>")
+    preprocess: PreprocessConfig | None = None
 
     #: stage -> the stages it needs (validated on load; the runner orders by this list)
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -342,6 +419,13 @@ class Recipe(Strict):
             missing = [n for n in needs if getattr(self.stages, n) is None]
             if missing:
                 raise ValueError(f"stages.{name} needs stages {', '.join(missing)}")
+        if self.stages.preprocess is not None:
+            rows_stages = [n for n in ("ingest", "rag", "rewrite") if getattr(self.stages, n) is not None]
+            rows_stages += [f"seeds_{key}" for key in self.stages.seeds]
+            unknown = [n for n in self.stages.preprocess.inputs if n not in rows_stages]
+            if unknown:
+                raise ValueError(f"stages.preprocess.inputs: {unknown} are not enabled row stages "
+                                 f"(enabled: {rows_stages or 'none'})")
         for name in ("keywords", "rag", "rewrite"):
             stage = getattr(self.stages, name)
             model = getattr(stage, "model", None)

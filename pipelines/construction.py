@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.config import Recipe, dump_recipe
+from pipelines.config import PreprocessConfig, Recipe, dump_recipe
 from pipelines.embedding import EmbedStage
 from pipelines.ingest import IngestStage
 from pipelines.keywords import KeywordPoolStage
+from pipelines.preprocess import DedupStage, LengthFilterStage, NearDedupStage, NormalizeStage
 from pipelines.retrieval import RetrieveStage
 from pipelines.rewrite import RagRewriteStage, RewriteStage
 from pipelines.rundir import RunDir
@@ -15,6 +16,9 @@ from pipelines.stage import Stage, run_stages
 from pipelines.vector_index import IndexStage
 
 log = logging.getLogger(__name__)
+
+PREPROCESS_STAGES = {"normalize": NormalizeStage, "length_filter": LengthFilterStage,
+                     "dedup": DedupStage, "near_dedup": NearDedupStage}
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
@@ -26,6 +30,8 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         stages.append(KeywordPoolStage(s.keywords, endpoint, recipe.taxonomy))
     if s.ingest is not None:
         stages.append(IngestStage(s.ingest))
+    for key, seeds in s.seeds.items():
+        stages.append(IngestStage(seeds, name=f"seeds_{key}"))
     if s.embed is not None:
         stages.append(EmbedStage(s.embed))
     if s.index is not None:
@@ -36,6 +42,13 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         stages.append(RagRewriteStage(s.rag, recipe.models[s.rag.model]))
     if s.rewrite is not None:
         stages.append(RewriteStage(s.rewrite, recipe.models[s.rewrite.model]))
+    if s.preprocess is not None:
+        upstream = tuple(s.preprocess.inputs)
+        for step in PreprocessConfig.STEPS:
+            config = getattr(s.preprocess, step)
+            if config is not None:
+                stages.append(PREPROCESS_STAGES[step](config, upstream))
+                upstream = (stages[-1].name,)
     return stages
 
 

@@ -14,87 +14,116 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.config import ColumnMap, IngestConfig
-from pipelines.rows import ERROR, content_id, error_detail, make_row, to_table
+from pipelines.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.rundir import source_fingerprint
 from pipelines.textnorm import normalize_text
 from pipelines.stage import Stage
 
-ORIGIN = {"origin": pa.string()}  # the file a row came from
+ORIGIN = {"origin": pa.string(), "response": pa.string()}  # source file; paired response if any
 
 
 class MissingColumnError(ValueError):
     pass
 
 
-def record_to_row(record: Any, columns: ColumnMap, *, source: str, min_chars: int, origin: str,
-                  normalize: str = "nfc") -> dict[str, Any]:
-    """One input record (dict) -> one row with normalised text; problems become an error row with a
-    reason (``not_an_object``, ``missing_text``, ``non_text``, ``empty_text``)."""
+def lookup(record: dict[str, Any], column: str) -> Any:
+    """``record[column]``, where ``column`` may be a dotted path into nested objects."""
+    value: Any = record
+    for part in column.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def record_to_row(record: Any, config: IngestConfig, origin: str) -> dict[str, Any]:
+    """One input record (dict) -> one row with normalised text and mapped label/macro.
+
+    Problems become an error row with a reason (``not_an_object``, ``missing_text``, ``non_text``,
+    ``empty_text``, ``unknown_label``); rows outside ``keep`` are dropped (``filtered_out``).
+    """
+    columns = config.columns
     if not isinstance(record, dict):
-        return make_row(id=content_id(repr(record)), source=source, method="ingest", origin=origin,
-                        status=ERROR, reason="not_an_object", detail=error_detail(record))
-    raw_id = record.get(columns.id) if columns.id else None
-    text = record.get(columns.text)
-    fields: dict[str, Any] = {"source": source, "method": "ingest", "origin": origin}
-    for name in ("lang", "label", "macro", "micro"):
+        return make_row(id=content_id(repr(record)), source=config.source, method="ingest",
+                        origin=origin, status=ERROR, reason="not_an_object", detail=error_detail(record))
+    raw_id = lookup(record, columns.id) if columns.id else None
+    text = lookup(record, columns.text)
+    fields: dict[str, Any] = {"source": config.source, "method": config.preset or "ingest",
+                              "origin": origin}
+    for name in ("lang", "macro", "micro", "response"):
         column = getattr(columns, name)
-        if column and record.get(column) is not None:
-            fields[name] = str(record[column])
+        if column and lookup(record, column) is not None:
+            fields[name] = str(lookup(record, column))
+    if config.lang:
+        fields["lang"] = config.lang
+    if config.macro_map:
+        fields["macro"] = config.macro_map.get(fields.get("macro", ""), "")
+    problem = None
+    if config.label:
+        fields["label"] = config.label
+    elif columns.label:
+        raw = lookup(record, columns.label)
+        mapping = config.label_map or {"safe": "safe", "unsafe": "unsafe"}
+        if str(raw) in mapping:
+            fields["label"] = mapping[str(raw)]
+        else:
+            problem = ("unknown_label", f"label {raw!r} is not one of {sorted(mapping)}")
+    for column, allowed in config.keep.items():
+        if str(lookup(record, column)) not in allowed:
+            return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(repr(record)),
+                            status=DROPPED, reason="filtered_out",
+                            detail=f"{column}={lookup(record, column)!r} not in {allowed}", **fields)
     if text is None:
-        reason = "missing_text"
+        problem = ("missing_text", error_detail(record))
     elif not isinstance(text, str):
-        reason = "non_text"
-    elif len(text := normalize_text(text, normalize)) < min_chars:
-        reason = "empty_text"
-    else:
+        problem = ("non_text", error_detail(record))
+    elif len(text := normalize_text(text, config.normalize)) < config.min_chars:
+        problem = ("empty_text", error_detail(record))
+    if problem is None:
         return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(text), text=text,
                         **fields)
-    return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(repr(record)),
-                    status=ERROR, reason=reason, detail=error_detail(record), **fields)
+    key = text if isinstance(text, str) and text else repr(record)
+    return make_row(id=str(raw_id) if raw_id not in (None, "") else content_id(key),
+                    status=ERROR, reason=problem[0], detail=problem[1], **fields)
 
 
 def _check_text_column(keys_seen: set[str], columns: ColumnMap, origin: str) -> None:
-    if columns.text not in keys_seen:
+    if columns.text.split(".")[0] not in keys_seen:
         raise MissingColumnError(
             f"ingest: input {origin} has no column {columns.text!r} (columns: {sorted(keys_seen)}); "
             "set stages.ingest.columns.text to the column that holds the text")
 
 
-def parse_jsonl_batch(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int,
-                      normalize: str) -> pa.Table:
+def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
     rows, keys_seen = [], set()
     for line, origin in zip(batch.column("text").to_pylist(), batch.column("path").to_pylist()):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            rows.append(make_row(id=content_id(line), source=source, method="ingest", origin=origin,
+            rows.append(make_row(id=content_id(line), source=config.source, method="ingest", origin=origin,
                                  status=ERROR, reason="invalid_json",
                                  detail=error_detail(f"{exc}: {line}")))
             continue
         if isinstance(record, dict):
             keys_seen.update(record)
-        rows.append(record_to_row(record, columns, source=source, min_chars=min_chars, origin=origin,
-                                  normalize=normalize))
+        rows.append(record_to_row(record, config, origin))
     if keys_seen:
-        _check_text_column(keys_seen, columns, str(batch.column("path")[0]))
+        _check_text_column(keys_seen, config.columns, str(batch.column("path")[0]))
     return to_table(rows, ORIGIN)
 
 
-def table_batch_to_rows(batch: pa.Table, *, columns: ColumnMap, source: str, min_chars: int,
-                        normalize: str) -> pa.Table:
+def table_batch_to_rows(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
     origins = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * batch.num_rows
-    _check_text_column(set(batch.column_names), columns, origins[0] if origins else "")
+    _check_text_column(set(batch.column_names), config.columns, origins[0] if origins else "")
     records = batch.drop_columns(["path"]).to_pylist() if "path" in batch.column_names else batch.to_pylist()
-    return to_table([record_to_row(r, columns, source=source, min_chars=min_chars, origin=o,
-                                   normalize=normalize) for r, o in zip(records, origins)], ORIGIN)
+    return to_table([record_to_row(r, config, o) for r, o in zip(records, origins)], ORIGIN)
 
 
 def read_corpus(config: IngestConfig):
     """The lazy Ray Dataset of rows for ``config`` (row schema + status + ``origin``)."""
     import ray
 
-    kwargs = dict(columns=config.columns, source=config.source, min_chars=config.min_chars,
-                  normalize=config.normalize)
+    kwargs = {"config": config}
     if config.format == "jsonl":
         ds = ray.data.read_text(config.paths, include_paths=True, drop_empty_lines=True)
         return ds.map_batches(parse_jsonl_batch, batch_format="pyarrow", fn_kwargs=kwargs)
@@ -104,7 +133,13 @@ def read_corpus(config: IngestConfig):
 
 
 class IngestStage(Stage):
+    """The corpus (``ingest``) or one labelled seed dataset (``seeds_<key>``)."""
+
     name = "ingest"
+
+    def __init__(self, config: IngestConfig, name: str = "ingest"):
+        super().__init__(config)
+        self.name = name
 
     def source_fingerprint(self) -> str:
         return source_fingerprint(self.config.paths)

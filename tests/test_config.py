@@ -109,7 +109,7 @@ def test_demo_recipe_is_valid(tiny_models):
     demo = load_recipe(REPO / "configs/recipes/demo.yaml", [
         f"models.keyword_writer.model={tiny_models['causal-lm']}",
         f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}"])
-    assert [name for name, cfg in demo.stages if cfg is not None] == [
+    assert [name for name, cfg in demo.stages if cfg] == [
         "keywords", "ingest", "embed", "index", "retrieve", "rag"]
 
 
