@@ -18,11 +18,11 @@ $(VENV)/.installed-$(ENGINE): pyproject.toml
 ifeq ($(ENGINE),cpu)
 	# CPU build of torch first, so nothing later pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip install -q -e '.[cpu,test,bench]'
 	# PyPI's torchvision/torchaudio break `transformers` imports beside this torch.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-	$(BIN)/pip install -q -e '.[gpu,test]'
+	$(BIN)/pip install -q -e '.[gpu,test,bench]'
 endif
 	touch $@
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.config import EmbedConfig
-from pipelines.rows import ERROR, OK, error_detail
+from pipelines.rows import ERROR, OK, error_detail, fixed_list_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,8 @@ def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """The inverse of :func:`vectors_to_arrow`, without a per-row Python loop."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    """The inverse of :func:`vectors_to_arrow`."""
+    return fixed_list_to_numpy(column).astype(np.float32, copy=False)
 
 
 def resolve_device(config: EmbedConfig) -> str:
@@ -115,11 +112,12 @@ def embed(dataset, config: EmbedConfig, *, text_column: str = "text", corpus: bo
 
     device = resolve_device(config)
     if corpus:
-        dataset = dataset.select_columns(["id", text_column])
-    # Readers pack small files into one block (a 480k-document corpus of short posts is ~30 MB):
-    # cut the stream into blocks of a few batches so that every actor gets work, outputs stream to
-    # the writer as they are produced, and progress moves.
-    dataset = dataset.repartition(target_num_rows_per_block=BATCHES_PER_BLOCK * config.batch_size)
+        # Readers pack small files into one block (a 480k-document corpus of short posts is ~30 MB):
+        # cut the stream into blocks of a few batches so that every actor gets work, outputs stream
+        # to the writer as they are produced, and progress moves. (Not for small query sets: the
+        # split runs as tasks, which need a free CPU beside the actor pools.)
+        dataset = dataset.select_columns(["id", text_column]).repartition(
+            target_num_rows_per_block=BATCHES_PER_BLOCK * config.batch_size)
     return dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={"config": config, "device": device, "text_column": text_column,

@@ -329,10 +329,49 @@ class RagConfig(RewriteConfig):
     method: str = "rag"
 
 
+class PEConfig(Strict):
+    """Prompt-engineering rewriting of labelled seed prompts (3 seeds in, 3 rewrites out)."""
+
+    model: str = Field(description="endpoint under `models:`")
+    inputs: list[str] = Field(min_length=1, description="seed stages (seeds_<key>) to rewrite")
+    methods: ExistingPath = Field(str(CONFIGS / "rewriting_methods.yaml"), validate_default=True)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "pe_rewrite.yaml"), validate_default=True)
+    group_size: int = Field(3, ge=1, description="seeds per request (one rewrite each)")
+    keep_original: dict[Literal["safe", "unsafe"], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="share of seeds kept as original prompts, per label")
+    min_chars: int = Field(4, ge=1)
+
+
 class NormalizeConfig(Strict):
     form: Literal["nfkc", "nfc", "none"] = Field(
         "nfkc", description="Unicode form; nfkc folds full-width letters, digits and punctuation")
     traditional_to_simplified: bool = Field(False, description="OpenCC t2s conversion")
+
+
+class LangIdConfig(Strict):
+    """Offline language identification (lingua) over ``languages``; sets ``lang``."""
+
+    languages: list[str] = Field(default_factory=lambda: ["zh", "en"], min_length=1,
+                                 description="ISO 639-1 codes the detector chooses among")
+    keep: list[str] | None = Field(None, description="drop rows detected as another language; "
+                                   "null = keep all (tag only)")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="below it the language is 'und'")
+
+
+class TranslateConfig(Strict):
+    """MarianMT (or any seq2seq) translation of rows in ``source_langs`` in an actor pool."""
+
+    model: ModelRef = Field(description="Helsinki-NLP/opus-mt-en-zh in the paper recipe")
+    source_langs: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    target_lang: str = "zh"
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_cpus: float = Field(1, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+    max_input_tokens: int = Field(512, ge=8, description="longer inputs are truncated")
+    max_new_tokens: int = Field(512, ge=1)
+    num_beams: int = Field(1, ge=1)
 
 
 class LengthFilterConfig(Strict):
@@ -368,16 +407,25 @@ class NearDedupConfig(Strict):
 
 
 class PreprocessConfig(Strict):
-    """Preprocessing chain over the union of ``inputs``: normalize -> length_filter -> dedup ->
-    near_dedup; each step is its own stage (set a step to null to skip it)."""
+    """Preprocessing chain over the union of ``inputs``: normalize -> langid -> translate ->
+    length_filter -> dedup -> near_dedup; each step is its own stage (null skips it)."""
 
     inputs: list[str] = Field(min_length=1, description="upstream stages whose ok rows are merged")
     normalize: NormalizeConfig | None = Field(default_factory=NormalizeConfig)
+    langid: LangIdConfig | None = Field(default_factory=LangIdConfig)
+    translate: TranslateConfig | None = None
     length_filter: LengthFilterConfig | None = Field(default_factory=LengthFilterConfig)
     dedup: DedupConfig | None = Field(default_factory=DedupConfig)
     near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig)
 
-    STEPS: ClassVar[tuple[str, ...]] = ("normalize", "length_filter", "dedup", "near_dedup")
+    STEPS: ClassVar[tuple[str, ...]] = ("normalize", "langid", "translate", "length_filter", "dedup",
+                                        "near_dedup")
+
+    @model_validator(mode="after")
+    def _translate_needs_langid(self) -> "PreprocessConfig":
+        if self.translate is not None and self.langid is None:
+            raise ValueError("translate needs langid (it translates rows by detected language)")
+        return self
 
 
 class StagesConfig(Strict):
@@ -390,6 +438,7 @@ class StagesConfig(Strict):
     rewrite: RewriteConfig | None = None
     seeds: dict[str, IngestConfig] = Field(
         default_factory=dict, description="labelled seed datasets; each is stage seeds_<key>")
+    pe: PEConfig | None = None
     preprocess: PreprocessConfig | None = None
 
     #: stage -> the stages it needs (validated on load; the runner orders by this list)
@@ -419,14 +468,15 @@ class Recipe(Strict):
             missing = [n for n in needs if getattr(self.stages, n) is None]
             if missing:
                 raise ValueError(f"stages.{name} needs stages {', '.join(missing)}")
-        if self.stages.preprocess is not None:
-            rows_stages = [n for n in ("ingest", "rag", "rewrite") if getattr(self.stages, n) is not None]
-            rows_stages += [f"seeds_{key}" for key in self.stages.seeds]
-            unknown = [n for n in self.stages.preprocess.inputs if n not in rows_stages]
+        rows_stages = [n for n in ("ingest", "rag", "rewrite", "pe") if getattr(self.stages, n) is not None]
+        rows_stages += [f"seeds_{key}" for key in self.stages.seeds]
+        for name in ("pe", "preprocess"):
+            stage = getattr(self.stages, name)
+            unknown = [n for n in (stage.inputs if stage else []) if n not in rows_stages or n == name]
             if unknown:
-                raise ValueError(f"stages.preprocess.inputs: {unknown} are not enabled row stages "
-                                 f"(enabled: {rows_stages or 'none'})")
-        for name in ("keywords", "rag", "rewrite"):
+                raise ValueError(f"stages.{name}.inputs: {unknown} are not enabled row stages "
+                                 f"(enabled: {[n for n in rows_stages if n != name] or 'none'})")
+        for name in ("keywords", "rag", "rewrite", "pe"):
             stage = getattr(self.stages, name)
             model = getattr(stage, "model", None)
             if model is not None and model not in self.models:

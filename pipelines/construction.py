@@ -8,7 +8,15 @@ from pipelines.config import PreprocessConfig, Recipe, dump_recipe
 from pipelines.embedding import EmbedStage
 from pipelines.ingest import IngestStage
 from pipelines.keywords import KeywordPoolStage
-from pipelines.preprocess import DedupStage, LengthFilterStage, NearDedupStage, NormalizeStage
+from pipelines.pe_rewrite import PERewriteStage
+from pipelines.preprocess import (
+    DedupStage,
+    LangIdStage,
+    LengthFilterStage,
+    NearDedupStage,
+    NormalizeStage,
+    TranslateStage,
+)
 from pipelines.retrieval import RetrieveStage
 from pipelines.rewrite import RagRewriteStage, RewriteStage
 from pipelines.rundir import RunDir
@@ -17,8 +25,9 @@ from pipelines.vector_index import IndexStage
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_STAGES = {"normalize": NormalizeStage, "length_filter": LengthFilterStage,
-                     "dedup": DedupStage, "near_dedup": NearDedupStage}
+PREPROCESS_STAGES = {"normalize": NormalizeStage, "langid": LangIdStage, "translate": TranslateStage,
+                     "length_filter": LengthFilterStage, "dedup": DedupStage,
+                     "near_dedup": NearDedupStage}
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
@@ -42,6 +51,8 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         stages.append(RagRewriteStage(s.rag, recipe.models[s.rag.model]))
     if s.rewrite is not None:
         stages.append(RewriteStage(s.rewrite, recipe.models[s.rewrite.model]))
+    if s.pe is not None:
+        stages.append(PERewriteStage(s.pe, recipe.models[s.pe.model], recipe.taxonomy, recipe.seed))
     if s.preprocess is not None:
         upstream = tuple(s.preprocess.inputs)
         for step in PreprocessConfig.STEPS:

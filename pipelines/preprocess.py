@@ -11,6 +11,7 @@ order, partitioning or the number of workers, and is the same on every run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipelines import minhash
 from pipelines.config import DedupConfig, LengthFilterConfig, NearDedupConfig, NormalizeConfig
-from pipelines.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, STATUS_FIELDS
+from pipelines.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, STATUS_FIELDS, fixed_list_to_numpy
 from pipelines.stage import Stage
 from pipelines.textnorm import normalize_text
 
@@ -107,6 +108,74 @@ class NormalizeStage(PreprocessStage):
         return self.union(inputs).map_batches(
             normalize_batch, batch_format="pyarrow",
             fn_kwargs={"form": self.config.form, "t2s": self.config.traditional_to_simplified})
+
+
+# ------------------------------------------------------------------------------------------------
+# Language identification and translation
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(languages: tuple[str, ...]):
+    """One lingua detector per worker process (Ray reuses task workers); models ship in the wheel."""
+    from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+    codes = [IsoCode639_1.from_str(code) for code in languages]
+    return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
+
+
+def detect_languages(texts: list[str], languages: tuple[str, ...], min_confidence: float) -> list[str]:
+    """ISO 639-1 code per text among ``languages``; ``und`` when undetermined or below confidence."""
+    detector = _detector(languages)
+    if min_confidence <= 0:
+        found = detector.detect_languages_in_parallel_of(texts)
+        return [lang.iso_code_639_1.name.lower() if lang else "und" for lang in found]
+    out = []
+    for values in detector.compute_language_confidence_values_in_parallel(texts):
+        best = values[0] if values else None
+        ok = best is not None and best.value >= min_confidence
+        out.append(best.language.iso_code_639_1.name.lower() if ok else "und")
+    return out
+
+
+def langid_batch(batch: pa.Table, *, languages: tuple[str, ...], keep: tuple[str, ...] | None,
+                 min_confidence: float) -> pa.Table:
+    langs = detect_languages(batch.column("text").to_pylist(), languages, min_confidence)
+    batch = batch.set_column(batch.column_names.index("lang"), "lang", pa.array(langs, pa.string()))
+    status = [DROPPED if keep is not None and lang not in keep else OK for lang in langs]
+    reason = ["unsupported_language" if s == DROPPED else "" for s in status]
+    detail = [f"detected {lang}, keeping {list(keep)}" if s == DROPPED else ""
+              for s, lang in zip(status, langs)]
+    return _with_status(batch, status, reason, detail)
+
+
+class LangIdStage(PreprocessStage):
+    name = "langid"
+
+    def build(self, inputs: dict) -> Any:
+        cfg = self.config
+        return self.union(inputs).map_batches(langid_batch, batch_format="pyarrow", fn_kwargs={
+            "languages": tuple(cfg.languages), "keep": tuple(cfg.keep) if cfg.keep is not None else None,
+            "min_confidence": cfg.min_confidence})
+
+
+class TranslateStage(PreprocessStage):
+    """Translation of rows in ``source_langs`` (the previous stage must be ``langid``)."""
+
+    name = "translate"
+
+    def build(self, inputs: dict) -> Any:
+        import ray
+
+        from actors.embedder import resolve_device
+        from actors.translator import Translator
+
+        cfg = self.config
+        device = resolve_device(cfg)
+        return self.union(inputs).map_batches(
+            Translator, fn_constructor_kwargs={"config": cfg, "device": device},
+            batch_size=cfg.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=cfg.num_cpus,
+            num_gpus=1 if device == "cuda" else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,8 +303,7 @@ class NearDedupStage(DedupStage):
         ids, columns = [], []
         for batch in sigs.iter_batches(batch_format="pyarrow", batch_size=65536):
             ids.extend(batch.column("id").to_pylist())
-            column = batch.column("signature")
-            columns.append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, cfg.num_perm))
+            columns.append(fixed_list_to_numpy(batch.column("signature")))
         if not ids:
             return {}
         return decide_near(ids, np.concatenate(columns).astype(np.uint32), cfg)

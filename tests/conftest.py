@@ -60,6 +60,14 @@ def vllm_endpoint(model: str, **overrides) -> dict:
     return endpoint
 
 
+def long_context_endpoint(model: str) -> dict:
+    """The tiny model with a 4k context: prompts with 20 seed keywords or 5 retrieved texts fit."""
+    return vllm_endpoint(model, engine_kwargs={"dtype": "float32", "max_model_len": 4096,
+                                               "enforce_eager": True,
+                                               "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0},
+                         sampling={"temperature": 1.0, "max_tokens": 48})
+
+
 PYTHON = sys.executable
 
 

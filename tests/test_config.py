@@ -110,7 +110,7 @@ def test_demo_recipe_is_valid(tiny_models):
         f"models.keyword_writer.model={tiny_models['causal-lm']}",
         f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}"])
     assert [name for name, cfg in demo.stages if cfg] == [
-        "keywords", "ingest", "embed", "index", "retrieve", "rag"]
+        "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess"]
 
 
 def test_paper_recipe_is_valid_offline():

@@ -16,7 +16,7 @@ from pipelines.rows import ERROR, OK
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
 from pipelines.taxonomy import load_taxonomy
-from tests.conftest import vllm_endpoint, write_jsonl
+from tests.conftest import long_context_endpoint, write_jsonl
 
 TOPICS = ["有人在网上散布谣言说某种药能治百病", "论坛里有人发帖歧视外地人", "某公司泄露了竞争对手的商业秘密",
           "A post claims a vaccine contains microchips", "Someone doxxed a streamer and posted her address",
@@ -42,12 +42,9 @@ def _rows(rundir, stage, status=OK):
 
 @pytest.mark.slow
 def test_corpus_to_rag_prompts(tmp_path, tiny_models, ray_local):
-    engine = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
-              "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0}
     recipe = Recipe.model_validate({
         "name": "chain", "run_dir": str(tmp_path / "run"), "seed": 3,
-        "models": {"lm": vllm_endpoint(tiny_models["causal-lm"], engine_kwargs=engine,
-                                       sampling={"temperature": 1.0, "max_tokens": 48})},
+        "models": {"lm": long_context_endpoint(tiny_models["causal-lm"])},
         "stages": {
             "keywords": {"model": "lm", "target_per_category": 22},
             "ingest": {"paths": [str(_corpus(tmp_path / "corpus.jsonl"))],

@@ -17,6 +17,7 @@ from pipelines.preprocess import decide_exact, decide_near, length_batch, normal
 from pipelines.rows import DROPPED, ERROR, OK, make_row, to_table
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
+from pipelines.textnorm import normalize_text
 from tests.conftest import write_jsonl
 
 
@@ -91,7 +92,7 @@ def test_preprocess_chain_on_local_ray(tmp_path, ray_local):
         {"id": "b1", "text": "請問這種藥真的有效嗎？我看網上說可以治好所有疾病"},  # traditional -> simplified
         {"id": "b2", "text": "请问这种药真的有效吗？我看网上说可以治好所有疾病"},    # exact dup of b1 after t2s
         {"id": "c1", "text": "短"}, {"id": "c2", "text": "长" * 300},            # length filter
-        {"id": "e1", "text": "\u200b \u3000"},                                    # empty after normalisation
+        {"id": "e1", "text": "\u200b \u3000"},                                    # empty: ingest error
         {"id": "u1", "text": "这家公司利用平台优势排挤竞争对手，消费者的选择越来越少"},
     ]
     corpus = write_jsonl(tmp_path / "seeds.jsonl", records)
@@ -104,14 +105,14 @@ def test_preprocess_chain_on_local_ray(tmp_path, ray_local):
                                   "near_dedup": {"threshold": 0.7}}},
     })
     stages = build_stages(recipe)
-    assert [s.name for s in stages] == ["ingest", "normalize", "length_filter", "dedup", "near_dedup"]
+    assert [s.name for s in stages] == ["ingest", "normalize", "langid", "length_filter", "dedup", "near_dedup"]
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(stages, rundir)
     rows = {name: m["rows"] for name, m in manifests.items()}
     for name, r in rows.items():
         assert r["in"] == r["out"] + r["dropped"] + r["errored"], name
-    assert rows["normalize"] == {"in": 9, "out": 8, "out_parents": 8, "dropped": 0, "errored": 1}
-    assert manifests["normalize"]["reasons"]["errored"] == {"empty_after_normalization": 1}
+    assert manifests["ingest"]["reasons"]["errored"] == {"empty_text": 1}  # e1 (zero-width only)
+    assert rows["normalize"] == {"in": 8, "out": 8, "out_parents": 8, "dropped": 0, "errored": 0}
     assert manifests["length_filter"]["reasons"]["dropped"] == {"too_short": 1, "too_long": 1}
     dups = {r["id"]: r["duplicate_of"] for r in _rows(rundir, "dedup", DROPPED)}
     assert dups == {"a1": "a0", "b2": "b1"}
@@ -125,3 +126,34 @@ def test_preprocess_chain_on_local_ray(tmp_path, ray_local):
     again = run_stages(build_stages(recipe), rundir, force=True)
     assert {r["id"]: r["duplicate_of"] for r in _rows(rundir, "dedup", DROPPED)} == dups
     assert again["near_dedup"]["rows"] == rows["near_dedup"]
+
+
+@pytest.mark.slow
+def test_langid_and_translation_on_local_ray(tmp_path, tiny_models, ray_local):
+    records = [{"id": "z1", "text": "今天的天气非常好，我们一起去公园散步吧"},
+               {"id": "e1", "text": "The weather is lovely today, let us walk in the park"},
+               {"id": "e2", "text": "Someone is spreading false health claims on social media"},
+               {"id": "f1", "text": "Le temps est magnifique aujourd'hui, allons nous promener au parc"}]
+    corpus = write_jsonl(tmp_path / "mixed.jsonl", records)
+    recipe = Recipe.model_validate({
+        "name": "mt", "run_dir": str(tmp_path / "run"),
+        "stages": {"ingest": {"paths": [str(corpus)], "columns": {"text": "text", "id": "id"}},
+                   "preprocess": {"inputs": ["ingest"],
+                                  "langid": {"languages": ["zh", "en", "fr"], "keep": ["zh", "en"]},
+                                  "translate": {"model": tiny_models["marian"], "max_new_tokens": 12,
+                                                "batch_size": 2},
+                                  "length_filter": None, "dedup": None, "near_dedup": None}},
+    })
+    rundir = RunDir(recipe.run_dir)
+    manifests = run_stages(build_stages(recipe), rundir)
+    assert manifests["langid"]["reasons"]["dropped"] == {"unsupported_language": 1}
+    detected = {r["id"]: r["lang"] for r in _rows(rundir, "langid", OK)}
+    assert detected == {"z1": "zh", "e1": "en", "e2": "en"}
+    translated = {r["id"]: r for r in _rows(rundir, "translate", OK)}
+    assert manifests["translate"]["rows"]["in"] == 3 == len(translated)
+    assert translated["z1"]["original_text"] == ""  # Chinese: not translated, only NFKC-normalised
+    assert translated["z1"]["text"] == normalize_text(records[0]["text"], "nfkc")
+    for rid in ("e1", "e2"):
+        row = translated[rid]
+        assert row["lang"] == "zh" and row["original_text"] == normalize_text(records[int(rid[1])]["text"], "nfkc")
+        assert row["text"] and row["text"] != row["original_text"]

@@ -159,5 +159,9 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
         assert rundir.read_manifest("index")["summary"]["ntotal"] == 38
         assert rag["rows"]["in"] == rundir.read_manifest("retrieve")["rows"]["out"] == 31
         assert rag["rows"]["in"] == rag["rows"]["out_parents"] + rag["rows"]["errored"]
+        pe, near = rundir.read_manifest("pe"), rundir.read_manifest("near_dedup")
+        assert rundir.read_manifest("seeds_real")["rows"]["errored"] == 2
+        assert pe["rows"]["in"] == 27 and near["status"] == "complete"
+        assert rundir.read_manifest("normalize")["rows"]["in"] == rag["rows"]["out"] + pe["rows"]["out"]
     finally:
         stop_group(head, timeout=15)

@@ -22,3 +22,11 @@ def test_tiny_models_are_deterministic_and_loadable(tmp_path, tiny_models):
     assert config.head_dim >= 64 and config.model_type == "qwen3"
     cls = AutoModelForSequenceClassification.from_pretrained(again["seq-cls"])
     assert cls.config.id2label == {0: "safe", 1: "unsafe"}
+    assert set(first["models"]) == {"causal-lm", "seq-cls", "marian"}
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    marian = AutoModelForSeq2SeqLM.from_pretrained(again["marian"])
+    assert marian.config.model_type == "marian"
+    assert AutoTokenizer.from_pretrained(again["marian"]).padding_side == "right"
+    assert (tmp_path / "again" / "embedder" / "modules.json").is_file()  # the offline MiniLM
