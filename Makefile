@@ -38,6 +38,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/llm_stage.py
 	$(BIN)/python benchmarks/corpus_index.py
+	$(BIN)/python benchmarks/preprocess.py
 
 clean:
 	rm -rf runs models bench_out
