@@ -31,6 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.report import finish  # noqa: E402
+
 from pipelines.taxonomy import load_taxonomy  # noqa: E402
 from pipelines.textnorm import has_cjk  # noqa: E402
 
@@ -256,11 +258,7 @@ def main() -> None:
           f"{len(sample)} queries: {recall:.4f} (exact search of those took {exact_seconds:.2f}s)")
     print(f"pipeline {pipeline_seconds / 60:.1f} min, total {result['total_seconds'] / 60:.1f} min, "
           f"driver peak RSS {driver_rss_gib:.2f} GiB")
-    for name, ok in result["targets"].items():
-        print(f"  target {name}: {'met' if ok else 'MISSED'}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.report import finish  # noqa: E402
+
 from pipelines.taxonomy import load_taxonomy  # noqa: E402
 from pipelines.textnorm import has_cjk  # noqa: E402
 
@@ -80,8 +82,12 @@ def generate(n_rows: int, exact_share: float, near_share: float, seed: int) -> t
     for j in range(n_near):
         src = int(rng.integers(n_base))
         chars = list(texts[src])
-        for _ in range(1 + len(chars) // 80):  # one edit per 80 characters
-            chars[int(rng.integers(len(chars)))] = words[rng.integers(len(words))][0]
+        for _ in range(1 + len(chars) // 80):  # one edit per 80 characters, always a real change
+            pos = int(rng.integers(len(chars)))
+            new = chars[pos]
+            while new == chars[pos]:
+                new = words[rng.integers(len(words))][0]
+            chars[pos] = new
         copy = "".join(chars)
         cid = f"n{j:07d}"
         rows.append({"id": cid, "text": copy})
@@ -123,10 +129,12 @@ def ours_dedup(texts: list[str], ids: list[str], threshold: float, num_perm: int
 
 
 def near_quality(dropped: dict[str, str], truth: dict, threshold: float, universe: set[str]) -> dict:
-    """Recall over planted near copies (in ``universe``) whose true Jaccard >= threshold; precision
+    """Recall over planted near copies whose true Jaccard >= threshold and which are in ``universe``
+    together with their original (a slice may hold a copy without its original); precision
     over dropped rows: planted copies (exact or near) count as right, anything else is a false
     removal."""
-    planted = {cid for cid, (_, j) in truth["near"].items() if j >= threshold and cid in universe}
+    planted = {cid for cid, (orig, j) in truth["near"].items()
+               if j >= threshold and cid in universe and orig in universe}
     found = planted & set(dropped)
     right = {d for d in dropped if d in truth["near"] or d in truth["exact"]}
     return {"planted_above_threshold": len(planted), "found": len(found),
@@ -149,13 +157,14 @@ def main() -> None:
 
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    inputs = work / "rows"
+    inputs.mkdir(parents=True)
     t_start = time.perf_counter()
     print(f"generating {args.rows:,} SYNTHETIC rows with planted duplicates ...", flush=True)
     rows, truth = generate(args.rows, args.exact_share, args.near_share, args.seed)
     shards = 8
     for s in range(shards):
-        with open(work / f"rows-{s}.jsonl", "w", encoding="utf-8") as f:
+        with open(inputs / f"rows-{s}.jsonl", "w", encoding="utf-8") as f:
             for row in rows[s::shards]:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -169,7 +178,7 @@ def main() -> None:
 
     recipe = Recipe.model_validate({
         "name": "bench-preprocess", "run_dir": str(work / "run"), "seed": args.seed,
-        "stages": {"ingest": {"paths": [str(work)], "format": "jsonl", "normalize": "none",
+        "stages": {"ingest": {"paths": [str(inputs)], "format": "jsonl", "normalize": "none",
                               "columns": {"text": "text", "id": "id"}},
                    "preprocess": {"inputs": ["ingest"],
                                   "length_filter": {"min_chars": 10, "max_chars": 1000},
@@ -246,11 +255,7 @@ def main() -> None:
           f"(recall {c['datasketch']['recall']:.3f}, precision {c['datasketch']['precision']:.3f}); ours "
           f"{c['ours']['docs_per_s']:,.0f} docs/s (recall {c['ours']['recall']:.3f}, precision "
           f"{c['ours']['precision']:.3f}) = {c['throughput_ratio']:.2f}x")
-    for name, ok in result["targets"].items():
-        print(f"  target {name}: {'met' if ok else 'MISSED'}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    finish(result, args.out)
 
 
 if __name__ == "__main__":
