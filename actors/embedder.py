@@ -9,7 +9,6 @@ A batch that fails to encode is retried row by row and only the failing rows bec
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

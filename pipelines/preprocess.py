@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import minhash
-from pipelines.config import DedupConfig, LengthFilterConfig, NearDedupConfig, NormalizeConfig
+from pipelines.config import NearDedupConfig
 from pipelines.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, STATUS_FIELDS, fixed_list_to_numpy
 from pipelines.stage import Stage
 from pipelines.textnorm import normalize_text

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
