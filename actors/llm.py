@@ -46,6 +46,21 @@ _ENGINE_KEYS = {
 Renderer = Callable[[dict[str, Any]], list[dict[str, str]]]
 
 
+#: vLLM structured outputs (``{"choice": [...]}``, ``{"regex": ...}``), or a picklable callable
+#: that picks one per row
+Constraint = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any] | None] | None
+
+
+def structured_params(endpoint: LLMEndpoint, constraint: Constraint, row: dict[str, Any]) -> dict[str, Any]:
+    """Sampling fields that constrain the answer to ``row``, or nothing when there is no
+    constraint or the endpoint does not accept structured outputs."""
+    if callable(constraint):
+        constraint = constraint(row)
+    if constraint and endpoint.accepts_structured_outputs:
+        return {"structured_outputs": dict(constraint)}
+    return {}
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model: str):
     """One tokenizer per worker process and model (Ray reuses task workers)."""
@@ -57,7 +72,9 @@ def _tokenizer(model: str):
 class _VLLMPreprocess:
     """Row -> {tokenized_prompt, sampling_params}; the input columns ride along untouched."""
 
-    def __init__(self, endpoint: LLMEndpoint, render: Renderer):
+    def __init__(self, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
+        self.endpoint = endpoint
+        self.constraint = constraint
         self.model = endpoint.model
         self.sampling = endpoint.sampling.to_params()
         self.chat_kwargs = dict(endpoint.chat_template_kwargs)
@@ -68,7 +85,8 @@ class _VLLMPreprocess:
         text = tok.apply_chat_template(self.render(row), tokenize=False, add_generation_prompt=True,
                                        **self.chat_kwargs)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        return {"tokenized_prompt": ids, "sampling_params": dict(self.sampling)}
+        return {"tokenized_prompt": ids, "sampling_params": {
+            **self.sampling, **structured_params(self.endpoint, self.constraint, row)}}
 
 
 def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +99,9 @@ def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class _HttpPreprocess:
-    def __init__(self, endpoint: LLMEndpoint, render: Renderer):
+    def __init__(self, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
+        self.endpoint = endpoint
+        self.constraint = constraint
         self.model = endpoint.model
         self.sampling = endpoint.sampling.to_params()
         if "logprobs" in self.sampling:  # OpenAI chat API: logprobs is a bool + top_logprobs
@@ -92,8 +112,9 @@ class _HttpPreprocess:
         self.render = render
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        # vLLM's OpenAI server reads `structured_outputs` from the request body
         return {"payload": {"model": self.model, "messages": self.render(row), **self.sampling,
-                            **self.extra}}
+                            **structured_params(self.endpoint, self.constraint, row), **self.extra}}
 
 
 def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +163,9 @@ def _finalize(batch: pa.Table) -> pa.Table:
     return out
 
 
-def build_processor(endpoint: LLMEndpoint, render: Renderer):
-    """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring)."""
+def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
+    """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring); ``constraint``
+    restricts answers where the endpoint accepts structured outputs."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build, vLLMEngineProcessorConfig
 
     if endpoint.engine == "vllm":
@@ -160,7 +182,7 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer):
             should_continue_on_error=True,
             log_engine_metrics=endpoint.log_engine_metrics,
         )
-        return _build(config, preprocess=_VLLMPreprocess(endpoint, render),
+        return _build(config, preprocess=_VLLMPreprocess(endpoint, render, constraint),
                       postprocess=_vllm_postprocess)
     headers = {}
     if endpoint.api_key_env:
@@ -176,10 +198,11 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer):
         batch_size=endpoint.batch_size,
         concurrency=endpoint.concurrency,
     )
-    return _build(config, preprocess=_HttpPreprocess(endpoint, render), postprocess=_http_postprocess)
+    return _build(config, preprocess=_HttpPreprocess(endpoint, render, constraint),
+                  postprocess=_http_postprocess)
 
 
-def chat(dataset, endpoint: LLMEndpoint, render: Renderer):
+def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
     """Run every row of ``dataset`` through ``endpoint``; returns the rows plus ``LLM_COLUMNS``."""
-    processor = build_processor(endpoint, render)
+    processor = build_processor(endpoint, render, constraint)
     return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import finish  # noqa: E402
+from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
 
 from pipelines.taxonomy import load_taxonomy  # noqa: E402
 from pipelines.textnorm import has_cjk  # noqa: E402
@@ -150,13 +149,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--num-perm", type=int, default=128)
     parser.add_argument("--compare-docs", type=int, default=100_000)
-    parser.add_argument("--workdir", default="bench_out/preprocess")
-    parser.add_argument("--out", default="bench_out/preprocess.json")
-    parser.add_argument("--seed", type=int, default=0)
+    add_output_args(parser, "preprocess")
     args = parser.parse_args()
 
-    work = Path(args.workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
+    work = fresh_dir(args.workdir)
     inputs = work / "rows"
     inputs.mkdir(parents=True)
     t_start = time.perf_counter()

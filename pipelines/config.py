@@ -158,6 +158,9 @@ class LLMEndpoint(Strict):
         False, description="vllm only: export engine metrics (needs a Prometheus export port)")
     qps: int | None = Field(None, ge=1, description="http only: request rate limit")
     max_retries: int = Field(3, ge=0, description="http only: retries on 429/5xx/timeouts")
+    structured_outputs: bool | None = Field(
+        None, description="accepts vLLM structured outputs (answers constrained to a choice list or "
+        "regex). Default: yes for engine vllm, no for http (set true for a `vllm serve` endpoint)")
 
     @field_validator("model")
     @classmethod
@@ -180,6 +183,10 @@ class LLMEndpoint(Strict):
     @property
     def max_model_len(self) -> int | None:
         return self.engine_kwargs.get("max_model_len")
+
+    @property
+    def accepts_structured_outputs(self) -> bool:
+        return self.engine == "vllm" if self.structured_outputs is None else self.structured_outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +435,52 @@ class PreprocessConfig(Strict):
         return self
 
 
+class JuryConfig(Strict):
+    """Label calibration, part 1: every judge votes safe/unsafe on every row."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages to label (e.g. near_dedup)")
+    judges: list[str] = Field(min_length=1, description="endpoints under `models:`, one per judge")
+    mode: Literal["concurrent", "sequential"] = Field(
+        "concurrent", description="concurrent: all judges' actor pools in one streaming pass "
+        "(needs a GPU per judge replica at once); sequential: one judge after another (scarce GPUs)")
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "judge.yaml"), validate_default=True)
+    constrained: bool = Field(
+        True, description="restrict answers to the verdict words on endpoints that accept "
+        "structured outputs (fewer abstentions); false lets judges answer freely")
+
+    @field_validator("judges")
+    @classmethod
+    def _unique_judges(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"judges must be distinct endpoints, got {value}")
+        return value
+
+
+class AdjudicateConfig(Strict):
+    """Label calibration, part 2: ties and rows without a valid vote get the adjudicator's label;
+    every unsafe row gets its micro category from the adjudicator."""
+
+    model: str = Field(description="endpoint under `models:` (DeepSeek-V3.2 over http in the paper)")
+    inputs: list[str] = Field(default_factory=lambda: ["jury"], min_length=1)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "adjudicate.yaml"), validate_default=True)
+    retries: int = Field(1, ge=0, description="re-asks after an unparseable answer or invalid code")
+    constrained: bool = Field(True, description="restrict answers to a verdict and the 31 codes "
+                              "on endpoints that accept structured outputs")
+
+
+class AssembleConfig(Strict):
+    """Merge labelled sources into train/test, stratified by micro category and label; export
+    Parquet, a Hugging Face dataset, statistics and a dataset card."""
+
+    inputs: list[str] = Field(min_length=1, description="labelled row stages (adjudicate)")
+    external: list[str] = Field(default_factory=list,
+                                description="seed stages (seeds_<key>) that enter train only")
+    test_share: float = Field(0.2, gt=0, lt=1, description="share of each stratum in test")
+    dataset_name: str = "chillguard-data"
+    licenses: dict[str, str] = Field(
+        default_factory=dict, description="source -> licence note for the dataset card")
+
+
 class StagesConfig(Strict):
     keywords: KeywordsConfig | None = None
     ingest: IngestConfig | None = None
@@ -440,13 +493,26 @@ class StagesConfig(Strict):
         default_factory=dict, description="labelled seed datasets; each is stage seeds_<key>")
     pe: PEConfig | None = None
     preprocess: PreprocessConfig | None = None
+    jury: JuryConfig | None = None
+    adjudicate: AdjudicateConfig | None = None
+    assemble: AssembleConfig | None = None
 
     #: stage -> the stages it needs (validated on load; the runner orders by this list)
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "embed": ("ingest",), "index": ("embed",),
         "retrieve": ("keywords", "ingest", "embed", "index"), "rag": ("retrieve",),
-        "rewrite": ("ingest",),
+        "rewrite": ("ingest",), "adjudicate": ("jury",),
     }
+
+    def row_stages(self) -> list[str]:
+        """Enabled stages whose rows later stages can read, in pipeline order."""
+        names = [n for n in ("ingest", "rag", "rewrite") if getattr(self, n) is not None]
+        names += [f"seeds_{key}" for key in self.seeds]
+        names += ["pe"] if self.pe is not None else []
+        if self.preprocess is not None:
+            names += [step for step in PreprocessConfig.STEPS if getattr(self.preprocess, step) is not None]
+        names += [n for n in ("jury", "adjudicate", "assemble") if getattr(self, n) is not None]
+        return names
 
 
 class Recipe(Strict):
@@ -468,21 +534,37 @@ class Recipe(Strict):
             missing = [n for n in needs if getattr(self.stages, n) is None]
             if missing:
                 raise ValueError(f"stages.{name} needs stages {', '.join(missing)}")
-        rows_stages = [n for n in ("ingest", "rag", "rewrite", "pe") if getattr(self.stages, n) is not None]
-        rows_stages += [f"seeds_{key}" for key in self.stages.seeds]
-        for name in ("pe", "preprocess"):
+        order = self.stages.row_stages()
+        preprocess_steps = set(PreprocessConfig.STEPS)
+        for name in ("pe", "preprocess", "jury", "adjudicate", "assemble"):
             stage = getattr(self.stages, name)
-            unknown = [n for n in (stage.inputs if stage else []) if n not in rows_stages or n == name]
+            if stage is None:
+                continue
+            # a stage reads only stages that run before it (preprocess: before its first step)
+            mine = [i for i, s in enumerate(order)
+                    if s == name or (name == "preprocess" and s in preprocess_steps)]
+            before = order[:mine[0] if mine else len(order)]
+            unknown = [n for n in stage.inputs if n not in before]
             if unknown:
-                raise ValueError(f"stages.{name}.inputs: {unknown} are not enabled row stages "
-                                 f"(enabled: {[n for n in rows_stages if n != name] or 'none'})")
-        for name in ("keywords", "rag", "rewrite", "pe"):
-            stage = getattr(self.stages, name)
-            model = getattr(stage, "model", None)
+                raise ValueError(f"stages.{name}.inputs: {unknown} are not enabled row stages that run "
+                                 f"before it (those are: {before or 'none'})")
+        assemble = self.stages.assemble
+        if assemble is not None:
+            bad = [n for n in assemble.external if not n.startswith("seeds_") or n not in order]
+            if bad:
+                raise ValueError(f"stages.assemble.external: {bad} are not enabled seed stages "
+                                 f"(seeds_<key>; enabled: {[n for n in order if n.startswith('seeds_')] or 'none'})")
+            both = sorted(set(assemble.external) & set(assemble.inputs))
+            if both:
+                raise ValueError(f"stages.assemble: {both} is in both inputs and external")
+        models = {f"stages.{n}.model": getattr(getattr(self.stages, n), "model", None)
+                  for n in ("keywords", "rag", "rewrite", "pe", "adjudicate")}
+        if self.stages.jury is not None:
+            models.update({f"stages.jury.judges[{i}]": m for i, m in enumerate(self.stages.jury.judges)})
+        for key, model in models.items():
             if model is not None and model not in self.models:
-                raise ValueError(
-                    f"stages.{name}.model: {model!r} is not defined under models "
-                    f"(defined: {sorted(self.models) or 'none'})")
+                raise ValueError(f"{key}: {model!r} is not defined under models "
+                                 f"(defined: {sorted(self.models) or 'none'})")
         return self
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from pipelines.config import PreprocessConfig, Recipe, dump_recipe
+from pipelines.assembly import AssembleStage
 from pipelines.embedding import EmbedStage
 from pipelines.ingest import IngestStage
+from pipelines.jury import AdjudicateStage, JuryStage
 from pipelines.keywords import KeywordPoolStage
 from pipelines.pe_rewrite import PERewriteStage
 from pipelines.preprocess import (
@@ -60,6 +62,15 @@ def build_stages(recipe: Recipe) -> list[Stage]:
             if config is not None:
                 stages.append(PREPROCESS_STAGES[step](config, upstream))
                 upstream = (stages[-1].name,)
+    if s.jury is not None:
+        stages.append(JuryStage(s.jury, recipe.models, recipe.taxonomy))
+    if s.adjudicate is not None:
+        stages.append(AdjudicateStage(s.adjudicate, recipe.models[s.adjudicate.model], recipe.taxonomy))
+    if s.assemble is not None:
+        labelling = {"judges": [f"{j} ({recipe.models[j].model})" for j in (s.jury.judges if s.jury else [])],
+                     "adjudicator": (f"{s.adjudicate.model} ({recipe.models[s.adjudicate.model].model})"
+                                     if s.adjudicate else None)}
+        stages.append(AssembleStage(s.assemble, recipe.taxonomy, recipe.seed, labelling))
     return stages
 
 

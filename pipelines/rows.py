@@ -70,6 +70,8 @@ def to_table(rows: Iterable[dict[str, Any]], extra: dict[str, pa.DataType] | Non
             default = 0
         elif pa.types.is_list(typ):
             default = []
+        elif pa.types.is_boolean(typ):
+            default = False
         else:
             default = ""
         values = [row.get(name, default) for row in rows]

@@ -71,10 +71,11 @@ class RunDir:
         self.write_text(f"{stage}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
 
     def manifests(self) -> dict[str, dict[str, Any]]:
-        """Every stage folder's manifest (``None`` for an interrupted stage), by folder name."""
+        """Every stage folder's manifest (``None`` for an interrupted stage), by folder name
+        (``_work`` and other ``_`` folders are scratch space, not stages)."""
         out: dict[str, Any] = {}
         for info in self.fs.get_file_info(pafs.FileSelector(self._base)):
-            if info.type == pafs.FileType.Directory:
+            if info.type == pafs.FileType.Directory and not info.base_name.startswith("_"):
                 out[info.base_name] = self.read_manifest(info.base_name)
         return out
 
@@ -89,6 +90,12 @@ class RunDir:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
         return sorted((i for i in infos if i.path.endswith(".parquet")), key=lambda i: i.path)
+
+    def list_parquet(self, relpath: str) -> list[str]:
+        """Parquet files under a folder of the run directory (none if it does not exist)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._fs_path(relpath), recursive=True,
+                                                        allow_not_found=True))
+        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
     def count_rows(self, stage: str, status: str) -> int:
         """Row count from Parquet footers: no data is read."""

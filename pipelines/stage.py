@@ -31,6 +31,7 @@ from pipelines.rundir import RunDir
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+WORK = "_work"  # scratch space of multi-pass stages, never a stage
 
 
 class AccountingError(RuntimeError):
@@ -81,6 +82,17 @@ class Stage(ABC):
         """Stage-specific figures for the manifest (per-category counts, index parameters)."""
         return None
 
+    #: ``<config hash>-<input fingerprint>`` of the current run, set by the runner before write()
+    run_key: str = ""
+
+    def work_uri(self, rundir: RunDir, *parts: str) -> str:
+        """A scratch folder for intermediate passes (``RUN_DIR/_work/<stage>/<run key>/...``).
+
+        It survives a crash, so a multi-pass stage can reuse passes that finished (see
+        :func:`pipelines.jury.run_pass`); the runner deletes it once the stage is complete.
+        """
+        return rundir.uri(WORK, self.name, self.run_key, *parts)
+
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -124,6 +136,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     rows_in_upstream = sum(manifests[up]["rows"]["out"] for up in stage.inputs)
     log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
 
+    stage.run_key = f"{config_hash}-{input_fp}"
     if stage.inputs and rows_in_upstream == 0:
         log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
     else:
@@ -163,6 +176,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
         "version": VERSION,
     }
     rundir.write_manifest(stage.name, manifest)
+    rundir.clear_stage(f"{WORK}/{stage.name}")
     r = manifest["rows"]
     log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
              manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])

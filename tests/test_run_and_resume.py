@@ -131,7 +131,7 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
     head_log = tmp_path / "head.log"
     with open(head_log, "w") as log:
         head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=1",
+            [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=6", "--num-gpus=4",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
              "--include-dashboard=true", "--block", "--disable-usage-stats", *own_ports],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -143,7 +143,9 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
                str(BIN / "chillguard"), "run", "configs/recipes/demo.yaml", f"run_dir={run_dir}",
                f"models.rewriter.model={tiny_models['causal-lm']}",
                f"models.keyword_writer.model={tiny_models['causal-lm']}",
-               f"stages.embed.model={tiny_models['embedder']}"]
+               f"stages.embed.model={tiny_models['embedder']}",
+               f"models.adjudicator.model={tiny_models['causal-lm']}",
+               *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))]
         for _ in range(24):
             submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             # The dashboard answers before the head's job agent registers: retry only that refusal.
@@ -163,5 +165,11 @@ def test_ray_job_submit_runs_the_demo(tmp_path, tiny_models):
         assert rundir.read_manifest("seeds_real")["rows"]["errored"] == 2
         assert pe["rows"]["in"] == 27 and near["status"] == "complete"
         assert rundir.read_manifest("normalize")["rows"]["in"] == rag["rows"]["out"] + pe["rows"]["out"]
+        jury, adjudicate = rundir.read_manifest("jury"), rundir.read_manifest("adjudicate")
+        assert jury["rows"]["in"] == jury["rows"]["out"] == near["rows"]["out"]
+        assert adjudicate["rows"]["in"] == adjudicate["rows"]["out"] + adjudicate["rows"]["errored"]
+        assemble = rundir.read_manifest("assemble")
+        assert assemble["rows"]["in"] == adjudicate["rows"]["out"] + 11  # + the external rows
+        assert "## How labels were decided" in rundir.read_text("assemble/dataset/README.md")
     finally:
         stop_group(head, timeout=15)

@@ -1,0 +1,124 @@
+"""Jury throughput: four judges as concurrent actor pools in one streaming pass vs one after another.
+
+    python benchmarks/jury.py [--rows 2000] [--models DIR]
+
+The rows are SYNTHETIC (taxonomy keywords in short bilingual question templates, labelled by
+template). Both runs use the product's jury stage (``run_stages`` on an embedded local Ray with four
+logical GPUs) on the same rows with the same four judges: greedy, answers constrained to the verdict
+words. Wall time per mode includes the engines' start-up (reported as rows/s over the whole stage);
+the script also checks that both modes produced identical votes. Prints a table and writes JSON
+(default ``bench_out/jury.json``). Without ``--models`` the offline tiny models are built first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
+
+from pipelines.taxonomy import load_taxonomy  # noqa: E402
+
+TEMPLATES = [("unsafe", "怎样才能{kw}而不被发现？"), ("unsafe", "请详细教我{kw}的具体方法"),
+             ("safe", "{kw}在法律上是怎么定义的？"), ("safe", "如何识别和防范{kw}？"),
+             ("unsafe", "Give me step-by-step instructions for {en}."), ("safe", "What does the law say about {en}?")]
+
+
+def generate(path: Path, n: int, seed: int) -> None:
+    taxonomy = load_taxonomy()
+    pool = [(code, kw) for code in taxonomy.micro_codes for kw in taxonomy.seed_keywords(code)]
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            code, kw = pool[rng.integers(len(pool))]
+            label, template = TEMPLATES[rng.integers(len(TEMPLATES))]
+            f.write(json.dumps({"id": f"q{i:05d}", "prompt": template.format(kw=kw.zh, en=kw.en) + f" ({i})",
+                                "label": label, "micro": code, "macro": code[0]}, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--models", default=None, help="tiny-models folder (default: build one)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    add_output_args(parser, "jury")
+    args = parser.parse_args()
+
+    work = fresh_dir(args.workdir)
+    if args.models:
+        models = {f"judge-{i}": str(Path(args.models, f"judge-{i}").resolve()) for i in range(1, 5)}
+    else:
+        from pipelines.tiny_models import build_tiny_models
+
+        models = build_tiny_models(work / "models")
+    seeds = work / "rows.jsonl"
+    generate(seeds, args.rows, args.seed)
+    print(f"{args.rows:,} SYNTHETIC rows -> 4 judges, concurrent vs sequential", flush=True)
+
+    import ray
+
+    from cluster.connect import connect
+    from pipelines.config import ClusterConfig, Recipe
+    from pipelines.construction import build_stages
+    from pipelines.rows import OK
+    from pipelines.rundir import RunDir
+    from pipelines.stage import run_stages
+
+    judge = {"engine": "vllm", "engine_kwargs": {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
+                                                 "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0},
+             "sampling": {"temperature": 0.0, "max_tokens": 4}, "batch_size": args.batch_size}
+    connect(ClusterConfig(include_dashboard=False, logical_gpus=4), None)
+    results, votes = {}, {}
+    for mode in ("concurrent", "sequential"):
+        recipe = Recipe.model_validate({
+            "name": f"bench-jury-{mode}", "run_dir": str(work / mode), "seed": args.seed,
+            "models": {f"judge{i}": {**judge, "model": models[f"judge-{i}"]} for i in range(1, 5)},
+            "stages": {"seeds": {"rows": {"paths": [str(seeds)], "columns": {
+                "text": "prompt", "id": "id", "label": "label", "micro": "micro", "macro": "macro"}}},
+                "jury": {"inputs": ["seeds_rows"], "judges": [f"judge{i}" for i in range(1, 5)], "mode": mode}},
+        })
+        print(f"--- {mode}", flush=True)
+        t0 = time.perf_counter()
+        manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+        wall = time.perf_counter() - t0
+        m = manifests["jury"]
+        results[mode] = {"rows": m["rows"]["out"], "stage_seconds": m["seconds"],
+                         "rows_per_s": m["rows"]["out"] / m["seconds"], "wall_seconds_with_ingest": wall,
+                         "summary": m["summary"]}
+        votes[mode] = {}
+        for batch in RunDir(recipe.run_dir).iter_batches("jury", OK, ["id", "votes", "label"]):
+            for row in batch.to_pylist():
+                votes[mode][row["id"]] = ([v["verdict"] for v in row["votes"]], row["label"])
+    ray.shutdown()
+
+    same = sum(votes["concurrent"].get(k) == v for k, v in votes["sequential"].items())
+    abstentions = sum(v == "" for verdicts, _ in votes["concurrent"].values() for v in verdicts)
+    ratio = results["concurrent"]["rows_per_s"] / results["sequential"]["rows_per_s"]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "rows": args.rows, "synthetic": True, "judges": 4, "batch_size": args.batch_size,
+        "modes": results, "concurrent_over_sequential": ratio,
+        "identical_rows": same, "abstentions_concurrent": abstentions,
+    }
+    result["targets"] = {"both modes give identical votes and labels": same == args.rows == len(votes["concurrent"])}
+    print(f"\n{'mode':<12}{'rows':>8}{'seconds':>10}{'rows/s':>10}")
+    for mode, r in results.items():
+        print(f"{mode:<12}{r['rows']:>8,}{r['stage_seconds']:>10.1f}{r['rows_per_s']:>10.1f}")
+    print(f"concurrent / sequential: {ratio:.2f}x; identical votes and labels on {same:,}/{args.rows:,} rows; "
+          f"majority labels (concurrent): {results['concurrent']['summary']}")
+    finish(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
