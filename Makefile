@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/llm_stage.py
 	$(BIN)/python benchmarks/corpus_index.py
 	$(BIN)/python benchmarks/preprocess.py
+	$(BIN)/python benchmarks/jury.py
 
 clean:
 	rm -rf runs models bench_out

@@ -77,8 +77,9 @@ def main() -> None:
 
     judge = {"engine": "vllm", "engine_kwargs": {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
                                                  "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0},
-             "sampling": {"temperature": 0.0, "max_tokens": 4}, "batch_size": args.batch_size}
-    connect(ClusterConfig(include_dashboard=False, logical_gpus=4), None)
+             "sampling": {"temperature": 0.0, "max_tokens": 16}, "batch_size": args.batch_size}
+    # four judges at once: a logical GPU and a CPU each, plus CPUs for the map tasks
+    connect(ClusterConfig(include_dashboard=False, logical_gpus=4, num_cpus=6), None)
     results, votes = {}, {}
     for mode in ("concurrent", "sequential"):
         recipe = Recipe.model_validate({

@@ -26,6 +26,15 @@ def cuda_device_count() -> int:
         return 0
 
 
+_EMBEDDED = False  # True once this process started its own local Ray
+
+
+def is_embedded() -> bool:
+    """Whether this process runs on the embedded local Ray it started (a fixed set of resources:
+    nothing autoscales, so a stage that needs more than there is would wait forever)."""
+    return _EMBEDDED
+
+
 def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
     """Initialise Ray once for this process; return the cluster's resources.
 
@@ -52,6 +61,8 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
                  else "off")
         # address="local" always starts a fresh local instance, even if a stale
         # ray_current_cluster file points at a cluster that no longer exists.
+        global _EMBEDDED
+        _EMBEDDED = True
         ray.init(
             address="local",
             num_cpus=cluster.num_cpus,

@@ -9,6 +9,7 @@ Dataset that the runner streams to Parquet.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -95,7 +96,7 @@ def _check_text_column(keys_seen: set[str], columns: ColumnMap, origin: str) -> 
 
 
 def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
-    rows, keys_seen = [], set()
+    rows = []
     for line, origin in zip(batch.column("text").to_pylist(), batch.column("path").to_pylist()):
         try:
             record = json.loads(line)
@@ -104,12 +105,41 @@ def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
                                  status=ERROR, reason="invalid_json",
                                  detail=error_detail(f"{exc}: {line}")))
             continue
-        if isinstance(record, dict):
-            keys_seen.update(record)
         rows.append(record_to_row(record, config, origin))
-    if keys_seen:
-        _check_text_column(keys_seen, config.columns, str(batch.column("path")[0]))
     return to_table(rows, ORIGIN)
+
+
+def check_jsonl_mapping(config: IngestConfig, sample_bytes: int = 1 << 16) -> None:
+    """Fail fast, before any cluster work, when the first input file's records lack the text column.
+
+    A whole-file property cannot be checked per batch (a batch may hold only broken lines, whose
+    rows are ``missing_text`` errors), so the driver reads the head of the first file once.
+    """
+    import pyarrow.fs as pafs
+
+    from pipelines.config import is_uri
+
+    first = config.paths[0]
+    fs, path = (pafs.FileSystem.from_uri(first) if is_uri(first)
+                else (pafs.LocalFileSystem(), str(Path(first).resolve())))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                       if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+        if not files:
+            return
+        path = files[0]
+    with fs.open_input_stream(path) as f:
+        head = f.read(sample_bytes).decode("utf-8", errors="ignore")
+    keys: set[str] = set()
+    for line in head.splitlines()[:-1] or head.splitlines():  # the last line may be cut
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            keys.update(record)
+    if keys:
+        _check_text_column(keys, config.columns, path)
 
 
 def table_batch_to_rows(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
@@ -125,6 +155,7 @@ def read_corpus(config: IngestConfig):
 
     kwargs = {"config": config}
     if config.format == "jsonl":
+        check_jsonl_mapping(config)
         ds = ray.data.read_text(config.paths, include_paths=True, drop_empty_lines=True)
         return ds.map_batches(parse_jsonl_batch, batch_format="pyarrow", fn_kwargs=kwargs)
     reader = ray.data.read_parquet if config.format == "parquet" else ray.data.read_csv

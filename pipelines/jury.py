@@ -60,6 +60,19 @@ JURY_COLUMNS = {LINEAGE: pa.string(), "votes": pa.list_(VOTE), "source_label": p
 LABEL_COLUMNS = {**JURY_COLUMNS, "flipped": pa.bool_(), "source_micro": pa.string(),
                  "adjudicator": pa.string(), "adjudicator_answers": pa.list_(pa.string())}
 DONE = "_DONE"
+#: new tokens a constrained answer may need: the longest (``不安全 A1``) is 12 bytes, and a byte-level
+#: tokenizer may spend a token per byte. Fewer would cut "不安全" to "不" - an abstention.
+CONSTRAINED_MIN_TOKENS = 16
+
+
+def with_room_for_answer(endpoint: LLMEndpoint, constrained: bool) -> LLMEndpoint:
+    """The endpoint with ``max_tokens`` raised to :data:`CONSTRAINED_MIN_TOKENS` when answers are
+    constrained (a constrained answer stops by itself once complete)."""
+    if not constrained or not endpoint.accepts_structured_outputs \
+            or endpoint.sampling.max_tokens >= CONSTRAINED_MIN_TOKENS:
+        return endpoint
+    sampling = endpoint.sampling.model_copy(update={"max_tokens": CONSTRAINED_MIN_TOKENS})
+    return endpoint.model_copy(update={"sampling": sampling})
 
 
 def categories_block(taxonomy: Taxonomy) -> str:
@@ -129,7 +142,8 @@ class JuryStage(Stage):
     def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
         super().__init__(config)
         self.inputs = tuple(config.inputs)
-        self.endpoints = {judge: endpoints[judge] for judge in config.judges}
+        self.endpoints = {judge: with_room_for_answer(endpoints[judge], config.constrained)
+                          for judge in config.judges}
         self.prompt = ChatPrompt(config.template)
         self.categories = categories_block(load_taxonomy(taxonomy_path))
 
@@ -154,14 +168,19 @@ class JuryStage(Stage):
         replicas = [(max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,)),
                      gpus_per_replica(e)) for e in self.endpoints.values() if e.engine == "vllm"]
         needed = {"GPU": sum(n * g for n, g in replicas), "CPU": sum(n for n, _ in replicas) + 1}
+        from cluster.connect import is_embedded
+
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0)) for k, v in needed.items() if have.get(k, 0) < v}
-        if short:
-            log.warning("jury mode concurrent needs %s at once for its vLLM judges; the cluster has %s "
-                        "now, so the judges wait for the autoscaler. On a fixed cluster use "
-                        "stages.jury.mode=sequential; on one machine raise cluster.logical_gpus / "
-                        "cluster.num_cpus.", {k: n for k, (n, _) in short.items()},
-                        {k: h for k, (_, h) in short.items()})
+        if not short:
+            return
+        message = (f"jury mode concurrent needs {({k: n for k, (n, _) in short.items()})} at once for its "
+                   f"vLLM judges; the cluster has {({k: h for k, (_, h) in short.items()})}")
+        if is_embedded():
+            raise RuntimeError(f"{message}, and an embedded Ray does not grow: set stages.jury.mode=sequential, "
+                               "or raise cluster.num_cpus / cluster.logical_gpus")
+        log.warning("%s now, so the judges wait for the autoscaler (on a fixed cluster use "
+                    "stages.jury.mode=sequential)", message)
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rows = common_rows(inputs, self.inputs)
@@ -280,7 +299,7 @@ class AdjudicateStage(Stage):
     def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str):
         super().__init__(config)
         self.inputs = tuple(config.inputs)
-        self.endpoint = endpoint
+        self.endpoint = with_room_for_answer(endpoint, config.constrained)
         self.prompt = ChatPrompt(config.template)
         taxonomy = load_taxonomy(taxonomy_path)
         self.codes = list(taxonomy.micro_codes)

@@ -138,3 +138,35 @@ def test_unconstrained_junk_answers_are_abstentions_and_adjudicator_errors(tmp_p
         assert len(row["adjudicator_answers"]) == 2                  # asked, then asked again once
         assert row["detail"].startswith("answers: ")
     assert set(adjudicate["reasons"]["errored"]) <= {"adjudicator_unparseable", "adjudicator_invalid_code"}
+
+
+def test_concurrent_jury_that_cannot_fit_an_embedded_ray_fails_fast(tmp_path, tiny_models, ray_local, monkeypatch):
+    """Four judges with two replicas each need 8 GPUs at once; an embedded Ray with 4 never grows, so
+    the stage says so instead of waiting forever (on a cluster it warns and waits for autoscaling)."""
+    import cluster.connect
+    from pipelines.jury import JuryStage
+
+    recipe = _recipe(tmp_path, "big", tiny_models, _seeds(tmp_path), mode="concurrent")
+    for name in recipe.stages.jury.judges:
+        recipe.models[name].concurrency = 2
+    stage = JuryStage(recipe.stages.jury, recipe.models, recipe.taxonomy)
+    monkeypatch.setattr(cluster.connect, "_EMBEDDED", True)
+    with pytest.raises(RuntimeError, match=r"needs \{'GPU': 8, 'CPU': 9\}.*embedded Ray does not grow.*mode=sequential"):
+        stage._check_resources()
+    monkeypatch.setattr(cluster.connect, "_EMBEDDED", False)
+    stage._check_resources()  # a cluster that may autoscale: a warning, no error
+
+
+def test_constrained_answers_get_room_for_the_longest_verdict(tiny_models):
+    """A byte-level tokenizer may need a token per byte: 不安全 cut at 4 tokens is 不, an abstention."""
+    from pipelines.config import LLMEndpoint
+    from pipelines.jury import CONSTRAINED_MIN_TOKENS, with_room_for_answer
+
+    short = LLMEndpoint.model_validate(_judge(tiny_models["judge-1"]) | {"sampling": {"max_tokens": 4}})
+    assert with_room_for_answer(short, True).sampling.max_tokens == CONSTRAINED_MIN_TOKENS
+    assert with_room_for_answer(short, False).sampling.max_tokens == 4
+    http = LLMEndpoint(engine="http", model="m", url="http://127.0.0.1:1/v1/chat/completions",
+                       sampling={"max_tokens": 4})
+    assert with_room_for_answer(http, True).sampling.max_tokens == 4   # not constrained there
+    long = short.model_copy(update={"sampling": short.sampling.model_copy(update={"max_tokens": 64})})
+    assert with_room_for_answer(long, True) is long

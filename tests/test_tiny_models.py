@@ -22,7 +22,10 @@ def test_tiny_models_are_deterministic_and_loadable(tmp_path, tiny_models):
     assert config.head_dim >= 64 and config.model_type == "qwen3"
     cls = AutoModelForSequenceClassification.from_pretrained(again["seq-cls"])
     assert cls.config.id2label == {0: "safe", 1: "unsafe"}
-    assert set(first["models"]) == {"causal-lm", "seq-cls", "marian"}
+    assert set(first["models"]) == {"causal-lm", "seq-cls", "marian", "judge-1", "judge-2", "judge-3", "judge-4"}
+    judges = [AutoConfig.from_pretrained(again[f"judge-{i}"]) for i in range(1, 5)]
+    assert all(j.model_type == "qwen3" and j.head_dim >= 64 for j in judges)
+    assert len({first["models"][f"judge-{i}"]["digest"] for i in range(1, 5)}) == 4  # other seeds
 
     from transformers import AutoModelForSeq2SeqLM
 
