@@ -25,7 +25,7 @@ from ray.data.expressions import col
 
 from pipelines.config import AssembleConfig
 from pipelines.jury import LABEL_COLUMNS, run_pass
-from pipelines.preprocess import LINEAGE, to_common_schema
+from pipelines.preprocess import LINEAGE, to_common_schema, union_all
 from pipelines.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, to_table
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage
@@ -218,9 +218,8 @@ class AssembleStage(Stage):
         return {"config": self.config.model_dump(mode="json"), "seed": self.seed, "labelling": self.labelling}
 
     def _rows(self, inputs: dict, names: list[str], external: bool):
-        datasets = [inputs[n].map_batches(prepare, batch_format="pyarrow",
-                                          fn_kwargs={"external": n if external else None}) for n in names]
-        return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        return union_all([inputs[n].map_batches(prepare, batch_format="pyarrow",
+                                                fn_kwargs={"external": n if external else None}) for n in names])
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         internal = self._rows(inputs, list(self.config.inputs), external=False).groupby(["micro", "label"]) \
@@ -229,7 +228,7 @@ class AssembleStage(Stage):
         parts = [internal]
         if self.config.external:
             parts.append(self._rows(inputs, list(self.config.external), external=True))
-        split = run_pass(self, rundir, "split", lambda: parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
+        split = run_pass(self, rundir, "split", lambda: union_all(parts))
         test_ids, test_keys = set(), set()
         for batch in split.filter(expr=col("split") == TEST).select_columns(["id", _KEY]).iter_batches(
                 batch_format="pyarrow"):

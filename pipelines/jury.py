@@ -29,7 +29,7 @@ from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.config import AdjudicateConfig, JuryConfig, LLMEndpoint
-from pipelines.preprocess import LINEAGE, to_common_schema
+from pipelines.preprocess import LINEAGE, common_rows, union_all
 from pipelines.prompts import ChatPrompt
 from pipelines.rewrite import RenderRow, classify_llm_error
 from pipelines.rows import ERROR, OK, error_detail, to_table
@@ -79,12 +79,6 @@ def categories_block(taxonomy: Taxonomy) -> str:
     """The taxonomy as prompt text: one line per macro category with its micro codes and names."""
     return "\n".join(f"{m.code} {m.zh}：" + "；".join(f"{c.code} {c.zh}" for c in m.micros)
                      for m in taxonomy.macros)
-
-
-def common_rows(inputs: dict, names: tuple[str, ...]):
-    """The named upstream outputs as one dataset in the common schema (row schema + ``lineage``)."""
-    datasets = [inputs[name].map_batches(to_common_schema, batch_format="pyarrow") for name in names]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
 def run_pass(stage: Stage, rundir: RunDir, part: str, build: Callable[[], Any]):
@@ -318,8 +312,7 @@ class AdjudicateStage(Stage):
             if "votes" not in columns:
                 raise ValueError(f"stage adjudicate reads jury output; {name} has no 'votes' column "
                                  f"(columns: {columns})")
-        datasets = [inputs[name] for name in self.inputs]
-        rows = (datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]) \
+        rows = union_all([inputs[name] for name in self.inputs]) \
             .map_batches(plan_adjudication, batch_format="pyarrow")
         finished = [rows.filter(expr=col("adj_task") == NONE).map_batches(finish_majority,
                                                                               batch_format="pyarrow")]
@@ -337,7 +330,7 @@ class AdjudicateStage(Stage):
                 break
             finished.append(answered.filter(expr=col("status") != RETRY))
             pending = answered.filter(expr=col("status") == RETRY)
-        final = finished[0].union(*finished[1:]) if len(finished) > 1 else finished[0]
+        final = union_all(finished)
         final.map_batches(_drop_adj, batch_format="pyarrow") \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])
         report = self.agreement(rundir)

@@ -26,7 +26,7 @@ from actors.llm import chat
 from pipelines.config import LLMEndpoint, PEConfig
 from pipelines.methods import MethodsError, load_methods
 from pipelines.parsing import split_prompts
-from pipelines.preprocess import LINEAGE, to_common_schema
+from pipelines.preprocess import LINEAGE, common_rows
 from pipelines.prompts import ChatPrompt
 from pipelines.rewrite import RenderRow, classify_llm_error
 from pipelines.rows import ERROR, OK, content_id, error_detail, keyed_rng, make_row, to_table
@@ -133,9 +133,7 @@ class PERewriteStage(Stage):
                 "template_digest": self.prompt.digest, "methods": catalogue.model_dump(mode="json")}
 
     def build(self, inputs: dict) -> Any:
-        datasets = [inputs[name].map_batches(to_common_schema, batch_format="pyarrow")
-                    for name in self.inputs]
-        rows = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        rows = common_rows(inputs, self.inputs)
         assigned = rows.map_batches(assign_methods, batch_format="pyarrow", fn_kwargs={
             "config": self.config, "seed": self.seed, "taxonomy_path": self.taxonomy_path}).materialize()
         direct = assigned.filter(lambda r: r["role"] != _SEED).map_batches(

@@ -58,6 +58,17 @@ def to_common_schema(batch: pa.Table) -> pa.Table:
     return batch.select(keep).cast(pa.schema({**SCHEMA_FIELDS, LINEAGE: pa.string()}))
 
 
+def union_all(datasets: list):
+    """One dataset of several (Ray's ``union`` takes the others as arguments)."""
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def common_rows(inputs: dict, names) -> Any:
+    """The named upstream outputs as one dataset in the common schema (row schema + ``lineage``),
+    so that sources with different lineage columns can be merged and written together."""
+    return union_all([inputs[name].map_batches(to_common_schema, batch_format="pyarrow") for name in names])
+
+
 class PreprocessStage(Stage):
     """Base: reads one or more upstream stages (unioned); one-to-one."""
 
@@ -66,11 +77,7 @@ class PreprocessStage(Stage):
         self.inputs = tuple(inputs)
 
     def union(self, inputs: dict) -> Any:
-        """The upstream rows in one schema (row schema + ``lineage``), so that sources with
-        different lineage columns can be merged and written together."""
-        datasets = [inputs[name].map_batches(to_common_schema, batch_format="pyarrow")
-                    for name in self.inputs]
-        return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        return common_rows(inputs, self.inputs)
 
 
 # ------------------------------------------------------------------------------------------------
