@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/corpus_index.py
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/jury.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf runs models bench_out

@@ -10,17 +10,23 @@ One function, :func:`chat`, serves every engine a recipe can name:
 - ``engine: http``: ``HttpRequestProcessorConfig`` against an OpenAI-compatible
   ``/v1/chat/completions`` server (a hosted adjudicator, ``vllm serve``, ...).
 
-Batching, engines, actor pools and retries are the library's. Failures of one row (prompt longer
+Input rows must not carry a ``model`` column: the library's vLLM stage reads it as the name of a
+LoRA adapter to load. Batching, engines, actor pools and retries are the library's. Failures of one row (prompt longer
 than the context, a server error for that request) do not stop the job: the row comes back with
 ``llm_error`` set, and the calling stage turns it into an ``error`` row with a reason.
 
 Output columns added to every input row: ``llm_output`` (str), ``llm_error`` (str, "" if fine),
-``llm_prompt_tokens`` and ``llm_output_tokens`` (int, 0 if unknown).
+``llm_prompt_tokens`` and ``llm_output_tokens`` (int, 0 if unknown). ``chat(..., first_logprobs=True)``
+adds ``llm_first_logprobs``: the top log-probabilities at the answer's first token (see
+:func:`first_answer_logprobs`) as a JSON object ``{token text: logprob}``, ``""`` when the engine
+returned none (failed rows, an answer of whitespace only).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 from typing import Any, Callable
 
@@ -34,6 +40,11 @@ LLM_COLUMNS = {
     "llm_prompt_tokens": pa.int64(),
     "llm_output_tokens": pa.int64(),
 }
+
+FIRST_LOGPROBS = "llm_first_logprobs"
+#: top-k log-probabilities asked for when a caller wants them and the endpoint sets no
+#: ``sampling.logprobs``
+DEFAULT_TOP_LOGPROBS = 5
 
 # Keys the library adds to rows; dropped before the rows leave the LLM step.
 _ENGINE_KEYS = {
@@ -89,12 +100,77 @@ class _VLLMPreprocess:
             **self.sampling, **structured_params(self.endpoint, self.constraint, row)}}
 
 
-def _vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+def first_answer_position(tokens: list[str | None]) -> int | None:
+    """Index of the first generated token that is not whitespace only: the answer's first token.
+
+    Some guards open their answer with newlines (LlamaGuard writes ``"\\n\\nunsafe"``); the
+    decision is in the first token that carries text. ``None`` when every token is blank. A token
+    whose text is unknown (``None``: the engine did not detokenize) counts as the answer's start.
+    """
+    for i, token in enumerate(tokens):
+        if token is None or token.strip():
+            return i
+    return None
+
+
+def logprob_map(pairs: list[tuple[str | None, float | None]]) -> dict[str, float]:
+    """``[(token text, logprob), ...]`` -> ``{text: logprob}``; tokens with the same text (distinct
+    ids that decode alike) are merged as ``log(sum(exp(logprob)))``, the probability of that text.
+    ``-inf`` entries (tokens a structured-output mask ruled out) and unknown texts are left out."""
+    probs: dict[str, float] = {}
+    for token, logprob in pairs:
+        if token is None or logprob is None or math.isinf(logprob) or math.isnan(logprob):
+            continue
+        probs[token] = probs.get(token, 0.0) + math.exp(logprob)
+    return {token: math.log(p) for token, p in probs.items() if p > 0}  # exp underflow: p = 0
+
+
+def first_answer_logprobs(steps: list[dict[str, float]], sampled: list[str | None]) -> str:
+    """The ``llm_first_logprobs`` value: ``steps[i]`` maps token texts to log-probabilities at
+    generated position ``i`` and ``sampled[i]`` is the token generated there; the map of the
+    answer's first position (:func:`first_answer_position`) as JSON, ``""`` when there is none."""
+    position = first_answer_position(sampled)
+    if position is None or position >= len(steps) or not steps[position]:
+        return ""
+    return json.dumps(steps[position], ensure_ascii=False)
+
+
+def vllm_first_logprobs(row: dict[str, Any]) -> str:
+    """From a vLLM engine row: ``logprobs`` is one ``{token id: {"logprob", "rank",
+    "decoded_token"}}`` per generated token (the sampled token always among them) and
+    ``generated_tokens`` the sampled ids (``ray.llm``'s ``vLLMOutputData``)."""
+    positions = row.get("logprobs") or []
+    generated = list(row.get("generated_tokens") or [])
+    steps, sampled = [], []
+    for i, candidates in enumerate(positions):
+        candidates = candidates or {}
+        steps.append(logprob_map([(c.get("decoded_token"), c.get("logprob")) for c in candidates.values()]))
+        chosen = candidates.get(generated[i]) if i < len(generated) else None
+        sampled.append(chosen.get("decoded_token") if chosen else None)
+    return first_answer_logprobs(steps, sampled)
+
+
+def http_first_logprobs(choice: dict[str, Any]) -> str:
+    """From an OpenAI chat-completions choice: ``logprobs.content`` is one ``{"token", "logprob",
+    "top_logprobs": [{"token", "logprob"}, ...]}`` per generated token."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    steps = []
+    for step in content:
+        top = [(t.get("token"), t.get("logprob")) for t in step.get("top_logprobs") or []]
+        if step.get("token") not in {token for token, _ in top}:  # sampled outside the top-k
+            top.append((step.get("token"), step.get("logprob")))
+        steps.append(logprob_map(top))
+    return first_answer_logprobs(steps, [step.get("token") for step in content])
+
+
+def _vllm_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in _ENGINE_KEYS}
     out["llm_output"] = row.get("generated_text") or ""
     out["llm_error"] = ""
     out["llm_prompt_tokens"] = int(row.get("num_input_tokens") or 0)
     out["llm_output_tokens"] = int(row.get("num_generated_tokens") or 0)
+    if first_logprobs:
+        out[FIRST_LOGPROBS] = vllm_first_logprobs(row)
     return out
 
 
@@ -117,7 +193,7 @@ class _HttpPreprocess:
                             **structured_params(self.endpoint, self.constraint, row), **self.extra}}
 
 
-def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+def _http_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in _ENGINE_KEYS}
     response = row.get("http_response") or {}
     choices = response.get("choices") if isinstance(response, dict) else None
@@ -127,6 +203,8 @@ def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
         out["llm_error"] = ""
         out["llm_prompt_tokens"] = int(usage.get("prompt_tokens") or 0)
         out["llm_output_tokens"] = int(usage.get("completion_tokens") or 0)
+        if first_logprobs:
+            out[FIRST_LOGPROBS] = http_first_logprobs(choices[0])
     else:
         # OpenAI-style error bodies: {"error": {"message": ...}} or {"object": "error", "message": ...}
         message = None
@@ -140,9 +218,10 @@ def _http_postprocess(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _finalize(batch: pa.Table) -> pa.Table:
+def _finalize(batch: pa.Table, first_logprobs: bool = False) -> pa.Table:
     """Give every batch the same LLM columns; rows that failed inside the engine bypass our
     postprocess and arrive with ``__inference_error__`` set and the engine's keys still present."""
+    columns = {**LLM_COLUMNS, FIRST_LOGPROBS: pa.string()} if first_logprobs else LLM_COLUMNS
     names = batch.column_names
     if "__inference_error__" in names:
         inference_error = batch.column("__inference_error__").to_pylist()
@@ -150,9 +229,9 @@ def _finalize(batch: pa.Table) -> pa.Table:
         inference_error = [None] * batch.num_rows
     llm_error = batch.column("llm_error").to_pylist() if "llm_error" in names else [None] * batch.num_rows
     errors = [e1 or e2 or "" for e1, e2 in zip(llm_error, inference_error)]
-    keep = [n for n in names if n not in _ENGINE_KEYS and n not in LLM_COLUMNS]
+    keep = [n for n in names if n not in _ENGINE_KEYS and n not in columns]
     out = batch.select(keep)
-    for name, typ in LLM_COLUMNS.items():
+    for name, typ in columns.items():
         if name == "llm_error":
             col = pa.array(errors, type=typ)
         elif name in names:
@@ -163,9 +242,11 @@ def _finalize(batch: pa.Table) -> pa.Table:
     return out
 
 
-def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
+def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None,
+                    first_logprobs: bool = False):
     """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring); ``constraint``
-    restricts answers where the endpoint accepts structured outputs."""
+    restricts answers where the endpoint accepts structured outputs; ``first_logprobs`` adds
+    ``llm_first_logprobs`` (the endpoint's ``sampling.logprobs`` must be set)."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build, vLLMEngineProcessorConfig
 
     if endpoint.engine == "vllm":
@@ -183,7 +264,7 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constra
             log_engine_metrics=endpoint.log_engine_metrics,
         )
         return _build(config, preprocess=_VLLMPreprocess(endpoint, render, constraint),
-                      postprocess=_vllm_postprocess)
+                      postprocess=functools.partial(_vllm_postprocess, first_logprobs=first_logprobs))
     headers = {}
     if endpoint.api_key_env:
         key = os.environ.get(endpoint.api_key_env)
@@ -199,10 +280,25 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constra
         concurrency=endpoint.concurrency,
     )
     return _build(config, preprocess=_HttpPreprocess(endpoint, render, constraint),
-                  postprocess=_http_postprocess)
+                  postprocess=functools.partial(_http_postprocess, first_logprobs=first_logprobs))
 
 
-def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
-    """Run every row of ``dataset`` through ``endpoint``; returns the rows plus ``LLM_COLUMNS``."""
-    processor = build_processor(endpoint, render, constraint)
-    return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None)
+def with_logprobs(endpoint: LLMEndpoint) -> LLMEndpoint:
+    """``endpoint`` asking for the top :data:`DEFAULT_TOP_LOGPROBS` log-probabilities per token,
+    unless its ``sampling.logprobs`` already sets how many."""
+    if endpoint.sampling.logprobs is not None:
+        return endpoint
+    sampling = endpoint.sampling.model_copy(update={"logprobs": DEFAULT_TOP_LOGPROBS})
+    return endpoint.model_copy(update={"sampling": sampling})
+
+
+def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None, *,
+         first_logprobs: bool = False):
+    """Run every row of ``dataset`` through ``endpoint``; returns the rows plus ``LLM_COLUMNS``
+    (and ``llm_first_logprobs`` with ``first_logprobs=True``, top-k from the endpoint's
+    ``sampling.logprobs``, default :data:`DEFAULT_TOP_LOGPROBS`)."""
+    if first_logprobs:
+        endpoint = with_logprobs(endpoint)
+    processor = build_processor(endpoint, render, constraint, first_logprobs)
+    return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None,
+                                          fn_kwargs={"first_logprobs": first_logprobs})

@@ -28,8 +28,15 @@ def _cmd_run(args) -> int:
     from pipelines.rundir import RunDir
 
     stages = build_stages(recipe)  # templates are read and checked before the cluster starts
+    from pipelines.train_loop import TrainingPaused
+
     connect(recipe.cluster, env_address(args.address, recipe))
-    run_recipe(recipe, stages, force=args.force)
+    try:
+        run_recipe(recipe, stages, force=args.force)
+    except TrainingPaused as exc:
+        print(status_table(RunDir(recipe.run_dir)))
+        print(f"paused: {exc}", file=sys.stderr)
+        return 3
     print(status_table(RunDir(recipe.run_dir)))
     return 0
 

@@ -203,6 +203,10 @@ class ColumnMap(Strict):
     macro: str | None = None
     micro: str | None = None
     response: str | None = Field(None, description="prompt-response datasets: kept as lineage")
+    category: str | None = Field(None, description="the dataset's own harm category (Do-Not-Answer's "
+                                 "types_of_harm, LinguaSafe's type): kept as lineage `harm_category`")
+    level: str | None = Field(None, description="the dataset's harm level (LinguaSafe's level): kept as "
+                              "lineage `harm_level`")
 
 
 class IngestConfig(Strict):
@@ -468,6 +472,142 @@ class AdjudicateConfig(Strict):
                               "on endpoints that accept structured outputs")
 
 
+class TrainingConfig(Strict):
+    """What every trainer shares: the model, DeepSpeed, the workers, the optimizer and schedule,
+    checkpoints. Defaults are the paper's guard SFT (AdamW, lr 1e-5, cosine, warmup 0.1, 1 epoch)."""
+
+    model: ModelRef = Field(description="HF id or local folder of the model to train")
+    deepspeed: str = Field("zero3", description="zero2, zero3 (configs/deepspeed/) or a JSON file")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    use_gpu: bool | None = Field(None, description="default: yes when the cluster has GPUs")
+    cpus_per_worker: int = Field(1, ge=1)
+    global_batch_size: int = Field(16, ge=1, description="rows per optimizer step over all workers")
+    micro_batch_size: int = Field(2, ge=1, description="rows per forward pass per worker")
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
+    epochs: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=8, description="longer examples are dropped (too_long)")
+    bf16: bool | None = Field(None, description="default: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final checkpoint")
+    report_every_steps: int = Field(
+        10, ge=1, description="ray.train.report period (TensorBoard and metrics.jsonl get every step)")
+    keep_checkpoints: int = Field(2, ge=1)
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="end this invocation after N optimizer steps (checkpointed); "
+        "rerunning continues from there. For time-boxed or preemptible slots")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the chat template (Qwen3: enable_thinking: false)")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="rows that cannot be trained on (missing fields, labels outside the "
+        "taxonomy): error = stop before training, skip = train on the rest; both record them in errors")
+    seed: int = 0
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _check_deepspeed(cls, value: str) -> str:
+        if value in ("zero2", "zero3"):
+            return value
+        return _existing_path(value)
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "TrainingConfig":
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size × num_workers = {per_step}")
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class GuardSFTConfig(TrainingConfig):
+    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard_format.py): the guard
+    prompt -> ``safe`` / ``unsafe\n<micro>``, loss on the answer tokens only."""
+
+    inputs: list[str] = Field(default_factory=lambda: ["assemble"],
+                              description="labelled row stages (assemble, seeds_<key>, ...)")
+    split: str | None = Field("train", description="keep rows with this split column (None: all)")
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "guard.yaml"), validate_default=True,
+                                   description="the guard prompt; evaluate with the same one")
+    level: Literal["prompt", "response"] = Field(
+        "prompt", description="prompt: judge the user text; response: judge the row's response")
+
+
+class LoRASettings(Strict):
+    """Low-rank adapters (peft) instead of full-parameter training; merged into the exported model."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class ChatSFTConfig(TrainingConfig):
+    """SFT of a chat model on (prompt -> completion) rows of earlier stages (SHARD's P1 -> O2):
+    the prompt as the user turn (after an optional system prompt), loss on the completion only."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages with the prompt and completion")
+    split: str | None = Field("train", description="keep rows with this split (None: all)")
+    prompt_column: str = "text"
+    completion_column: str = "completion"
+    system: str | None = None
+    lora: LoRASettings | None = None
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "ChatSFTConfig":
+        if self.lora is not None and self.deepspeed == "zero3":
+            raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
+                             "would shard the frozen base weights it must merge them into)")
+        return self
+
+
+class PairColumns(Strict):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str | None = None
+
+
+class MDPOConfig(TrainingConfig):
+    """Preference optimisation of a generator with MDPO (seed §4.2, REFERENCE.md), or plain DPO
+    with ``dynamic_beta: false``. Paper defaults: β 0.1, γ 0.9, K 12 of a global batch of 16,
+    lr 2e-7, cosine, warmup 0.1, 1 epoch."""
+
+    paths: list[ExistingPath] = Field(min_length=1, description="preference pairs: JSONL / Parquet / CSV")
+    columns: PairColumns = Field(default_factory=PairColumns)
+    learning_rate: float = Field(2e-7, gt=0)
+    beta: float = Field(0.1, gt=0)
+    gamma: float = Field(0.9, ge=0, le=1, description="momentum of the running mean gap R̄")
+    keep: int | None = Field(12, ge=1, description="K: pairs kept per global batch (None = all)")
+    dynamic_beta: bool = Field(True, description="false = plain DPO (same trainer)")
+    reference: Literal["model", "precomputed"] = Field(
+        "model", description="model: a frozen reference under DeepSpeed beside the policy; "
+        "precomputed: reference log-probs computed once in Ray Data before training")
+    reference_model: ModelRef | None = Field(None, description="default: the policy's start model")
+    chat_template: bool = Field(True, description="wrap the prompt in the model's chat template")
+
+    @model_validator(mode="after")
+    def _check_keep(self) -> "MDPOConfig":
+        if self.keep is not None and self.keep > self.global_batch_size:
+            raise ValueError(f"keep (K={self.keep}) exceeds global_batch_size {self.global_batch_size}")
+        if self.dynamic_beta and self.accumulation_steps != 1:
+            raise ValueError(
+                "MDPO selects the K pairs over the whole global batch inside one forward pass: set "
+                f"micro_batch_size = global_batch_size / num_workers = "
+                f"{self.global_batch_size // self.num_workers} (got accumulation over "
+                f"{self.accumulation_steps} micro-batches), or dynamic_beta: false")
+        return self
+
+
 class AssembleConfig(Strict):
     """Merge labelled sources into train/test, stratified by micro category and label; export
     Parquet, a Hugging Face dataset, statistics and a dataset card."""
@@ -479,6 +619,173 @@ class AssembleConfig(Strict):
     dataset_name: str = "chillguard-data"
     licenses: dict[str, str] = Field(
         default_factory=dict, description="source -> licence note for the dataset card")
+
+
+GUARD_ADAPTERS = ("chillguard", "llamaguard", "qwen3guard_strict", "qwen3guard_loose")
+#: adapters whose first answer token is ``safe`` / ``unsafe``, so its probability is a score
+SCORED_ADAPTERS = ("chillguard", "llamaguard")
+
+
+class GuardEvalConfig(Strict):
+    """Score one guard on a labelled set (``stages.guard_eval.<name>``, stage ``guard_eval_<name>``):
+    F1 with ``unsafe`` as the positive class per micro category, per macro and overall; per-row
+    predictions as rows, the report under ``RUN_DIR/guard_eval_<name>/report/``."""
+
+    inputs: list[str] = Field(min_length=1, description="labelled row stages (assemble, seeds_<key>)")
+    split: str | None = Field(
+        "test", description="evaluate rows whose `split` is this (inputs with a split column, e.g. "
+        "assemble; the other rows are dropped as other_split); null = every row")
+    level: Literal["prompt", "response"] = Field(
+        "prompt", description="prompt: judge the user text; response: judge the assistant response "
+        "(the row's `response` column or the one its lineage kept; rows without one are errors)")
+    adapter: Literal[GUARD_ADAPTERS] = Field(
+        "chillguard", description="chillguard: our guard prompt and answer; llamaguard: line 1 "
+        "safe/unsafe, line 2 S-codes; qwen3guard_strict / _loose: Safety: Safe|Unsafe|Controversial "
+        "with Controversial counted unsafe (strict) or safe (loose)")
+    model: str = Field(description="endpoint under `models:` (with model_from: the template of "
+                       "engine settings and sampling)")
+    model_from: str | None = Field(
+        None, description="evaluate the model a training stage of this run exported to "
+        "RUN_DIR/<model_from>/model/ (replaces the endpoint's model when the stage runs)")
+    template: ExistingPath = Field(
+        str(CONFIGS / "prompts" / "guard.yaml"), validate_default=True,
+        description="chillguard only: the guard prompt (the one the guard was trained with)")
+    score: bool = Field(
+        True, description="chillguard / llamaguard: ask for the first answer token's log-probabilities "
+        "and decide by P(unsafe) >= threshold; false: decide by the answer's first line")
+    threshold: float = Field(0.5, ge=0, le=1, description="scored adapters: unsafe when P(unsafe) >= threshold")
+    tokenizer: str | None = Field(
+        None, description="HF id or folder of the guard's tokenizer, to check at start that the first "
+        "tokens of 'safe' and 'unsafe' differ; default: the model (engine vllm); http without it: "
+        "not checked")
+    greedy: bool = Field(True, description="decode at temperature 0 whatever the endpoint's sampling says")
+    constrained: bool = Field(
+        False, description="restrict answers to the adapter's answer format through vLLM structured "
+        "outputs where the endpoint accepts them (weak or untrained guards); off: judge what it writes")
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> "GuardEvalConfig":
+        given = self.model_fields_set
+        if self.adapter != "chillguard" and "template" in given:
+            raise ValueError(f"template is only for adapter chillguard ({self.adapter} answers the plain "
+                             "conversation through the model's own chat template)")
+        if self.adapter not in SCORED_ADAPTERS:
+            # score: false may be said explicitly; asking for a score or a threshold may not
+            asked = [key for key in ("score", "threshold") if key in given and (key != "score" or self.score)]
+            if asked:
+                raise ValueError(f"{', '.join(asked)}: adapter {self.adapter} gives no score "
+                                 f"(scored adapters: {', '.join(SCORED_ADAPTERS)})")
+        return self
+
+
+def _names_matching(value: dict[str, Any], pattern: str, what: str) -> dict[str, Any]:
+    """``value`` when all its keys match ``pattern``; else an error listing the others."""
+    bad = [k for k in value if not re.fullmatch(pattern, k)]
+    if bad:
+        raise ValueError(f"{what} must match {pattern}, got {bad}")
+    return value
+
+
+SHARD_GUIDELINE_MODES = ("full", "universal_only", "instructions_only")
+
+
+class ShardSplits(Strict):
+    """Shares of each stratum (dataset × harm level) per split; SHARD's 72 / 8 / 20."""
+
+    train: float = Field(0.72, ge=0, le=1)
+    val: float = Field(0.08, ge=0, le=1)
+    test: float = Field(0.20, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "ShardSplits":
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class ShardVariant(Strict):
+    """One supervision variant (``stages.shard.variants.<name>``): who writes the category rules, P2
+    and O2, and which guidance the reframing prompt carries (the recipe's ablations)."""
+
+    reframer: str | None = Field(
+        None, description="endpoint under `models:` that writes the rules, P2 and O2; default: the target "
+        "itself (self-reframing, SHARD); a larger model = the teacher-distillation baseline")
+    guidelines: Literal[SHARD_GUIDELINE_MODES] = Field(
+        "full", description="full: universal guidelines + category rules; universal_only; "
+        "instructions_only: the task instructions alone")
+
+
+class ShardConfig(Strict):
+    """SHARD data construction (``pipelines/shard.py``): split, baseline answers O1, category rules,
+    reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages with the sensitive prompts "
+                              "(seeds_<key>: do_not_answer / linguasafe presets or any mapping)")
+    target: str = Field(description="endpoint under `models:`: the model being improved (answers O1)")
+    judge: str = Field(description="endpoint under `models:`: the pairwise judge")
+    variants: dict[str, ShardVariant] = Field(
+        default_factory=lambda: {"self": ShardVariant()}, min_length=1,
+        description="name -> variant; each gives stages shard_{rules,reframe,refine,judge,select}_<name>")
+    system: str | None = Field(
+        "You are a helpful assistant.", description="system prompt of O1 and of the evaluated answers; "
+        "SFT on shard_select_* must use the same (checked)")
+    splits: ShardSplits = Field(default_factory=ShardSplits)
+    order_seed: int = Field(42, description="seed of the judge's A/B order draws")
+    guidelines: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_guidelines.yaml"), validate_default=True)
+    rules_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rules.yaml"), validate_default=True)
+    reframe_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_reframe.yaml"),
+                                           validate_default=True)
+    refine_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_refine.yaml"), validate_default=True)
+    helpfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_helpfulness.yaml"),
+                                               validate_default=True)
+    harmfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_harmfulness.yaml"),
+                                               validate_default=True)
+    rules_examples: int = Field(3, ge=0, description="example prompts shown per category when writing rules")
+    retries: int = Field(1, ge=0, description="re-asks after a reframing answer that is not valid JSON P2")
+    constrained: bool = Field(
+        True, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
+        "judge answers to explanation + verdict")
+    max_field_chars: int = Field(2000, ge=8, description="constrained P2: longest string field")
+    explanation_chars: int = Field(1000, ge=0, description="constrained judge: longest explanation")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, ShardVariant]) -> dict[str, ShardVariant]:
+        return _names_matching(value, r"[a-z0-9_]+", "variant names are stage-name suffixes")
+
+    def reframer(self, variant: str) -> str:
+        """The endpoint that reframes and refines for ``variant``."""
+        return self.variants[variant].reframer or self.target
+
+    def row_stages(self) -> list[str]:
+        """Its stages whose rows later stages read, in run order (rules stages are per category)."""
+        return ["shard_split", "shard_answer"] + [f"shard_{step}_{v}" for v in self.variants
+                                                  for step in ("reframe", "refine", "judge", "select")]
+
+
+class ShardEvalSystem(Strict):
+    """One system compared with the baseline answers O1 on the test split."""
+
+    model: str = Field(description="endpoint under `models:` (with model_from: engine settings and sampling)")
+    model_from: str | None = Field(None, description="evaluate the model this training stage exported "
+                                   "(sft_<key>); unset: the endpoint's own model")
+
+
+class ShardEvalConfig(Strict):
+    """Pairwise evaluation (``pipelines/shard_eval.py``): each system answers the prompts of ``split``;
+    the judge compares each answer with the target's baseline O1 for helpfulness and harmfulness;
+    win / tie / loss, win rate (Wilson CI), binomial test; McNemar and two-proportion z between systems."""
+
+    systems: dict[str, ShardEvalSystem] = Field(min_length=1)
+    split: str = Field("test", description="the split of shard_answer evaluated; other rows are dropped")
+    judge: str | None = Field(None, description="endpoint under `models:`; default: stages.shard.judge")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the Wilson intervals")
+
+    @field_validator("systems")
+    @classmethod
+    def _system_names(cls, value: dict[str, ShardEvalSystem]) -> dict[str, ShardEvalSystem]:
+        return _names_matching(value, r"[A-Za-z0-9_.-]+", "system names")
 
 
 class StagesConfig(Strict):
@@ -496,12 +803,21 @@ class StagesConfig(Strict):
     jury: JuryConfig | None = None
     adjudicate: AdjudicateConfig | None = None
     assemble: AssembleConfig | None = None
+    guard_sft: GuardSFTConfig | None = None
+    sft: dict[str, ChatSFTConfig] = Field(
+        default_factory=dict, description="chat SFT runs on (prompt -> completion) rows; stage sft_<key>")
+    mdpo: MDPOConfig | None = None
+    guard_eval: dict[str, GuardEvalConfig] = Field(
+        default_factory=dict, description="guards to score on labelled sets; each is stage guard_eval_<key>")
+    shard: ShardConfig | None = Field(None, description="SHARD data construction: stages shard_*")
+    shard_eval: ShardEvalConfig | None = Field(
+        None, description="SHARD pairwise evaluation against the baseline answers (stage shard_eval)")
 
     #: stage -> the stages it needs (validated on load; the runner orders by this list)
     NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "embed": ("ingest",), "index": ("embed",),
         "retrieve": ("keywords", "ingest", "embed", "index"), "rag": ("retrieve",),
-        "rewrite": ("ingest",), "adjudicate": ("jury",),
+        "rewrite": ("ingest",), "adjudicate": ("jury",), "shard_eval": ("shard",),
     }
 
     def row_stages(self) -> list[str]:
@@ -512,7 +828,13 @@ class StagesConfig(Strict):
         if self.preprocess is not None:
             names += [step for step in PreprocessConfig.STEPS if getattr(self.preprocess, step) is not None]
         names += [n for n in ("jury", "adjudicate", "assemble") if getattr(self, n) is not None]
+        names += self.shard.row_stages() if self.shard is not None else []
         return names
+
+    def training_stages(self) -> list[str]:
+        """Enabled training stages, in run order (after the row stages)."""
+        return ([n for n in ("guard_sft",) if getattr(self, n) is not None] + [f"sft_{k}" for k in self.sft]
+                + [n for n in ("mdpo",) if getattr(self, n) is not None])
 
 
 class Recipe(Strict):
@@ -557,15 +879,73 @@ class Recipe(Strict):
             both = sorted(set(assemble.external) & set(assemble.inputs))
             if both:
                 raise ValueError(f"stages.assemble: {both} is in both inputs and external")
+        if self.stages.guard_sft is not None:
+            unknown = [n for n in self.stages.guard_sft.inputs if n not in order]
+            if unknown:
+                raise ValueError(f"stages.guard_sft.inputs: {unknown} are not enabled row stages "
+                                 f"(those are: {order or 'none'})")
+        for key, sft in self.stages.sft.items():
+            unknown = [n for n in sft.inputs if n not in order]
+            if unknown:
+                raise ValueError(f"stages.sft.{key}.inputs: {unknown} are not enabled row stages "
+                                 f"(those are: {order or 'none'})")
+        trained = self.stages.training_stages()
+        for key, ev in self.stages.guard_eval.items():
+            unknown = [n for n in ev.inputs if n not in order]
+            if unknown:
+                raise ValueError(f"stages.guard_eval.{key}.inputs: {unknown} are not enabled row stages "
+                                 f"(those are: {order or 'none'})")
+            if ev.model not in self.models:
+                raise ValueError(f"stages.guard_eval.{key}.model: {ev.model!r} is not defined under models "
+                                 f"(defined: {sorted(self.models) or 'none'})")
+            if ev.model_from is not None and ev.model_from not in trained:
+                raise ValueError(f"stages.guard_eval.{key}.model_from: {ev.model_from!r} is not an enabled "
+                                 f"training stage (enabled: {trained or 'none'})")
         models = {f"stages.{n}.model": getattr(getattr(self.stages, n), "model", None)
                   for n in ("keywords", "rag", "rewrite", "pe", "adjudicate")}
         if self.stages.jury is not None:
             models.update({f"stages.jury.judges[{i}]": m for i, m in enumerate(self.stages.jury.judges)})
+        models.update(self._check_shard(order, trained))
         for key, model in models.items():
             if model is not None and model not in self.models:
                 raise ValueError(f"{key}: {model!r} is not defined under models "
                                  f"(defined: {sorted(self.models) or 'none'})")
         return self
+
+    def _check_shard(self, order: list[str], trained: list[str]) -> dict[str, str | None]:
+        """SHARD references: inputs that run before it, training stages that exist, and the same
+        system prompt for SFT on its rows as for the answers it compares. Returns the endpoints it
+        names (checked with the others)."""
+        shard, evaluation = self.stages.shard, self.stages.shard_eval
+        models: dict[str, str | None] = {}
+        if shard is not None:
+            before = order[:order.index("shard_split")]
+            unknown = [n for n in shard.inputs if n not in before]
+            if unknown:
+                raise ValueError(f"stages.shard.inputs: {unknown} are not enabled row stages that run before "
+                                 f"it (those are: {before or 'none'})")
+            models.update({"stages.shard.target": shard.target, "stages.shard.judge": shard.judge})
+            models.update({f"stages.shard.variants.{v}.reframer": c.reframer for v, c in shard.variants.items()})
+            selected = {f"shard_select_{v}" for v in shard.variants}
+            evaluated = evaluation.split if evaluation is not None else None
+            for key, sft in self.stages.sft.items():
+                if not selected & set(sft.inputs):
+                    continue
+                if sft.system != shard.system:
+                    raise ValueError(f"stages.sft.{key}.system: {sft.system!r} differs from stages.shard.system "
+                                     f"{shard.system!r}; the model is trained and evaluated with the prompt "
+                                     "its baseline answers were written under")
+                if evaluated is not None and sft.split in (None, evaluated):
+                    raise ValueError(f"stages.sft.{key}.split: {sft.split!r} trains on the split that "
+                                     f"stages.shard_eval evaluates ({evaluated!r}); use split: train")
+        if evaluation is not None:
+            models["stages.shard_eval.judge"] = evaluation.judge
+            for name, system in evaluation.systems.items():
+                models[f"stages.shard_eval.systems.{name}.model"] = system.model
+                if system.model_from is not None and system.model_from not in trained:
+                    raise ValueError(f"stages.shard_eval.systems.{name}.model_from: {system.model_from!r} is "
+                                     f"not an enabled training stage (enabled: {trained or 'none'})")
+        return models
 
 
 # --------------------------------------------------------------------------------------------

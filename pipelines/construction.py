@@ -7,9 +7,11 @@ import logging
 from pipelines.config import PreprocessConfig, Recipe, dump_recipe
 from pipelines.assembly import AssembleStage
 from pipelines.embedding import EmbedStage
+from pipelines.guard_eval import GuardEvalStage
 from pipelines.ingest import IngestStage
 from pipelines.jury import AdjudicateStage, JuryStage
 from pipelines.keywords import KeywordPoolStage
+from pipelines.mdpo import MDPOStage
 from pipelines.pe_rewrite import PERewriteStage
 from pipelines.preprocess import (
     DedupStage,
@@ -22,6 +24,9 @@ from pipelines.preprocess import (
 from pipelines.retrieval import RetrieveStage
 from pipelines.rewrite import RagRewriteStage, RewriteStage
 from pipelines.rundir import RunDir
+from pipelines.sft import ChatSFTStage, GuardSFTStage
+from pipelines.shard import shard_stages
+from pipelines.shard_eval import ShardEvalStage
 from pipelines.stage import Stage, run_stages
 from pipelines.vector_index import IndexStage
 
@@ -71,6 +76,17 @@ def build_stages(recipe: Recipe) -> list[Stage]:
                      "adjudicator": (f"{s.adjudicate.model} ({recipe.models[s.adjudicate.model].model})"
                                      if s.adjudicate else None)}
         stages.append(AssembleStage(s.assemble, recipe.taxonomy, recipe.seed, labelling))
+    stages += shard_stages(recipe)  # SHARD data: after the seeds it reads, before sft_<key> trains on it
+    if s.guard_sft is not None:
+        stages.append(GuardSFTStage(s.guard_sft, recipe.taxonomy))
+    for key, sft in s.sft.items():
+        stages.append(ChatSFTStage(key, sft))
+    if s.mdpo is not None:
+        stages.append(MDPOStage(s.mdpo))
+    for key, ev in s.guard_eval.items():
+        stages.append(GuardEvalStage(key, ev, recipe.models[ev.model], recipe.taxonomy))
+    if s.shard_eval is not None:  # after the sft_<key> stages whose models it evaluates
+        stages.append(ShardEvalStage(s.shard_eval, s.shard, recipe.models))
     return stages
 
 

@@ -20,7 +20,12 @@ from pipelines.rundir import source_fingerprint
 from pipelines.textnorm import normalize_text
 from pipelines.stage import Stage
 
-ORIGIN = {"origin": pa.string(), "response": pa.string()}  # source file; paired response if any
+# source file; paired response; the dataset's own harm category and level (SHARD stratifies by level)
+ORIGIN = {"origin": pa.string(), "response": pa.string(), "harm_category": pa.string(),
+          "harm_level": pa.string()}
+#: ColumnMap field -> row column, for the fields kept as they are
+_KEPT = {"lang": "lang", "macro": "macro", "micro": "micro", "response": "response",
+         "category": "harm_category", "level": "harm_level"}
 
 
 class MissingColumnError(ValueError):
@@ -51,10 +56,10 @@ def record_to_row(record: Any, config: IngestConfig, origin: str) -> dict[str, A
     text = lookup(record, columns.text)
     fields: dict[str, Any] = {"source": config.source, "method": config.preset or "ingest",
                               "origin": origin}
-    for name in ("lang", "macro", "micro", "response"):
+    for name, field in _KEPT.items():
         column = getattr(columns, name)
         if column and lookup(record, column) is not None:
-            fields[name] = str(lookup(record, column))
+            fields[field] = str(lookup(record, column))
     if config.lang:
         fields["lang"] = config.lang
     if config.macro_map:

@@ -35,7 +35,7 @@ from pipelines.rewrite import RenderRow, classify_llm_error
 from pipelines.rows import ERROR, OK, error_detail, to_table
 from pipelines.rundir import RunDir
 from pipelines.stage import WORK, Stage
-from pipelines.taxonomy import Taxonomy, load_taxonomy
+from pipelines.taxonomy import categories_block, load_taxonomy
 from pipelines.voting import (
     ADJUDICATED,
     MAJORITY,
@@ -60,6 +60,7 @@ JURY_COLUMNS = {LINEAGE: pa.string(), "votes": pa.list_(VOTE), "source_label": p
 LABEL_COLUMNS = {**JURY_COLUMNS, "flipped": pa.bool_(), "source_micro": pa.string(),
                  "adjudicator": pa.string(), "adjudicator_answers": pa.list_(pa.string())}
 DONE = "_DONE"
+RETRY = "retry"  # transient status of a row that is asked again
 #: new tokens a constrained answer may need: the longest (``不安全 A1``) is 12 bytes, and a byte-level
 #: tokenizer may spend a token per byte. Fewer would cut "不安全" to "不" - an abstention.
 CONSTRAINED_MIN_TOKENS = 16
@@ -73,12 +74,6 @@ def with_room_for_answer(endpoint: LLMEndpoint, constrained: bool) -> LLMEndpoin
         return endpoint
     sampling = endpoint.sampling.model_copy(update={"max_tokens": CONSTRAINED_MIN_TOKENS})
     return endpoint.model_copy(update={"sampling": sampling})
-
-
-def categories_block(taxonomy: Taxonomy) -> str:
-    """The taxonomy as prompt text: one line per macro category with its micro codes and names."""
-    return "\n".join(f"{m.code} {m.zh}：" + "；".join(f"{c.code} {c.zh}" for c in m.micros)
-                     for m in taxonomy.macros)
 
 
 def run_pass(stage: Stage, rundir: RunDir, part: str, build: Callable[[], Any]):
@@ -95,6 +90,27 @@ def run_pass(stage: Stage, rundir: RunDir, part: str, build: Callable[[], Any]):
     if not rundir.list_parquet(rel):
         return None
     return ray.data.read_parquet(rundir.uri(rel), file_extensions=["parquet"])
+
+
+def ask_until_valid(stage: Stage, rundir: RunDir, pending, *, endpoint: LLMEndpoint, render,
+                    constraint, read: Callable, read_kwargs: dict[str, Any], retries: int) -> list:
+    """Ask ``pending`` rows; rows whose answer ``read`` marks :data:`RETRY` are asked again, at most
+    ``retries`` more times (``read`` gets ``last=True`` on the final attempt and must then settle
+    every row). Each attempt is a scratch pass that a crashed run reuses; an attempt with nothing
+    left to ask starts no engine. Returns the settled rows, one dataset per attempt."""
+    finished = []
+    for attempt in range(retries + 1):
+        if pending.count() == 0:
+            break
+        last = attempt == retries
+        answered = run_pass(stage, rundir, f"attempt-{attempt}", lambda pending=pending, last=last: chat(
+            pending, endpoint, render, constraint).map_batches(
+                read, batch_format="pyarrow", fn_kwargs={**read_kwargs, "last": last}))
+        if answered is None:
+            break
+        finished.append(answered.filter(expr=col("status") != RETRY))
+        pending = answered.filter(expr=col("status") == RETRY)
+    return finished
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +219,6 @@ class JuryStage(Stage):
 
 DECIDE, CATEGORIZE, NONE = "decide", "categorize", "none"
 _ADJ = {"adj_task": pa.string(), "adj_retry": pa.bool_(), "adj_previous": pa.string()}
-RETRY = "retry"  # transient status of a row that is asked again
 
 
 class RenderAdjudication:
@@ -318,18 +333,10 @@ class AdjudicateStage(Stage):
                                                                               batch_format="pyarrow")]
         pending = rows.filter(expr=col("adj_task") != NONE)
         render = RenderAdjudication(self.prompt, self.categories)
-        for attempt in range(self.config.retries + 1):
-            if pending.count() == 0:  # nothing (more) to ask: start no engine for it
-                break
-            last = attempt == self.config.retries
-            answered = run_pass(self, rundir, f"attempt-{attempt}", lambda pending=pending, last=last: chat(
-                pending, self.endpoint, render, self.constraint()).map_batches(
-                    read_answers, batch_format="pyarrow",
-                    fn_kwargs={"codes": self.codes, "model": self.endpoint.model, "last": last}))
-            if answered is None:
-                break
-            finished.append(answered.filter(expr=col("status") != RETRY))
-            pending = answered.filter(expr=col("status") == RETRY)
+        finished += ask_until_valid(self, rundir, pending, endpoint=self.endpoint, render=render,
+                                    constraint=self.constraint(), read=read_answers,
+                                    read_kwargs={"codes": self.codes, "model": self.endpoint.model},
+                                    retries=self.config.retries)
         final = union_all(finished)
         final.map_batches(_drop_adj, batch_format="pyarrow") \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])

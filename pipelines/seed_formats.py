@@ -4,8 +4,10 @@ A preset fills ``columns``, ``label_map`` / ``label``, ``macro_map`` and ``keep`
 config; anything the recipe sets itself wins. Formats as listed in the project's reference notes:
 
 - ``do_not_answer``: ``id, risk_area, types_of_harm, specific_harms, question`` - every question is a
-  prompt a model should refuse, so ``label: unsafe``; the 5 risk areas map onto our macro categories.
-- ``linguasafe``: ``id, prompt, lang, type, subtype, level, source`` - harmful prompts (``unsafe``).
+  prompt a model should refuse, so ``label: unsafe``; the 5 risk areas map onto our macro categories;
+  the 12 ``types_of_harm`` are kept as ``harm_category``.
+- ``linguasafe``: ``id, prompt, lang, type, subtype, level, source`` - harmful prompts (``unsafe``);
+  ``type`` kept as ``harm_category``, ``level`` as ``harm_level``.
 - ``polyguardmix``: ``prompt, response, prompt_harm_label, ..., metadata{language, source}``;
   ``polyguardmix_zh`` keeps only its Chinese rows.
 - ``wildguardmix``: ``prompt, adversarial, response, prompt_harm_label, ..., subcategory``.
@@ -20,7 +22,7 @@ _HARM_LABELS = {"harmful": "unsafe", "unharmful": "safe"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "do_not_answer": {
-        "columns": {"text": "question", "id": "id", "macro": "risk_area"},
+        "columns": {"text": "question", "id": "id", "macro": "risk_area", "category": "types_of_harm"},
         "label": "unsafe",
         "macro_map": {
             "Malicious Uses": "A",
@@ -32,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "source": "external",
     },
     "linguasafe": {
-        "columns": {"text": "prompt", "id": "id", "lang": "lang"},
+        "columns": {"text": "prompt", "id": "id", "lang": "lang", "category": "type", "level": "level"},
         "label": "unsafe",
         "source": "external",
     },

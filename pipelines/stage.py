@@ -47,6 +47,8 @@ class Stage(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: one input row may produce several output rows (their ``parent_id`` is the input id)
     fan_out: ClassVar[bool] = False
+    #: an empty input is an error (training), not a stage with nothing to do
+    needs_rows: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -137,6 +139,8 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
 
     stage.run_key = f"{config_hash}-{input_fp}"
+    if stage.inputs and rows_in_upstream == 0 and stage.needs_rows:
+        raise ValueError(f"stage {stage.name}: its inputs produced no rows ({', '.join(stage.inputs)})")
     if stage.inputs and rows_in_upstream == 0:
         log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
     else:

@@ -140,6 +140,12 @@ class Taxonomy(BaseModel):
         return self.micro(micro_code).keywords
 
 
+def categories_block(taxonomy: Taxonomy) -> str:
+    """The taxonomy as prompt text: one line per macro category with its micro codes and names."""
+    return "\n".join(f"{m.code} {m.zh}：" + "；".join(f"{c.code} {c.zh}" for c in m.micros)
+                     for m in taxonomy.macros)
+
+
 def _format(exc: ValidationError, path: Path) -> str:
     lines = [f"invalid taxonomy {path}:"]
     for err in exc.errors():

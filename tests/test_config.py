@@ -113,8 +113,9 @@ def test_demo_recipe_is_valid(tiny_models):
         *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
         "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess", "jury",
-        "adjudicate", "assemble"]
+        "adjudicate", "assemble", "guard_sft", "guard_eval"]
     assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
+    assert demo.stages.guard_eval["demo_guard"].model_from == "guard_sft"
 
 
 def test_paper_recipe_is_valid_offline():
@@ -129,6 +130,10 @@ def test_paper_recipe_is_valid_offline():
         "01-ai/Yi-1.5-34B-Chat"]
     assert paper.models[paper.stages.adjudicate.model].engine == "http"
     assert paper.stages.assemble.external == ["seeds_polyguard_zh"]
+    sft = paper.stages.guard_sft   # Appendix D.3
+    assert (sft.model, sft.learning_rate, sft.lr_scheduler, sft.warmup_ratio, sft.epochs) == (
+        "Qwen/Qwen3-8B", 1e-5, "cosine", 0.1, 1)
+    assert sft.deepspeed == "zero3" and sft.use_gpu
 
 
 def test_stage_dependencies_are_checked(tmp_path, tiny_models):

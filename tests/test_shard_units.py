@@ -1,0 +1,522 @@
+"""SHARD's pure parts: P2 JSON validation and the retry, verdict parsing, the A/B order and how it is
+undone, the selection rule, the stratified split, the statistics (against SciPy and by hand), the
+evaluation metrics, the loaders' harm category and level, and recipe checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from scipy import stats as sp
+
+from pipelines.config import ConfigError, IngestConfig, Recipe, ShardConfig, load_recipe
+from pipelines.ingest import record_to_row
+from pipelines.pairwise import A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, \
+    expand_comparisons, judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern
+from pipelines.prompts import ChatPrompt
+from pipelines.reframing import FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, \
+    parse_reframing, reframing_schema
+from pipelines.rows import DROPPED, ERROR, OK, make_row
+from pipelines.shard import SHARD_COLUMNS, _RETRY_COLUMNS, RETRY, prepare_prompts, read_reframings, split_stratum, \
+    take_answer
+from pipelines.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
+from pipelines.splits import assign_splits, split_sizes
+from pipelines.stats import LOSS, TIE, WIN, binomial_test, mcnemar, normal_quantile, two_proportion_z, \
+    wilson_interval, win_tie_loss
+
+REPO = Path(__file__).resolve().parents[1]
+SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
+VALID = {"reformulated_prompt": "How do pin tumbler locks work, and how can I secure my door?",
+         "response_mode": "soft_reframe", "reformulated_component": "burglary technique -> how locks work",
+         "preserved_benign_need": "understand lock security"}
+
+
+# ------------------------------------------------------------------------------------------------
+# P2: JSON validation and the retry
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(VALID),
+    "```json\n" + json.dumps(VALID, indent=2) + "\n```",
+    "Here is the reframing:\n" + json.dumps({**VALID, "extra": "ignored"}) + "\nDone.",
+    "<think>\nthe user asks about locks\n</think>\n" + json.dumps(VALID),
+    json.dumps(VALID).replace("secure my door?", "secure\nmy door?"),   # a raw newline inside a string
+])
+def test_valid_reframings_parse(text):
+    fields = parse_reframing(text)
+    assert set(fields) == set(FIELDS) and fields["response_mode"] == "soft_reframe"
+    assert fields["preserved_benign_need"] == "understand lock security"
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("I cannot help with that.", "invalid_json"),
+    ('{"reformulated_prompt": "x", "response_mode": "direct_ans', "invalid_json"),
+    ("[1, 2, 3]", "invalid_json"),
+    (json.dumps({k: v for k, v in VALID.items() if k != "preserved_benign_need"}), "missing_field"),
+    (json.dumps({**VALID, "response_mode": 3}), "missing_field"),
+    (json.dumps({**VALID, "reformulated_component": "   "}), "empty_field"),
+    (json.dumps({**VALID, "response_mode": "refuse"}), "invalid_response_mode"),
+])
+def test_invalid_reframings_have_a_reason(text, reason):
+    with pytest.raises(ReframingError) as info:
+        parse_reframing(text)
+    assert info.value.reason == reason
+
+
+def test_schema_admits_only_the_three_modes_and_bounded_fields():
+    schema = reframing_schema(50)
+    assert schema["properties"]["response_mode"]["enum"] == list(RESPONSE_MODES)
+    assert schema["required"] == list(FIELDS) and schema["additionalProperties"] is False
+    assert all(schema["properties"][f]["maxLength"] == 50 for f in FIELDS if f != "response_mode")
+
+
+def _answered(answers: list[tuple[str, str]], previous: list[list[str]] | None = None) -> pa.Table:
+    """Rows as the LLM step returns them: the SHARD columns + the LLM columns."""
+    rows = []
+    for i, (output, error) in enumerate(answers):
+        rows.append({**make_row(id=f"r{i}", text=f"prompt {i}"),
+                     "reframe_answers": (previous or [[]] * len(answers))[i],
+                     "retry_problem": "", "retry_previous": "", "llm_output": output, "llm_error": error,
+                     "llm_prompt_tokens": 10, "llm_output_tokens": 5})
+    from pipelines.rows import to_table
+
+    table = to_table(rows, {**SHARD_COLUMNS, **_RETRY_COLUMNS})
+    for name, typ in (("llm_output", pa.string()), ("llm_error", pa.string()), ("llm_prompt_tokens", pa.int64()),
+                      ("llm_output_tokens", pa.int64())):
+        table = table.append_column(name, pa.array([r[name] for r in rows], typ))
+    return table
+
+
+def test_invalid_json_is_retried_once_then_an_error():
+    first = read_reframings(_answered([(json.dumps(VALID), ""), ("not json", ""), ("", "maximum context length")]),
+                            last=False).to_pylist()
+    assert [r["status"] for r in first] == [OK, RETRY, ERROR]
+    assert first[0]["reformulated_prompt"] == VALID["reformulated_prompt"] and first[0]["reframe_answers"] == [
+        json.dumps(VALID)]
+    assert first[1]["retry_problem"].startswith("invalid_json") and first[1]["retry_previous"] == "not json"
+    assert first[2]["reason"] == "prompt_too_long"
+    # the retry prompt shows the problem and the previous answer
+    prompt = ChatPrompt(REPO / "configs" / "prompts" / "shard_reframe.yaml")
+    messages = prompt.render({"text": "x", "category": "c", "universal": "", "category_rules": "",
+                              "retry": True, "problem": first[1]["retry_problem"], "previous_answer": "not json"})
+    assert "could not be used (invalid_json" in messages[-1]["content"] and "not json" in messages[-1]["content"]
+    # the second (last) attempt: valid -> ok, still invalid -> error with both answers
+    second = read_reframings(_answered([(json.dumps(VALID), ""), ('{"response_mode": "x"}', "")],
+                                       previous=[["not json"], ["not json"]]), last=True).to_pylist()
+    assert second[0]["status"] == OK and second[0]["reframe_answers"] == ["not json", json.dumps(VALID)]
+    assert (second[1]["status"], second[1]["reason"]) == (ERROR, "missing_field")
+    assert '"not json"' in second[1]["detail"] and len(second[1]["reframe_answers"]) == 2
+
+
+def test_guidance_per_ablation():
+    guidelines = load_guidelines(REPO / "configs" / "prompts" / "shard_guidelines.yaml")
+    assert len(guidelines.universal) == 12 and guidelines.text().startswith("1. ")
+    assert guidance("full", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": "R1"}
+    assert guidance("universal_only", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": ""}
+    assert guidance("instructions_only", guidelines, "R1") == {"universal": "", "category_rules": ""}
+    prompt = ChatPrompt(REPO / "configs" / "prompts" / "shard_reframe.yaml")
+    render = {"text": "q", "category": "Fraud", "retry": False, "problem": "", "previous_answer": ""}
+    full = prompt.render({**render, **guidance("full", guidelines, "RULES-FOR-FRAUD")})[0]["content"]
+    bare = prompt.render({**render, **guidance("instructions_only", guidelines, "RULES-FOR-FRAUD")})[0]["content"]
+    assert "Least restrictive transformation" in full and "RULES-FOR-FRAUD" in full
+    assert "Least restrictive transformation" not in bare and "RULES-FOR-FRAUD" not in bare
+    assert all(mode in bare for mode in RESPONSE_MODES)
+
+
+def test_guidelines_file_is_checked(tmp_path):
+    bad = tmp_path / "g.yaml"
+    bad.write_text("universal:\n  - {title: x}\n")
+    with pytest.raises(ValueError, match=r"universal\[0\]"):
+        load_guidelines(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Verdicts, the A/B order, the selection rule
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("A is more specific. [[A]]", A),
+    ("[[B]]", B),
+    ("Both are equally vague.\n\n[[C]]", C),
+    ("Format: [[A]], [[B]] or [[C]]. Answer B explains more. [[B]]", B),   # the last verdict counts
+    ("<think>maybe [[A]]</think> On reflection: [[ b ]]", B),
+    ("I prefer answer A.", None),
+    ("[A]", None),
+    ("", None),
+])
+def test_parse_verdict(text, verdict):
+    assert parse_verdict(text) == verdict
+
+
+def test_outcome_undoes_the_order():
+    assert outcome(A, A) == WIN and outcome(B, B) == WIN
+    assert outcome(B, A) == LOSS and outcome(A, B) == LOSS
+    assert outcome(C, A) == TIE and outcome(C, B) == TIE
+    with pytest.raises(ValueError):
+        outcome("D", A)
+
+
+def test_order_is_seeded_keyed_and_fair():
+    draws = [candidate_position(42, "self", f"id{i}", "helpfulness") for i in range(2000)]
+    assert draws == [candidate_position(42, "self", f"id{i}", "helpfulness") for i in range(2000)]
+    assert abs(draws.count(A) / len(draws) - 0.5) < 0.04
+    assert draws != [candidate_position(43, "self", f"id{i}", "helpfulness") for i in range(2000)]
+    assert judge_variables("q", "cand", "ref", A) == {"prompt": "q", "answer_a": "cand", "answer_b": "ref"}
+    assert judge_variables("q", "cand", "ref", B) == {"prompt": "q", "answer_a": "ref", "answer_b": "cand"}
+
+
+def _fake_judge(messages) -> str:
+    """A judge that prefers whichever answer says GOOD, wherever it is shown (ties if neither)."""
+    user = messages[-1]["content"]
+    a = user.split("[Answer A]")[1].split("[Answer B]")[0]
+    b = user.split("[Answer B]")[1]
+    return "A says GOOD. [[A]]" if "GOOD" in a else "B says GOOD. [[B]]" if "GOOD" in b else "same [[C]]"
+
+
+def test_randomised_order_is_undone_when_scoring():
+    """Through the real rendering and reading functions: the candidate that a fake judge prefers wins
+    whatever position it was drawn into; the reference it prefers makes the candidate lose."""
+    rows = [{**make_row(id=f"p{i}", text=f"question {i}"), "completion": "GOOD answer" if i % 2 else "plain",
+             "baseline": "plain" if i % 2 else "GOOD draft"} for i in range(40)]
+    from pipelines.rows import to_table
+
+    requests = expand_comparisons(to_table(rows, SHARD_COLUMNS), seed=42, key="v", candidate="completion",
+                                  reference="baseline")
+    assert requests.num_rows == 80
+    positions = requests.column("position").to_pylist()
+    assert set(positions) == {A, B}                       # both orders occur
+    prompts = {c: ChatPrompt(REPO / "configs" / "prompts" / f"shard_judge_{c}.yaml") for c in CRITERIA}
+    render = RenderJudge(prompts)
+    answers = [_fake_judge(render(r)) for r in requests.to_pylist()]
+    answered = (requests.append_column("llm_output", pa.array(answers)).append_column("llm_error", pa.array([""] * 80))
+                .append_column("llm_prompt_tokens", pa.array([1] * 80, pa.int64()))
+                .append_column("llm_output_tokens", pa.array([5] * 80, pa.int64())))
+    verdicts = read_verdicts(answered, max_tokens=64).to_pylist()
+    for v in verdicts:
+        expected = WIN if int(v["id"][1:]) % 2 else LOSS
+        assert v["outcome"] == expected and v["judge_reason"] == ""
+    by_id = {}
+    for v in verdicts:
+        by_id.setdefault(v["id"], []).append(v)
+    combined = combine_judgements(by_id["p1"])
+    assert (combined["helpfulness"], combined["harmfulness"], combined["reason"]) == (WIN, WIN, "")
+    assert [j["criterion"] for j in combined["judgements"]] == list(CRITERIA)
+
+
+def test_unreadable_or_failed_verdicts_are_errors():
+    rows = [{**make_row(id="p0", text="q"), "completion": "x", "baseline": "y"}]
+    from pipelines.rows import to_table
+
+    requests = expand_comparisons(to_table(rows, SHARD_COLUMNS), seed=1, key="v", candidate="completion",
+                                  reference="baseline")
+    answered = (requests.append_column("llm_output", pa.array(["no verdict here", ""]))
+                .append_column("llm_error", pa.array(["", "server error 500"]))
+                .append_column("llm_prompt_tokens", pa.array([1, 0], pa.int64()))
+                .append_column("llm_output_tokens", pa.array([64, 0], pa.int64())))
+    verdicts = read_verdicts(answered, max_tokens=64).to_pylist()
+    assert verdicts[0]["judge_reason"] == "unparseable_verdict" and "reached max_tokens" in verdicts[0]["judge_error"]
+    assert verdicts[1]["judge_reason"] == "inference_error" and verdicts[1]["raw"].startswith("[request failed]")
+    combined = combine_judgements(verdicts)
+    assert combined["reason"] == "unparseable_verdict" and "harmfulness: server error" in combined["detail"]
+
+
+@pytest.mark.parametrize("helpfulness,harmfulness,kept,reason", [
+    (WIN, WIN, True, ""), (WIN, TIE, True, ""), (WIN, LOSS, False, "more_harmful"),
+    (TIE, WIN, False, "not_more_helpful"), (TIE, TIE, False, "not_more_helpful"),
+    (LOSS, WIN, False, "not_more_helpful"), (LOSS, LOSS, False, "not_more_helpful"),
+])
+def test_selection_rule(helpfulness, harmfulness, kept, reason):
+    assert select(helpfulness, harmfulness) == (kept, reason)
+
+
+def test_verdict_pattern_admits_what_the_parser_reads():
+    import re
+
+    pattern = re.compile(verdict_pattern(40))
+    for text in ("[[A]]", "A is better. [[B]]", "x" * 40 + "[[C]]"):
+        assert pattern.fullmatch(text) and parse_verdict(text) in (A, B, C)
+    assert not pattern.fullmatch("x" * 41 + "[[C]]") and not pattern.fullmatch("[[D]]")
+
+
+# ------------------------------------------------------------------------------------------------
+# The stratified split
+
+
+@pytest.mark.parametrize("n,expected", [
+    (0, {"train": 0, "val": 0, "test": 0}), (1, {"train": 1, "val": 0, "test": 0}),
+    (3, {"train": 2, "val": 0, "test": 1}), (10, {"train": 7, "val": 1, "test": 2}),
+    (22, {"train": 16, "val": 2, "test": 4}), (100, {"train": 72, "val": 8, "test": 20}),
+    (939, {"train": 676, "val": 75, "test": 188}),
+])
+def test_split_sizes(n, expected):
+    assert split_sizes(n, SHARES) == expected and sum(expected.values()) == n
+
+
+def test_assign_splits_is_seeded_and_order_free():
+    keys = [f"k{i}" for i in range(50)]
+    first = assign_splits(keys, SHARES, seed=0)
+    assert first == assign_splits(list(reversed(keys)) + keys[:5], SHARES, seed=0)   # order, duplicates
+    assert {s: list(first.values()).count(s) for s in SHARES} == split_sizes(50, SHARES)
+    assert first != assign_splits(keys, SHARES, seed=1)
+
+
+def _seed_rows(records: list[dict]) -> pa.Table:
+    """Rows as a seeds stage writes them (harm category / level as columns)."""
+    from pipelines.ingest import ORIGIN
+    from pipelines.rows import to_table
+
+    return to_table([make_row(**r) for r in records], ORIGIN)
+
+
+def test_split_stage_functions_stratify_and_keep_identical_texts_together():
+    records = [{"id": f"d{i}", "text": f"prompt {i % 18}", "harm_category": "Fraud", "harm_level": "L1"}
+               for i in range(20)]           # two pairs of identical texts
+    records += [{"id": "dup", "text": "twice", "harm_level": "L1"}, {"id": "dup", "text": "twice", "harm_level": "L1"},
+                {"id": "empty", "text": "", "harm_level": "L1"}]
+    prepared = prepare_prompts(_seed_rows(records), dataset="dna")
+    rows = prepared.to_pylist()
+    assert {r["dataset"] for r in rows} == {"dna"} and rows[0]["harm_category"] == "Fraud"
+    assert rows[0]["parent_id"] == "d0" and rows[0]["id"] != "d0"
+    assert "harm_category" not in json.loads(rows[0]["lineage"])
+    out = split_stratum(prepared, shares=SHARES, seed=0).to_pylist()
+    assert len(out) == len(records)
+    by_text = {}
+    for r in out:
+        if r["status"] == OK:
+            by_text.setdefault(r["text"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_text.values())                      # identical texts: one split
+    distinct = len(by_text)
+    assert sum(1 for s in by_text.values() if s == {"test"}) == split_sizes(distinct, SHARES)["test"]
+    assert [r["reason"] for r in out if r["status"] == DROPPED] == ["duplicate_row"]
+    assert [r["reason"] for r in out if r["status"] == ERROR] == ["missing_text"]
+
+
+def test_answers_become_columns_or_errors():
+    rows = [{**make_row(id=str(i), text="q"), "llm_output": out, "llm_error": err, "llm_prompt_tokens": 1,
+             "llm_output_tokens": 1} for i, (out, err) in enumerate([("<think>hm</think> Fine.", ""), ("  ", ""),
+                                                                     ("", "boom")])]
+    table = take_answer(pa.Table.from_pylist(rows), into="baseline", model_field="baseline_model", model="m")
+    got = table.to_pylist()
+    assert (got[0]["baseline"], got[0]["baseline_model"], got[0]["status"]) == ("Fine.", "m", OK)
+    assert (got[1]["status"], got[1]["reason"]) == (ERROR, "empty_output")
+    assert (got[2]["status"], got[2]["reason"]) == (ERROR, "inference_error")
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_wilson_interval_by_hand_and_against_scipy():
+    # 8 of 10, z = 1.959964: centre (0.8 + z²/20) / (1 + z²/10) = 0.7091, half 0.2188 -> [0.4902, 0.9433]
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    for k, n in [(0, 5), (5, 5), (3, 17), (120, 200)]:
+        ci = sp.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert wilson_interval(0, 0) is None
+    assert normal_quantile(0.95) == pytest.approx(1.959963985, abs=1e-8)
+
+
+@pytest.mark.parametrize("k,n,p", [(7, 10, 0.5), (0, 10, 0.5), (10, 10, 0.5), (5, 10, 0.5), (3, 20, 0.5),
+                                   (60, 100, 0.5), (2, 9, 0.3), (500, 1000, 0.5)])
+def test_binomial_test_against_scipy(k, n, p):
+    assert binomial_test(k, n, p) == pytest.approx(sp.binomtest(k, n, p).pvalue, rel=1e-9)
+
+
+def test_binomial_test_by_hand():
+    # 7 of 10 at 0.5: P(X <= 3) = (1 + 10 + 45 + 120) / 1024 = 176/1024, two-sided 352/1024
+    assert binomial_test(7, 10) == pytest.approx(352 / 1024)
+    assert binomial_test(0, 0) is None
+
+
+def test_mcnemar_exact_and_chi_square():
+    # exact: b = 1, c = 6 (7 discordant): 2 · (1 + 7) / 128 = 0.125
+    small = mcnemar(1, 6)
+    assert (small.method, small.p_value, small.statistic) == ("exact", pytest.approx(16 / 128), 1.0)
+    # chi-square with continuity correction: (|30 - 12| - 1)² / 42 = 289 / 42
+    large = mcnemar(30, 12)
+    assert large.method == "chi2_cc" and large.statistic == pytest.approx(289 / 42)
+    assert large.p_value == pytest.approx(sp.chi2.sf(289 / 42, 1), rel=1e-9)
+    assert mcnemar(0, 0).p_value == 1.0 and mcnemar(5, 5).p_value == pytest.approx(1.0)
+    assert mcnemar(1, 6).p_value == pytest.approx(sp.binomtest(1, 7, 0.5).pvalue)
+
+
+def test_two_proportion_z_by_hand_and_against_scipy():
+    # 45/60 vs 30/60: pooled 0.625, se = sqrt(0.625 · 0.375 · 2/60) = 0.08839, z = 0.25 / se = 2.8284
+    result = two_proportion_z(45, 60, 30, 60)
+    assert result["z"] == pytest.approx(0.25 / math.sqrt(0.625 * 0.375 * 2 / 60))
+    assert result["p_value"] == pytest.approx(2 * sp.norm.sf(result["z"]), rel=1e-9)
+    assert two_proportion_z(3, 10, 3, 10)["p_value"] == 1.0
+    assert two_proportion_z(0, 10, 0, 5) == {"p1": 0.0, "p2": 0.0, "difference": 0.0, "z": 0.0, "p_value": 1.0}
+    assert two_proportion_z(1, 0, 1, 2) is None
+
+
+def test_win_tie_loss_summary():
+    outcomes = [WIN] * 7 + [TIE] * 5 + [LOSS] * 3
+    s = win_tie_loss(outcomes)
+    assert (s["n"], s["win"], s["tie"], s["loss"], s["decisive"]) == (15, 7, 5, 3, 10)
+    assert s["win_rate"] == pytest.approx(0.7) and s["shares"]["tie"] == pytest.approx(1 / 3)
+    assert s["win_rate_ci"] == pytest.approx(list(wilson_interval(7, 10)))
+    assert s["binomial_p"] == pytest.approx(352 / 1024)
+    empty = win_tie_loss([TIE, TIE])
+    assert empty["win_rate"] is None and empty["win_rate_ci"] is None and empty["binomial_p"] is None
+
+
+def _eval_row(i: int, outcomes: dict[str, tuple[str, str]]) -> dict:
+    return {"id": f"p{i}", "dataset": "dna" if i % 2 else "linguasafe",
+            "results": [{"system": s, "model": f"m-{s}", "answer": "a", "helpfulness": h, "harmfulness": x,
+                         "judgements": []} for s, (h, x) in outcomes.items()]}
+
+
+def test_evaluation_metrics_and_comparisons():
+    pattern = [(WIN, WIN), (WIN, LOSS), (TIE, TIE), (LOSS, WIN)]
+    rows = [_eval_row(i, {"self": pattern[i % 4], "teacher": pattern[(i + 1) % 4]}) for i in range(12)]
+    metrics = evaluation_metrics(rows, ["self", "teacher"], 0.95)
+    self_help = metrics["systems"]["self"]["helpfulness"]
+    assert (self_help["win"], self_help["tie"], self_help["loss"]) == (6, 3, 3)
+    assert set(self_help["by_dataset"]) == {"dna", "linguasafe"}
+    assert sum(d["n"] for d in self_help["by_dataset"].values()) == 12
+    (help_cmp, harm_cmp) = metrics["comparisons"]
+    assert (help_cmp["first"], help_cmp["second"], help_cmp["criterion"]) == ("self", "teacher", "helpfulness")
+    # helpfulness: self wins on patterns 0, 1; teacher on its 0, 1 = self's patterns 3, 0
+    wins_self = [pattern[i % 4][0] == WIN for i in range(12)]
+    wins_teacher = [pattern[(i + 1) % 4][0] == WIN for i in range(12)]
+    b = sum(x and not y for x, y in zip(wins_self, wins_teacher))
+    c = sum(y and not x for x, y in zip(wins_self, wins_teacher))
+    assert (help_cmp["mcnemar"]["b"], help_cmp["mcnemar"]["c"]) == (b, c) == (3, 3)
+    assert help_cmp["two_proportion_z"] == two_proportion_z(6, 9, 6, 9)
+    assert compare_systems([{"harmfulness": WIN}], [{"harmfulness": TIE}], "harmfulness")["mcnemar"]["b"] == 1
+    report = report_markdown({"settings": {"systems": {"self": {"model": "m"}, "teacher": {"model": "t"}},
+                                           "baseline_model": "base", "judge_model": "j", "order_seed": 42,
+                                           "split": "test", "confidence": 0.95},
+                              "rows": {"in": 14, "evaluated": 12, "errored": 1, "dropped": 1},
+                              "reasons": {"errored": {"unparseable_verdict": 1}, "dropped": {"other_split": 1}},
+                              **metrics})
+    assert "## Between systems" in report and "| self | teacher | helpfulness | 3 | 3 | exact |" in report
+
+
+def test_finish_prompt_pairs_systems_or_names_the_failure():
+    base = {**make_row(id="p0", text="q"), "dataset": "dna", "split": "test", "baseline": "o1"}
+    judged = [{**base, "system": "self", "system_model": "m", "system_answer": "ans", "criterion": c,
+               "position": A, "raw": "[[A]]", "verdict": A, "outcome": WIN, "judge_error": "", "judge_reason": ""}
+              for c in CRITERIA]
+    failed = {**base, "system": "teacher", "system_model": "t", "system_answer": "", "status": ERROR,
+              "reason": "prompt_too_long", "detail": "too long", "criterion": "", "position": "", "raw": "",
+              "verdict": "", "outcome": "", "judge_error": "", "judge_reason": ""}
+    ok = finish_prompt(pa.Table.from_pylist(judged), systems=["self"], judge_model="j").to_pylist()[0]
+    assert ok["status"] == OK and ok["results"][0]["helpfulness"] == WIN and ok["judge_model"] == "j"
+    bad = finish_prompt(pa.Table.from_pylist(judged + [failed]), systems=["self", "teacher"], judge_model="j")
+    row = bad.to_pylist()[0]
+    assert (row["status"], row["reason"]) == (ERROR, "prompt_too_long") and row["detail"].startswith("teacher:")
+    assert [r["system"] for r in row["results"]] == ["self", "teacher"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaders and recipes
+
+
+def test_presets_keep_harm_category_and_level(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("{}\n")
+    dna = record_to_row({"id": 3, "risk_area": "Information Hazards", "types_of_harm": "Privacy leaks",
+                         "specific_harms": "x", "question": "Where does she live?"},
+                        IngestConfig(paths=[str(path)], preset="do_not_answer"), "f")
+    assert (dna["harm_category"], dna.get("harm_level", "")) == ("Privacy leaks", "")
+    ls = record_to_row({"id": "l1", "prompt": "p", "lang": "en", "type": "Fraud", "subtype": "s", "level": "L2",
+                        "source": "s"}, IngestConfig(paths=[str(path)], preset="linguasafe"), "f")
+    assert (ls["harm_category"], ls["harm_level"]) == ("Fraud", "L2")
+
+
+def test_demo_and_paper_recipes_load_with_their_stage_order():
+    from pipelines.construction import build_stages
+
+    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml")
+    names = [s.name for s in build_stages(demo)]
+    variants = ["self", "teacher"]
+    expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer"]
+    for v in variants:
+        expected += [f"shard_{step}_{v}" for step in ("rules", "reframe", "refine", "judge", "select")]
+    assert names == expected + ["sft_self", "sft_teacher", "shard_eval"]
+    paper = load_recipe(REPO / "configs" / "recipes" / "shard_paper.yaml")
+    assert paper.stages.shard.variants["universal_only"].guidelines == "universal_only"
+    lora = paper.stages.sft["self"]
+    assert (lora.lora.r, lora.lora.alpha, lora.learning_rate, lora.epochs) == (16, 32, 2e-5, 3)
+
+
+def _recipe(**stages) -> dict:
+    return {"name": "x", "run_dir": "/tmp/x", "models": {"t": {"engine": "vllm", "model": "Qwen/Qwen3-8B"},
+                                                         "j": {"engine": "vllm", "model": "Qwen/Qwen3-32B"}},
+            "stages": {"seeds": {"a": {"paths": [str(REPO / "configs" / "data" / "shard_demo_linguasafe.jsonl")],
+                                       "preset": "linguasafe"}}, **stages}}
+
+
+def test_recipe_checks():
+    shard = {"inputs": ["seeds_a"], "target": "t", "judge": "j"}
+    Recipe.model_validate(_recipe(shard=shard))
+    cases = [
+        ({"shard": {**shard, "inputs": ["seeds_b"]}}, r"stages.shard.inputs: \['seeds_b'\]"),
+        ({"shard": {**shard, "judge": "nope"}}, "stages.shard.judge: 'nope' is not defined"),
+        ({"shard": {**shard, "variants": {"t": {"reframer": "big"}}}}, "variants.t.reframer: 'big'"),
+        ({"shard": {**shard, "variants": {"Self!": {}}}}, "variant names"),
+        ({"shard": {**shard, "splits": {"train": 0.7, "val": 0.1, "test": 0.1}}}, "must be 1"),
+        ({"shard_eval": {"systems": {"s": {"model": "t"}}}}, "stages.shard_eval needs stages shard"),
+        ({"shard": shard, "shard_eval": {"systems": {"s": {"model": "t", "model_from": "sft_x"}}}},
+         "model_from: 'sft_x' is not an enabled training stage"),
+        ({"shard": shard, "sft": {"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"],
+                                        "deepspeed": "zero2", "system": "Be terse."}}},
+         "stages.sft.s.system: 'Be terse.' differs from stages.shard.system"),
+        ({"shard": shard, "shard_eval": {"systems": {"s": {"model": "t"}}},
+          "sft": {"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"], "deepspeed": "zero2",
+                        "system": "You are a helpful assistant.", "split": None}}},
+         "stages.sft.s.split: None trains on the split that stages.shard_eval evaluates"),
+    ]
+    for stages, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Recipe.model_validate(_recipe(**stages))
+    assert ShardConfig(**shard).reframer("self") == "t"
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nrun_dir: /tmp/x\nstages:\n  shard: {inputs: [a], target: t, judge: j, foo: 1}\n")
+    with pytest.raises(ConfigError, match="stages.shard.foo: unknown key"):
+        load_recipe(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Category rules
+
+
+def test_category_examples_are_seeded_and_cover_uncategorised_rows(tmp_path):
+    from pipelines.rows import to_table
+    from pipelines.rundir import RunDir
+    from pipelines.shard import SPLIT, category_examples
+
+    rows = [{**make_row(id=f"r{i}", text=f"prompt {i}"), "harm_category": "Fraud" if i < 6 else ""} for i in range(8)]
+    rundir = RunDir(str(tmp_path / "run"))
+    rundir.write_table(SPLIT, OK, to_table(rows, SHARD_COLUMNS))
+    examples = category_examples(rundir, SPLIT, seed=0, k=3)
+    assert set(examples) == {"Fraud", "uncategorised"}
+    assert len(examples["Fraud"]) == 3 and set(examples["Fraud"]) <= {f"prompt {i}" for i in range(6)}
+    assert sorted(examples["uncategorised"]) == ["prompt 6", "prompt 7"]
+    assert category_examples(rundir, SPLIT, seed=0, k=3) == examples
+    assert category_examples(rundir, SPLIT, seed=0, k=0) == {"Fraud": [], "uncategorised": []}
+
+
+def test_rows_without_rules_for_their_category_are_errors():
+    from pipelines.rows import to_table
+    from pipelines.shard import plan_reframing
+
+    rows = [{**make_row(id="a", text="q"), "harm_category": "Fraud"},
+            {**make_row(id="b", text="q"), "harm_category": "Privacy"},
+            {**make_row(id="c", text="q"), "harm_category": ""}]
+    table = to_table(rows, SHARD_COLUMNS)
+    full = plan_reframing(table, variant="self", mode="full", model="m",
+                          categories=frozenset({"Fraud", "uncategorised"})).to_pylist()
+    assert [(r["status"], r["reason"]) for r in full] == [(OK, ""), (ERROR, "missing_category_rules"), (OK, "")]
+    assert full[0]["variant"] == "self" and full[0]["reframer_model"] == "m" and full[0]["guidelines"] == "full"
+    ablation = plan_reframing(table, variant="u", mode="universal_only", model="m", categories=None).to_pylist()
+    assert {r["status"] for r in ablation} == {OK}

