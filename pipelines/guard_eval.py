@@ -57,7 +57,7 @@ from pipelines.guard_format import GuardFormatError, GuardPrompt, parse_guard_an
 from pipelines.metrics import LABELS, SAFE, UNSAFE, evaluate
 from pipelines.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
 from pipelines.parsing import strip_thinking
-from pipelines.preprocess import LINEAGE, to_common_schema, union_all
+from pipelines.preprocess import LINEAGE, column_or_lineage, to_common_schema, union_all
 from pipelines.rewrite import classify_llm_error
 from pipelines.rows import DROPPED, ERROR, OK, error_detail, to_table
 from pipelines.rundir import RunDir
@@ -337,22 +337,14 @@ def _row(row: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {"score": None, **row, **fields}
 
 
-def _column_or_lineage(row: dict[str, Any], name: str) -> Any:
-    """``row[name]`` when the row has that column with a value, else what its lineage JSON kept
-    under ``name`` (seed loaders keep a paired ``response``; later stages fold it into lineage)."""
-    if row.get(name):
-        return row[name]
-    return json.loads(row.get(LINEAGE) or "{}").get(name)
-
-
 def prepare(batch: pa.Table, *, split: str | None, level: str) -> pa.Table:
     """Input rows -> rows to ask (``ok`` for now), ``dropped`` (another split) or ``error`` rows,
     in the common schema (row schema + ``lineage``) plus :data:`EVAL_COLUMNS`."""
     own = batch.select([c for c in ("split", "response", LINEAGE) if c in batch.column_names]).to_pylist()
     out = []
     for row, original in zip(to_common_schema(batch).to_pylist(), own):
-        row_split = _column_or_lineage(original, "split")
-        response = str(_column_or_lineage(original, "response") or "") if level == RESPONSE else ""
+        row_split = column_or_lineage(original, "split")
+        response = str(column_or_lineage(original, "response") or "") if level == RESPONSE else ""
         row = _row(row, response=response, level=level, status=OK, reason="", detail="")
         if split is not None and row_split is not None and row_split != split:
             row.update(status=DROPPED, reason="other_split", detail=f"split {row_split!r}, evaluating {split!r}")

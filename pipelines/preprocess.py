@@ -58,6 +58,14 @@ def to_common_schema(batch: pa.Table) -> pa.Table:
     return batch.select(keep).cast(pa.schema({**SCHEMA_FIELDS, LINEAGE: pa.string()}))
 
 
+def column_or_lineage(row: dict[str, Any], name: str) -> Any:
+    """``row[name]`` when the row has that column with a value, else what its JSON lineage kept
+    under ``name`` (merged stages fold their extra fields there, e.g. a seed loader's ``response``)."""
+    if row.get(name):
+        return row[name]
+    return json.loads(row.get(LINEAGE) or "{}").get(name)
+
+
 def union_all(datasets: list):
     """One dataset of several (Ray's ``union`` takes the others as arguments)."""
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

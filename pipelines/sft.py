@@ -23,7 +23,6 @@ Each stage:
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -32,6 +31,7 @@ import pyarrow as pa
 
 from pipelines.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri
 from pipelines.guard_format import SAFE, UNSAFE, GuardPrompt, guard_answer
+from pipelines.preprocess import column_or_lineage
 from pipelines.rows import DROPPED, ERROR, OK, STATUS_FIELDS
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage
@@ -46,22 +46,12 @@ TOKENIZED = {"id": pa.string(), "input_ids": pa.list_(pa.int32()), "prompt_len":
 
 
 def pick_columns(batch: pa.Table, columns: dict[str, str]) -> pa.Table:
-    """``{out name: source name}`` as string columns: the source column where the rows have it,
-    else that key of the JSON ``lineage`` column (where merged stages keep their extra fields, e.g.
-    a seed loader's paired ``response``), else ``""``."""
-    n = batch.num_rows
-    lineage = None
-    out = {}
-    for name, source in columns.items():
-        if source in batch.column_names:
-            values = batch.column(source).to_pylist()
-        else:
-            if lineage is None:
-                raw = batch.column("lineage").to_pylist() if "lineage" in batch.column_names else [""] * n
-                lineage = [json.loads(x) if x else {} for x in raw]
-            values = [record.get(source) for record in lineage]
-        out[name] = pa.array(["" if v is None else str(v) for v in values], pa.string())
-    return pa.table(out)
+    """``{out name: source name}`` as string columns, each value from the row's column or its JSON
+    lineage (:func:`pipelines.preprocess.column_or_lineage`), else ``""``."""
+    rows = batch.to_pylist()
+    return pa.table({name: pa.array(["" if (v := column_or_lineage(r, source)) is None else str(v)
+                                     for r in rows], pa.string())
+                     for name, source in columns.items()})
 
 
 class TokenizeExamples:
