@@ -295,9 +295,6 @@ class MDPO(Method):
         }
         return out.loss, metrics
 
-    def tokens(self, batch: dict[str, Any]) -> int:
-        return int(batch["attention_mask"].sum().item())
-
     def after_step(self, metrics: dict[str, float]) -> None:
         self.running_mean = update_running_mean(self.running_mean, metrics["batch_mean"], self.config.gamma)
 
