@@ -110,6 +110,7 @@ def test_demo_recipe_is_valid(tiny_models):
         f"models.keyword_writer.model={tiny_models['causal-lm']}",
         f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}",
         f"models.adjudicator.model={tiny_models['causal-lm']}",
+        f"models.guard.model={tiny_models['causal-lm']}", f"stages.guard_sft.model={tiny_models['causal-lm']}",
         *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
         "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess", "jury",
