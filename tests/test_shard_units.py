@@ -430,10 +430,14 @@ def test_presets_keep_harm_category_and_level(tmp_path):
     assert (ls["harm_category"], ls["harm_level"]) == ("Fraud", "L2")
 
 
-def test_demo_and_paper_recipes_load_with_their_stage_order():
+def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     from pipelines.construction import build_stages
 
-    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml")
+    # the demo names models/tiny (built by `make demo`); a clean checkout has the session's kit
+    lm, judge1, judge2 = tiny_models["causal-lm"], tiny_models["judge-1"], tiny_models["judge-2"]
+    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
+        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
+        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}"])
     names = [s.name for s in build_stages(demo)]
     variants = ["self", "teacher"]
     expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer"]
