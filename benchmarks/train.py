@@ -11,9 +11,10 @@ One random-init Qwen3 model (built here, offline: the tiny-model kit's tokenizer
   ZeRO-2, reference model beside the policy, global batch 16, K 12); median step time after the
   first two steps, runs in ABBA order (``--rounds`` pairs), averaged per method. Target: MDPO ≤
   1.05 × DPO;
-- TRL (when installed, the ``bench`` extra): ``DPOTrainer`` in one process against our DPO with one
-  worker, same model, pairs, batch (micro 8 × 2 accumulation), β and max length; median step time
-  from a step-timing callback. Target: ours ≤ TRL (ratio ≤ 1.0).
+- TRL (when installed, the ``bench`` extra): ``DPOTrainer`` in the driver process against our DPO
+  with one worker on the same cores (``cpus_per_worker`` = all of them), same model, pairs, batch
+  (micro 8 × 2 accumulation), β and max length; median step time (TRL's from a step-timing
+  callback), ABBA order over ``--rounds``, averaged. Target: ours ≤ TRL (ratio ≤ 1.0).
 
 Prints a table and writes JSON (default ``bench_out/train.json``). On a GPU machine pass
 ``--gpu`` to train the SFT run on one GPU with ZeRO-2 bf16 (and ``--hidden 2048 --layers 28`` for a
@@ -103,7 +104,7 @@ def run_stage(work: Path, name: str, stages: dict) -> list[dict]:
     return history
 
 
-def trl_step_seconds(model: str, pairs: Path, steps: int, max_length: int) -> float | None:
+def trl_step_seconds(model: str, pairs: Path, steps: int, max_length: int, out: Path) -> float | None:
     """Median step time of TRL's DPOTrainer (one process), or None when TRL is not installed."""
     try:
         import trl
@@ -128,7 +129,7 @@ def trl_step_seconds(model: str, pairs: Path, steps: int, max_length: int) -> fl
             times.append(time.perf_counter() - self.t0)
 
     torch.manual_seed(0)
-    args = trl.DPOConfig(output_dir=str(pairs.parent / "trl"), per_device_train_batch_size=8,
+    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=8,
                          gradient_accumulation_steps=2, learning_rate=5e-6, beta=0.1, max_length=max_length,
                          max_steps=steps, logging_steps=1000, save_strategy="no", report_to="none",
                          use_cpu=True, bf16=False, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
@@ -178,13 +179,27 @@ def main() -> None:
     for i, name in enumerate(order):
         history = run_stage(work, f"{name}_{i}", {"mdpo": {**pair_stage, "dynamic_beta": name == "mdpo"}})
         step[name].append(steady(history, "step_seconds"))
-    dpo1 = run_stage(work, "dpo_1worker", {"mdpo": {**pair_stage, "dynamic_beta": False, "num_workers": 1}})
+    # Ours with one worker against TRL's DPOTrainer in this (driver) process, ABBA as above. The
+    # worker gets all the cores TRL's process has (Ray pins a worker's torch threads to its CPU
+    # count, so cpus_per_worker 1 would run on one core against TRL's two).
+    cores = os.cpu_count() or 1
+    one = {"ours": [], "trl": []}
+    for i, name in enumerate((["ours", "trl", "trl", "ours"] * args.rounds)[:2 * args.rounds]):
+        if name == "trl":
+            seconds = trl_step_seconds(model, pairs, args.steps, args.max_length, work / f"trl_{i}")
+            if seconds is None:
+                break
+            one["trl"].append(seconds)
+        else:
+            history = run_stage(work, f"dpo_1worker_{i}", {"mdpo": {
+                **pair_stage, "dynamic_beta": False, "num_workers": 1, "cpus_per_worker": cores}})
+            one["ours"].append(steady(history, "step_seconds"))
     ray.shutdown()
-    trl_step = trl_step_seconds(model, pairs, args.steps, args.max_length)
+    trl_step = statistics.mean(one["trl"]) if one["trl"] else None
 
     sft_tps = steady(sft, "tokens_per_second_per_worker") * sft_workers
     dpo_step, mdpo_step = statistics.mean(step["dpo"]), statistics.mean(step["mdpo"])
-    dpo1_step = steady(dpo1, "step_seconds")
+    dpo1_step = statistics.mean(one["ours"])
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": args.gpu},
         "model": {"hidden": args.hidden, "layers": args.layers, "parameters": params},
@@ -195,6 +210,7 @@ def main() -> None:
         "mdpo_over_dpo": mdpo_step / dpo_step,
         "dpo_1worker_step_seconds": dpo1_step,
         "trl_dpo_step_seconds": trl_step,
+        "dpo_1worker_step_seconds_per_run": one["ours"], "trl_dpo_step_seconds_per_run": one["trl"],
         "ours_over_trl": dpo1_step / trl_step if trl_step else None,
     }
     if args.gpu:

@@ -241,6 +241,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     bf16 = config.bf16 if config.bf16 is not None else use_gpu
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(config.seed)
+    if rank == 0:  # Ray pins torch's threads to the worker's CPUs (cpus_per_worker)
+        log.info("%d worker(s) on %s, %d torch threads each", world, device, torch.get_num_threads())
 
     ds_config = deepspeed_config(config, use_gpu=use_gpu, bf16=bf16)
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
