@@ -188,15 +188,17 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
 
 
 def status_table(rundir: RunDir) -> str:
-    """The table ``chillguard status RUN_DIR`` prints."""
-    header = f"{'stage':<14}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
+    """The table ``chillguard status RUN_DIR`` prints; the stage column is as wide as the longest name."""
+    manifests = sorted(rundir.manifests().items(), key=lambda kv: ((kv[1] or {}).get("started_at", "~"),
+                                                                   (kv[1] or {}).get("finished_at", "~")))
+    width = max([len("stage"), *(len(name) for name, _ in manifests)]) + 2
+    header = f"{'stage':<{width}}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
     lines = [header, "-" * len(header)]
-    for name, m in sorted(rundir.manifests().items(), key=lambda kv: ((kv[1] or {}).get("started_at", "~"),
-                                                                  (kv[1] or {}).get("finished_at", "~"))):
+    for name, m in manifests:
         if m is None:
-            lines.append(f"{name:<14}{'incomplete':<12}")
+            lines.append(f"{name:<{width}}{'incomplete':<12}")
             continue
         r = m["rows"]
-        lines.append(f"{name:<14}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
+        lines.append(f"{name:<{width}}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
                      f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
     return "\n".join(lines)
