@@ -104,6 +104,12 @@ def run_stage(work: Path, name: str, stages: dict) -> list[dict]:
     return history
 
 
+def abba(a: str, b: str, rounds: int) -> list[str]:
+    """Run order a, b, b, a, a, b, ... (``rounds`` pairs), so that drift in the machine's load hits
+    both alike."""
+    return ([a, b, b, a] * rounds)[:2 * rounds]
+
+
 def trl_step_seconds(model: str, pairs: Path, steps: int, max_length: int, out: Path) -> float | None:
     """Median step time of TRL's DPOTrainer (one process), or None when TRL is not installed."""
     try:
@@ -173,18 +179,16 @@ def main() -> None:
         "guard_sft": {**common, "inputs": ["seeds_g"], "template": str(prompt), "num_workers": sft_workers,
                       "micro_batch_size": 16 // sft_workers, "use_gpu": args.gpu, "bf16": args.gpu}})
     pair_stage = {**common, "paths": [str(pairs)], "micro_batch_size": 8, "keep": 12, "use_gpu": False}
-    # DPO and MDPO in ABBA order, so that drift in the machine's load hits both alike
     step = {"dpo": [], "mdpo": []}
-    order = (["dpo", "mdpo", "mdpo", "dpo"] * args.rounds)[:2 * args.rounds]
-    for i, name in enumerate(order):
+    for i, name in enumerate(abba("dpo", "mdpo", args.rounds)):
         history = run_stage(work, f"{name}_{i}", {"mdpo": {**pair_stage, "dynamic_beta": name == "mdpo"}})
         step[name].append(steady(history, "step_seconds"))
-    # Ours with one worker against TRL's DPOTrainer in this (driver) process, ABBA as above. The
+    # Ours with one worker against TRL's DPOTrainer in this (driver) process, in ABBA order too. The
     # worker gets all the cores TRL's process has (Ray pins a worker's torch threads to its CPU
     # count, so cpus_per_worker 1 would run on one core against TRL's two).
     cores = os.cpu_count() or 1
     one = {"ours": [], "trl": []}
-    for i, name in enumerate((["ours", "trl", "trl", "ours"] * args.rounds)[:2 * args.rounds]):
+    for i, name in enumerate(abba("ours", "trl", args.rounds)):
         if name == "trl":
             seconds = trl_step_seconds(model, pairs, args.steps, args.max_length, work / f"trl_{i}")
             if seconds is None:
