@@ -44,6 +44,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_balanced(manifest: dict) -> None:
+    """A stage's accounting: every row it read is in an output, dropped or errored
+    (in = out_parents + dropped + errored)."""
+    r = manifest["rows"]
+    assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"], manifest.get("stage")
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

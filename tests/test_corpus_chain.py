@@ -16,7 +16,7 @@ from pipelines.rows import ERROR, OK
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
 from pipelines.taxonomy import load_taxonomy
-from tests.conftest import long_context_endpoint, write_jsonl
+from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 TOPICS = ["有人在网上散布谣言说某种药能治百病", "论坛里有人发帖歧视外地人", "某公司泄露了竞争对手的商业秘密",
           "A post claims a vaccine contains microchips", "Someone doxxed a streamer and posted her address",
@@ -60,8 +60,7 @@ def test_corpus_to_rag_prompts(tmp_path, tiny_models, ray_local):
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(stages, rundir)
     for m in manifests.values():
-        r = m["rows"]
-        assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"], m["stage"]
+        assert_balanced(m)
 
     # keyword pool: all 620 seeds kept, expansions pooled, nothing over the target
     tax = load_taxonomy()

@@ -38,7 +38,7 @@ from pipelines.rows import ERROR, OK, make_row
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage, run_stages
 from pipelines.taxonomy import load_taxonomy
-from tests.conftest import long_context_endpoint, write_jsonl
+from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 TAXONOMY_PATH = Path(__file__).resolve().parents[1] / "configs" / "taxonomy.yaml"
 TAXONOMY = load_taxonomy(TAXONOMY_PATH)
@@ -363,11 +363,6 @@ def _labelled_set(tmp_path):
     return write_jsonl(tmp_path / "labelled.jsonl", records)
 
 
-def _balanced(manifest):
-    r = manifest["rows"]
-    assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"]
-
-
 def _check_report(rundir: RunDir, stage: str, manifest: dict):
     ok = pq.read_table(rundir.partition_uri(stage, OK)).to_pylist()
     for row in ok:
@@ -413,7 +408,7 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     manifests = run_stages(stages, rundir)
 
     m = manifests["guard_eval_ours"]
-    _balanced(m)
+    assert_balanced(m)
     assert m["rows"]["in"] == 13 and m["reasons"]["errored"].get("prompt_too_long") == 1
     assert set(m["reasons"]["errored"]) <= {"prompt_too_long", "unparseable_output"}
     ok, metrics = _check_report(rundir, "guard_eval_ours", m)
@@ -422,7 +417,7 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     assert all(r["pred_micro"] in ("", *TAXONOMY.micro_codes) for r in ok)
 
     m = manifests["guard_eval_baseline"]
-    _balanced(m)
+    assert_balanced(m)
     assert m["reasons"]["errored"].get("missing_response") == 4     # s2, s5, s8, s11
     assert m["reasons"]["errored"].get("prompt_too_long") == 1
     ok, metrics = _check_report(rundir, "guard_eval_baseline", m)

@@ -9,7 +9,7 @@ from pipelines.ingest import IngestStage
 from pipelines.rewrite import RewriteStage
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
-from tests.conftest import REPO, vllm_endpoint, write_jsonl
+from tests.conftest import REPO, assert_balanced, vllm_endpoint, write_jsonl
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
 
@@ -18,11 +18,6 @@ def _corpus(tmp_path, n=12):
     records = [{"text": f"第{i}篇文档：网络上有人散布关于健康的虚假信息。document {i}"} for i in range(n)]
     records.append({"text": "很长的文档 " * 2000})  # far beyond max_model_len (1024 here, 4096 served)
     return write_jsonl(tmp_path / "corpus.jsonl", records)
-
-
-def _check_accounting(manifest):
-    rows = manifest["rows"]
-    assert rows["in"] == rows["out_parents"] + rows["dropped"] + rows["errored"]
 
 
 @pytest.mark.slow
@@ -39,7 +34,7 @@ def test_rewrite_stage_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     assert manifests["ingest"]["rows"] == {"in": 13, "out": 13, "out_parents": 13, "dropped": 0,
                                            "errored": 0}
     assert rewrite["rows"]["in"] == 13
-    _check_accounting(rewrite)
+    assert_balanced(rewrite)
     # the over-long prompt is an error row with its reason; the job went on for the rest
     assert rewrite["reasons"]["errored"].get("prompt_too_long") == 1
     assert set(rewrite["reasons"]["errored"]) <= {"prompt_too_long", "unparseable_output"}
@@ -67,7 +62,7 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local):
     ]
     manifests = run_stages(stages, RunDir(str(tmp_path / "run")))
     rewrite = manifests["rewrite"]
-    _check_accounting(rewrite)
+    assert_balanced(rewrite)
     assert rewrite["rows"]["in"] == 7
     # the server refuses the over-long prompt with an OpenAI-style error body -> error row
     assert rewrite["reasons"]["errored"].get("prompt_too_long") == 1

@@ -12,7 +12,7 @@ from pipelines.construction import build_stages
 from pipelines.rows import ERROR, OK
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
-from tests.conftest import long_context_endpoint, write_jsonl
+from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 
 def _rows(rundir, stage, status=OK):
@@ -51,8 +51,7 @@ def test_seeds_pe_preprocess(tmp_path, tiny_models, ray_local):
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(stages, rundir)
     for m in manifests.values():
-        r = m["rows"]
-        assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"], m["stage"]
+        assert_balanced(m)
     assert manifests["seeds_cs"]["reasons"]["errored"] == {"unknown_label": 1, "missing_text": 1}
     assert manifests["seeds_dna"]["rows"]["out"] == 9
 
