@@ -8,7 +8,8 @@ One function, :func:`chat`, serves every engine a recipe can name:
   switched off (the engine detokenizes itself). On small machines those extra pools compete with the
   engine for CPU; on clusters they are one more hop per row.
 - ``engine: http``: ``HttpRequestProcessorConfig`` against an OpenAI-compatible
-  ``/v1/chat/completions`` server (a hosted adjudicator, ``vllm serve``, ...).
+  ``/v1/chat/completions`` server (a hosted adjudicator, ``vllm serve``, ...). The API key is read
+  from ``api_key_env`` in the workers, never in the driver (:class:`BearerSession`).
 
 Input rows must not carry a ``model`` column: the library's vLLM stage reads it as the name of a
 LoRA adapter to load. Batching, engines, actor pools and retries are the library's. Failures of one row (prompt longer
@@ -193,6 +194,34 @@ class _HttpPreprocess:
                             **structured_params(self.endpoint, self.constraint, row), **self.extra}}
 
 
+class BearerSession:
+    """The HTTP stage's ``session_factory``: an ``aiohttp`` session whose requests carry
+    ``Authorization: Bearer <key>``, the key read from environment variable ``env_var`` of the Ray
+    worker that sends them, each time the stage opens a session for a batch.
+
+    The driver never reads the key: whatever it passes to the processor (``headers`` included) is
+    pickled into the actor specs that Ray keeps in its control store, so only the variable's name
+    goes there. Workers get the variable from their node's environment (on a cluster, set it where
+    ``ray start`` runs on every node; an embedded local Ray inherits the driver's environment).
+    """
+
+    def __init__(self, env_var: str):
+        self.env_var = env_var
+
+    def __call__(self):
+        import socket
+
+        import aiohttp
+
+        key = os.environ.get(self.env_var)
+        if not key:
+            raise RuntimeError(
+                f"environment variable {self.env_var} (api_key_env) is not set on Ray node "
+                f"{socket.gethostname()}: the HTTP stage's workers read the API key from their own "
+                "environment; set it on every node (where `ray start` runs)")
+        return aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"})
+
+
 def _http_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in _ENGINE_KEYS}
     response = row.get("http_response") or {}
@@ -265,15 +294,10 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constra
         )
         return _build(config, preprocess=_VLLMPreprocess(endpoint, render, constraint),
                       postprocess=functools.partial(_vllm_postprocess, first_logprobs=first_logprobs))
-    headers = {}
-    if endpoint.api_key_env:
-        key = os.environ.get(endpoint.api_key_env)
-        if not key:
-            raise RuntimeError(f"environment variable {endpoint.api_key_env} (api_key_env) is not set")
-        headers["Authorization"] = f"Bearer {key}"
     config = HttpRequestProcessorConfig(
         url=endpoint.url,
-        headers=headers,
+        # only the variable's name travels; the key is read where the requests are sent
+        session_factory=BearerSession(endpoint.api_key_env) if endpoint.api_key_env else None,
         qps=endpoint.qps,
         max_retries=endpoint.max_retries,
         batch_size=endpoint.batch_size,

@@ -1,10 +1,14 @@
 """LLM stage throughput: bare vLLM vs stock ray.data.llm vs our LLM stage, same prompts and model.
 
-    python benchmarks/llm_stage.py [--model DIR] [--prompts 5000] [--warm 1000] [--max-tokens 32]
+    python benchmarks/llm_stage.py [--model DIR] [--prompts 40000] [--warm 1000] [--max-tokens 32]
 
 Steady-state rate is the marginal rate between the ``--warm``-th and the last prompt (engine start-up
-and the first batches are reported separately). Each request generates exactly ``--max-tokens``
-tokens (``ignore_eos``), so the three variants do the same work. Prints a table and writes JSON.
+and the first batches are reported separately). For the Ray variants it is read off the rows'
+production times and reported only when rows stream out (see :func:`benchmarks.report.steady_rate`);
+otherwise it is ``n/a`` with the reason. On 2 CPUs a few thousand prompts reach the timestamping map
+in bursts, hence the default of 40,000. The bare engine's start-up is printed beside the Ray
+variants' time to first row. Each request generates exactly ``--max-tokens`` tokens
+(``ignore_eos``), so the three variants do the same work. Prints a table and writes JSON.
 Without ``--model`` the offline tiny Qwen3 is built into a temporary folder.
 """
 
@@ -18,12 +22,14 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.report import steady_rate  # noqa: E402
 from pipelines.config import LLMEndpoint  # noqa: E402
 
 DOCS = ["网络上有人散布关于健康的虚假信息，请把它改写成用户的提问。", "A user asks how to report a scam website.",
@@ -55,9 +61,11 @@ def bare_vllm(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
     t3 = time.perf_counter()
     tokens = sum(len(o.outputs[0].token_ids) for o in rest)
     total = tokens + sum(len(o.outputs[0].token_ids) for o in first)
-    result = {"startup_s": startup, "first_batch_s": t2 - t1, "steady_tokens": tokens,
-              "steady_s": t3 - t2, "tok_per_s": tokens / (t3 - t2), "total_tokens": total,
-              "wall_s": t3 - t0, "end_to_end_tok_per_s": total / (t3 - t0)}
+    # one generate() call over the rest: the engine's own steady state, measurable by construction
+    result = {"startup_s": startup, "first_row_s": None, "first_batch_s": t2 - t1,
+              "steady_tokens": tokens, "steady_s": t3 - t2, "tok_per_s": tokens / (t3 - t2),
+              "why_na": None, "total_tokens": total, "wall_s": t3 - t0,
+              "end_to_end_tok_per_s": total / (t3 - t0)}
     llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
     del llm
     gc.collect()
@@ -72,21 +80,20 @@ def _stamp(batch):
 
 
 def _rates(dataset, tokens_column: str, warm: int, t0: float) -> dict:
-    """Marginal rate between the warm-th finished row and the last one, by production time.
+    """Time to first row, the steady rate after ``warm`` rows (or ``n/a`` and why), end-to-end rate.
 
     Production timestamps (not the driver's consumption times) are used because Ray Data buffers
-    finished blocks: the driver may receive them in bursts.
+    finished blocks: the driver may receive them in bursts. ``arrivals`` (seconds after start, rows)
+    per distinct production time lets a reader check the steadiness verdict.
     """
     rows = dataset.select_columns([tokens_column, "t_done"]).take_all()
-    rows.sort(key=lambda r: r["t_done"])
     done = [r["t_done"] for r in rows]
     tokens = [r[tokens_column] for r in rows]
-    steady_tokens = sum(tokens[warm:])
-    steady_s = done[-1] - done[warm - 1]
-    wall = done[-1] - t0
-    return {"startup_s": done[0] - t0, "rows": len(rows), "steady_tokens": steady_tokens,
-            "steady_s": steady_s, "tok_per_s": steady_tokens / steady_s, "total_tokens": sum(tokens),
-            "wall_s": wall, "end_to_end_tok_per_s": sum(tokens) / wall}
+    wall = max(done) - t0
+    arrivals = Counter(round(t - t0, 3) for t in done)
+    return {"startup_s": None, "first_row_s": min(done) - t0, "rows": len(rows),
+            **steady_rate(done, tokens, warm, t0), "total_tokens": sum(tokens), "wall_s": wall,
+            "end_to_end_tok_per_s": sum(tokens) / wall, "arrivals": sorted(arrivals.items())}
 
 
 def stock_ray_data_llm(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
@@ -120,7 +127,7 @@ def our_stage(endpoint: LLMEndpoint, rows: list[dict], warm: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or HF id (default: build the tiny model)")
-    parser.add_argument("--prompts", type=int, default=5000)
+    parser.add_argument("--prompts", type=int, default=40_000)
     parser.add_argument("--warm", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -156,7 +163,7 @@ def main() -> None:
         ray.shutdown()
     base = results.get("bare_vllm", {}).get("tok_per_s")
     for r in results.values():
-        r["ratio_to_bare"] = r["tok_per_s"] / base if base else None
+        r["ratio_to_bare"] = r["tok_per_s"] / base if base and r["tok_per_s"] else None
     report = {
         "benchmark": "llm_stage", "model": model, "prompts": args.prompts, "warm": args.warm,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
@@ -165,13 +172,22 @@ def main() -> None:
                     "gpu": __import__("cluster.connect", fromlist=["x"]).cuda_device_count()},
         "results": results,
     }
-    print("\nsteady = marginal rate after the warm-up prompts; end-to-end includes engine start-up.\n"
-          "A variant whose rows all finish in one burst has no meaningful steady rate: compare wall.")
-    print(f"{'variant':<22}{'startup s':>10}{'steady tok/s':>14}{'ratio':>8}{'wall s':>9}{'e2e tok/s':>11}")
+    print("\nstart-up = the bare engine's init; first row = Ray variants' time to their first output row.\n"
+          "steady = marginal rate after the warm-up prompts, n/a where rows do not stream out (reason\n"
+          "below); end-to-end includes start-up.")
+    print(f"{'variant':<22}{'start-up s':>11}{'first row s':>12}{'steady tok/s':>14}{'ratio':>8}"
+          f"{'wall s':>9}{'e2e tok/s':>11}")
+
+    def cell(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
     for name, r in results.items():
-        ratio = f"{r['ratio_to_bare']:.2f}" if r["ratio_to_bare"] else "-"
-        print(f"{name:<22}{r['startup_s']:>10.1f}{r['tok_per_s']:>14.0f}{ratio:>8}{r['wall_s']:>9.1f}"
-              f"{r['end_to_end_tok_per_s']:>11.0f}")
+        print(f"{name:<22}{cell(r['startup_s'], '.1f'):>11}{cell(r['first_row_s'], '.1f'):>12}"
+              f"{cell(r['tok_per_s'], ',.0f'):>14}{cell(r['ratio_to_bare'], '.2f'):>8}{r['wall_s']:>9.1f}"
+              f"{r['end_to_end_tok_per_s']:>11,.0f}")
+    for name, r in results.items():
+        if r["why_na"]:
+            print(f"{name}: no steady rate: {r['why_na']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written: {args.out}")

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.expressions import col
 
-from pipelines.config import AssembleConfig
+from pipelines.config import AssembleConfig, semantic_dump
 from pipelines.jury import LABEL_COLUMNS, run_pass
 from pipelines.preprocess import LINEAGE, to_common_schema, union_all
 from pipelines.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, to_table
@@ -150,7 +150,8 @@ LINEAGE_FIELDS = {
     "lineage": "JSON: stage-specific provenance (retrieval query, retrieved ids, rewriting model, ...)",
     "votes": "every judge's vote: judge, model, raw answer, parsed verdict (empty = abstention)",
     "source_label / source_micro": "label and micro category before calibration",
-    "decision": "majority (strict majority of valid votes), adjudicated (tie or no valid vote), "
+    "decision": "majority (strict majority of valid votes), adjudicated (a tie, or fewer valid votes than "
+                "the jury's quorum min_valid_votes), "
                 "source (external datasets keep their own labels)",
     "flipped": "calibration changed the source label",
     "adjudicator / adjudicator_answers": "adjudicator model and its raw answers",
@@ -175,8 +176,11 @@ def dataset_card(*, name: str, config: AssembleConfig, stats: dict, taxonomy_pat
               "## How labels were decided", "",
               f"Every constructed row was labelled by a jury of {len(labelling.get('judges', []))} LLMs "
               f"({', '.join(labelling.get('judges', [])) or 'none'}); a label wins with a strict majority "
-              "of the valid votes (answers that are not a verdict are abstentions). Ties and rows "
-              f"without a valid vote were labelled by the adjudicator ({labelling.get('adjudicator') or 'none'}), "
+              "of the valid votes (answers that are not a verdict are abstentions)"
+              + (f" once at least {labelling['min_valid_votes']} judges gave a valid vote"
+                 if labelling.get("min_valid_votes") else "")
+              + ". Ties and rows below the quorum were labelled by the adjudicator"
+              f" ({labelling.get('adjudicator') or 'none'}), "
               "which also assigned the micro category of every unsafe row. External datasets keep their "
               "own labels and appear in train only."]
     if agreement:
@@ -215,7 +219,7 @@ class AssembleStage(Stage):
         self.labelling = labelling  # {"judges": [...], "adjudicator": ...} for the card
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json"), "seed": self.seed, "labelling": self.labelling}
+        return {"config": semantic_dump(self.config), "seed": self.seed, "labelling": self.labelling}
 
     def _rows(self, inputs: dict, names: list[str], external: bool):
         return union_all([inputs[n].map_batches(prepare, batch_format="pyarrow",

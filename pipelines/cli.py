@@ -4,6 +4,9 @@
     chillguard config RECIPE [key=value ...]
     chillguard status RUN_DIR
     chillguard tiny-models OUT_DIR [--seed N]
+
+Exit codes: 0 done; 2 a recipe problem, or a status path that holds no run; 3 training paused
+(``stop_after_steps``; run again to continue); 4 the run directory is in use by another run.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ def _cmd_run(args) -> int:
     stages = build_stages(recipe)  # templates are read and checked before the cluster starts
     from pipelines.train_loop import TrainingPaused
 
-    connect(recipe.cluster, env_address(args.address, recipe))
-    try:
-        run_recipe(recipe, stages, force=args.force)
-    except TrainingPaused as exc:
-        print(status_table(RunDir(recipe.run_dir)))
-        print(f"paused: {exc}", file=sys.stderr)
-        return 3
-    print(status_table(RunDir(recipe.run_dir)))
+    rundir = RunDir(recipe.run_dir)
+    with rundir.lock():  # before Ray starts: a second run on the same directory stops here
+        connect(recipe.cluster, env_address(args.address, recipe))
+        try:
+            run_recipe(recipe, stages, force=args.force)
+        except TrainingPaused as exc:
+            print(status_table(rundir))
+            print(f"paused: {exc}", file=sys.stderr)
+            return 3
+    print(status_table(rundir))
     return 0
 
 
@@ -47,10 +52,16 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipelines.rundir import RunDir
+    from pipelines.rundir import NotARunDir, RunDir
     from pipelines.stage import status_table
 
-    print(status_table(RunDir(args.run_dir)))
+    rundir = RunDir(args.run_dir, create=False)
+    try:
+        rundir.check_is_run_dir()
+    except NotARunDir as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(status_table(rundir))
     return 0
 
 
@@ -90,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging()
+    from pipelines.rundir import RunDirLocked
+
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import to_jsonable_python
+
+from pipelines.voting import strict_majority
 
 
 class ConfigError(ValueError):
@@ -90,6 +93,38 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: Field marker (``Field(..., json_schema_extra=OPERATIONAL)``) for a setting that changes how fast or
+#: where a stage runs, never what it writes: actor counts, batch sizes sent to actors, rate limits,
+#: retries of transport errors, devices and threads, reporting and checkpoint periods.
+OPERATIONAL: dict[str, Any] = {"operational": True}
+
+
+def is_operational(field: Any) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("operational"))
+
+
+def semantic_dump(value: Any) -> Any:
+    """``model_dump(mode="json")`` without the fields marked :data:`OPERATIONAL`, at every depth
+    (nested sections, dicts and lists of them). This is the one place where operational settings
+    leave config hashes, so scaling a finished run up or down recomputes nothing.
+
+    Deliberately *not* operational (they change the output): sampling settings; ``engine_kwargs``
+    (it mixes ``max_model_len``, dtype and the engine seed with memory knobs, and tensor parallelism
+    changes reductions); the endpoint ``url``; ``structured_outputs``; training's ``num_workers``,
+    ``micro_batch_size`` and ``global_batch_size`` (which rows share an optimizer step and how the
+    loss is averaged over micro-batches), ``use_gpu`` and ``bf16`` (precision), ``deepspeed`` (a
+    JSON file can set the optimizer); re-ask ``retries`` of LLM stages (a re-ask is a new answer).
+    """
+    if isinstance(value, BaseModel):
+        return {name: semantic_dump(getattr(value, name))
+                for name, field in type(value).model_fields.items() if not is_operational(field)}
+    if isinstance(value, dict):
+        return {key: semantic_dump(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [semantic_dump(item) for item in value]
+    return to_jsonable_python(value)
+
+
 # --------------------------------------------------------------------------------------------
 # Cluster
 
@@ -136,6 +171,20 @@ class SamplingConfig(Strict):
         return params
 
 
+def _is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
+
+
 class LLMEndpoint(Strict):
     """One model endpoint used by LLM stages.
 
@@ -146,18 +195,23 @@ class LLMEndpoint(Strict):
     engine: Literal["vllm", "http"]
     model: str = Field(description="HF id or local folder (vllm); served model name (http)")
     url: str | None = Field(None, description="http only: full chat-completions URL")
-    api_key_env: str | None = Field(None, description="http only: env var holding the API key")
+    api_key_env: str | None = Field(None, description="http only: env var holding the API key, read "
+                                    "by the Ray workers that send requests (the driver never reads it)",
+                                    json_schema_extra=OPERATIONAL)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    concurrency: int | tuple[int, int] = 1
-    batch_size: int = Field(64, ge=1)
-    max_concurrent_batches: int = Field(4, ge=1)
-    accelerator_type: str | None = None
+    # operational: how many engines, how rows are batched to them, where and how fast they run
+    concurrency: int | tuple[int, int] = Field(1, json_schema_extra=OPERATIONAL)
+    batch_size: int = Field(64, ge=1, json_schema_extra=OPERATIONAL)
+    max_concurrent_batches: int = Field(4, ge=1, json_schema_extra=OPERATIONAL)
+    accelerator_type: str | None = Field(None, json_schema_extra=OPERATIONAL)
     log_engine_metrics: bool = Field(
-        False, description="vllm only: export engine metrics (needs a Prometheus export port)")
-    qps: int | None = Field(None, ge=1, description="http only: request rate limit")
-    max_retries: int = Field(3, ge=0, description="http only: retries on 429/5xx/timeouts")
+        False, description="vllm only: export engine metrics (needs a Prometheus export port)",
+        json_schema_extra=OPERATIONAL)
+    qps: int | None = Field(None, ge=1, description="http only: request rate limit", json_schema_extra=OPERATIONAL)
+    max_retries: int = Field(3, ge=0, description="http only: retries on 429/5xx/timeouts",
+                             json_schema_extra=OPERATIONAL)
     structured_outputs: bool | None = Field(
         None, description="accepts vLLM structured outputs (answers constrained to a choice list or "
         "regex). Default: yes for engine vllm, no for http (set true for a `vllm serve` endpoint)")
@@ -173,11 +227,17 @@ class LLMEndpoint(Strict):
         if self.engine == "vllm":
             if self.url is not None:
                 raise ValueError("url is only for engine: http")
+            if self.api_key_env is not None:
+                raise ValueError("api_key_env is only for engine: http")
         else:
             if not self.url or not re.match(r"^https?://", self.url):
                 raise ValueError("engine: http needs url: http(s)://HOST:PORT/v1/chat/completions")
             if self.engine_kwargs:
                 raise ValueError("engine_kwargs are only for engine: vllm")
+            if self.api_key_env and self.url.startswith("http://") and not _is_loopback(self.url):
+                raise ValueError(
+                    f"api_key_env {self.api_key_env}: refusing to send the API key over plain http:// to "
+                    f"{self.url}; use https:// (plain http is only for 127.0.0.0/8, ::1 and localhost)")
         return self
 
     @property
@@ -276,7 +336,10 @@ class KeywordsConfig(Strict):
                                    validate_default=True)
     target_per_category: int = Field(80, ge=1, description="keywords kept per micro category")
     requests_per_category: int = Field(
-        1, ge=1, description="LLM requests per category; their answers are pooled and deduplicated")
+        1, ge=1, description="LLM requests per category and round; answers are pooled and deduplicated")
+    max_rounds: int = Field(
+        3, ge=1, le=20, description="expansion rounds; each later round asks only the categories still "
+        "below the target, for the missing count; categories short after the last are in the summary")
     max_chars: int = Field(32, ge=2, description="longer candidates are dropped (invalid_keyword)")
 
 
@@ -284,14 +347,18 @@ class EmbedConfig(Strict):
     """Sentence-transformers embeddings in a Ray Data actor pool (normalised, for inner product)."""
 
     model: ModelRef = Field(description="BAAI/bge-m3 at paper scale; a local folder offline")
-    batch_size: int = Field(1024, ge=1, description="rows per Ray Data batch sent to one actor")
-    encode_batch_size: int = Field(64, ge=1, description="sentence-transformers encode batch size")
-    concurrency: int = Field(1, ge=1, description="embedding actors")
+    batch_size: int = Field(1024, ge=1, description="rows per Ray Data batch sent to one actor",
+                            json_schema_extra=OPERATIONAL)
+    encode_batch_size: int = Field(64, ge=1, description="sentence-transformers encode batch size",
+                                   json_schema_extra=OPERATIONAL)
+    concurrency: int = Field(1, ge=1, description="embedding actors", json_schema_extra=OPERATIONAL)
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: one GPU per actor when the cluster has GPU nodes, else CPU")
-    num_cpus: float = Field(1, gt=0, description="CPU slots each actor reserves")
+        "auto", description="auto: one GPU per actor when the cluster has GPU nodes, else CPU",
+        json_schema_extra=OPERATIONAL)
+    num_cpus: float = Field(1, gt=0, description="CPU slots each actor reserves", json_schema_extra=OPERATIONAL)
     torch_threads: int | None = Field(
-        None, ge=1, description="intra-op threads per CPU actor; default: its num_cpus")
+        None, ge=1, description="intra-op threads per CPU actor; default: its num_cpus",
+        json_schema_extra=OPERATIONAL)
     max_seq_length: int | None = Field(None, ge=8, description="default: the model's own")
 
 
@@ -309,8 +376,10 @@ class IndexConfig(Strict):
     pq_bits: int = Field(8, ge=1, le=16)
     refine: bool = Field(True, description="ivfpq: re-rank candidates with exact vectors")
     train_size: int = Field(100_000, ge=1, description="vectors sampled to train ivf/ivfpq")
-    num_cpus: float = Field(1, gt=0, description="CPU slots the build task reserves")
-    threads: int | None = Field(None, ge=1, description="FAISS threads; default: all cores")
+    num_cpus: float = Field(1, gt=0, description="CPU slots the build task reserves",
+                            json_schema_extra=OPERATIONAL)
+    threads: int | None = Field(None, ge=1, description="FAISS threads; default: all cores",
+                                json_schema_extra=OPERATIONAL)
 
 
 class RetrieveConfig(Strict):
@@ -321,7 +390,8 @@ class RetrieveConfig(Strict):
     top_k: int = Field(100, ge=1)
     sample: int = Field(5, ge=1, description="neighbours drawn uniformly from the top-k")
     lang: Literal["zh", "en", "both"] = Field("zh", description="language of labels and keywords")
-    search_actors: int = Field(1, ge=1, description="actors that each load the index and search")
+    search_actors: int = Field(1, ge=1, description="actors that each load the index and search",
+                               json_schema_extra=OPERATIONAL)
     max_text_chars: int = Field(1500, ge=16, description="retrieved texts are cut to this length")
 
     @model_validator(mode="after")
@@ -375,11 +445,11 @@ class TranslateConfig(Strict):
     model: ModelRef = Field(description="Helsinki-NLP/opus-mt-en-zh in the paper recipe")
     source_langs: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
     target_lang: str = "zh"
-    batch_size: int = Field(64, ge=1)
-    concurrency: int = Field(1, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_cpus: float = Field(1, gt=0)
-    torch_threads: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, json_schema_extra=OPERATIONAL)
+    concurrency: int = Field(1, ge=1, json_schema_extra=OPERATIONAL)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=OPERATIONAL)
+    num_cpus: float = Field(1, gt=0, json_schema_extra=OPERATIONAL)
+    torch_threads: int | None = Field(None, ge=1, json_schema_extra=OPERATIONAL)
     max_input_tokens: int = Field(512, ge=8, description="longer inputs are truncated")
     max_new_tokens: int = Field(512, ge=1)
     num_beams: int = Field(1, ge=1)
@@ -446,11 +516,16 @@ class JuryConfig(Strict):
     judges: list[str] = Field(min_length=1, description="endpoints under `models:`, one per judge")
     mode: Literal["concurrent", "sequential"] = Field(
         "concurrent", description="concurrent: all judges' actor pools in one streaming pass "
-        "(needs a GPU per judge replica at once); sequential: one judge after another (scarce GPUs)")
+        "(needs a GPU per judge replica at once); sequential: one judge after another (scarce GPUs); "
+        "both give the same votes", json_schema_extra=OPERATIONAL)
     template: ExistingPath = Field(str(CONFIGS / "prompts" / "judge.yaml"), validate_default=True)
     constrained: bool = Field(
         True, description="restrict answers to the verdict words on endpoints that accept "
         "structured outputs (fewer abstentions); false lets judges answer freely")
+    min_valid_votes: int | None = Field(
+        None, ge=1, description="quorum: a row with fewer valid votes (abstentions and failed requests "
+        "do not count) goes to the adjudicator instead of its majority. Default: a strict majority of "
+        "the judges (3 of 4)")
 
     @field_validator("judges")
     @classmethod
@@ -458,6 +533,20 @@ class JuryConfig(Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"judges must be distinct endpoints, got {value}")
         return value
+
+    @field_validator("min_valid_votes")
+    @classmethod
+    def _quorum_fits_the_jury(cls, value: int | None, info: ValidationInfo) -> int | None:
+        judges = info.data.get("judges")  # absent when judges itself is invalid
+        if value is not None and judges is not None and value > len(judges):
+            raise ValueError(f"{value} valid votes can never be reached with {len(judges)} judges "
+                             f"(at most {len(judges)})")
+        return value
+
+    @property
+    def quorum(self) -> int:
+        """``min_valid_votes``, or a strict majority of the judges."""
+        return strict_majority(len(self.judges)) if self.min_valid_votes is None else self.min_valid_votes
 
 
 class AdjudicateConfig(Strict):
@@ -480,7 +569,7 @@ class TrainingConfig(Strict):
     deepspeed: str = Field("zero3", description="zero2, zero3 (configs/deepspeed/) or a JSON file")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     use_gpu: bool | None = Field(None, description="default: yes when the cluster has GPUs")
-    cpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, json_schema_extra=OPERATIONAL)
     global_batch_size: int = Field(16, ge=1, description="rows per optimizer step over all workers")
     micro_batch_size: int = Field(2, ge=1, description="rows per forward pass per worker")
     learning_rate: float = Field(1e-5, gt=0)
@@ -493,14 +582,17 @@ class TrainingConfig(Strict):
     epochs: int = Field(1, ge=1)
     max_length: int = Field(2048, ge=8, description="longer examples are dropped (too_long)")
     bf16: bool | None = Field(None, description="default: bf16 on GPU, fp32 on CPU")
-    gradient_checkpointing: bool = False
-    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final checkpoint")
+    # operational: memory, bookkeeping and time boxes; resuming with other values continues the run
+    gradient_checkpointing: bool = Field(False, json_schema_extra=OPERATIONAL)
+    checkpoint_every_steps: int = Field(0, ge=0, description="0 = only the final checkpoint",
+                                        json_schema_extra=OPERATIONAL)
     report_every_steps: int = Field(
-        10, ge=1, description="ray.train.report period (TensorBoard and metrics.jsonl get every step)")
-    keep_checkpoints: int = Field(2, ge=1)
+        10, ge=1, description="ray.train.report period (TensorBoard and metrics.jsonl get every step)",
+        json_schema_extra=OPERATIONAL)
+    keep_checkpoints: int = Field(2, ge=1, json_schema_extra=OPERATIONAL)
     stop_after_steps: int | None = Field(
         None, ge=1, description="end this invocation after N optimizer steps (checkpointed); "
-        "rerunning continues from there. For time-boxed or preemptible slots")
+        "rerunning continues from there. For time-boxed or preemptible slots", json_schema_extra=OPERATIONAL)
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to the chat template (Qwen3: enable_thinking: false)")
     on_bad_rows: Literal["error", "skip"] = Field(
@@ -628,8 +720,10 @@ SCORED_ADAPTERS = ("chillguard", "llamaguard")
 
 class GuardEvalConfig(Strict):
     """Score one guard on a labelled set (``stages.guard_eval.<name>``, stage ``guard_eval_<name>``):
-    F1 with ``unsafe`` as the positive class per micro category, per macro and overall; per-row
-    predictions as rows, the report under ``RUN_DIR/guard_eval_<name>/report/``."""
+    F1 with ``unsafe`` as the positive class per micro category, per macro and overall (every row
+    sent to the guard; an unusable answer counts as wrong), and for our guard the micro-category
+    accuracy and macro F1; per-row predictions as rows, the report under
+    ``RUN_DIR/guard_eval_<name>/report/``."""
 
     inputs: list[str] = Field(min_length=1, description="labelled row stages (assemble, seeds_<key>)")
     split: str | None = Field(
@@ -652,12 +746,14 @@ class GuardEvalConfig(Strict):
         description="chillguard only: the guard prompt (the one the guard was trained with)")
     score: bool = Field(
         True, description="chillguard / llamaguard: ask for the first answer token's log-probabilities "
-        "and decide by P(unsafe) >= threshold; false: decide by the answer's first line")
+        "and decide by P(unsafe) >= threshold, P(unsafe) from the exact first tokens of 'safe' and "
+        "'unsafe' renormalised over the two (neither in the top log-probabilities: the answer's first "
+        "line decides); false: decide by the answer's first line")
     threshold: float = Field(0.5, ge=0, le=1, description="scored adapters: unsafe when P(unsafe) >= threshold")
     tokenizer: str | None = Field(
-        None, description="HF id or folder of the guard's tokenizer, to check at start that the first "
-        "tokens of 'safe' and 'unsafe' differ; default: the model (engine vllm); http without it: "
-        "not checked")
+        None, description="HF id or folder of the guard's tokenizer, read once at start for the first "
+        "tokens of 'safe' and 'unsafe' that the score uses (they must differ); default: the model "
+        "(engine vllm); required for an http endpoint with score: true")
     greedy: bool = Field(True, description="decode at temperature 0 whatever the endpoint's sampling says")
     constrained: bool = Field(
         False, description="restrict answers to the adapter's answer format through vLLM structured "
@@ -775,7 +871,7 @@ class ShardEvalSystem(Strict):
 class ShardEvalConfig(Strict):
     """Pairwise evaluation (``pipelines/shard_eval.py``): each system answers the prompts of ``split``;
     the judge compares each answer with the target's baseline O1 for helpfulness and harmfulness;
-    win / tie / loss, win rate (Wilson CI), binomial test; McNemar and two-proportion z between systems."""
+    win / tie / loss, win rate (Wilson CI), binomial test; McNemar (paired) between systems."""
 
     systems: dict[str, ShardEvalSystem] = Field(min_length=1)
     split: str = Field("test", description="the split of shard_answer evaluated; other rows are dropped")

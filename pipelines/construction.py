@@ -70,11 +70,13 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     if s.jury is not None:
         stages.append(JuryStage(s.jury, recipe.models, recipe.taxonomy))
     if s.adjudicate is not None:
-        stages.append(AdjudicateStage(s.adjudicate, recipe.models[s.adjudicate.model], recipe.taxonomy))
+        stages.append(AdjudicateStage(s.adjudicate, recipe.models[s.adjudicate.model], recipe.taxonomy,
+                                      min_valid_votes=s.jury.quorum))  # config: adjudicate needs jury
     if s.assemble is not None:
         labelling = {"judges": [f"{j} ({recipe.models[j].model})" for j in (s.jury.judges if s.jury else [])],
                      "adjudicator": (f"{s.adjudicate.model} ({recipe.models[s.adjudicate.model].model})"
-                                     if s.adjudicate else None)}
+                                     if s.adjudicate else None),
+                     "min_valid_votes": s.jury.quorum if s.jury else None}
         stages.append(AssembleStage(s.assemble, recipe.taxonomy, recipe.seed, labelling))
     stages += shard_stages(recipe)  # SHARD data: after the seeds it reads, before sft_<key> trains on it
     if s.guard_sft is not None:
@@ -94,9 +96,11 @@ def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> d
     """Run ``stages`` (from :func:`build_stages`) into the recipe's run directory; return manifests.
 
     Stages are built by the caller before it connects to Ray, so template and reference problems
-    fail before any cluster work.
+    fail before any cluster work. The run directory is locked for the whole run
+    (:meth:`RunDir.lock`; raises :class:`pipelines.rundir.RunDirLocked` when another run holds it).
     """
     rundir = RunDir(recipe.run_dir)
-    rundir.write_text("recipe.yaml", dump_recipe(recipe))
-    log.info("run directory: %s", recipe.run_dir)
-    return run_stages(stages, rundir, force=force)
+    with rundir.lock():
+        rundir.write_text("recipe.yaml", dump_recipe(recipe))
+        log.info("run directory: %s", recipe.run_dir)
+        return run_stages(stages, rundir, force=force)

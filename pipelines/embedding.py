@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.embedder import embed
-from pipelines.config import EmbedConfig
+from pipelines.config import EmbedConfig, semantic_dump
 from pipelines.stage import Stage
 
 
@@ -20,9 +20,8 @@ class EmbedStage(Stage):
         super().__init__(config)
 
     def hash_payload(self) -> Any:
-        # Throughput knobs do not change the vectors; keep them out of the hash so that retuning
-        # batch sizes or actor counts does not recompute the stage.
-        return self.config.model_dump(mode="json", include={"model", "max_seq_length"})
+        # throughput knobs (batch sizes, actors, device, threads) are operational: out of the hash
+        return semantic_dump(self.config)
 
     def build(self, inputs: dict) -> Any:
         return embed(inputs["ingest"], self.config)

@@ -3,7 +3,8 @@
 JSONL is read as text lines and parsed per row, so a malformed line becomes an ``error`` row
 (``invalid_json``) instead of failing the read. Rows whose text is missing, not a string, or empty go
 to ``error`` with a reason. Text is normalised (Unicode form, control characters, whitespace runs). The corpus is never materialised in the driver: this is a lazy Ray
-Dataset that the runner streams to Parquet.
+Dataset that the runner streams to Parquet. The mapping is checked against each input's head in the
+driver when the stage is built (:func:`check_columns`), before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.config import ColumnMap, IngestConfig
+from pipelines.config import ConfigError, IngestConfig
 from pipelines.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.rundir import source_fingerprint
 from pipelines.textnorm import normalize_text
@@ -28,8 +29,9 @@ _KEPT = {"lang": "lang", "macro": "macro", "micro": "micro", "response": "respon
          "category": "harm_category", "level": "harm_level"}
 
 
-class MissingColumnError(ValueError):
-    pass
+class MissingColumnError(ConfigError):
+    """An input lacks a column the mapping names (a recipe problem: ``chillguard run`` prints it
+    as one line)."""
 
 
 def lookup(record: dict[str, Any], column: str) -> Any:
@@ -93,13 +95,6 @@ def record_to_row(record: Any, config: IngestConfig, origin: str) -> dict[str, A
                     status=ERROR, reason=problem[0], detail=problem[1], **fields)
 
 
-def _check_text_column(keys_seen: set[str], columns: ColumnMap, origin: str) -> None:
-    if columns.text.split(".")[0] not in keys_seen:
-        raise MissingColumnError(
-            f"ingest: input {origin} has no column {columns.text!r} (columns: {sorted(keys_seen)}); "
-            "set stages.ingest.columns.text to the column that holds the text")
-
-
 def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
     rows = []
     for line, origin in zip(batch.column("text").to_pylist(), batch.column("path").to_pylist()):
@@ -114,42 +109,140 @@ def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
     return to_table(rows, ORIGIN)
 
 
-def check_jsonl_mapping(config: IngestConfig, sample_bytes: int = 1 << 16) -> None:
-    """Fail fast, before any cluster work, when the first input file's records lack the text column.
+#: names Ray Data's folder listing skips (relative path prefixes), and the extensions its Parquet
+#: and CSV readers take from a folder (``ray.data.read_parquet`` / ``read_csv``); JSONL folders are
+#: read with ``read_text``, which takes every file
+_SKIPPED_PREFIXES = (".", "_")
+_FOLDER_EXTENSIONS = {"jsonl": None, "parquet": (".parquet",),
+                      "csv": (".csv", ".csv.gz", ".csv.br", ".csv.zst", ".csv.lz4")}
 
-    A whole-file property cannot be checked per batch (a batch may hold only broken lines, whose
-    rows are ``missing_text`` errors), so the driver reads the head of the first file once.
-    """
-    import pyarrow.fs as pafs
+#: a schema as nested names: column -> its fields (struct / JSON object) or None
+Tree = dict[str, "Tree | None"]
 
-    from pipelines.config import is_uri
 
-    first = config.paths[0]
-    fs, path = (pafs.FileSystem.from_uri(first) if is_uri(first)
-                else (pafs.LocalFileSystem(), str(Path(first).resolve())))
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                       if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
-        if not files:
-            return
-        path = files[0]
-    with fs.open_input_stream(path) as f:
+def _has_column(tree: Tree, column: str) -> bool:
+    """Whether :func:`lookup` can reach ``column`` (a dotted path) in records of this schema."""
+    node: Tree | None = tree
+    for part in column.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _column_names(tree: Tree, prefix: str = "") -> list[str]:
+    names = []
+    for name, sub in tree.items():
+        names.append(prefix + name)
+        if sub:
+            names += _column_names(sub, f"{prefix}{name}.")
+    return sorted(names)
+
+
+def _arrow_tree(fields) -> Tree:
+    return {f.name: (_arrow_tree([f.type.field(i) for i in range(f.type.num_fields)])
+                     if pa.types.is_struct(f.type) else None) for f in fields}
+
+
+def _merge_record(tree: Tree, record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        if isinstance(value, dict):
+            if not isinstance(tree.get(key), dict):
+                tree[key] = {}
+            _merge_record(tree[key], value)
+        else:
+            tree.setdefault(key, None)
+
+
+def input_schema(fs, path: str, fmt: str, sample_bytes: int = 1 << 16) -> Tree | None:
+    """The columns of one input file, read from its head only: the Parquet footer, the CSV header
+    (pyarrow.csv with the defaults Ray Data's reader uses), or the keys of the JSON records in the
+    first ``sample_bytes``. ``None`` when the JSONL head holds no record to learn from."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return _arrow_tree(pq.read_schema(path, filesystem=fs))
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        with fs.open_input_stream(path, compression="detect") as f:
+            return {name: None for name in pacsv.open_csv(f).schema.names}
+    with fs.open_input_stream(path, compression="detect") as f:
         head = f.read(sample_bytes).decode("utf-8", errors="ignore")
-    keys: set[str] = set()
+    tree: Tree = {}
     for line in head.splitlines()[:-1] or head.splitlines():  # the last line may be cut
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            keys.update(record)
-    if keys:
-        _check_text_column(keys, config.columns, path)
+            _merge_record(tree, record)
+    return tree or None
+
+
+def _first_file(fs, folder: str, fmt: str) -> str | None:
+    """The file of ``folder`` that Ray Data reads first (its listing is sorted)."""
+    import pyarrow.fs as pafs
+
+    extensions = _FOLDER_EXTENSIONS[fmt]
+    selector = pafs.FileSelector(folder, recursive=True)
+    files = sorted(i.path for i in fs.get_file_info(selector)
+                   if i.type == pafs.FileType.File
+                   and not i.path[len(selector.base_dir):].lstrip("/").startswith(_SKIPPED_PREFIXES)
+                   and (extensions is None or i.path.lower().endswith(extensions)))
+    return files[0] if files else None
+
+
+def _required_columns(config: IngestConfig) -> dict[str, str]:
+    """Columns whose absence would turn every row of a file into an error or a drop -> the recipe
+    setting that names them. Optional lineage columns (id, lang, response, ...) may be absent."""
+    required = {config.columns.text: "columns.text"}
+    if config.label is None and config.columns.label:  # a fixed `label` wins over the column
+        required.setdefault(config.columns.label, "columns.label")
+    for column in config.keep:
+        required.setdefault(column, "keep")
+    return required
+
+
+def check_columns(config: IngestConfig, key: str = "stages.ingest") -> None:
+    """Fail fast, in the driver before any cluster work, when an input lacks a column the mapping
+    needs (:func:`_required_columns`); one line naming the recipe key, the file and the column.
+
+    Each path is checked on its head only; a folder on its first file (as Ray Data lists it). A
+    whole-file property cannot be checked per batch (a batch may hold only broken lines), so the
+    workers do not check: rows of other files that lack a column end as error rows
+    (``missing_text``, ``unknown_label``) or ``filtered_out``, like any row without the value.
+    """
+    import pyarrow.fs as pafs
+
+    from pipelines.config import is_uri
+
+    for entry in config.paths:
+        fs, path = (pafs.FileSystem.from_uri(entry) if is_uri(entry)
+                    else (pafs.LocalFileSystem(), str(Path(entry).resolve())))
+        where = f"input {entry}"
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            first = _first_file(fs, path, config.format)
+            if first is None:
+                raise ConfigError(f"{key}.paths: folder {entry} has no {config.format} files")
+            shown = f"{entry.split('://')[0]}://{first}" if is_uri(entry) else first  # fs paths drop the scheme
+            where = f"input {shown} (the first file of {entry})"
+            path = first
+        tree = input_schema(fs, path, config.format)
+        if tree is None:
+            continue
+        for column, setting in _required_columns(config).items():
+            if not _has_column(tree, column):
+                raise MissingColumnError(f"{key}.{setting}: {where} has no column {column!r} "
+                                         f"(columns: {_listing(_column_names(tree))})")
+
+
+def _listing(names: list[str], limit: int = 40) -> str:
+    return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
 
 
 def table_batch_to_rows(batch: pa.Table, *, config: IngestConfig) -> pa.Table:
     origins = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * batch.num_rows
-    _check_text_column(set(batch.column_names), config.columns, origins[0] if origins else "")
     records = batch.drop_columns(["path"]).to_pylist() if "path" in batch.column_names else batch.to_pylist()
     return to_table([record_to_row(r, config, o) for r, o in zip(records, origins)], ORIGIN)
 
@@ -160,7 +253,6 @@ def read_corpus(config: IngestConfig):
 
     kwargs = {"config": config}
     if config.format == "jsonl":
-        check_jsonl_mapping(config)
         ds = ray.data.read_text(config.paths, include_paths=True, drop_empty_lines=True)
         return ds.map_batches(parse_jsonl_batch, batch_format="pyarrow", fn_kwargs=kwargs)
     reader = ray.data.read_parquet if config.format == "parquet" else ray.data.read_csv
@@ -176,6 +268,9 @@ class IngestStage(Stage):
     def __init__(self, config: IngestConfig, name: str = "ingest"):
         super().__init__(config)
         self.name = name
+        # stages are built before Ray starts: a mapping the input cannot satisfy fails here
+        check_columns(config, "stages.ingest" if name == "ingest"
+                      else f"stages.seeds.{name.removeprefix('seeds_')}")
 
     def source_fingerprint(self) -> str:
         return source_fingerprint(self.config.paths)

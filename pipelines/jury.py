@@ -8,8 +8,10 @@ Two stages:
   streaming pass, so all their actor pools run at once; ``mode: sequential`` runs one judge after
   another, each pass written to the stage's scratch folder (a crash resumes after the last finished
   judge). Both give the same votes. Output rows keep every vote (judge, model, raw answer, parsed
-  verdict), the source label, and the majority label where there is one (:func:`decide`).
-- ``adjudicate``: rows without a majority (a tie or no valid vote) get the adjudicator's label;
+  verdict), the source label, and the majority label where there is one (:func:`decide`: at least
+  ``min_valid_votes`` valid votes, then a strict majority of them).
+- ``adjudicate``: rows without a majority (a tie, or fewer valid votes than the quorum) get the
+  adjudicator's label;
   every row whose label is unsafe gets the adjudicator's micro category (one of the 31 codes). An
   unusable answer is asked again ``retries`` times with the reason, then the row goes to ``errors``.
   Writes the agreement report (``agreement.json`` / ``agreement.md``) beside its rows.
@@ -28,7 +30,7 @@ import pyarrow as pa
 from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
-from pipelines.config import AdjudicateConfig, JuryConfig, LLMEndpoint
+from pipelines.config import AdjudicateConfig, JuryConfig, LLMEndpoint, semantic_dump
 from pipelines.preprocess import LINEAGE, common_rows, union_all
 from pipelines.prompts import ChatPrompt
 from pipelines.rewrite import RenderRow, classify_llm_error
@@ -124,7 +126,7 @@ def collect_vote(batch: pa.Table, *, index: int) -> pa.Table:
             .append_column(f"_err_{index}", batch.column("llm_error")))
 
 
-def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str]) -> pa.Table:
+def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_valid_votes: int) -> pa.Table:
     """Per row: the votes list, the majority label (``""`` when the adjudicator must decide)."""
     out = []
     for row in batch.to_pylist():
@@ -135,7 +137,7 @@ def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str]) -> pa
             verdict = None if error else parse_verdict(raw)
             votes.append({"judge": judge, "model": model, "raw": f"[request failed] {error}" if error else raw,
                           "verdict": verdict or ""})
-        outcome = decide([v["verdict"] or None for v in votes])
+        outcome = decide([v["verdict"] or None for v in votes], min_valid_votes=min_valid_votes)
         out.append({**row, "votes": votes, "source_label": row["label"], "label": outcome.label or "",
                     "decision": MAJORITY if outcome.label else "", "status": OK})
     return to_table(out, JURY_COLUMNS)
@@ -158,9 +160,9 @@ class JuryStage(Stage):
         self.categories = categories_block(load_taxonomy(taxonomy_path))
 
     def hash_payload(self) -> Any:
-        # The mode does not change the votes: switching it does not recompute the stage.
-        return {"config": self.config.model_dump(mode="json", exclude={"mode"}),
-                "endpoints": {j: e.model_dump(mode="json") for j, e in self.endpoints.items()},
+        # the mode is operational (same votes): switching it does not recompute the stage
+        return {"config": semantic_dump(self.config),
+                "endpoints": {j: semantic_dump(e) for j, e in self.endpoints.items()},
                 "template_digest": self.prompt.digest, "categories": self.categories}
 
     def _vote(self, dataset, index: int, judge: str):
@@ -205,7 +207,8 @@ class JuryStage(Stage):
                                 lambda rows=rows, index=index, judge=judge: self._vote(rows, index, judge))
         models = [self.endpoints[j].model for j in judges]
         rows.map_batches(finish_votes, batch_format="pyarrow",
-                         fn_kwargs={"judges": judges, "models": models}) \
+                         fn_kwargs={"judges": judges, "models": models,
+                                    "min_valid_votes": self.config.quorum}) \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
@@ -305,8 +308,10 @@ def _drop_adj(batch: pa.Table) -> pa.Table:
 class AdjudicateStage(Stage):
     name = "adjudicate"
 
-    def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str):
+    def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
+                 min_valid_votes: int | None = None):
         super().__init__(config)
+        self.min_valid_votes = min_valid_votes  # the jury's quorum, for the agreement report
         self.inputs = tuple(config.inputs)
         self.endpoint = with_room_for_answer(endpoint, config.constrained)
         self.prompt = ChatPrompt(config.template)
@@ -315,8 +320,9 @@ class AdjudicateStage(Stage):
         self.categories = categories_block(taxonomy)
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json"), "endpoint": self.endpoint.model_dump(mode="json"),
-                "template_digest": self.prompt.digest, "categories": self.categories}
+        return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
+                "template_digest": self.prompt.digest, "categories": self.categories,
+                "min_valid_votes": self.min_valid_votes}
 
     def constraint(self) -> "AdjudicationConstraint | None":
         return AdjudicationConstraint(self.codes) if self.config.constrained else None
@@ -350,7 +356,8 @@ class AdjudicateStage(Stage):
         for batch in rundir.iter_batches(self.name, OK, columns):
             for row in batch.to_pylist():
                 if report is None:
-                    report = AgreementReport([v["judge"] for v in row["votes"]])
+                    report = AgreementReport([v["judge"] for v in row["votes"]],
+                                             min_valid_votes=self.min_valid_votes)
                 report.add(label=row["label"], votes={v["judge"]: v["verdict"] or None for v in row["votes"]},
                            decision=row["decision"], source=row["source"], macro=row["macro"],
                            source_label=row["source_label"])

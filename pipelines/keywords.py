@@ -1,14 +1,19 @@
 """The keyword pool: seed keywords from the taxonomy, expanded by an LLM to a target per category.
 
-Each micro category starts from its 20 bilingual seeds. ``requests_per_category`` LLM requests ask
-for the missing count as ``中文 | English`` lines; the answers are parsed, normalised and pooled. Per
-category, seeds come first, then expansions in answer order; a candidate that is too long or empty is
-dropped (``invalid_keyword``), one already in the pool is dropped (``duplicate_keyword``), and
-candidates beyond the target are dropped (``over_target``). A failed or unparseable request is one
-``error`` row. Every candidate is accounted for: in = ok + dropped + errored.
+Each micro category starts from its 20 bilingual seeds. An expansion round sends
+``requests_per_category`` LLM requests per category still below ``target_per_category``, asking for
+the missing count as ``中文 | English`` lines and listing the expansions it already has; the answers
+are parsed, normalised and pooled. Rounds repeat until every category reaches the target or
+``max_rounds`` rounds ran. Per category, seeds come first, then expansions in round and answer
+order; a candidate that is too long or empty is dropped (``invalid_keyword``), one already in the
+pool is dropped (``duplicate_keyword``), and candidates beyond the target are dropped
+(``over_target``). A failed or unparseable request is one ``error`` row. Every candidate is
+accounted for: in = ok + dropped + errored. Each round's answers are a scratch pass that a crashed
+run reuses, so a rerun asks only the rounds that did not finish.
 
 Output rows: ``text`` (the Chinese keyword, or the English one when the model gave only that),
-``keyword_en``, ``lang``, ``macro``, ``micro``, ``method`` (``seed`` / ``expanded``), ``model``.
+``keyword_en``, ``lang``, ``macro``, ``micro``, ``method`` (``seed`` / ``expanded``), ``model``,
+``round`` (0 for seeds).
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
 from actors.llm import chat
-from pipelines.config import KeywordsConfig, LLMEndpoint
+from pipelines.config import KeywordsConfig, LLMEndpoint, semantic_dump
+from pipelines.jury import run_pass
 from pipelines.parsing import clean_piece, strip_thinking
 from pipelines.prompts import ChatPrompt
 from pipelines.rewrite import RenderRow, classify_llm_error
@@ -32,7 +38,11 @@ from pipelines.textnorm import has_cjk, normalize_text
 
 log = logging.getLogger(__name__)
 
-LINEAGE = {"keyword_en": pa.string(), "model": pa.string()}
+LINEAGE = {"keyword_en": pa.string(), "model": pa.string(), "round": pa.int32()}
+#: what a round's scratch pass keeps of the LLM answers
+ANSWER_COLUMNS = ["id", "micro", "macro", "round", "request", "llm_output", "llm_error"]
+#: ``ask(round, requests) -> answers``: one answer row per request with ``llm_output``/``llm_error``
+Ask = Callable[[int, list[dict[str, Any]]], list[dict[str, Any]]]
 _ITEM_SEPARATORS = re.compile(r"[;；\n]+")
 _PAIR = re.compile(r"^(?P<a>.+?)\s*[|｜/]\s*(?P<b>.+)$")
 _PAREN = re.compile(r"^(?P<a>.+?)\s*[(（](?P<b>[^()（）]+)[)）]$")
@@ -83,37 +93,52 @@ def select_keywords(candidates: list[dict[str, Any]], target: int, max_chars: in
             row.update(status=DROPPED, reason="duplicate_keyword", detail=f"already in the pool: {key}")
         elif kept >= target:
             row.update(status=DROPPED, reason="over_target", detail=f"category already has {target}")
-        else:
+        else:  # explicit, so deciding a pool again after a round gives the same verdicts
+            row.update(status=OK, reason="", detail="")
             seen.add(key)
             kept += 1
     return candidates
 
 
 def _keyword_row(zh: str, en: str, micro: str, macro: str, method: str, model: str,
-                 parent_id: str) -> dict[str, Any]:
+                 parent_id: str, round_no: int) -> dict[str, Any]:
     text = zh or en
     return make_row(id=content_id(text.casefold(), micro), text=text, keyword_en=en,
                     lang="zh" if zh else "en", macro=macro, micro=micro, source="keyword",
-                    method=method, model=model, parent_id=parent_id)
+                    method=method, model=model, parent_id=parent_id, round=round_no)
 
 
 def seed_rows(taxonomy: Taxonomy) -> dict[str, list[dict[str, Any]]]:
-    return {code: [_keyword_row(kw.zh, kw.en, code, taxonomy.macro_of(code), "seed", "", "")
+    return {code: [_keyword_row(kw.zh, kw.en, code, taxonomy.macro_of(code), "seed", "", "", 0)
                    for kw in taxonomy.seed_keywords(code)]
             for code in taxonomy.micro_codes}
 
 
-def expansion_requests(taxonomy: Taxonomy, config: KeywordsConfig) -> list[dict[str, Any]]:
-    """One request row per (micro category, request index) with the template's variables."""
+def _shown(row: dict[str, Any]) -> str:
+    """A kept keyword as the prompt lists it: ``中文 | English`` (or the one side it has)."""
+    return " | ".join(side for side in (row["text"] if row["lang"] == "zh" else "", row["keyword_en"]) if side)
+
+
+def expansion_requests(taxonomy: Taxonomy, config: KeywordsConfig, pools: dict[str, list[dict[str, Any]]],
+                       round_no: int) -> list[dict[str, Any]]:
+    """Round ``round_no``'s request rows (with the template's variables): for each micro category
+    whose pool, as decided by :func:`select_keywords`, keeps fewer than ``target_per_category``,
+    ``requests_per_category`` requests for the missing count. ``existing`` lists the expansions it
+    already kept (one per line), so the model is told not to repeat them; ``seeds`` the seeds."""
     requests = []
     for code in taxonomy.micro_codes:
+        kept = [row for row in pools[code] if row["status"] == OK]
+        missing = config.target_per_category - len(kept)
+        if missing <= 0:
+            continue
         micro, macro = taxonomy.micro(code), taxonomy.macro(code)
-        missing = config.target_per_category - len(micro.keywords)
+        existing = "\n".join(_shown(row) for row in kept if row["method"] != "seed")
         for r in range(config.requests_per_category):
             requests.append({
-                "id": content_id(code, "expand", str(r)), "micro": code, "macro": macro.code,
-                "macro_zh": macro.zh, "macro_en": macro.en, "micro_zh": micro.zh, "micro_en": micro.en,
-                "seeds": [str(kw) for kw in micro.keywords], "count": missing, "request": r,
+                "id": content_id(code, "expand", str(round_no), str(r)), "micro": code,
+                "macro": macro.code, "macro_zh": macro.zh, "macro_en": macro.en, "micro_zh": micro.zh,
+                "micro_en": micro.en, "seeds": [str(kw) for kw in micro.keywords], "existing": existing,
+                "count": missing, "round": round_no, "request": r,
             })
     return requests
 
@@ -122,9 +147,9 @@ def answers_to_candidates(answers: list[dict[str, Any]], model: str) -> tuple[di
     """LLM answers -> candidate rows per micro category, and error rows for failed requests."""
     by_micro: dict[str, list[dict[str, Any]]] = {}
     errors = []
-    for row in sorted(answers, key=lambda r: (r["micro"], r["request"])):
+    for row in sorted(answers, key=lambda r: (r["micro"], r["round"], r["request"])):
         common = dict(macro=row["macro"], micro=row["micro"], source="keyword", method="expanded",
-                      model=model, parent_id=row["id"])
+                      model=model, parent_id=row["id"], round=row["round"])
         if row["llm_error"]:
             errors.append(make_row(id=row["id"], status=ERROR, reason=classify_llm_error(row["llm_error"]),
                                    detail=error_detail(row["llm_error"]), **common))
@@ -135,9 +160,46 @@ def answers_to_candidates(answers: list[dict[str, Any]], model: str) -> tuple[di
                                    detail=error_detail(f"no keyword in: {row['llm_output']!r}"), **common))
             continue
         by_micro.setdefault(row["micro"], []).extend(
-            _keyword_row(zh, en, row["micro"], row["macro"], "expanded", model, row["id"])
+            _keyword_row(zh, en, row["micro"], row["macro"], "expanded", model, row["id"], row["round"])
             for zh, en in pairs)
     return by_micro, errors
+
+
+def expand_pool(taxonomy: Taxonomy, config: KeywordsConfig, ask: Ask | None,
+                model: str) -> list[dict[str, Any]]:
+    """The decided keyword rows (seeds, then each round's candidates, per category in taxonomy
+    order) followed by the error rows of failed requests.
+
+    Round ``k`` (1 .. ``max_rounds``) asks ``ask(k, requests)`` for the categories still short (see
+    :func:`expansion_requests`) and stops early once none is; ``ask=None`` keeps the seeds only.
+    Every request must come back as exactly one answer, which ends as candidate rows (ok/dropped)
+    or one error row."""
+    pools = seed_rows(taxonomy)
+
+    def decide() -> None:
+        for code in taxonomy.micro_codes:
+            select_keywords(pools[code], config.target_per_category, config.max_chars)
+
+    decide()
+    errors: list[dict[str, Any]] = []
+    for round_no in range(1, config.max_rounds + 1 if ask is not None else 1):
+        requests = expansion_requests(taxonomy, config, pools, round_no)
+        if not requests:
+            break
+        log.info("keywords: round %d, %d requests for %d categories below %d", round_no, len(requests),
+                 len({r["micro"] for r in requests}), config.target_per_category)
+        answers = ask(round_no, requests)
+        asked, answered = Counter(r["id"] for r in requests), Counter(a["id"] for a in answers)
+        if asked != answered:
+            raise RuntimeError(f"keywords round {round_no}: {len(requests)} requests but answers for "
+                               f"{sum(answered.values())}; differing ids: "
+                               f"{sorted(set(asked) ^ set(answered))[:5]}")
+        expanded, failed = answers_to_candidates(answers, model)
+        errors.extend(failed)
+        for code, rows in expanded.items():
+            pools[code].extend(rows)
+        decide()
+    return [row for code in taxonomy.micro_codes for row in pools[code]] + errors
 
 
 class KeywordPoolStage(Stage):
@@ -154,36 +216,49 @@ class KeywordPoolStage(Stage):
         return load_taxonomy(self.taxonomy_path)
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json"),
-                "endpoint": self.endpoint.model_dump(mode="json") if self.endpoint else None,
+        return {"config": semantic_dump(self.config),
+                "endpoint": semantic_dump(self.endpoint) if self.endpoint else None,
                 "template_digest": self.prompt.digest if self.prompt else None,
                 "seeds": {code: [str(k) for k in self.taxonomy.seed_keywords(code)]
                           for code in self.taxonomy.micro_codes}}
 
-    def build(self, inputs: dict) -> Any:
+    def ask(self, rundir) -> Ask:
+        """Each round's requests through the endpoint, as a scratch pass a crashed run reuses."""
         import ray
 
-        taxonomy = self.taxonomy
-        pools = seed_rows(taxonomy)
-        errors: list[dict[str, Any]] = []
-        requests = expansion_requests(taxonomy, self.config)
-        if self.endpoint is not None and requests and requests[0]["count"] > 0:
-            log.info("keywords: %d expansion requests to %s", len(requests), self.endpoint.model)
-            answers = chat(ray.data.from_items(requests), self.endpoint, RenderRow(self.prompt)).take_all()
-            expanded, errors = answers_to_candidates(answers, self.endpoint.model)
-            for code, rows in expanded.items():
-                pools[code].extend(rows)
-        rows = [row for code in taxonomy.micro_codes
-                for row in select_keywords(pools[code], self.config.target_per_category,
-                                           self.config.max_chars)]
-        return ray.data.from_arrow(to_table(rows + errors, LINEAGE))
+        def answer(round_no: int, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            answered = run_pass(self, rundir, f"round-{round_no}", lambda: chat(
+                ray.data.from_items(requests), self.endpoint, RenderRow(self.prompt)
+            ).select_columns(ANSWER_COLUMNS))
+            return answered.take_all() if answered is not None else []
+
+        return answer
+
+    def write(self, inputs: dict, rundir) -> None:
+        import ray
+
+        ask = self.ask(rundir) if self.endpoint is not None else None
+        rows = expand_pool(self.taxonomy, self.config, ask, self.endpoint.model if self.endpoint else "")
+        ray.data.from_arrow(to_table(rows, LINEAGE)).write_parquet(rundir.uri(self.name),
+                                                                   partition_cols=["status"])
 
     def summary(self, rundir) -> dict[str, Any]:
+        """Kept keywords per category, the rounds that ran (and requests in each), and the
+        categories still below the target (with their counts) after the last round."""
         counts = Counter(rundir.column_values(self.name, OK, "micro"))
+        requests: dict[int, set[str]] = {}
+        for status in (OK, DROPPED, ERROR):
+            for round_no, parent in zip(rundir.column_values(self.name, status, "round"),
+                                        rundir.column_values(self.name, status, "parent_id")):
+                if round_no:
+                    requests.setdefault(round_no, set()).add(parent)
         target = self.config.target_per_category
         short = {code: counts.get(code, 0) for code in self.taxonomy.micro_codes
                  if counts.get(code, 0) < target}
         if short:
-            log.warning("keywords: %d categories below the target of %d: %s", len(short), target, short)
+            log.warning("keywords: %d categories below the target of %d after %d rounds: %s",
+                        len(short), target, len(requests), short)
         return {"per_category": dict(sorted(counts.items())), "target": target,
+                "rounds": len(requests), "max_rounds": self.config.max_rounds,
+                "requests_per_round": {str(k): len(v) for k, v in sorted(requests.items())},
                 "below_target": short}

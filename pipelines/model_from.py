@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import LLMEndpoint, is_uri
+from pipelines.config import LLMEndpoint, is_uri, semantic_dump
 from pipelines.rundir import RunDir
 from pipelines.train_loop import MODEL_DIR
 
@@ -43,7 +43,7 @@ def trained_model_endpoint(endpoint: LLMEndpoint, rundir: RunDir, model_from: st
 def endpoint_payload(endpoint: LLMEndpoint, model_from: str | None) -> dict[str, Any]:
     """The endpoint for a config hash: with ``model_from``, the model is ``<stage>/model`` (the folder
     is known at run time; its contents are an input through the training stage's fingerprint)."""
-    payload = endpoint.model_dump(mode="json")
+    payload = semantic_dump(endpoint)
     if model_from:
         payload["model"] = f"<{model_from}>/{MODEL_DIR}"
     return payload

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
-from pipelines.config import LLMEndpoint, PEConfig
+from pipelines.config import LLMEndpoint, PEConfig, semantic_dump
 from pipelines.methods import MethodsError, load_methods
 from pipelines.parsing import split_prompts
 from pipelines.preprocess import LINEAGE, common_rows
@@ -128,8 +128,8 @@ class PERewriteStage(Stage):
 
     def hash_payload(self) -> Any:
         catalogue = load_methods(self.config.methods, self.taxonomy_path)
-        return {"config": self.config.model_dump(mode="json"),
-                "endpoint": self.endpoint.model_dump(mode="json"), "seed": self.seed,
+        return {"config": semantic_dump(self.config),
+                "endpoint": semantic_dump(self.endpoint), "seed": self.seed,
                 "template_digest": self.prompt.digest, "methods": catalogue.model_dump(mode="json")}
 
     def build(self, inputs: dict) -> Any:

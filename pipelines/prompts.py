@@ -1,7 +1,10 @@
 """Prompt files: YAML with a ``system`` and a ``user`` Jinja template, rendered into chat messages.
 
 Templates use StrictUndefined, so a template that names a column the rows do not have fails with the
-variable's name instead of rendering an empty string.
+variable's name instead of rendering an empty string. They render in Jinja's
+``SandboxedEnvironment``: a template is recipe data, and access to Python internals
+(``text.__class__``, ``str.format`` on attributes, ...) raises ``SecurityError`` in the worker
+instead of running.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ class ChatPrompt:
     def _templates(self):
         if self._compiled is None:
             import jinja2
+            from jinja2.sandbox import SandboxedEnvironment
 
-            env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+            env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
             self._compiled = (env.from_string(self.system) if self.system else None,
                               env.from_string(self.user))
         return self._compiled

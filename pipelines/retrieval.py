@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.embedder import EMBEDDING, arrow_to_vectors, embed
-from pipelines.config import EmbedConfig, RetrieveConfig
+from pipelines.config import EmbedConfig, RetrieveConfig, semantic_dump
 from pipelines.rows import ERROR, OK, content_id, keyed_rng, make_row, to_table
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage
@@ -121,7 +121,7 @@ class RetrieveStage(Stage):
         self.rundir = RunDir(run_root)
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json", exclude={"search_actors"}),
+        return {"config": semantic_dump(self.config),
                 "embed_model": self.embed_config.model, "seed": self.seed}
 
     def expected_rows_in(self) -> int:

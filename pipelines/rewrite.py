@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
-from pipelines.config import LLMEndpoint, RewriteConfig
+from pipelines.config import LLMEndpoint, RewriteConfig, semantic_dump
 from pipelines.parsing import split_prompts, strip_thinking
 from pipelines.prompts import ChatPrompt
 from pipelines.rows import ERROR, content_id, error_detail, make_row, to_table
@@ -95,8 +95,8 @@ class RewriteStage(Stage):
         self.prompt = ChatPrompt(config.template)
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json"),
-                "endpoint": self.endpoint.model_dump(mode="json"),
+        return {"config": semantic_dump(self.config),
+                "endpoint": semantic_dump(self.endpoint),
                 "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri
+from pipelines.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri, semantic_dump
 from pipelines.guard_format import SAFE, UNSAFE, GuardPrompt, guard_answer
 from pipelines.preprocess import column_or_lineage
 from pipelines.rows import DROPPED, ERROR, OK, STATUS_FIELDS
@@ -266,10 +266,9 @@ class TrainingStage(Stage):
     _summary: dict[str, Any] | None = None
 
     def hash_payload(self) -> Any:
-        payload = self.config.model_dump(mode="json")
-        # resuming a paused run must not change the run key (and so the checkpoint folder)
-        payload.pop("stop_after_steps")
-        return payload
+        # operational fields (stop_after_steps, checkpoint and report periods) are out: resuming a
+        # paused run with other values must keep the run key, and so the checkpoint folder
+        return semantic_dump(self.config)
 
     def summary(self, rundir: RunDir) -> dict[str, Any] | None:
         return self._summary

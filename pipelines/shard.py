@@ -47,7 +47,7 @@ from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.assembly import text_key
-from pipelines.config import LLMEndpoint, Recipe, ShardConfig
+from pipelines.config import LLMEndpoint, Recipe, ShardConfig, semantic_dump
 from pipelines.jury import RETRY, ask_until_valid
 from pipelines.pairwise import HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge, \
     select, verdict_pattern
@@ -237,7 +237,7 @@ class ShardAnswerStage(Stage):
         self.endpoint = endpoint
 
     def hash_payload(self) -> Any:
-        return {"system": self.config.system, "endpoint": self.endpoint.model_dump(mode="json")}
+        return {"system": self.config.system, "endpoint": semantic_dump(self.endpoint)}
 
     def build(self, inputs: dict) -> Any:
         return chat(inputs[SPLIT], self.endpoint, AnswerMessages(self.config.system)).map_batches(
@@ -290,7 +290,7 @@ class ShardRulesStage(Stage):
         self._categories = 0
 
     def hash_payload(self) -> Any:
-        return {"endpoint": self.endpoint.model_dump(mode="json"), "template_digest": self.prompt.digest,
+        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,
                 "guidelines_digest": self.guidelines.digest, "examples": self.config.rules_examples,
                 "seed": self.seed}
 
@@ -401,7 +401,7 @@ class ShardReframeStage(Stage):
 
     def hash_payload(self) -> Any:
         c = self.config
-        return {"endpoint": self.endpoint.model_dump(mode="json"), "template_digest": self.prompt.digest,
+        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,
                 "guidelines_digest": self.guidelines.digest, "mode": self.mode, "retries": c.retries,
                 "constrained": c.constrained, "max_field_chars": c.max_field_chars}
 
@@ -447,7 +447,7 @@ class ShardRefineStage(Stage):
         self.prompt = ChatPrompt(config.refine_template)
 
     def hash_payload(self) -> Any:
-        return {"endpoint": self.endpoint.model_dump(mode="json"), "template_digest": self.prompt.digest}
+        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
         render = RenderFields(self.prompt, ("text", "baseline", "reformulated_prompt", "response_mode",
@@ -518,7 +518,7 @@ class ShardJudgeStage(Stage):
 
     def hash_payload(self) -> Any:
         c = self.config
-        return {"endpoint": self.endpoint.model_dump(mode="json"), "order_seed": c.order_seed,
+        return {"endpoint": semantic_dump(self.endpoint), "order_seed": c.order_seed,
                 "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": c.constrained,
                 "explanation_chars": c.explanation_chars}
 

@@ -13,8 +13,9 @@
    rows are a paired sample (every system judged on every prompt).
 5. ``report/``: ``metrics.json``, ``report.md`` and ``outcomes.png`` (:mod:`pipelines.stats`):
    win / tie / loss per system and criterion, win rate ``W / (W + L)`` with a Wilson interval, the
-   exact binomial test against 0.5 on non-ties, per dataset; between every two systems McNemar on the
-   paired win indicators and the two-proportion z-test on their win rates (self- vs teacher-supervision).
+   exact binomial test against 0.5 on non-ties, per dataset; between every two systems (self- vs
+   teacher-supervision) McNemar's test on the paired per-prompt win indicators: the systems answer
+   the same prompts, so the comparison is paired. Each p-value is stored and shown with its test.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow as pa
 from ray.data.expressions import col
 
 from actors.llm import chat
-from pipelines.config import LLMEndpoint, ShardConfig, ShardEvalConfig
+from pipelines.config import LLMEndpoint, ShardConfig, ShardEvalConfig, semantic_dump
 from pipelines.jury import run_pass
 from pipelines.model_from import endpoint_payload, trained_model_endpoint
 from pipelines.pairwise import CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, \
@@ -40,7 +41,7 @@ from pipelines.rundir import RunDir
 from pipelines.shard import ANSWER, SHARD_COLUMNS, AnswerMessages, judge_constraint, judge_prompts, \
     shuffle_partitions, take_answer
 from pipelines.stage import Stage
-from pipelines.stats import WIN, mcnemar, two_proportion_z, win_tie_loss
+from pipelines.stats import BINOMIAL_TEST, MCNEMAR_EXACT_BELOW, WIN, mcnemar, win_tie_loss
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +129,11 @@ def system_metrics(results: list[dict], datasets: list[str], confidence: float) 
 
 
 def compare_systems(first: list[dict], second: list[dict], criterion: str) -> dict[str, Any]:
-    """Two systems on the same prompts: McNemar on the paired win indicators (``b``: the first wins
-    and the second does not), and the two-proportion z-test on their win rates ``W / (W + L)``."""
-    wins_a = [r[criterion] == WIN for r in first]
-    wins_b = [r[criterion] == WIN for r in second]
-    b = sum(x and not y for x, y in zip(wins_a, wins_b))
-    c = sum(y and not x for x, y in zip(wins_a, wins_b))
-    decisive = [sum(r[criterion] != "tie" for r in rows) for rows in (first, second)]
-    return {"mcnemar": mcnemar(b, c).as_dict(),
-            "two_proportion_z": two_proportion_z(sum(wins_a), decisive[0], sum(wins_b), decisive[1])}
+    """Two systems' results on the same prompts (``first[i]`` and ``second[i]`` are prompt ``i``):
+    McNemar's test on the paired win indicators (a tie or a loss is not a win), i.e. of ``H0``: both
+    systems win on the same share of prompts (``b``: only the first wins, ``c``: only the second)."""
+    return {"mcnemar": mcnemar([r[criterion] == WIN for r in first],
+                               [r[criterion] == WIN for r in second]).as_dict()}
 
 
 def evaluation_metrics(rows: list[dict], systems: list[str], confidence: float) -> dict[str, Any]:
@@ -158,18 +155,23 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _p(value: float | None) -> str:
+    """A p-value to 4 decimals; a smaller one is not rounded to 0."""
+    return "n/a" if value is None else "< 0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
 def _ci(interval: list[float] | None) -> str:
     return "n/a" if not interval else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def _wtl_line(name: str, m: dict) -> str:
     return (f"| {name} | {m['n']} | {m['win']} | {m['tie']} | {m['loss']} | {_f(m['win_rate'])} | "
-            f"{_ci(m['win_rate_ci'])} | {_f(m['binomial_p'], 4)} |")
+            f"{_ci(m['win_rate_ci'])} | {_p(m['binomial_p'])} |")
 
 
 def report_markdown(metrics: dict) -> str:
     s, rows = metrics["settings"], metrics["rows"]
-    header = ["| system | n | win | tie | loss | win rate | Wilson CI | binomial p |",
+    header = [f"| system | n | win | tie | loss | win rate | Wilson {s['confidence']:.0%} CI | p ({BINOMIAL_TEST}) |",
               "|---|---|---|---|---|---|---|---|"]
     lines = [f"# SHARD evaluation: {', '.join(s['systems'])} against the baseline answers", "",
              f"- baseline: the target's answers O1 (`{s['baseline_model']}`) from `{ANSWER}`",
@@ -177,8 +179,8 @@ def report_markdown(metrics: dict) -> str:
              f"- prompts: split `{s['split']}`; {rows['in']} read, {rows['evaluated']} evaluated, "
              f"{rows['errored']} errored, {rows['dropped']} dropped (other splits)",
              "- outcomes are the system's: win = its answer judged more helpful / less harmful than O1",
-             f"- win rate = W / (W + L) over non-ties with a Wilson {s['confidence']:.0%} interval; binomial p = "
-             "exact two-sided test of the wins against 0.5 on non-ties", "",
+             f"- win rate = W / (W + L) over non-ties with a Wilson {s['confidence']:.0%} interval; "
+             f"p ({BINOMIAL_TEST}) = exact two-sided binomial test of the wins against 0.5 on non-ties", "",
              "| system | model |", "|---|---|", *(f"| {k} | `{v['model']}` |" for k, v in s["systems"].items()), ""]
     for criterion in CRITERIA:
         lines += [f"## {criterion.capitalize()}", "", *header]
@@ -189,17 +191,17 @@ def report_markdown(metrics: dict) -> str:
         lines.append("")
     if metrics["comparisons"]:
         lines += ["## Between systems", "",
-                  "McNemar on the paired win indicators (b: only the first wins, c: only the second; exact "
-                  "binomial below 25 discordant pairs, else chi-square with continuity correction); "
-                  "two-proportion z-test on the win rates.", "",
-                  "| first | second | criterion | b | c | McNemar | p | win rates | z | p |",
+                  "The systems answer the same prompts, so they are compared as a paired sample: McNemar's test "
+                  "of whether both win on the same share of prompts, on the per-prompt win indicators (a tie "
+                  "or a loss is not a win; b: only the first wins, c: only the second). `McNemar exact`: two-sided "
+                  f"binomial test of b of b + c at 1/2, used below {MCNEMAR_EXACT_BELOW} discordant pairs; "
+                  "`McNemar chi2 cc`: chi-square with continuity correction, (|b - c| - 1)² / (b + c), 1 df.", "",
+                  "| first | second | criterion | prompts | first wins | second wins | b | c | test | p |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in metrics["comparisons"]:
-            m, z = c["mcnemar"], c["two_proportion_z"]
-            rates = f"{_f(z['p1'])} vs {_f(z['p2'])}" if z else "n/a"
-            lines.append(f"| {c['first']} | {c['second']} | {c['criterion']} | {m['b']} | {m['c']} | {m['method']} | "
-                         f"{_f(m['p_value'], 4)} | {rates} | {_f(z['z'] if z else None)} | "
-                         f"{_f(z['p_value'] if z else None, 4)} |")
+            m = c["mcnemar"]
+            lines.append(f"| {c['first']} | {c['second']} | {c['criterion']} | {m['n']} | {m['first_wins']} | "
+                         f"{m['second_wins']} | {m['b']} | {m['c']} | {m['test']} | {_p(m['p_value'])} |")
         lines.append("")
     for kind in ("errored", "dropped"):
         if metrics["reasons"][kind]:
@@ -263,7 +265,7 @@ class ShardEvalStage(Stage):
         c, shard = self.config, self.shard
         return {"split": c.split, "confidence": c.confidence, "system_prompt": shard.system,
                 "systems": {n: endpoint_payload(self.endpoints[n], s.model_from) for n, s in c.systems.items()},
-                "judge": self.judge_endpoint.model_dump(mode="json"), "order_seed": shard.order_seed,
+                "judge": semantic_dump(self.judge_endpoint), "order_seed": shard.order_seed,
                 "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": shard.constrained,
                 "explanation_chars": shard.explanation_chars}
 
@@ -331,7 +333,7 @@ class ShardEvalStage(Stage):
         if not text:
             return None
         metrics = json.loads(text)
-        short = ("n", "win", "tie", "loss", "win_rate", "win_rate_ci", "binomial_p")
+        short = ("n", "win", "tie", "loss", "win_rate", "win_rate_ci", "binomial_p", "binomial_test")
         return {"rows_evaluated": metrics["rows"]["evaluated"], "report": f"{REPORT_DIR}/report.md",
                 "systems": {n: {c: {k: m[c][k] for k in short} for c in CRITERIA}
                             for n, m in metrics["systems"].items()}}

@@ -6,13 +6,23 @@ datatrove's PipelineStep): ``build(inputs) -> Dataset`` returns rows of the row 
 by status, then writes the manifest.
 
 Resume: a stage is skipped when its manifest exists and both its config hash and its input
-fingerprint match. The input fingerprint of a stage is made of its upstream stages' output
-fingerprints (and, for source stages, the input files' sizes and mtimes), so recomputing a stage
-recomputes everything downstream of it.
+fingerprint match. The config hash covers everything the output depends on besides the inputs, and
+nothing else: operational settings (actor counts, batch sizes, rate limits, devices; fields marked
+:data:`pipelines.config.OPERATIONAL`) are left out by :func:`pipelines.config.semantic_dump`, so
+scaling a finished run recomputes nothing. The input fingerprint is made of each upstream stage's
+config hash, input fingerprint and output fingerprint (and, for source stages, the input files'
+sizes and mtimes), so any change upstream - a recomputed stage, or a changed config whose files
+happen to have the same names and sizes - recomputes everything downstream of it.
 
-Accounting, checked after every stage: ``in = out_parents + dropped + errored``, where ``in`` is the
-rows the stage read and ``out_parents`` the input rows that produced at least one output row
-(``out_parents == out`` for one-to-one stages).
+Accounting, checked after every stage (:func:`account`); ``in`` is the rows the stage read (for a
+stage without row inputs, the rows it planned, :meth:`Stage.expected_rows_in`):
+
+- one-to-one stages: ``in = out + dropped + errored``;
+- fan-out stages (one input row -> any number of rows): every output row, ok, dropped or error,
+  carries the id of the input row it came from in ``parent_id``, and the set of those parent ids
+  must equal the set of input ids: an input with no row of its own was lost, a parent id that is
+  no input id was invented. An input with both ok and error rows is accounted once; input rows
+  that share an id are accounted as one. ``out_parents`` = distinct parent ids of the ok rows.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import time
 from abc import ABC
 from typing import Any, ClassVar
 
+from pipelines.config import semantic_dump
 from pipelines.rows import DROPPED, ERROR, OK
 from pipelines.rundir import RunDir
 
@@ -35,7 +46,7 @@ WORK = "_work"  # scratch space of multi-pass stages, never a stage
 
 
 class AccountingError(RuntimeError):
-    """A stage lost or invented rows: in != out_parents + dropped + errored."""
+    """A stage lost or invented rows (see the module docstring for the rule)."""
 
 
 class Stage(ABC):
@@ -54,9 +65,10 @@ class Stage(ABC):
         self.config = config
 
     def hash_payload(self) -> Any:
-        """Everything the output depends on besides the inputs. Extend to add template texts,
-        model endpoints, seeds."""
-        return self.config.model_dump(mode="json")
+        """Everything the output depends on besides the inputs, and nothing operational. Extend to
+        add template texts, model endpoints, seeds; dump configs with
+        :func:`pipelines.config.semantic_dump`."""
+        return semantic_dump(self.config)
 
     def config_hash(self) -> str:
         payload = {"version": VERSION, "stage": self.name, "config": self.hash_payload()}
@@ -100,27 +112,38 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
-    parts = {up: manifests[up]["output_fingerprint"] for up in (*stage.inputs, *stage.requires)}
+def input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
+    """What a stage's inputs are: per upstream stage its config hash, input fingerprint and output
+    fingerprint (a changed upstream config counts even when its files keep their names and sizes),
+    plus the stage's own source files."""
+    keys = ("config_hash", "input_fingerprint", "output_fingerprint")
+    parts: dict[str, Any] = {up: {k: manifests[up].get(k) for k in keys} for up in (*stage.inputs, *stage.requires)}
     parts["__source__"] = stage.source_fingerprint()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_ok(rundir: RunDir, stage: str):
+def read_ok(rundir: RunDir, stage: str):
+    """The ``ok`` rows of an upstream stage as a Ray Dataset; empty (with the stage's schema where
+    any of its partitions has a file) when it produced no ok rows."""
     import ray
 
-    return ray.data.read_parquet(rundir.partition_uri(stage, OK), partitioning=None)
+    if rundir.parquet_files(stage, OK):
+        return ray.data.read_parquet(rundir.partition_uri(stage, OK), partitioning=None)
+    schema = rundir.output_schema(stage)
+    return ray.data.from_items([]) if schema is None else ray.data.from_arrow(schema.empty_table())
 
 
 def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> dict[str, dict]:
-    """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests."""
+    """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests.
+
+    The caller holds the run directory's lock (:meth:`RunDir.lock`; ``run_recipe`` takes it)."""
     manifests: dict[str, dict] = {}
     for stage in stages:
         missing = [up for up in (*stage.inputs, *stage.requires) if up not in manifests]
         if missing:
             raise ValueError(f"stage {stage.name} needs {missing}, which run before it")
         config_hash = stage.config_hash()
-        input_fp = _input_fingerprint(stage, manifests)
+        input_fp = input_fingerprint(stage, manifests)
         previous = rundir.read_manifest(stage.name)
         if (not force and previous and previous.get("config_hash") == config_hash
                 and previous.get("input_fingerprint") == input_fp):
@@ -144,23 +167,9 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     if stage.inputs and rows_in_upstream == 0:
         log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
     else:
-        stage.write({up: _read_ok(rundir, up) for up in stage.inputs}, rundir)
+        stage.write({up: read_ok(rundir, up) for up in stage.inputs}, rundir)
 
-    counts = {status: rundir.count_rows(stage.name, status) for status in (OK, DROPPED, ERROR)}
-    if stage.fan_out and counts[OK]:
-        out_parents = len(set(rundir.column_values(stage.name, OK, "parent_id")))
-    else:
-        out_parents = counts[OK]
-    if stage.inputs:
-        rows_in = rows_in_upstream
-    else:
-        rows_in = stage.expected_rows_in()
-        rows_in = out_parents + counts[DROPPED] + counts[ERROR] if rows_in is None else rows_in
-    if rows_in != out_parents + counts[DROPPED] + counts[ERROR]:
-        raise AccountingError(
-            f"stage {stage.name}: {rows_in} rows in but {out_parents} produced output, "
-            f"{counts[DROPPED]} dropped, {counts[ERROR]} errored")
-
+    rows = account(stage, rundir, rows_in_upstream)
     manifest = {
         "stage": stage.name,
         "status": "complete",
@@ -168,8 +177,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
         "input_fingerprint": input_fp,
         "output_fingerprint": rundir.output_fingerprint(stage.name),
         "inputs": list(stage.inputs),
-        "rows": {"in": rows_in, "out": counts[OK], "out_parents": out_parents,
-                 "dropped": counts[DROPPED], "errored": counts[ERROR]},
+        "rows": rows,
         "reasons": {"dropped": rundir.reason_counts(stage.name, DROPPED),
                     "errored": rundir.reason_counts(stage.name, ERROR)},
         "config": stage.hash_payload(),
@@ -185,6 +193,54 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
              manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])
     return manifest
+
+
+def account(stage: Stage, rundir: RunDir, rows_in_upstream: int) -> dict[str, int]:
+    """The manifest's row counts of a finished stage, after checking that it neither lost nor
+    invented rows (the rule is in the module docstring); raise :class:`AccountingError` naming the
+    stage otherwise. ``rows_in_upstream``: ok rows of the stage's inputs."""
+    counts = {status: rundir.count_rows(stage.name, status) for status in (OK, DROPPED, ERROR)}
+    accounted = counts[OK] + counts[DROPPED] + counts[ERROR]
+    if stage.inputs:
+        rows_in = rows_in_upstream
+    else:
+        planned = stage.expected_rows_in()
+        rows_in = accounted if planned is None else planned
+    out_parents = counts[OK]
+    if stage.fan_out and stage.inputs:
+        out_parents = _check_lineage(stage, rundir, rows_in)
+    elif rows_in != accounted:
+        raise AccountingError(
+            f"stage {stage.name}: {rows_in} rows in but {counts[OK]} out, {counts[DROPPED]} dropped, "
+            f"{counts[ERROR]} errored ({'lost' if rows_in > accounted else 'invented'} "
+            f"{abs(rows_in - accounted)})")
+    return {"in": rows_in, "out": counts[OK], "out_parents": out_parents,
+            "dropped": counts[DROPPED], "errored": counts[ERROR]}
+
+
+def _check_lineage(stage: Stage, rundir: RunDir, rows_in: int) -> int:
+    """Fan-out: the parent ids over all statuses must be exactly the input ids. Returns the number of
+    distinct parent ids of the ok rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def distinct(stages: tuple[str, ...], statuses: tuple[str, ...], column: str) -> pa.Array:
+        chunks = [rundir.column_array(s, status, column) for s in stages for status in statuses]
+        return pc.unique(pa.chunked_array([c for c in chunks if len(c)] or [pa.array([], pa.string())]))
+
+    input_ids = distinct(stage.inputs, (OK,), "id")
+    parents = distinct((stage.name,), (OK, DROPPED, ERROR), "parent_id")
+    invented = parents.filter(pc.invert(pc.is_in(parents, value_set=input_ids)))
+    if len(invented):
+        raise AccountingError(
+            f"stage {stage.name}: {len(invented)} parent_id values of its output rows are not ids of its "
+            f"{rows_in} input rows (e.g. {invented.to_pylist()[:5]})")
+    lost = input_ids.filter(pc.invert(pc.is_in(input_ids, value_set=parents)))
+    if len(lost):
+        raise AccountingError(
+            f"stage {stage.name}: {len(lost)} of its {rows_in} input rows have no ok, dropped or error row "
+            f"with their id as parent_id (e.g. {lost.to_pylist()[:5]})")
+    return len(distinct((stage.name,), (OK,), "parent_id"))
 
 
 def status_table(rundir: RunDir) -> str:

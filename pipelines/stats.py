@@ -1,172 +1,125 @@
-"""Statistics for pairwise judge evaluations (SHARD): pure functions, no SciPy needed at run time.
+"""Statistics for pairwise judge evaluations (SHARD): thin wrappers over SciPy and statsmodels that
+fix our contract (which test, when it is undefined, plain JSON numbers, the name of the test).
 
 A pairwise comparison of a candidate with a reference on one prompt ends in a win, a tie or a loss
-for the candidate. Over ``n`` prompts with ``W`` wins, ``T`` ties and ``L`` losses:
+for the candidate. Over ``n`` prompts with ``W`` wins, ``T`` ties and ``L`` losses
+(:func:`win_tie_loss`):
 
 - the **win rate** is ``W / (W + L)``, over the decisive (non-tie) comparisons, with a Wilson score
-  interval (:func:`wilson_interval`);
-- the **exact binomial test** asks whether ``W`` of ``W + L`` decisive comparisons is compatible with
-  a coin flip (``p = 0.5``) (:func:`binomial_test`);
-- two candidates judged on the **same** prompts are compared with **McNemar's test** on the paired
-  win indicators (:func:`mcnemar`);
-- two candidates judged on possibly **different** prompt sets (self- vs teacher-supervision) are
-  compared with the **two-proportion z-test** on their win rates (:func:`two_proportion_z`).
+  interval (``scipy.stats.binomtest(W, W + L).proportion_ci(method="wilson")``, no continuity
+  correction);
+- the **exact binomial test** (:data:`BINOMIAL_TEST`) asks whether ``W`` of ``W + L`` decisive
+  comparisons is compatible with a coin flip, ``p = 0.5``, two-sided (``scipy.stats.binomtest``).
 
-Every function returns plain floats / ``None`` (undefined: no data), so results go to JSON as they are.
-The unit tests check them against SciPy and against numbers worked out by hand.
+Two systems judged on the **same** prompts are a paired sample: :func:`mcnemar` compares them with
+McNemar's test on the per-prompt win indicators (``statsmodels``). An unpaired test (such as the
+two-proportion z-test) would treat the two systems' outcomes as independent samples, which they are
+not, so none is offered.
+
+Every result is plain floats / ints / ``None`` (undefined: no data), so it goes to JSON as it is,
+and every p-value comes with the name of its test.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+# SciPy and statsmodels are imported inside the functions: the outcome names below are imported by
+# every Ray Data worker that reads verdicts (pipelines.pairwise), which never computes a test.
 
 WIN, TIE, LOSS = "win", "tie", "loss"
 OUTCOMES = (WIN, TIE, LOSS)
 
+#: the test behind ``binomial_p`` of :func:`win_tie_loss`
+BINOMIAL_TEST = "exact binomial vs 0.5"
+#: McNemar's test as :func:`mcnemar` chose it
+MCNEMAR_EXACT = "McNemar exact"
+MCNEMAR_CHI2 = "McNemar chi2 cc"
 #: below this many discordant pairs McNemar's test is exact (binomial), at or above it the
 #: chi-square approximation with continuity correction is used (the usual rule of thumb)
 MCNEMAR_EXACT_BELOW = 25
 
 
-def normal_quantile(confidence: float) -> float:
-    """The two-sided standard normal quantile ``z`` with ``P(|Z| <= z) = confidence`` (1.95996... for
-    0.95), by bisection on :func:`math.erf` (``P(|Z| <= z) = erf(z / √2)``)."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    lo, hi = 0.0, 40.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if math.erf(mid / math.sqrt(2)) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
-    """Wilson score interval for a proportion ``p̂ = successes / n``::
-
-        centre    = (p̂ + z²/2n) / (1 + z²/n)
-        half width = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²)
-
-    with ``z`` the two-sided normal quantile of ``confidence``. Unlike the Wald interval it stays in
-    [0, 1] and is sensible for ``p̂ = 0`` or ``1`` and small ``n``. ``None`` when ``n = 0``.
-    """
-    if n == 0:
-        return None
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes {successes} outside [0, {n}]")
-    z = normal_quantile(confidence)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _binomial_pmf(k: int, n: int, p: float) -> float:
-    """``C(n, k) p^k (1 − p)^(n−k)``, in log space so that large ``n`` does not overflow."""
-    if p in (0.0, 1.0):
-        return float(k == (n if p == 1.0 else 0))
-    log_pmf = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-               + k * math.log(p) + (n - k) * math.log1p(-p))
-    return math.exp(log_pmf)
-
-
-def binomial_test(successes: int, n: int, p: float = 0.5) -> float | None:
-    """Exact two-sided binomial test of ``H0: P(success) = p``: the p-value is the total probability
-    of the outcomes no more likely than the observed one,
-
-        p-value = Σ_{i : P(X = i) <= P(X = k)} P(X = i),   X ~ Binomial(n, p),
-
-    (SciPy's ``binomtest``, with the same relative tolerance 1e-7 for ties in probability). For
-    ``p = 0.5`` this is ``min(1, 2 · P(X <= min(k, n − k)))``. ``None`` when ``n = 0``.
-    """
-    if n == 0:
-        return None
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes {successes} outside [0, {n}]")
-    observed = _binomial_pmf(successes, n, p)
-    threshold = observed * (1 + 1e-7)
-    total = sum(prob for i in range(n + 1) if (prob := _binomial_pmf(i, n, p)) <= threshold)
-    return min(1.0, total)
-
-
-@dataclass(frozen=True)
-class McNemar:
-    """McNemar's test on paired binary outcomes: ``b`` pairs where only the first system succeeds,
-    ``c`` where only the second does; ``method`` is ``exact`` or ``chi2_cc``."""
-
-    b: int
-    c: int
-    method: str
-    statistic: float | None
-    p_value: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def mcnemar(b: int, c: int, exact_below: int = MCNEMAR_EXACT_BELOW) -> McNemar:
-    """McNemar's test of ``H0``: both systems succeed equally often on the same items. Only the
-    discordant pairs count (``b``: first succeeds and second fails, ``c``: the reverse).
-
-    - ``b + c < exact_below``: **exact** - under ``H0`` ``b ~ Binomial(b + c, 1/2)``, so the p-value is
-      the two-sided :func:`binomial_test` of ``b`` out of ``b + c`` (statistic: ``min(b, c)``);
-    - otherwise the **chi-square test with continuity correction** (Edwards):
-      ``χ² = (|b − c| − 1)² / (b + c)`` with one degree of freedom, p-value ``= P(χ²₁ >= χ²) =
-      erfc(sqrt(χ²/2))``.
-
-    No discordant pair (``b = c = 0``): no evidence either way, p-value 1.
-    """
-    n = b + c
-    if n == 0:
-        return McNemar(b, c, "exact", None, 1.0)
-    if n < exact_below:
-        return McNemar(b, c, "exact", float(min(b, c)), binomial_test(b, n, 0.5))
-    chi2 = (abs(b - c) - 1) ** 2 / n
-    return McNemar(b, c, "chi2_cc", chi2, math.erfc(math.sqrt(chi2 / 2)))
-
-
-def two_proportion_z(x1: int, n1: int, x2: int, n2: int) -> dict | None:
-    """Two-sided two-proportion z-test of ``H0: p1 = p2`` with the pooled standard error::
-
-        p̂ = (x1 + x2) / (n1 + n2)
-        z  = (x1/n1 − x2/n2) / sqrt(p̂(1 − p̂)(1/n1 + 1/n2))
-        p-value = 2 (1 − Φ(|z|)) = erfc(|z| / √2)
-
-    ``None`` when a sample is empty; ``z = 0``, p-value 1 when both proportions are equal (the
-    pooled variance is then 0 if they are both 0 or both 1).
-    """
-    if n1 == 0 or n2 == 0:
-        return None
-    p1, p2 = x1 / n1, x2 / n2
-    pooled = (x1 + x2) / (n1 + n2)
-    variance = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
-    if p1 == p2 or variance == 0:
-        return {"p1": p1, "p2": p2, "difference": p1 - p2, "z": 0.0, "p_value": 1.0}
-    z = (p1 - p2) / math.sqrt(variance)
-    return {"p1": p1, "p2": p2, "difference": p1 - p2, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
-
-
 def win_tie_loss(outcomes: list[str], confidence: float = 0.95) -> dict:
     """Counts and shares of win / tie / loss, the win rate ``W / (W + L)`` over decisive
-    comparisons with its Wilson interval, and the exact binomial test of the wins against 0.5 on
-    the non-ties."""
+    comparisons with its Wilson score interval::
+
+        centre     = (p̂ + z²/2m) / (1 + z²/m)
+        half width = z / (1 + z²/m) · sqrt(p̂(1 − p̂)/m + z²/4m²),   p̂ = W / m,  m = W + L
+
+    and the exact two-sided binomial test of ``H0: P(win | decisive) = 0.5``: the p-value is the
+    total probability under ``Binomial(m, 0.5)`` of the outcomes no more likely than ``W``, i.e.
+    ``min(1, 2 · P(X <= min(W, L)))``. Both from ``scipy.stats.binomtest``. The win rate, interval
+    and p-value are ``None`` when there is no decisive comparison."""
+    from scipy.stats import binomtest
+
     unknown = set(outcomes) - set(OUTCOMES)
     if unknown:
         raise ValueError(f"outcomes must be {OUTCOMES}, got {sorted(unknown)}")
     n = len(outcomes)
     counts = {o: outcomes.count(o) for o in OUTCOMES}
     decisive = counts[WIN] + counts[LOSS]
-    interval = wilson_interval(counts[WIN], decisive, confidence)
+    interval = p_value = None
+    if decisive:  # binomtest needs at least one trial
+        test = binomtest(counts[WIN], decisive, 0.5)
+        ci = test.proportion_ci(confidence_level=confidence, method="wilson")
+        interval, p_value = [float(ci.low), float(ci.high)], float(test.pvalue)
     return {
         "n": n, **counts,
         "shares": {o: (counts[o] / n if n else None) for o in OUTCOMES},
         "decisive": decisive,
         "win_rate": counts[WIN] / decisive if decisive else None,
-        "win_rate_ci": list(interval) if interval else None,
+        "win_rate_ci": interval,
         "confidence": confidence,
-        "binomial_p": binomial_test(counts[WIN], decisive, 0.5),
+        "binomial_p": p_value,
+        "binomial_test": BINOMIAL_TEST,
     }
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's test on ``n`` paired binary outcomes: ``first_wins`` / ``second_wins`` items where
+    each system succeeds, ``b`` where only the first does, ``c`` where only the second does; ``test``
+    is :data:`MCNEMAR_EXACT` or :data:`MCNEMAR_CHI2`."""
+
+    n: int
+    first_wins: int
+    second_wins: int
+    b: int
+    c: int
+    test: str
+    statistic: float
+    p_value: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mcnemar(first: Sequence[bool], second: Sequence[bool], exact_below: int = MCNEMAR_EXACT_BELOW) -> McNemar:
+    """McNemar's test of ``H0``: on the same items, both systems succeed equally often
+    (``P(first succeeds) = P(second succeeds)``). ``first[i]`` and ``second[i]`` are the two
+    systems' outcomes on item ``i``. Only the discordant pairs count (``b``: the first succeeds and
+    the second fails, ``c``: the reverse), via ``statsmodels.stats.contingency_tables.mcnemar``:
+
+    - ``b + c < exact_below``: **exact**, under ``H0`` ``b ~ Binomial(b + c, 1/2)``: p-value
+      ``min(1, 2 · P(X <= min(b, c)))``, statistic ``min(b, c)``;
+    - otherwise **chi-square with continuity correction** (Edwards):
+      ``χ² = (|b − c| − 1)² / (b + c)``, one degree of freedom, p-value ``P(χ²₁ >= χ²)``.
+
+    No discordant pair (``b = c = 0``): no evidence either way, statistic 0, p-value 1.
+    """
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    if len(first) != len(second):
+        raise ValueError(f"McNemar's test needs paired outcomes: {len(first)} for the first system, "
+                         f"{len(second)} for the second")
+    pairs = list(zip(map(bool, first), map(bool, second)))
+    table = [[pairs.count((True, True)), pairs.count((True, False))],
+             [pairs.count((False, True)), pairs.count((False, False))]]
+    b, c = table[0][1], table[1][0]
+    exact = b + c < exact_below or b + c == 0  # without discordant pairs χ² is 0 / 0
+    result = sm_mcnemar(table, exact=exact, correction=True)
+    return McNemar(n=len(pairs), first_wins=sum(table[0]), second_wins=table[0][0] + table[1][0], b=b, c=c,
+                   test=MCNEMAR_EXACT if exact else MCNEMAR_CHI2, statistic=float(result.statistic),
+                   p_value=float(result.pvalue))

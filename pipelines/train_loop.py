@@ -7,7 +7,8 @@ and computes the loss and its metrics. Everything else lives here, once:
 - ``TorchTrainer`` with one worker per GPU (or CPU worker), the training rows streamed to each worker
   from Ray Data (``get_dataset_shard``), never loaded whole by a worker or the driver;
 - DeepSpeed ZeRO-2/3 from ``configs/deepspeed/`` with the recipe's batch sizes, precision (bf16 on
-  GPU, fp32 on CPU), AdamW and clipping filled in; cosine / linear / constant schedule with warmup;
+  GPU, fp32 on CPU), AdamW and clipping filled in; cosine / linear / constant schedule with warmup
+  (``transformers.get_scheduler``, stepped by DeepSpeed once per optimizer step);
 - checkpoints through ``ray.train.Checkpoint`` (DeepSpeed state of every rank + ``trainer_state.json``
   with the step, the data position and the method's own state, e.g. MDPO's running mean), resume from
   the latest one when the same run is started again (Ray Train V2: same run name and storage path);
@@ -28,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -132,16 +132,30 @@ def deepspeed_config(config: TrainingConfig, *, use_gpu: bool, bf16: bool) -> di
     return ds
 
 
-def lr_lambda(step: int, *, total: int, warmup: int, kind: str) -> float:
-    """Learning-rate multiplier: linear warmup ``step / warmup`` for ``step < warmup``, then
-    cosine ``½(1 + cos(π·p))``, linear ``1 − p`` or constant 1, with ``p = (step − warmup) /
-    (total − warmup)``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+#: ``lr_scheduler`` of the recipe -> the name ``transformers.get_scheduler`` knows it by
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def lr_scheduler(optimizer, *, kind: str, total_steps: int, warmup_ratio: float):
+    """The learning-rate schedule of a run, ``transformers.get_scheduler`` (the schedule of the HF
+    ``Trainer`` and TRL, so runs compare with theirs). Optimizer step ``s`` (0-based) runs at
+    ``lr · f(s)`` with ``W = int(warmup_ratio · total_steps)`` warmup steps and
+    ``p = (s − W) / (total_steps − W)``:
+
+        f(s) = s / W                  for s < W (the first step of a warmup runs at 0)
+               ½ (1 + cos(π p))       cosine
+               1 − p                  linear
+               1                      constant
+
+    A ``torch`` ``LambdaLR``: its ``state_dict`` (the step count) is saved with DeepSpeed's
+    checkpoint and restored by ``engine.load_checkpoint``, so a resumed run continues the schedule.
+    """
+    from transformers import get_scheduler
+
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler {kind!r} is not one of {sorted(SCHEDULES)}")
+    return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,11 +265,10 @@ def train_worker(payload: dict[str, Any]) -> None:
         model = method.build_model(dtype)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    warmup = int(config.warmup_ratio * plan.total_steps)
 
-    def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-            s, total=plan.total_steps, warmup=warmup, kind=config.lr_scheduler))
+    def scheduler(optimizer):  # DeepSpeed calls it with the optimizer it built from ds_config
+        return lr_scheduler(optimizer, kind=config.lr_scheduler, total_steps=plan.total_steps,
+                            warmup_ratio=config.warmup_ratio)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -296,6 +309,9 @@ def train_worker(payload: dict[str, Any]) -> None:
             batch = method.collate(numpy_batch, device)
             loss, metrics = method.loss(engine, batch)
             engine.backward(loss)
+            # the rate this step runs at: at the end of a global batch engine.step() also steps the
+            # schedule, after which get_lr() is the next step's rate
+            lr = engine.get_lr()[0]
             engine.step()
             tokens += method.tokens(batch)
             step_metrics.append(metrics)
@@ -308,7 +324,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             metrics = _all_reduce_mean(metrics, world, device)
             method.after_step(metrics)
             elapsed = time.perf_counter() - t_step
-            metrics.update(step=pos.step, epoch=pos.epoch, lr=engine.get_lr()[0],
+            metrics.update(step=pos.step, epoch=pos.epoch, lr=lr,
                            step_seconds=elapsed, data_wait_seconds=data_seconds,
                            tokens_per_second_per_worker=tokens / elapsed)
             step_metrics, tokens, data_seconds, t_step = [], 0, 0.0, time.perf_counter()

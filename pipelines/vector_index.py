@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
-from pipelines.config import IndexConfig
+from pipelines.config import IndexConfig, semantic_dump
 from pipelines.rows import ERROR, OK
 from pipelines.rundir import RunDir
 from pipelines.stage import Stage
@@ -219,7 +219,7 @@ class IndexStage(Stage):
         self.seed = seed
 
     def hash_payload(self) -> Any:
-        return {"config": self.config.model_dump(mode="json"), "seed": self.seed}
+        return {"config": semantic_dump(self.config), "seed": self.seed}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         import ray

@@ -16,6 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: an API key for `vllm_server` to require (parametrize it indirectly with TEST_API_KEY). Set before
+#: any local Ray starts, so its workers inherit it, as a cluster's nodes carry it in their environment.
+TEST_API_KEY_ENV, TEST_API_KEY = "CHILLGUARD_TEST_API_KEY", "sk-chillguard-test-6f1c9e"
+os.environ[TEST_API_KEY_ENV] = TEST_API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +48,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_balanced(manifest: dict) -> None:
-    """A stage's accounting: every row it read is in an output, dropped or errored
-    (in = out_parents + dropped + errored)."""
-    r = manifest["rows"]
-    assert r["in"] == r["out_parents"] + r["dropped"] + r["errored"], manifest.get("stage")
+def assert_balanced(manifest: dict, rundir=None) -> None:
+    """A stage's manifest agrees with itself and, given its ``RunDir``, with the files on disk.
+
+    The runner checked the lineage rule when it wrote the manifest; this checks what it did not:
+    the reason counts add up to the dropped/errored counts, ``out_parents <= out``, each input is
+    accounted at most ``out_parents + dropped + errored`` ways (equality for one-to-one stages) and,
+    with ``rundir``, that the rows actually in each status partition (read, not the footers) are the
+    manifest's counts."""
+    import pyarrow.parquet as pq
+
+    stage, r = manifest.get("stage"), manifest["rows"]
+    assert sum(manifest["reasons"]["dropped"].values()) == r["dropped"], stage
+    assert sum(manifest["reasons"]["errored"].values()) == r["errored"], stage
+    assert r["out_parents"] <= r["out"], stage
+    assert r["in"] <= r["out_parents"] + r["dropped"] + r["errored"], stage
+    if rundir is None:
+        return
+    for status, key in (("ok", "out"), ("dropped", "dropped"), ("error", "errored")):
+        rows = 0
+        for info in rundir.parquet_files(stage, status):
+            with rundir.fs.open_input_file(info.path) as f:
+                rows += len(pq.read_table(f, columns=["id"]).column("id"))
+        assert rows == r[key], f"{stage}: {rows} {status} rows on disk, manifest says {r[key]}"
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -102,8 +124,10 @@ def stop_group(proc, timeout: float = 30) -> None:
 
 
 @pytest.fixture()
-def vllm_server(tiny_models, tmp_path):
-    """`vllm serve` of the tiny model on 127.0.0.1, stopped by its own process group."""
+def vllm_server(tiny_models, tmp_path, request):
+    """`vllm serve` of the tiny model on 127.0.0.1, stopped by its own process group. Parametrized
+    indirectly with a key, the server refuses requests without `Authorization: Bearer <key>`."""
+    api_key = getattr(request, "param", None)
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
@@ -112,7 +136,7 @@ def vllm_server(tiny_models, tmp_path):
         [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
          "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
          "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(128 * 1024**2)],
+         "--kv-cache-memory-bytes", str(128 * 1024**2), *(["--api-key", api_key] if api_key else [])],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300

@@ -156,3 +156,35 @@ def test_stage_dependencies_are_checked(tmp_path, tiny_models):
         load_recipe(path, ["stages.jury.inputs=[ingest]", "stages.jury.judges=[rw]", "stages.jury.mode=parallel"])
     with pytest.raises(ConfigError, match="stages.adjudicate needs stages jury"):
         load_recipe(path, ["stages.adjudicate.model=rw"])
+
+
+_HTTP = ["models.rw.engine=http", "models.rw.model=served-name", "models.rw.api_key_env=RW_KEY"]
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.7:8000/v1/chat/completions",
+                                 "http://api.example.com/v1/chat/completions",
+                                 "http://127.0.0.1.example.com/v1/chat/completions",
+                                 "http://[2001:db8::7]:8000/v1/chat/completions"])
+def test_api_key_over_plain_http_to_another_host_is_refused(tmp_path, tiny_models, url):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_recipe(tmp_path, tiny_models), [*_HTTP, f"models.rw.url={url}"])
+    text = str(err.value)
+    assert "models.rw:" in text and url in text and "https://" in text and "RW_KEY" in text
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1/chat/completions",
+                                 "http://127.8.9.10/v1/chat/completions",
+                                 "http://localhost:8000/v1/chat/completions",
+                                 "http://[::1]:8000/v1/chat/completions",
+                                 "https://api.example.com/v1/chat/completions"])
+def test_api_key_over_https_or_to_loopback_is_accepted(tmp_path, tiny_models, url):
+    recipe = load_recipe(_recipe(tmp_path, tiny_models), [*_HTTP, f"models.rw.url={url}"])
+    assert recipe.models["rw"].api_key_env == "RW_KEY"
+
+
+def test_plain_http_without_a_key_is_accepted_and_a_key_needs_engine_http(tmp_path, tiny_models):
+    path = _recipe(tmp_path, tiny_models)
+    load_recipe(path, ["models.rw.engine=http", "models.rw.model=served-name",
+                       "models.rw.url=http://10.0.0.7:8000/v1/chat/completions"])
+    with pytest.raises(ConfigError, match="models.rw: .*api_key_env is only for engine: http"):
+        load_recipe(path, ["models.rw.api_key_env=RW_KEY"])

@@ -132,16 +132,27 @@ def test_messages_plain_conversation_and_our_prompt():
 # Scores
 
 
-def test_unsafe_score_normalises_over_the_two_answers():
-    lp = {"unsafe": math.log(0.6), "safe": math.log(0.2), "I": math.log(0.1)}
-    assert unsafe_score(lp) == pytest.approx(0.6 / 0.8)
-    # tokens that begin a word count for it (constrained splits, leading space, case)
-    lp = {"u": math.log(0.1), " Un": math.log(0.2), "s": math.log(0.3), "sa": math.log(0.1), "x": math.log(0.3)}
-    assert unsafe_score(lp) == pytest.approx(0.3 / 0.7)
-    assert unsafe_score({"unsafe": math.log(0.3), "The": math.log(0.5)}) == pytest.approx(0.3)   # only unsafe
-    assert unsafe_score({"safe": math.log(0.9)}) == 0.0                                            # only safe
-    assert unsafe_score({"The": -0.1, "\n": -3.0}) is None                                         # neither
-    assert unsafe_score({"safety": -0.1, "unsafely": -0.2}) is None    # longer words do not begin the answer
+TOKENS = {SAFE: "safe", UNSAFE: "u"}   # the tiny tokenizer's first tokens of the two answer words
+
+
+def test_unsafe_score_from_the_exact_first_tokens():
+    # P(unsafe) = p(u) / (p(u) + p(safe)): renormalised over the two first tokens
+    lp = {"u": math.log(0.6), "safe": math.log(0.2), "I": math.log(0.1)}
+    assert unsafe_score(lp, TOKENS) == pytest.approx(0.6 / 0.8)
+    # other tokens that merely share a prefix count for neither word (only the exact first tokens do);
+    # whitespace around a token is not part of the word
+    lp = {"s": math.log(0.3), "sa": math.log(0.1), "un": math.log(0.2), "uns": math.log(0.1),
+          " safe": math.log(0.1), "u": math.log(0.05), "Safe": math.log(0.1)}
+    assert unsafe_score(lp, TOKENS) == pytest.approx(0.05 / 0.15)
+    # a word whose first token is not among the top-k has probability 0 there, for either word alike
+    assert unsafe_score({"u": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 1.0
+    assert unsafe_score({"safe": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 0.0
+    # neither first token in the top-k: no score (the answer's text decides, see read_answers)
+    assert unsafe_score({"The": -0.1, "\n": -3.0, "un": -0.5, "sa": -0.7}, TOKENS) is None
+    assert unsafe_score({}, TOKENS) is None
+    # a tokenizer whose first token of 'unsafe' is the whole word
+    assert unsafe_score({"unsafe": math.log(0.2), "u": math.log(0.5), "safe": math.log(0.2)},
+                        {SAFE: "safe", UNSAFE: "unsafe"}) == pytest.approx(0.5)
 
 
 def test_decision_by_threshold_or_answer():
@@ -253,29 +264,137 @@ def test_prepare_splits_labels_and_responses():
 
 
 def test_read_answers_predictions_and_error_rows():
-    lp = json.dumps({"u": math.log(0.3), "safe": math.log(0.1)})
+    lp = json.dumps({"u": math.log(0.3), "safe": math.log(0.1), "un": math.log(0.5)})
     base = {"llm_prompt_tokens": 10, "llm_output_tokens": 2}
     rows = [make_row(id="ok", text="t", label=UNSAFE, micro="A1", llm_output="safe", llm_error="",
                      llm_first_logprobs=lp, **base),
             make_row(id="noscore", text="t", label=SAFE, llm_output="unsafe\nB2", llm_error="",
                      llm_first_logprobs="", **base),
             make_row(id="junk", text="t", label=SAFE, llm_output="blah", llm_error="", llm_first_logprobs="", **base),
+            # neither first token among the top-k: no score, the answer decides
+            make_row(id="neither", text="t", label=SAFE, llm_output="unsafe\nA1", llm_error="",
+                     llm_first_logprobs=json.dumps({"un": -0.1, "s": -2.0}), **base),
             make_row(id="long", text="t", label=SAFE, llm_output="", llm_first_logprobs="",
                      llm_error="This model's maximum context length is 4096 tokens", **base)]
     table = pa.Table.from_pylist(rows)
     out = {r["id"]: r for r in read_answers(table, adapter=_adapter("chillguard"), guard="chillguard", model="m",
-                                            threshold=0.5, use_score=True).to_pylist()}
+                                            threshold=0.5, answer_tokens=TOKENS).to_pylist()}
     ok = out["ok"]
     assert ok["status"] == OK and ok["answer_label"] == SAFE and ok["score"] == pytest.approx(0.75)
     assert ok["pred_label"] == UNSAFE and ok["label"] == UNSAFE and ok["micro"] == "A1"     # gold kept
     assert (out["noscore"]["score"], out["noscore"]["pred_label"], out["noscore"]["pred_micro"]) == (None, UNSAFE, "B2")
     assert (out["junk"]["status"], out["junk"]["reason"], out["junk"]["raw_output"]) == (ERROR, "unparseable_output", "blah")
+    assert (out["neither"]["status"], out["neither"]["score"], out["neither"]["pred_label"]) == (OK, None, UNSAFE)
     assert (out["long"]["status"], out["long"]["reason"]) == (ERROR, "prompt_too_long")
     assert not [c for c in out["ok"] if c.startswith("llm_")]
     # without scores the answer decides
     out = read_answers(table.slice(0, 1), adapter=_adapter("chillguard"), guard="chillguard", model="m",
-                       threshold=0.5, use_score=False).to_pylist()
+                       threshold=0.5, answer_tokens=None).to_pylist()
     assert (out[0]["score"], out[0]["pred_label"]) == (None, SAFE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring every row: two guards on the same input (no Ray: the stage's rows written as write() would)
+
+#: (id, gold label, gold micro, a good guard's answer, a junky guard's answer); "!" marks a failed request
+SAME_INPUT = [("a", UNSAFE, "A1", "unsafe\nA1", "unsafe\nA1"),
+              ("b", UNSAFE, "A1", "unsafe\nA1", "I cannot answer that."),
+              ("c", SAFE, "A1", "safe", ""),
+              ("d", UNSAFE, "B2", "unsafe\nB2", "!This model's maximum context length is 4096 tokens"),
+              ("e", UNSAFE, "B2", "unsafe\nB2", "unsafe\nB2"),
+              ("f", SAFE, "", "safe", "safe"),
+              ("g", UNSAFE, "D1", "unsafe\nD1", "unsafe\nD1"),
+              ("h", SAFE, "D1", "safe", "safe")]
+
+
+def _write_offline(stage: GuardEvalStage, rundir: RunDir, batch: pa.Table, answers: dict[str, str]) -> None:
+    """The rows GuardEvalStage.write writes, with the guard's answers given per row id instead of
+    asked through ray.data.llm ("!message" = the request failed), then the stage's report."""
+    import pyarrow.compute as pc
+
+    from pipelines.rows import DROPPED
+
+    rows = prepare(batch, split=stage.config.split, level=stage.config.level)
+    asked = []
+    for row in rows.filter(pc.equal(rows["status"], OK)).to_pylist():
+        answer = answers[row["id"]]
+        failed = answer.startswith("!")
+        asked.append({**row, "llm_output": "" if failed else answer, "llm_error": answer[1:] if failed else "",
+                      "llm_first_logprobs": "", "llm_prompt_tokens": 1, "llm_output_tokens": 1})
+    out = pa.concat_tables([rows.filter(pc.not_equal(rows["status"], OK)), read_answers(
+        pa.Table.from_pylist(asked), adapter=stage.adapter, guard=stage.config.adapter, model="m",
+        threshold=stage.config.threshold, answer_tokens=None)])
+    for status in (OK, DROPPED, ERROR):
+        part = out.filter(pc.equal(out["status"], status))
+        if part.num_rows:
+            rundir.write_table(stage.name, status, part.drop_columns(["status"]))
+    stage.write_report(rundir, stage.endpoint, stage.answer_tokens(stage.endpoint))
+
+
+def test_two_guards_are_scored_on_the_same_rows_and_junk_counts_as_wrong(tmp_path, tiny_models):
+    endpoint = LLMEndpoint(**long_context_endpoint(tiny_models["causal-lm"]))
+    batch = _input_batch([make_row(id=i, text=f"text {i}", label=label, micro=micro)
+                          for i, label, micro, _, _ in SAME_INPUT]
+                         + [make_row(id="x", text="no gold label", label="", micro="A1")])
+    config = GuardEvalConfig(inputs=["seeds_x"], model="guard", split=None)
+    good, junky = (GuardEvalStage(name, config, endpoint, str(TAXONOMY_PATH)) for name in ("good", "junky"))
+    llama = GuardEvalStage("llama", config.model_copy(update={"adapter": "llamaguard"}), endpoint, str(TAXONOMY_PATH))
+    rundir = RunDir(str(tmp_path / "run"))
+    _write_offline(good, rundir, batch, {i: a for i, _, _, a, _ in SAME_INPUT})
+    _write_offline(junky, rundir, batch, {i: j for i, _, _, _, j in SAME_INPUT})
+    _write_offline(llama, rundir, batch, {i: a.replace("\nA1", "\nS1").replace("\nB2", "").replace("\nD1", "\nS2")
+                                          for i, _, _, a, _ in SAME_INPUT})
+
+    scored = {stage.name: stage.scored_rows(rundir) for stage in (good, junky, llama)}
+    ids = sorted(i for i, *_ in SAME_INPUT)                      # every row with a gold label; x is not
+    assert all(sorted(t.column("id").to_pylist()) == ids for t in scored.values())
+    junk = {r["id"]: r for r in scored["guard_eval_junky"].to_pylist()}
+    assert [i for i in ids if junk[i]["pred_label"] is None] == ["b", "c", "d"]
+    assert junk["d"]["unparsed"] == "prompt_too_long" and junk["b"]["unparsed"] == "unparseable_output"
+
+    metrics = {stage.name: json.loads(rundir.read_text(f"{stage.name}/report/metrics.json"))
+               for stage in (good, junky, llama)}
+    g, j, lg = metrics["guard_eval_good"], metrics["guard_eval_junky"], metrics["guard_eval_llama"]
+    for m, unparsed in ((g, 0), (j, 3), (lg, 0)):
+        assert m["rows"] == {"in": 9, "evaluated": 8, "answered": 8 - unparsed, "unparsed": unparsed,
+                             "errored": 1 + unparsed, "input_errors": 1, "dropped": 0}
+        assert m["overall"]["rows"] == 8 and m["unparsed"] == unparsed
+    assert j["reasons"]["unparsed"] == {"unparseable_output": 2, "prompt_too_long": 1}
+    assert j["reasons"]["errored"] == {"unparseable_output": 2, "prompt_too_long": 1, "missing_label": 1}
+    # good: every row right. junky: b and d (gold unsafe) are misses, c (gold safe) a false alarm
+    assert {k: g["overall"][k] for k in ("tp", "fp", "fn", "tn")} == {"tp": 5, "fp": 0, "fn": 0, "tn": 3}
+    assert {k: j["overall"][k] for k in ("tp", "fp", "fn", "tn")} == {"tp": 3, "fp": 1, "fn": 2, "tn": 2}
+    assert j["overall"]["f1"] == pytest.approx(6 / 9) and g["overall"]["f1"] == 1.0
+    assert j["per_micro"]["A1"]["fn"] == 1 and j["per_micro"]["A1"]["fp"] == 1
+    # micro category on the gold-unsafe tagged rows a, b, d, e, g
+    gc = g["micro_category"]
+    assert (gc["rows"], gc["accuracy"], gc["macro_f1"]) == (5, 1.0, 1.0)
+    mc = j["micro_category"]
+    assert mc["rows"] == 5 and mc["accuracy"] == pytest.approx(3 / 5)
+    assert mc["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1.0) / 3)
+    assert lg["micro_category"] is None                            # LlamaGuard does not name our codes
+    report = rundir.read_text("guard_eval_junky/report/report.md")
+    assert "unparsed 3" in report and "## Micro category" in report and "macro F1" in report
+    assert rundir.read_bytes("guard_eval_junky/report/micro_confusion.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not rundir.exists("guard_eval_llama/report/micro_confusion.png")
+    assert "Not scored: adapter `llamaguard`" in rundir.read_text("guard_eval_llama/report/report.md")
+    summary = junky.summary(rundir)
+    assert summary["rows_evaluated"] == 8 and summary["rows_unparsed"] == 3
+    assert summary["micro_accuracy"] == pytest.approx(3 / 5)
+
+
+def test_answer_tokens_from_the_guard_tokenizer(tiny_models):
+    endpoint = LLMEndpoint(**long_context_endpoint(tiny_models["causal-lm"]))
+    stage = GuardEvalStage("x", GuardEvalConfig(inputs=["a"], model="g"), endpoint, str(TAXONOMY_PATH))
+    assert stage.answer_tokens(endpoint) == TOKENS
+    unscored = GuardEvalStage("x", GuardEvalConfig(inputs=["a"], model="g", score=False), endpoint, str(TAXONOMY_PATH))
+    assert unscored.answer_tokens(endpoint) is None
+    http = LLMEndpoint(engine="http", url="http://localhost:8000/v1/chat/completions", model="guard")
+    with pytest.raises(GuardEvalError, match="stage guard_eval_x: .*set `tokenizer`.*or score: false"):
+        GuardEvalStage("x", GuardEvalConfig(inputs=["a"], model="g"), http, str(TAXONOMY_PATH))
+    with_tokenizer = GuardEvalConfig(inputs=["a"], model="g", tokenizer=tiny_models["causal-lm"])
+    assert GuardEvalStage("x", with_tokenizer, http, str(TAXONOMY_PATH)).answer_tokens(http) == TOKENS
+    GuardEvalStage("x", GuardEvalConfig(inputs=["a"], model="g", score=False), http, str(TAXONOMY_PATH))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,21 +491,31 @@ def _check_report(rundir: RunDir, stage: str, manifest: dict):
             assert row["pred_label"] == decide(row["answer_label"], row["score"], 0.5)
         else:
             assert row["pred_label"] == row["answer_label"]
-    for row in pq.read_table(rundir.partition_uri(stage, ERROR)).to_pylist() if manifest["rows"]["errored"] else []:
+    errors = pq.read_table(rundir.partition_uri(stage, ERROR)).to_pylist() if manifest["rows"]["errored"] else []
+    for row in errors:
         assert row["reason"] and row["detail"]
+    # every row sent to the guard is scored; an unusable answer (error row) as the opposite of gold
+    unparsed = [r for r in errors if r["reason"] not in ("missing_label", "missing_response")]
     metrics = json.loads(rundir.read_text(f"{stage}/report/metrics.json"))
-    again = evaluate([r["label"] for r in ok], [r["pred_label"] for r in ok], [r["micro"] for r in ok], TAXONOMY)
-    assert metrics["overall"] == again["overall"] and metrics["per_micro"] == again["per_micro"]
-    assert metrics["per_macro"] == again["per_macro"]
-    assert metrics["rows"]["evaluated"] == len(ok) == manifest["rows"]["out"]
+    rows = ok + unparsed
+    again = evaluate([r["label"] for r in rows], [r["pred_label"] for r in ok] + [None] * len(unparsed),
+                     [r["micro"] for r in rows], TAXONOMY,
+                     [r["pred_micro"] for r in ok] + [""] * len(unparsed) if metrics["micro_category"] else None)
+    for key in ("overall", "per_micro", "per_macro", "unparsed", "micro_category"):
+        assert metrics[key] == again[key], key
+    assert metrics["rows"]["answered"] == len(ok) == manifest["rows"]["out"]
+    assert metrics["rows"]["evaluated"] == len(rows) == metrics["overall"]["rows"]
+    assert metrics["rows"]["unparsed"] == len(unparsed)
     assert metrics["rows"]["errored"] == manifest["rows"]["errored"]
+    assert metrics["rows"]["in"] == manifest["rows"]["in"]
     assert metrics["scores"]["rows_with_score"] == sum(r["score"] is not None for r in ok)
     report = rundir.read_text(f"{stage}/report/report.md")
     assert "## Per micro category" in report and "| A1 |" in report and "## Confusion" in report
+    assert f"unparsed {len(unparsed)}" in report and "## Micro category" in report
     for chart in ("per_micro_f1.png", "per_macro_f1.png"):
         assert rundir.read_bytes(f"{stage}/report/{chart}")[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["summary"]["f1"] == metrics["overall"]["f1"]
-    assert manifest["summary"]["rows_evaluated"] == len(ok)
+    assert manifest["summary"]["rows_evaluated"] == len(rows)
     return ok, metrics
 
 
@@ -415,6 +544,10 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     assert ok and all(r["guard"] == "chillguard" and r["level"] == "prompt" and r["response"] == "" for r in ok)
     assert any(r["score"] is not None for r in ok)                  # constrained first tokens: safe / unsafe
     assert all(r["pred_micro"] in ("", *TAXONOMY.micro_codes) for r in ok)
+    assert metrics["settings"]["answer_tokens"] == {SAFE: "safe", UNSAFE: "u"}
+    assert metrics["micro_category"]["rows"] == 7                  # the gold-unsafe rows: s0, s2, ..., s10, long
+    assert metrics["rows"]["evaluated"] == 13                       # the long row too, as a wrong prediction
+    assert rundir.read_bytes("guard_eval_ours/report/micro_confusion.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
     m = manifests["guard_eval_baseline"]
     assert_balanced(m)
@@ -424,6 +557,8 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     model_dir = str(Path(rundir.uri("trainer", MODEL_DIR)).resolve())
     assert ok and all(r["guard_model"] == model_dir and r["response"].startswith("回答") for r in ok)
     assert metrics["settings"]["model_from"] == "trainer" and metrics["settings"]["level"] == "response"
+    assert metrics["rows"]["evaluated"] == 9 and metrics["micro_category"] is None
+    assert not rundir.exists("guard_eval_baseline/report/micro_confusion.png")
 
     # a rerun with nothing changed recomputes nothing
     again = run_stages(stages, rundir)

@@ -1,4 +1,5 @@
-"""Pure parts of the keyword pool and of retrieval: parsing, selection, query plans, sampling."""
+"""Pure parts of the keyword pool and of retrieval: parsing, selection, expansion rounds against a
+deterministic answer source, the pool's manifest summary, query plans, sampling."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ from collections import Counter
 
 import pytest
 
-from pipelines.config import RetrieveConfig
-from pipelines.keywords import normalize_keyword, parse_keyword_answer, select_keywords, seed_rows
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from pipelines.config import KeywordsConfig, RetrieveConfig
+from pipelines.keywords import (LINEAGE, KeywordPoolStage, expand_pool, expansion_requests, normalize_keyword,
+                                parse_keyword_answer, select_keywords, seed_rows)
 from pipelines.retrieval import plan_queries, sample_neighbours
-from pipelines.rows import DROPPED, OK
-from pipelines.taxonomy import load_taxonomy
+from pipelines.rows import DROPPED, ERROR, OK, to_table
+from pipelines.rundir import RunDir
+from pipelines.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
 from pipelines.textnorm import normalize_text
 
 
@@ -56,6 +62,120 @@ def test_seed_rows_cover_the_taxonomy():
     row = pools["D5"][0]
     assert (row["macro"], row["micro"], row["method"], row["lang"]) == ("D", "D5", "seed", "zh")
     assert row["keyword_en"] and row["id"]
+
+
+class FakeModel:
+    """A deterministic answer source. Per request it gives ``count`` new keywords named after the
+    category, round and request, except: C1 only ever repeats its first seed (never fills up), B1
+    answers nothing usable in round 1, and every other category but A1 gives two fewer than asked in
+    round 1 plus a repeated seed."""
+
+    def __init__(self, taxonomy):
+        self.taxonomy = taxonomy
+        self.calls: list[tuple[int, list[dict]]] = []
+
+    def __call__(self, round_no: int, requests: list[dict]) -> list[dict]:
+        self.calls.append((round_no, requests))
+        answers = []
+        for req in requests:
+            code, count = req["micro"], req["count"]
+            seed = self.taxonomy.seed_keywords(code)[0]
+            fresh = [f"{code}词{round_no}{req['request']}{i} | {code} term {round_no}{i}" for i in range(count)]
+            if code == "C1":
+                lines = [str(seed)]
+            elif code == "B1" and round_no == 1:
+                lines = ["以下是关键词："]
+            elif code != "A1" and round_no == 1:
+                lines = fresh[: count - 2] + [str(seed)]
+            else:
+                lines = fresh
+            answers.append({**req, "llm_output": "\n".join(lines), "llm_error": ""})
+        return answers
+
+
+def test_expand_pool_tops_up_short_categories_round_by_round():
+    tax = load_taxonomy()
+    config = KeywordsConfig(target_per_category=24, max_rounds=3)
+    model = FakeModel(tax)
+    rows = expand_pool(tax, config, model, "fake")
+
+    # round 1: every category, 4 missing; round 2: all but A1, for what each still misses, told what it
+    # already has; round 3: only C1, which never fills up; then the round limit stops it
+    (r1, first), (r2, second), (r3, third) = model.calls
+    assert (r1, r2, r3) == (1, 2, 3)
+    assert [(q["micro"], q["count"], q["existing"]) for q in first] == [(c, 4, "") for c in tax.micro_codes]
+    asked = {q["micro"]: q for q in second}
+    assert set(asked) == set(tax.micro_codes) - {"A1"}
+    assert (asked["B1"]["count"], asked["C1"]["count"], asked["D5"]["count"]) == (4, 4, 2)
+    assert asked["D5"]["existing"] == "D5词100 | d5 term 10\nD5词101 | d5 term 11"
+    assert asked["B1"]["existing"] == "" and asked["D5"]["seeds"] == [str(k) for k in tax.seed_keywords("D5")]
+    assert [(q["micro"], q["count"]) for q in third] == [("C1", 4)]
+    assert len({q["id"] for _, qs in model.calls for q in qs}) == sum(len(qs) for _, qs in model.calls)
+
+    kept = Counter(r["micro"] for r in rows if r["status"] == OK)
+    assert kept == {code: 20 if code == "C1" else 24 for code in tax.micro_codes}
+    assert {r["round"] for r in rows if r["micro"] == "A1" and r["method"] == "expanded"} == {1}
+    assert {r["round"] for r in rows if r["micro"] == "D5" and r["status"] == OK} == {0, 1, 2}
+    # every answer ends as candidate rows (ok / dropped) or one error row, with its reason
+    errors = [r for r in rows if r["status"] == ERROR]
+    assert [(e["micro"], e["round"], e["reason"]) for e in errors] == [("B1", 1, "unparseable_output")]
+    answered = {q["id"] for _, qs in model.calls for q in qs}
+    assert {r["parent_id"] for r in rows if r["method"] == "expanded"} == answered
+    # the repeated seed: 29 categories in round 1 (not A1 or B1), C1 again in rounds 2 and 3
+    assert Counter(r["reason"] for r in rows if r["status"] == DROPPED) == {"duplicate_keyword": 29 + 2}
+
+    # deterministic: the same answers give the same rows
+    assert expand_pool(tax, config, FakeModel(tax), "fake") == rows
+
+
+def test_summary_reports_rounds_and_categories_still_short(tmp_path):
+    # the stage's rows as its write() stores them (one folder per status), read back by summary()
+    tax = load_taxonomy()
+    config = KeywordsConfig(target_per_category=24, max_rounds=3)
+    rows = expand_pool(tax, config, FakeModel(tax), "fake")
+    pq.write_to_dataset(to_table(rows, LINEAGE), str(tmp_path / "keywords"), partition_cols=["status"])
+    summary = KeywordPoolStage(config, None, str(DEFAULT_TAXONOMY)).summary(RunDir(str(tmp_path)))
+    assert summary["per_category"] == {code: 20 if code == "C1" else 24 for code in sorted(tax.micro_codes)}
+    assert (summary["target"], summary["rounds"], summary["max_rounds"]) == (24, 3, 3)
+    assert summary["requests_per_round"] == {"1": 31, "2": 30, "3": 1}
+    assert summary["below_target"] == {"C1": 20}
+
+
+def test_expand_pool_round_limit_and_seeds_only():
+    tax = load_taxonomy()
+    one = FakeModel(tax)
+    rows = expand_pool(tax, KeywordsConfig(target_per_category=24, max_rounds=1), one, "fake")
+    assert len(one.calls) == 1
+    assert Counter(r["micro"] for r in rows if r["status"] == OK)["D5"] == 22
+    seeds = expand_pool(tax, KeywordsConfig(target_per_category=24), None, "")
+    assert len(seeds) == 620 and all(r["method"] == "seed" and r["round"] == 0 for r in seeds)
+    # a target the seeds already meet asks nothing
+    full = FakeModel(tax)
+    assert sum(r["status"] == OK for r in expand_pool(tax, KeywordsConfig(target_per_category=15), full, "f")) == 465
+    assert full.calls == []
+    with pytest.raises(ValidationError, match="max_rounds"):
+        KeywordsConfig(max_rounds=0)
+
+
+def test_expand_pool_refuses_lost_answers():
+    tax = load_taxonomy()
+    with pytest.raises(RuntimeError, match="31 requests but answers for 30"):
+        expand_pool(tax, KeywordsConfig(target_per_category=24), lambda k, reqs: FakeModel(tax)(k, reqs)[1:], "f")
+
+
+def test_expansion_requests_ask_only_the_short_categories():
+    tax = load_taxonomy()
+    pools = seed_rows(tax)
+    config = KeywordsConfig(target_per_category=21, requests_per_category=2)
+    pools["E2"] = pools["E2"][:19]
+    for code in tax.micro_codes:
+        select_keywords(pools[code], 21, 32)
+    requests = expansion_requests(tax, config, pools, round_no=2)
+    assert len(requests) == 62 and {q["round"] for q in requests} == {2}
+    assert Counter(q["count"] for q in requests) == {1: 60, 2: 2}
+    pools["A1"].append({**pools["A1"][0], "text": "新词", "keyword_en": "", "method": "expanded"})
+    select_keywords(pools["A1"], 21, 32)
+    assert "A1" not in {q["micro"] for q in expansion_requests(tax, config, pools, round_no=3)}
 
 
 def test_plan_queries_is_seeded_and_shaped():

@@ -9,7 +9,8 @@ from pipelines.ingest import IngestStage
 from pipelines.rewrite import RewriteStage
 from pipelines.rundir import RunDir
 from pipelines.stage import run_stages
-from tests.conftest import REPO, assert_balanced, vllm_endpoint, write_jsonl
+from actors.llm import BearerSession, build_processor
+from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, vllm_endpoint, write_jsonl
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
 
@@ -52,10 +53,21 @@ def test_rewrite_stage_on_vllm_cpu(tmp_path, tiny_models, ray_local):
 
 
 @pytest.mark.slow
-def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local):
+@pytest.mark.parametrize("vllm_server", [TEST_API_KEY], indirect=True)
+def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
+    """Against a server that requires an API key. The key is read by the workers from their own
+    environment: it is in nothing the driver pickles, and the driver need not have it at all."""
+    import cloudpickle
+    import ray.data
+
     corpus = _corpus(tmp_path, n=6)
-    endpoint = LLMEndpoint(engine="http", model="tiny", url=vllm_server,
+    endpoint = LLMEndpoint(engine="http", model="tiny", url=vllm_server, api_key_env=TEST_API_KEY_ENV,
                            sampling={"temperature": 1.0, "max_tokens": 16}, batch_size=4)
+    processor = build_processor(endpoint, lambda row: [{"role": "user", "content": row["text"]}])
+    planned = processor(ray.data.from_items([{"text": "x"}]))
+    for built in (processor, planned._logical_plan):  # what becomes the actors' specs
+        assert TEST_API_KEY.encode() not in cloudpickle.dumps(built)
+    monkeypatch.delenv(TEST_API_KEY_ENV)  # the local Ray's workers got it when Ray started
     stages = [
         IngestStage(IngestConfig(paths=[str(corpus)])),
         RewriteStage(RewriteConfig(model="rw", template=TEMPLATE, output="text", min_chars=1), endpoint),
@@ -67,3 +79,22 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local):
     # the server refuses the over-long prompt with an OpenAI-style error body -> error row
     assert rewrite["reasons"]["errored"].get("prompt_too_long") == 1
     assert rewrite["rows"]["out_parents"] + rewrite["reasons"]["errored"].get("unparseable_output", 0) == 6
+
+
+def test_bearer_session_reads_the_key_in_the_process_that_sends(monkeypatch):
+    """The factory holds only the variable's name; calling it (in a worker) reads the key then."""
+    import asyncio
+    import pickle
+
+    monkeypatch.setenv("CHILLGUARD_SOME_KEY", "sk-later")
+    factory = pickle.loads(pickle.dumps(BearerSession("CHILLGUARD_SOME_KEY")))
+    assert b"sk-later" not in pickle.dumps(factory)
+
+    async def headers():
+        async with factory() as session:
+            return dict(session.headers)
+
+    assert asyncio.run(headers())["Authorization"] == "Bearer sk-later"
+    monkeypatch.delenv("CHILLGUARD_SOME_KEY")
+    with pytest.raises(RuntimeError, match="CHILLGUARD_SOME_KEY .*is not set on Ray node .*every node"):
+        factory()

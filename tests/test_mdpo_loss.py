@@ -10,7 +10,7 @@ import torch
 
 from pipelines.config import MDPOConfig, GuardSFTConfig
 from pipelines.mdpo import mdpo_loss, select_closest, update_running_mean
-from pipelines.train_loop import Plan, deepspeed_config, lr_lambda, make_plan
+from pipelines.train_loop import Plan, deepspeed_config, lr_scheduler, make_plan
 
 
 def sig(x: float) -> float:
@@ -120,13 +120,68 @@ def test_running_mean_update():
     assert r == pytest.approx(1 - 0.9 ** 3)
 
 
-def test_schedule_and_plan():
-    assert lr_lambda(0, total=100, warmup=10, kind="cosine") == pytest.approx(1 / 11)
-    assert lr_lambda(10, total=100, warmup=10, kind="cosine") == pytest.approx(1.0)
-    assert lr_lambda(55, total=100, warmup=10, kind="cosine") == pytest.approx(0.5)
-    assert lr_lambda(100, total=100, warmup=10, kind="cosine") == pytest.approx(0.0)
-    assert lr_lambda(55, total=100, warmup=10, kind="linear") == pytest.approx(0.5)
-    assert lr_lambda(90, total=100, warmup=10, kind="constant") == 1.0
+def _optimizer(lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def _lrs(scheduler, optimizer, steps: int) -> list[float]:
+    """The learning rate of each of ``steps`` optimizer steps, stepping as DeepSpeed does (optimizer
+    step, then scheduler step, once per global batch)."""
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("kind,expected", [
+    # warmup 10 of 100 steps (ratio 0.1): step / 10, then p = (step − 10) / 90
+    ("cosine", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 99: 0.5 * (1 + math.cos(math.pi * 89 / 90)), 100: 0.0}),
+    ("linear", {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 99: 1 / 90, 100: 0.0}),
+    ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 55: 1.0, 100: 1.0}),
+])
+def test_schedule_by_hand(kind, expected):
+    optimizer = _optimizer(1e-3)
+    lrs = _lrs(lr_scheduler(optimizer, kind=kind, total_steps=100, warmup_ratio=0.1), optimizer, 101)
+    assert {step: lrs[step] / 1e-3 for step in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def test_schedule_without_warmup_and_unknown_kind():
+    optimizer = _optimizer(1e-3)
+    # int(0.1 · 8) = 0 warmup steps: the first step runs at the full rate
+    lrs = _lrs(lr_scheduler(optimizer, kind="cosine", total_steps=8, warmup_ratio=0.1), optimizer, 8)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[4] == pytest.approx(0.5e-3)
+    with pytest.raises(ValueError, match="lr_scheduler 'step' is not one of"):
+        lr_scheduler(_optimizer(), kind="step", total_steps=8, warmup_ratio=0.1)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_resumes_from_its_checkpointed_state(kind):
+    """What DeepSpeed does across a restart: ``state_dict`` of optimizer and scheduler saved after
+    ``stop`` steps, a fresh optimizer and scheduler built, both states loaded. The rates after the
+    restart are the uninterrupted run's, not the schedule started again."""
+    import io
+
+    optimizer = _optimizer()
+    uninterrupted = _lrs(lr_scheduler(optimizer, kind=kind, total_steps=30, warmup_ratio=0.2), optimizer, 30)
+    stop = 9
+    optimizer = _optimizer()
+    scheduler = lr_scheduler(optimizer, kind=kind, total_steps=30, warmup_ratio=0.2)
+    before = _lrs(scheduler, optimizer, stop)
+    saved = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}, saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=False)
+    optimizer = _optimizer()
+    scheduler = lr_scheduler(optimizer, kind=kind, total_steps=30, warmup_ratio=0.2)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["lr_scheduler"])
+    assert scheduler.last_epoch == stop
+    assert before + _lrs(scheduler, optimizer, 30 - stop) == uninterrupted
+
+
+def test_plan():
     plan = Plan(rows=103, num_workers=2, micro_batch_size=2, accumulation_steps=4, epochs=2)
     # 51 rows per worker, 8 per worker and step (2 × 4): 6 steps of 16 rows, 7 rows left per epoch
     assert (plan.rows_per_worker, plan.steps_per_epoch, plan.total_steps) == (51, 6, 12)

@@ -7,17 +7,22 @@ import random
 
 import numpy as np
 import pytest
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from pipelines.metrics import (
+    NO_CODE,
     SAFE,
+    UNPARSED,
     UNSAFE,
     Confusion,
     confusion,
     evaluate,
     mean_defined,
+    micro_category,
     per_macro_f1,
     per_micro_confusion,
+    predicted_category,
+    scored_predictions,
 )
 from pipelines.taxonomy import load_taxonomy
 
@@ -150,3 +155,87 @@ def test_per_macro_mean_and_mean_defined():
     f1 = {code: None for code in TAXONOMY.micro_codes} | {"E1": 0.25, "E2": 0.75, "D7": 1.0}
     macro = per_macro_f1(f1, TAXONOMY)
     assert macro == {"A": None, "B": None, "C": None, "D": 1.0, "E": 0.5}
+
+
+def test_unusable_answers_count_as_wrong_predictions():
+    # None = no usable answer (unparseable, failed request): the opposite of the gold label
+    gold = [UNSAFE, UNSAFE, SAFE, SAFE, UNSAFE, SAFE]
+    pred = [UNSAFE, None, SAFE, None, SAFE, UNSAFE]
+    micro = ["A1", "A1", "A1", "", "B1", "B1"]
+    assert scored_predictions(gold, pred) == [UNSAFE, SAFE, SAFE, UNSAFE, SAFE, UNSAFE]
+    result = evaluate(gold, pred, micro, TAXONOMY)
+    o = result["overall"]
+    assert (o["tp"], o["fp"], o["fn"], o["tn"], o["rows"]) == (1, 2, 2, 1, 6)
+    assert result["unparsed"] == 2
+    _assert_same({k: o[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")},
+                 _sklearn(gold, scored_predictions(gold, pred)))
+    a1 = result["per_micro"]["A1"]
+    assert (a1["tp"], a1["fp"], a1["fn"], a1["tn"]) == (1, 0, 1, 1)          # the A1 junk row is a miss
+    with pytest.raises(ValueError, match="gold label ''"):
+        scored_predictions([""], [None])
+
+
+def test_micro_category_by_hand_and_against_sklearn():
+    # gold-unsafe rows tagged with a taxonomy code are scored; the safe A1 row and the untagged
+    # unsafe row are not. y_true = [A1, A1, A1, A2, B1, B1]
+    rows = [("A1", UNSAFE, UNSAFE, "A1"),      # right
+            ("A1", UNSAFE, UNSAFE, "A2"),      # wrong code
+            ("A1", UNSAFE, SAFE, ""),          # missed: column "safe"
+            ("A2", UNSAFE, UNSAFE, "A2"),      # right
+            ("B1", UNSAFE, UNSAFE, ""),        # unsafe without a code: column "no_code"
+            ("B1", UNSAFE, None, ""),          # no usable answer: column "unparsed"
+            ("A1", SAFE, UNSAFE, "A1"),        # gold safe: not scored for the category
+            ("", UNSAFE, UNSAFE, "C1")]        # gold untagged: not scored for the category
+    micro, gold, pred, pred_micro = map(list, zip(*rows))
+    m = micro_category(gold, pred, micro, pred_micro, TAXONOMY.micro_codes)
+    y_true = ["A1", "A1", "A1", "A2", "B1", "B1"]
+    y_pred = ["A1", "A2", SAFE, "A2", NO_CODE, UNPARSED]
+    assert [predicted_category(p, c, set(TAXONOMY.micro_codes)) for p, c in zip(pred[:6], pred_micro[:6])] == y_pred
+    assert m["rows"] == 6 and m["correct"] == 2 and m["untagged_unsafe_rows"] == 1
+    assert m["accuracy"] == pytest.approx(2 / 6)
+    # per code, F1 = 2tp / (2tp + fp + fn): A1 2/(2+0+2), A2 2/(2+1+0), B1 0
+    assert m["per_code"] == {"A1": {"rows": 3, "f1": 0.5}, "A2": {"rows": 1, "f1": pytest.approx(2 / 3)},
+                             "B1": {"rows": 2, "f1": 0.0}}
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=["A1", "A2", "B1"], average="macro"))
+    assert m["accuracy"] == accuracy_score(y_true, y_pred)
+    cm = m["confusion"]
+    assert cm["gold"] == TAXONOMY.micro_codes and cm["predicted"] == [*TAXONOMY.micro_codes, SAFE, NO_CODE, UNPARSED]
+    a1 = cm["counts"][cm["gold"].index("A1")]
+    assert {cm["predicted"][j]: n for j, n in enumerate(a1) if n} == {"A1": 1, "A2": 1, SAFE: 1}
+    b1 = cm["counts"][cm["gold"].index("B1")]
+    assert {cm["predicted"][j]: n for j, n in enumerate(b1) if n} == {NO_CODE: 1, UNPARSED: 1}
+    assert sum(map(sum, cm["counts"])) == 6
+    # through evaluate: only when the guard names our codes
+    assert evaluate(gold, pred, micro, TAXONOMY, pred_micro)["micro_category"] == m
+    assert evaluate(gold, pred, micro, TAXONOMY)["micro_category"] is None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_micro_category_matches_sklearn_on_random_predictions(seed):
+    rng = random.Random(seed)
+    codes = TAXONOMY.micro_codes
+    micro = [rng.choice(codes[:5] + [""]) for _ in range(rng.randint(1, 80))]
+    gold = [rng.choice([SAFE, UNSAFE, UNSAFE]) for _ in micro]
+    pred = [rng.choice([SAFE, UNSAFE, UNSAFE, None]) for _ in micro]
+    pred_micro = [rng.choice([m, m, rng.choice(codes[:7]), "", "S1"]) for m in micro]
+    m = micro_category(gold, pred, micro, pred_micro, codes)
+    keep = [i for i, (g, c) in enumerate(zip(gold, micro)) if g == UNSAFE and c in codes]
+    y_true = [micro[i] for i in keep]
+    y_pred = [UNPARSED if pred[i] is None else SAFE if pred[i] == SAFE
+              else pred_micro[i] if pred_micro[i] in codes else NO_CODE for i in keep]
+    assert m["rows"] == len(keep)
+    if not keep:
+        assert m["accuracy"] is None and m["macro_f1"] is None and m["per_code"] == {}
+        return
+    present = [c for c in codes if c in y_true]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=present, average="macro",
+                                                   zero_division=0.0))
+    assert list(m["per_code"]) == present
+
+
+def test_micro_category_without_gold_unsafe_rows():
+    m = micro_category([SAFE, SAFE], [UNSAFE, SAFE], ["A1", "A2"], ["A1", ""], TAXONOMY.micro_codes)
+    assert (m["rows"], m["accuracy"], m["macro_f1"], m["per_code"]) == (0, None, None, {})
+    assert sum(map(sum, m["confusion"]["counts"])) == 0

@@ -69,12 +69,12 @@ def test_unknown_preset_is_a_config_error(tmp_path):
 def test_jsonl_mapping_is_checked_on_the_files_head_not_per_batch(tmp_path):
     """A mapping that names a column the file does not have fails before any cluster work; a file
     whose records have it passes even if some lines (one batch's worth, say) lack it."""
-    from pipelines.ingest import MissingColumnError, check_jsonl_mapping
+    from pipelines.ingest import MissingColumnError, check_columns
 
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.jsonl").write_text('{"content": "文本", "id": 1}\n{"broken\n{"id": 2}\n', encoding="utf-8")
     with pytest.raises(MissingColumnError, match=r"has no column 'text' \(columns: \['content', 'id'\]\)"):
-        check_jsonl_mapping(IngestConfig(paths=[str(folder)], format="jsonl"))
-    check_jsonl_mapping(IngestConfig(paths=[str(folder)], format="jsonl", columns={"text": "content"}))
-    check_jsonl_mapping(IngestConfig(paths=[str(folder / "a.jsonl")], columns={"text": "content"}))
+        check_columns(IngestConfig(paths=[str(folder)], format="jsonl"))
+    check_columns(IngestConfig(paths=[str(folder)], format="jsonl", columns={"text": "content"}))
+    check_columns(IngestConfig(paths=[str(folder / "a.jsonl")], columns={"text": "content"}))

@@ -24,8 +24,8 @@ from pipelines.shard import SHARD_COLUMNS, _RETRY_COLUMNS, RETRY, prepare_prompt
     take_answer
 from pipelines.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.splits import assign_splits, split_sizes
-from pipelines.stats import LOSS, TIE, WIN, binomial_test, mcnemar, normal_quantile, two_proportion_z, \
-    wilson_interval, win_tie_loss
+from pipelines.stats import BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, \
+    mcnemar, win_tie_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
@@ -309,49 +309,67 @@ def test_answers_become_columns_or_errors():
 # Statistics
 
 
-def test_wilson_interval_by_hand_and_against_scipy():
+def _wilson_by_hand(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The textbook Wilson score interval (Wilson 1927), to check which interval the library gives."""
+    z = sp.norm.ppf(0.5 + confidence / 2)
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_win_rate_interval_is_wilson_by_hand_and_the_library():
     # 8 of 10, z = 1.959964: centre (0.8 + z²/20) / (1 + z²/10) = 0.7091, half 0.2188 -> [0.4902, 0.9433]
-    low, high = wilson_interval(8, 10)
-    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    for k, n in [(0, 5), (5, 5), (3, 17), (120, 200)]:
-        ci = sp.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
-    assert wilson_interval(0, 0) is None
-    assert normal_quantile(0.95) == pytest.approx(1.959963985, abs=1e-8)
+    s = win_tie_loss([WIN] * 8 + [TIE] * 3 + [LOSS] * 2)
+    assert s["win_rate_ci"] == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    for k, n, confidence in [(0, 5, 0.95), (5, 5, 0.95), (3, 17, 0.9), (120, 200, 0.99)]:
+        ci = win_tie_loss([WIN] * k + [LOSS] * (n - k), confidence)["win_rate_ci"]
+        assert ci == pytest.approx(list(_wilson_by_hand(k, n, confidence)), abs=1e-12)
+        library = sp.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+        assert ci == [library.low, library.high]
 
 
-@pytest.mark.parametrize("k,n,p", [(7, 10, 0.5), (0, 10, 0.5), (10, 10, 0.5), (5, 10, 0.5), (3, 20, 0.5),
-                                   (60, 100, 0.5), (2, 9, 0.3), (500, 1000, 0.5)])
-def test_binomial_test_against_scipy(k, n, p):
-    assert binomial_test(k, n, p) == pytest.approx(sp.binomtest(k, n, p).pvalue, rel=1e-9)
+@pytest.mark.parametrize("k,n", [(7, 10), (0, 10), (10, 10), (5, 10), (3, 20), (60, 100), (500, 1000)])
+def test_binomial_p_is_the_exact_two_sided_test(k, n):
+    s = win_tie_loss([WIN] * k + [LOSS] * (n - k))
+    assert s["binomial_p"] == sp.binomtest(k, n, 0.5).pvalue
+    # for p = 0.5 the two-sided exact p-value is min(1, 2 · P(X <= min(k, n − k)))
+    by_hand = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n)
+    assert s["binomial_p"] == pytest.approx(by_hand, rel=1e-9)
+    assert s["binomial_test"] == BINOMIAL_TEST
 
 
-def test_binomial_test_by_hand():
-    # 7 of 10 at 0.5: P(X <= 3) = (1 + 10 + 45 + 120) / 1024 = 176/1024, two-sided 352/1024
-    assert binomial_test(7, 10) == pytest.approx(352 / 1024)
-    assert binomial_test(0, 0) is None
+def test_mcnemar_exact_and_chi_square_by_hand():
+    # exact: b = 1, c = 6 (7 discordant), 5 concordant pairs: 2 · (1 + 7) / 128 = 0.125
+    first = [True] * 1 + [False] * 6 + [True] * 2 + [False] * 3
+    second = [False] * 1 + [True] * 6 + [True] * 2 + [False] * 3
+    small = mcnemar(first, second)
+    assert (small.n, small.b, small.c, small.first_wins, small.second_wins) == (12, 1, 6, 3, 8)
+    assert (small.test, small.statistic, small.p_value) == (MCNEMAR_EXACT, 1.0, pytest.approx(16 / 128))
+    # chi-square with continuity correction: (|30 − 12| − 1)² / 42 = 289 / 42, P(χ²₁ >= x) = erfc(√(x/2))
+    large = mcnemar([True] * 30 + [False] * 12, [False] * 30 + [True] * 12)
+    assert large.test == MCNEMAR_CHI2 and large.statistic == pytest.approx(289 / 42)
+    assert large.p_value == pytest.approx(math.erfc(math.sqrt(289 / 84)), rel=1e-12)
+    # no discordant pair: no evidence either way
+    assert mcnemar([True, False], [True, False]).p_value == 1.0 and mcnemar([], []).p_value == 1.0
+    assert mcnemar([True] * 5 + [False] * 5, [False] * 5 + [True] * 5).p_value == pytest.approx(1.0)
 
 
-def test_mcnemar_exact_and_chi_square():
-    # exact: b = 1, c = 6 (7 discordant): 2 · (1 + 7) / 128 = 0.125
-    small = mcnemar(1, 6)
-    assert (small.method, small.p_value, small.statistic) == ("exact", pytest.approx(16 / 128), 1.0)
-    # chi-square with continuity correction: (|30 - 12| - 1)² / 42 = 289 / 42
-    large = mcnemar(30, 12)
-    assert large.method == "chi2_cc" and large.statistic == pytest.approx(289 / 42)
-    assert large.p_value == pytest.approx(sp.chi2.sf(289 / 42, 1), rel=1e-9)
-    assert mcnemar(0, 0).p_value == 1.0 and mcnemar(5, 5).p_value == pytest.approx(1.0)
-    assert mcnemar(1, 6).p_value == pytest.approx(sp.binomtest(1, 7, 0.5).pvalue)
+@pytest.mark.parametrize("b,c", [(1, 6), (12, 12), (3, 21), (13, 12), (30, 12), (100, 70)])
+def test_mcnemar_against_the_library_and_the_exact_threshold(b, c):
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    result = mcnemar([True] * b + [False] * c + [True] * 4, [False] * b + [True] * c + [True] * 4)
+    exact = b + c < MCNEMAR_EXACT_BELOW
+    library = sm_mcnemar([[4, b], [c, 0]], exact=exact, correction=True)
+    assert result.test == (MCNEMAR_EXACT if exact else MCNEMAR_CHI2)
+    assert (result.statistic, result.p_value) == (pytest.approx(library.statistic), pytest.approx(library.pvalue))
+    if exact:  # the exact test is the two-sided binomial test of b of b + c at 1/2
+        assert result.p_value == pytest.approx(sp.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
 
 
-def test_two_proportion_z_by_hand_and_against_scipy():
-    # 45/60 vs 30/60: pooled 0.625, se = sqrt(0.625 · 0.375 · 2/60) = 0.08839, z = 0.25 / se = 2.8284
-    result = two_proportion_z(45, 60, 30, 60)
-    assert result["z"] == pytest.approx(0.25 / math.sqrt(0.625 * 0.375 * 2 / 60))
-    assert result["p_value"] == pytest.approx(2 * sp.norm.sf(result["z"]), rel=1e-9)
-    assert two_proportion_z(3, 10, 3, 10)["p_value"] == 1.0
-    assert two_proportion_z(0, 10, 0, 5) == {"p1": 0.0, "p2": 0.0, "difference": 0.0, "z": 0.0, "p_value": 1.0}
-    assert two_proportion_z(1, 0, 1, 2) is None
+def test_mcnemar_needs_paired_outcomes():
+    with pytest.raises(ValueError, match="paired outcomes: 3 for the first system, 2 for the second"):
+        mcnemar([True, False, True], [True, False])
 
 
 def test_win_tie_loss_summary():
@@ -359,10 +377,13 @@ def test_win_tie_loss_summary():
     s = win_tie_loss(outcomes)
     assert (s["n"], s["win"], s["tie"], s["loss"], s["decisive"]) == (15, 7, 5, 3, 10)
     assert s["win_rate"] == pytest.approx(0.7) and s["shares"]["tie"] == pytest.approx(1 / 3)
-    assert s["win_rate_ci"] == pytest.approx(list(wilson_interval(7, 10)))
-    assert s["binomial_p"] == pytest.approx(352 / 1024)
+    # 7 of 10 at 0.5: P(X <= 3) = (1 + 10 + 45 + 120) / 1024 = 176/1024, two-sided 352/1024
+    assert s["binomial_p"] == pytest.approx(352 / 1024) and s["binomial_test"] == BINOMIAL_TEST
+    json.dumps(s)   # plain numbers: metrics.json takes them as they are
     empty = win_tie_loss([TIE, TIE])
     assert empty["win_rate"] is None and empty["win_rate_ci"] is None and empty["binomial_p"] is None
+    with pytest.raises(ValueError, match="outcomes must be"):
+        win_tie_loss([WIN, "draw"])
 
 
 def _eval_row(i: int, outcomes: dict[str, tuple[str, str]]) -> dict:
@@ -371,31 +392,66 @@ def _eval_row(i: int, outcomes: dict[str, tuple[str, str]]) -> dict:
                          "judgements": []} for s, (h, x) in outcomes.items()]}
 
 
-def test_evaluation_metrics_and_comparisons():
-    pattern = [(WIN, WIN), (WIN, LOSS), (TIE, TIE), (LOSS, WIN)]
-    rows = [_eval_row(i, {"self": pattern[i % 4], "teacher": pattern[(i + 1) % 4]}) for i in range(12)]
-    metrics = evaluation_metrics(rows, ["self", "teacher"], 0.95)
+def _hand_made_rows() -> list[dict]:
+    """40 prompts, (self, teacher) outcomes per criterion chosen so that every count is known:
+    helpfulness: 4 both win, 6 only self wins (b), 1 only teacher wins (c), 29 neither;
+    harmfulness: 20 only self wins (b), 8 only teacher wins (c), 12 neither (28 discordant: chi-square)."""
+    helpfulness = [(WIN, WIN)] * 4 + [(WIN, TIE)] * 6 + [(LOSS, WIN)] * 1 + [(TIE, LOSS)] * 3 + [(TIE, TIE)] * 26
+    harmfulness = [(WIN, LOSS)] * 20 + [(TIE, WIN)] * 8 + [(TIE, TIE)] * 12
+    return [_eval_row(i, {"self": (h[0], x[0]), "teacher": (h[1], x[1])})
+            for i, (h, x) in enumerate(zip(helpfulness, harmfulness))]
+
+
+def _report_metrics(metrics: dict) -> dict:
+    return {"settings": {"systems": {"self": {"model": "m"}, "teacher": {"model": "t"}},
+                         "baseline_model": "base", "judge_model": "j", "order_seed": 42, "split": "test",
+                         "confidence": 0.95},
+            "rows": {"in": 42, "evaluated": 40, "errored": 1, "dropped": 1},
+            "reasons": {"errored": {"unparseable_verdict": 1}, "dropped": {"other_split": 1}}, **metrics}
+
+
+def test_evaluation_metrics_from_hand_made_outcomes():
+    metrics = evaluation_metrics(_hand_made_rows(), ["self", "teacher"], 0.95)
+    assert json.loads(json.dumps(metrics)) == metrics            # metrics.json holds it as it is
     self_help = metrics["systems"]["self"]["helpfulness"]
-    assert (self_help["win"], self_help["tie"], self_help["loss"]) == (6, 3, 3)
+    assert (self_help["win"], self_help["tie"], self_help["loss"]) == (10, 29, 1)
+    assert self_help["binomial_p"] == pytest.approx(2 * 12 / 2 ** 11)    # 10 of 11: 2 · (1 + 11) / 2¹¹
+    assert self_help["binomial_test"] == BINOMIAL_TEST
     assert set(self_help["by_dataset"]) == {"dna", "linguasafe"}
-    assert sum(d["n"] for d in self_help["by_dataset"].values()) == 12
-    (help_cmp, harm_cmp) = metrics["comparisons"]
+    assert sum(d["n"] for d in self_help["by_dataset"].values()) == 40
+    help_cmp, harm_cmp = metrics["comparisons"]
     assert (help_cmp["first"], help_cmp["second"], help_cmp["criterion"]) == ("self", "teacher", "helpfulness")
-    # helpfulness: self wins on patterns 0, 1; teacher on its 0, 1 = self's patterns 3, 0
-    wins_self = [pattern[i % 4][0] == WIN for i in range(12)]
-    wins_teacher = [pattern[(i + 1) % 4][0] == WIN for i in range(12)]
-    b = sum(x and not y for x, y in zip(wins_self, wins_teacher))
-    c = sum(y and not x for x, y in zip(wins_self, wins_teacher))
-    assert (help_cmp["mcnemar"]["b"], help_cmp["mcnemar"]["c"]) == (b, c) == (3, 3)
-    assert help_cmp["two_proportion_z"] == two_proportion_z(6, 9, 6, 9)
+    assert help_cmp["mcnemar"] == {"n": 40, "first_wins": 10, "second_wins": 5, "b": 6, "c": 1,
+                                   "test": MCNEMAR_EXACT, "statistic": 1.0, "p_value": pytest.approx(16 / 128)}
+    assert harm_cmp["mcnemar"] == {"n": 40, "first_wins": 20, "second_wins": 8, "b": 20, "c": 8,
+                                   "test": MCNEMAR_CHI2, "statistic": pytest.approx(121 / 28),
+                                   "p_value": pytest.approx(math.erfc(math.sqrt(121 / 56)))}
+    # the unpaired two-proportion z-test is gone: the systems answer the same prompts
+    assert set(help_cmp) == {"first", "second", "criterion", "mcnemar"}
     assert compare_systems([{"harmfulness": WIN}], [{"harmfulness": TIE}], "harmfulness")["mcnemar"]["b"] == 1
-    report = report_markdown({"settings": {"systems": {"self": {"model": "m"}, "teacher": {"model": "t"}},
-                                           "baseline_model": "base", "judge_model": "j", "order_seed": 42,
-                                           "split": "test", "confidence": 0.95},
-                              "rows": {"in": 14, "evaluated": 12, "errored": 1, "dropped": 1},
-                              "reasons": {"errored": {"unparseable_verdict": 1}, "dropped": {"other_split": 1}},
-                              **metrics})
-    assert "## Between systems" in report and "| self | teacher | helpfulness | 3 | 3 | exact |" in report
+
+
+def test_report_names_the_test_next_to_each_p_value():
+    from pipelines.shard_eval import outcomes_chart
+
+    metrics = _report_metrics(evaluation_metrics(_hand_made_rows(), ["self", "teacher"], 0.95))
+    report = report_markdown(metrics)
+    assert "| system | n | win | tie | loss | win rate | Wilson 95% CI | p (exact binomial vs 0.5) |" in report
+    assert f"| self | 40 | 10 | 29 | 1 | 0.909 | {_ci_text(10, 11)} | 0.0117 |" in report
+    assert "| first | second | criterion | prompts | first wins | second wins | b | c | test | p |" in report
+    assert "| self | teacher | helpfulness | 40 | 10 | 5 | 6 | 1 | McNemar exact | 0.1250 |" in report
+    p = math.erfc(math.sqrt(121 / 56))
+    assert f"| self | teacher | harmfulness | 40 | 20 | 8 | 20 | 8 | McNemar chi2 cc | {p:.4f} |" in report
+    assert "| self | 40 | 20 | 20 | 0 | 1.000 | [0.839, 1.000] | < 0.0001 |" in report   # 2 / 2²⁰
+    assert "z-test" not in report and "two-proportion" not in report
+    assert outcomes_chart(metrics).startswith(b"\x89PNG")
+    single = report_markdown(_report_metrics(evaluation_metrics(_hand_made_rows(), ["self"], 0.95)))
+    assert "## Between systems" not in single
+
+
+def _ci_text(k: int, n: int) -> str:
+    low, high = _wilson_by_hand(k, n)
+    return f"[{low:.3f}, {high:.3f}]"
 
 
 def test_finish_prompt_pairs_systems_or_names_the_failure():

@@ -4,6 +4,7 @@ local Ray: they learn, they resume from a checkpoint, and bad input stops them b
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def test_mdpo_raises_reward_accuracy(tmp_path, tiny_models, ray_local, zero, ref
 @pytest.mark.slow
 def test_mdpo_resumes_from_checkpoint(tmp_path, tiny_models, ray_local):
     recipe = mdpo_recipe(tmp_path, tiny_models["causal-lm"], preference_pairs(128, seed=0),
-                         deepspeed="zero2", reference="precomputed", stop_after_steps=3)
+                         deepspeed="zero2", reference="precomputed", stop_after_steps=3,
+                         warmup_ratio=0.25)
     with pytest.raises(TrainingPaused, match="step 3 of 8"):
         run_stages(build_stages(recipe), RunDir(recipe.run_dir))
     rundir = RunDir(recipe.run_dir)
@@ -226,6 +228,9 @@ def test_mdpo_resumes_from_checkpoint(tmp_path, tiny_models, ray_local):
     # the running mean came back from the checkpoint
     third = history[2]
     assert history[3]["running_mean"] == pytest.approx(0.9 * third["running_mean"] + 0.1 * third["batch_mean"])
+    # so did the schedule: step k runs at the rate of schedule step k − 1 (2 warmup steps, then cosine)
+    schedule = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    assert [h["lr"] for h in history] == pytest.approx([5e-4 * f for f in schedule])
     assert not Path(recipe.run_dir, "_work", "mdpo").exists()  # scratch removed once complete
 
 
