@@ -57,8 +57,10 @@ def _output_path(value: str) -> str:
     return value if is_uri(value) else str(Path(value).expanduser().resolve())
 
 
+#: the project folder (this checkout, or the job's working directory on a cluster)
+PROJECT = Path(__file__).resolve().parents[1]
 #: the repository's configs/ folder (taxonomy, prompt templates, recipes)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PROJECT / "configs"
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -122,7 +124,24 @@ def semantic_dump(value: Any) -> Any:
         return {key: semantic_dump(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [semantic_dump(item) for item in value]
+    if isinstance(value, str):
+        return portable(value)
     return to_jsonable_python(value)
+
+
+def portable(value: str) -> str:
+    """A path inside the project (the folder holding ``configs/``) written relative to it, as
+    ``<project>/configs/prompts/judge.yaml``; any other value unchanged. Config hashes and source
+    fingerprints use it so that they do not change when the project moves: ``ray job submit``
+    unpacks the working directory under a new session folder on every cluster start, and a clone
+    in another folder is the same project. The files' contents enter the hashes separately
+    (template digests, :func:`pipelines.rundir.source_fingerprint`)."""
+    if not value.startswith("/"):
+        return value
+    try:
+        return f"<project>/{Path(value).relative_to(PROJECT)}"
+    except ValueError:
+        return value
 
 
 # --------------------------------------------------------------------------------------------

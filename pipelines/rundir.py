@@ -29,15 +29,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.config import is_uri
+from pipelines.config import is_uri, portable
 from pipelines.rows import STATUSES
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 LOCK = ".lock"
-#: files up to this size enter output fingerprints with their content (manifests, parameters, small
-#: partitions); larger ones with path, size and modification time
+#: files up to this size enter fingerprints with their whole content (parameters, small partitions,
+#: demo inputs); larger ones as :func:`file_identity` says
 SMALL_FILE_BYTES = 1 << 20
+SAMPLE_BYTES = 64 << 10  # of a larger file's head and tail, see file_identity
 
 
 class RunDirLocked(RuntimeError):
@@ -166,18 +167,17 @@ class RunDir:
 
     def output_fingerprint(self, stage: str) -> str:
         """Identifies a stage's outputs (partitions and artifacts such as an index), the manifest
-        excepted: each file's path, size and modification time, and the content of small files
-        (an artifact rewritten within the mtime resolution with the same size still counts)."""
+        excepted: each file's path *inside the stage folder*, its size and its content (whole up to
+        :data:`SMALL_FILE_BYTES`, head and tail beyond; :func:`file_identity`). Neither absolute
+        paths nor mtimes enter it, so a run directory copied elsewhere (another disk, a bucket)
+        resumes without recomputing; an artifact rewritten with the same size still counts as
+        changed."""
         h = hashlib.sha256()
-        infos = self.fs.get_file_info(pafs.FileSelector(self._fs_path(stage), recursive=True,
-                                                        allow_not_found=True))
+        base = self._fs_path(stage)
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         for info in sorted(infos, key=lambda i: i.path):
-            if info.type != pafs.FileType.File or info.base_name == MANIFEST:
-                continue
-            h.update(f"{info.path}:{info.size}:{info.mtime_ns}\n".encode())
-            if info.size is not None and info.size <= SMALL_FILE_BYTES:
-                with self.fs.open_input_stream(info.path) as f:
-                    h.update(hashlib.sha256(f.read()).digest())
+            if info.type == pafs.FileType.File and info.base_name != MANIFEST:
+                h.update(file_identity(self.fs, info, info.path[len(base):].lstrip("/"), large="sample"))
         return h.hexdigest()[:16]
 
     # One run at a time ------------------------------------------------------------------------
@@ -237,8 +237,33 @@ class RunDir:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
+def file_identity(fs: pafs.FileSystem, info: pafs.FileInfo, name: str, *, large: str) -> bytes:
+    """One file's part of a fingerprint: ``name`` (the caller decides how it is written), its size,
+    and the content of a file up to :data:`SMALL_FILE_BYTES`. Small files are identified by content
+    because copies (a run directory moved to a bucket, an uploaded job working directory, a clone)
+    keep the content but not the mtime. A larger file is not read whole (that would cost as much as
+    the stage): ``large="sample"`` hashes its first and last :data:`SAMPLE_BYTES` (outputs of our
+    own stages: Ray names Parquet files uniquely per write, and artifacts with fixed names such as
+    an index differ at their ends when rebuilt differently); ``large="mtime"`` uses its modification
+    time (external inputs, which may change anywhere)."""
+    if info.size is not None and info.size <= SMALL_FILE_BYTES:
+        with fs.open_input_stream(info.path) as f:
+            stamp = hashlib.sha256(f.read()).hexdigest()
+    elif large == "sample":
+        with fs.open_input_file(info.path) as f:
+            head = f.read_at(SAMPLE_BYTES, 0)
+            tail = f.read_at(SAMPLE_BYTES, info.size - SAMPLE_BYTES)
+        stamp = "sample " + hashlib.sha256(head + tail).hexdigest()
+    elif large == "mtime":
+        stamp = f"mtime {info.mtime_ns}"
+    else:
+        raise ValueError(f"large must be 'sample' or 'mtime', got {large!r}")
+    return f"{name}:{info.size}:{stamp}\n".encode()
+
+
 def source_fingerprint(paths: list[str]) -> str:
-    """Identifies external input files by path, size and modification time (no content read).
+    """Identifies external input files (see :func:`file_identity`) by their paths as the recipe
+    resolved them, shown relative to the project when they lie inside it (:func:`portable`).
 
     Folders are expanded recursively, so a file added to a corpus folder changes the fingerprint.
     """
@@ -253,7 +278,7 @@ def source_fingerprint(paths: list[str]) -> str:
                   if i.type == pafs.FileType.File]
                  if info.type == pafs.FileType.Directory else [info])
         for i in sorted(infos, key=lambda i: i.path):
-            h.update(f"{i.path}:{i.size}:{i.mtime_ns}\n".encode())
+            h.update(file_identity(fs, i, i.path if is_uri(path) else portable(i.path), large="mtime"))
     return h.hexdigest()[:16]
 
 

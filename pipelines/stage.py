@@ -71,7 +71,9 @@ class Stage(ABC):
         return semantic_dump(self.config)
 
     def config_hash(self) -> str:
-        payload = {"version": VERSION, "stage": self.name, "config": self.hash_payload()}
+        # semantic_dump once more over the whole payload: paths a stage adds itself (a taxonomy,
+        # a model folder) are written relative to the project too
+        payload = {"version": VERSION, "stage": self.name, "config": semantic_dump(self.hash_payload())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def source_fingerprint(self) -> str | None:

@@ -222,6 +222,77 @@ def test_output_fingerprint_sees_a_rewrite_of_the_same_size(tmp_path):
     assert rundir.output_fingerprint("index") != before
 
 
+def test_config_hashes_do_not_change_when_the_project_moves(tmp_path, monkeypatch):
+    """``ray job submit`` unpacks the project under a new folder on every cluster start: paths inside
+    the project enter config hashes relative to it, so a resumed job recomputes nothing."""
+    import shutil
+
+    import pipelines.config as config_module
+    from pipelines.config import portable
+    from pipelines.rewrite import RewriteStage
+
+    here = RewriteStage(RewriteConfig(model="m", template=REWRITE_TEMPLATE), _endpoint()).config_hash()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(REPO / "configs", moved / "configs")
+    monkeypatch.setattr(config_module, "PROJECT", moved)
+    there_template = str(moved / "configs" / "prompts" / "rewrite_to_prompts.yaml")
+    assert portable(there_template) == "<project>/configs/prompts/rewrite_to_prompts.yaml"
+    there = RewriteStage(RewriteConfig(model="m", template=there_template), _endpoint()).config_hash()
+    assert there == here
+    # a file outside the project keeps its absolute path, and another template is another hash
+    outside = tmp_path / "mine.yaml"
+    outside.write_text(Path(REWRITE_TEMPLATE).read_text() + "\n# edited\n")
+    assert portable(str(outside)) == str(outside)
+    assert RewriteStage(RewriteConfig(model="m", template=str(outside)), _endpoint()).config_hash() != here
+
+
+def test_a_run_directory_copied_elsewhere_keeps_its_fingerprints(tmp_path):
+    """Output fingerprints name files relative to the stage folder and identify small files by
+    content, so a copy (new paths, new mtimes) fingerprints the same; a changed byte does not."""
+    import shutil
+    import time
+
+    first = RunDir(str(tmp_path / "a"))
+    first.write_text("index/params.json", '{"nprobe": 32}')
+    first.write_table("index", OK, to_table([make_row(id="x", text="t")]))
+    before = first.output_fingerprint("index")
+    time.sleep(0.01)  # a copy made later has later mtimes
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # copy: mtime not kept
+    second = RunDir(str(tmp_path / "b"))
+    assert second.output_fingerprint("index") == before
+    second.write_text("index/params.json", '{"nprobe": 64}')
+    assert second.output_fingerprint("index") != before
+
+
+def test_large_artifacts_are_fingerprinted_by_head_and_tail(tmp_path):
+    from pipelines.rundir import SAMPLE_BYTES, SMALL_FILE_BYTES
+
+    rundir = RunDir(str(tmp_path / "run"))
+    size = SMALL_FILE_BYTES + 3 * SAMPLE_BYTES
+    rundir.write_bytes("index/index.faiss", bytes(size))
+    before = rundir.output_fingerprint("index")
+    rundir.write_bytes("index/index.faiss", bytes(size))  # the same bytes again: a new mtime only
+    assert rundir.output_fingerprint("index") == before
+    rundir.write_bytes("index/index.faiss", bytes(size - 1) + b"\x01")  # last byte differs, same size
+    assert rundir.output_fingerprint("index") != before
+
+
+def test_source_fingerprint_reads_small_inputs_by_content(tmp_path):
+    """Small input files are identified by content (a clone or an uploaded working directory keeps
+    the content, not the mtime); a rewrite with the same size but other bytes is a change."""
+    import time
+
+    from pipelines.rundir import source_fingerprint
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "aaaa"}])
+    before = source_fingerprint([str(corpus)])
+    time.sleep(0.01)
+    corpus.write_text(corpus.read_text())  # same bytes, new mtime
+    assert source_fingerprint([str(corpus)]) == before
+    corpus.write_text(corpus.read_text().replace("aaaa", "bbbb"))
+    assert source_fingerprint([str(corpus)]) != before
+
+
 # ------------------------------------------------------------------------------------------------
 # Accounting
 
