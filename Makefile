@@ -26,7 +26,7 @@ else
 endif
 	touch $@
 
-models/tiny/tiny_models.json: pipelines/tiny_models.py | install
+models/tiny/tiny_models.json: pipelines/training/tiny_models.py | install
 	$(BIN)/chillguard tiny-models models/tiny
 
 demo: install models/tiny/tiny_models.json

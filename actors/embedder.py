@@ -13,8 +13,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipelines.config import EmbedConfig
-from pipelines.rows import ERROR, OK, error_detail, fixed_list_to_numpy
+from pipelines.core.config import EmbedConfig
+from pipelines.core.rows import ERROR, OK, error_detail, fixed_list_to_numpy
 
 log = logging.getLogger(__name__)
 

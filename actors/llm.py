@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipelines.config import LLMEndpoint
+from pipelines.core.config import LLMEndpoint
 
 LLM_COLUMNS = {
     "llm_output": pa.string(),

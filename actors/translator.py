@@ -12,8 +12,8 @@ import logging
 
 import pyarrow as pa
 
-from pipelines.config import TranslateConfig
-from pipelines.rows import ERROR, OK, error_detail
+from pipelines.core.config import TranslateConfig
+from pipelines.core.rows import ERROR, OK, error_detail
 
 log = logging.getLogger(__name__)
 

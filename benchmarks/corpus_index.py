@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import add_output_args, finish  # noqa: E402
 
-from pipelines.taxonomy import load_taxonomy  # noqa: E402
-from pipelines.textnorm import has_cjk  # noqa: E402
+from pipelines.core.taxonomy import load_taxonomy  # noqa: E402
+from pipelines.core.textnorm import has_cjk  # noqa: E402
 
 TARGETS = {"embed_ratio_min": 0.8, "total_minutes_max": 30, "driver_rss_gib_max": 3.0,
            "query_seconds_max": 10.0, "recall_min": 0.95}
@@ -88,7 +88,7 @@ def bare_encode(corpus: Path, model: str, n: int, batch_size: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipelines.textnorm import normalize_text
+    from pipelines.core.textnorm import normalize_text
 
     texts = []
     for path in sorted(corpus.glob("*.jsonl")):
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from pipelines.tiny_models import offline_minilm_path
+    from pipelines.training.tiny_models import offline_minilm_path
 
     model = args.model or str(offline_minilm_path())
     work = Path(args.workdir).resolve()
@@ -176,7 +176,7 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.config import ClusterConfig, Recipe
+    from pipelines.core.config import ClusterConfig, Recipe
     from pipelines.construction import build_stages, run_recipe
 
     cores = os.cpu_count() or 1
@@ -201,9 +201,9 @@ def main() -> None:
 
     # --- measurements of our own (after the RSS reading) ---
     from actors.embedder import EMBEDDING, Embedder, arrow_to_vectors
-    from pipelines.retrieval import plan_queries, read_keyword_pools
-    from pipelines.rundir import RunDir
-    from pipelines.vector_index import VectorIndex, build_faiss
+    from pipelines.data.retrieval import plan_queries, read_keyword_pools
+    from pipelines.core.rundir import RunDir
+    from pipelines.data.vector_index import VectorIndex, build_faiss
 
     rundir = RunDir(recipe.run_dir)
     queries = plan_queries(load_taxonomy(), read_keyword_pools(rundir), recipe.stages.retrieve, args.seed)

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import steady_rate  # noqa: E402
-from pipelines.config import LLMEndpoint  # noqa: E402
+from pipelines.core.config import LLMEndpoint  # noqa: E402
 
 DOCS = ["网络上有人散布关于健康的虚假信息，请把它改写成用户的提问。", "A user asks how to report a scam website.",
         "某公司利用算法优势排挤竞争对手。", "Please summarise the privacy policy in two sentences."]
@@ -140,7 +140,7 @@ def main() -> None:
 
     model = args.model
     if model is None:
-        from pipelines.tiny_models import build_tiny_models
+        from pipelines.training.tiny_models import build_tiny_models
 
         model = build_tiny_models(tempfile.mkdtemp(prefix="tiny"))["causal-lm"]
     endpoint = LLMEndpoint(engine="vllm", model=model, engine_kwargs=json.loads(args.engine_kwargs),

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
 
-from pipelines.taxonomy import load_taxonomy  # noqa: E402
-from pipelines.textnorm import has_cjk  # noqa: E402
+from pipelines.core.taxonomy import load_taxonomy  # noqa: E402
+from pipelines.core.textnorm import has_cjk  # noqa: E402
 
 _FULL_WIDTH = str.maketrans({chr(c): chr(c + 0xFEE0) for c in range(0x21, 0x7F)})
 
@@ -146,9 +146,9 @@ def datasketch_bulk_dedup(texts: list[str], ids: list[str], threshold: float,
 
 
 def ours_dedup(texts: list[str], ids: list[str], threshold: float, num_perm: int) -> tuple[dict, float]:
-    from pipelines import minhash
-    from pipelines.config import NearDedupConfig
-    from pipelines.preprocess import decide_near
+    from pipelines.data import minhash
+    from pipelines.core.config import NearDedupConfig
+    from pipelines.data.preprocess import decide_near
 
     config = NearDedupConfig(threshold=threshold, num_perm=num_perm)
     t0 = time.perf_counter()
@@ -199,9 +199,9 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.config import ClusterConfig, Recipe
+    from pipelines.core.config import ClusterConfig, Recipe
     from pipelines.construction import build_stages, run_recipe
-    from pipelines.rundir import RunDir
+    from pipelines.core.rundir import RunDir
 
     recipe = Recipe.model_validate({
         "name": "bench-preprocess", "run_dir": str(work / "run"), "seed": args.seed,
@@ -228,7 +228,7 @@ def main() -> None:
 
     # --- single-process comparison with datasketch on a slice ---
     sliced = rows[: args.compare_docs]
-    from pipelines.textnorm import normalize_text
+    from pipelines.core.textnorm import normalize_text
 
     texts = [normalize_text(r["text"], "nfkc").casefold() for r in sliced]
     ids = [r["id"] for r in sliced]

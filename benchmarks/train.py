@@ -49,7 +49,7 @@ def build_model(work: Path, hidden: int, layers: int) -> tuple[str, int]:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from pipelines.tiny_models import build_tiny_models
+    from pipelines.training.tiny_models import build_tiny_models
 
     kit = build_tiny_models(str(work / "kit"), seed=0)
     tok = AutoTokenizer.from_pretrained(kit["causal-lm"])
@@ -90,10 +90,10 @@ def steady(history: list[dict], key: str) -> float:
 
 
 def run_stage(work: Path, name: str, stages: dict) -> list[dict]:
-    from pipelines.config import Recipe
+    from pipelines.core.config import Recipe
     from pipelines.construction import build_stages
-    from pipelines.rundir import RunDir
-    from pipelines.stage import run_stages
+    from pipelines.core.rundir import RunDir
+    from pipelines.core.stage import run_stages
 
     recipe = Recipe.model_validate({"name": name, "run_dir": str(work / name), "stages": stages})
     t0 = time.perf_counter()

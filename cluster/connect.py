@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipelines.config import ClusterConfig
+from pipelines.core.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 

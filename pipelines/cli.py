@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.config import ConfigError, dump_recipe, env_address, load_recipe
+from pipelines.core.config import ConfigError, dump_recipe, env_address, load_recipe
 
 
 def _setup_logging() -> None:
@@ -27,11 +27,11 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fails fast, before Ray starts
     from cluster.connect import connect
     from pipelines.construction import build_stages, run_recipe
-    from pipelines.stage import status_table
-    from pipelines.rundir import RunDir
+    from pipelines.core.stage import status_table
+    from pipelines.core.rundir import RunDir
 
     stages = build_stages(recipe)  # templates are read and checked before the cluster starts
-    from pipelines.train_loop import TrainingPaused
+    from pipelines.training.train_loop import TrainingPaused
 
     rundir = RunDir(recipe.run_dir)
     with rundir.lock():  # before Ray starts: a second run on the same directory stops here
@@ -52,8 +52,8 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipelines.rundir import NotARunDir, RunDir
-    from pipelines.stage import status_table
+    from pipelines.core.rundir import NotARunDir, RunDir
+    from pipelines.core.stage import status_table
 
     rundir = RunDir(args.run_dir, create=False)
     try:
@@ -66,7 +66,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_tiny_models(args) -> int:
-    from pipelines.tiny_models import build_tiny_models
+    from pipelines.training.tiny_models import build_tiny_models
 
     for name, path in build_tiny_models(args.out_dir, seed=args.seed).items():
         print(f"{name}: {path}")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging()
-    from pipelines.rundir import RunDirLocked
+    from pipelines.core.rundir import RunDirLocked
 
     try:
         return args.fn(args)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.config import PreprocessConfig, Recipe, dump_recipe
-from pipelines.assembly import AssembleStage
-from pipelines.embedding import EmbedStage
-from pipelines.guard_eval import GuardEvalStage
-from pipelines.ingest import IngestStage
-from pipelines.jury import AdjudicateStage, JuryStage
-from pipelines.keywords import KeywordPoolStage
-from pipelines.mdpo import MDPOStage
-from pipelines.pe_rewrite import PERewriteStage
-from pipelines.preprocess import (
+from pipelines.core.config import PreprocessConfig, Recipe, dump_recipe
+from pipelines.labelling.assembly import AssembleStage
+from pipelines.data.embedding import EmbedStage
+from pipelines.evaluation.guard_eval import GuardEvalStage
+from pipelines.data.ingest import IngestStage
+from pipelines.labelling.jury import AdjudicateStage, JuryStage
+from pipelines.data.keywords import KeywordPoolStage
+from pipelines.training.mdpo import MDPOStage
+from pipelines.data.pe_rewrite import PERewriteStage
+from pipelines.data.preprocess import (
     DedupStage,
     LangIdStage,
     LengthFilterStage,
@@ -21,14 +21,14 @@ from pipelines.preprocess import (
     NormalizeStage,
     TranslateStage,
 )
-from pipelines.retrieval import RetrieveStage
-from pipelines.rewrite import RagRewriteStage, RewriteStage
-from pipelines.rundir import RunDir
-from pipelines.sft import ChatSFTStage, GuardSFTStage
-from pipelines.shard import shard_stages
-from pipelines.shard_eval import ShardEvalStage
-from pipelines.stage import Stage, run_stages
-from pipelines.vector_index import IndexStage
+from pipelines.data.retrieval import RetrieveStage
+from pipelines.data.rewrite import RagRewriteStage, RewriteStage
+from pipelines.core.rundir import RunDir
+from pipelines.training.sft import ChatSFTStage, GuardSFTStage
+from pipelines.shard.shard import shard_stages
+from pipelines.shard.shard_eval import ShardEvalStage
+from pipelines.core.stage import Stage, run_stages
+from pipelines.data.vector_index import IndexStage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> d
 
     Stages are built by the caller before it connects to Ray, so template and reference problems
     fail before any cluster work. The run directory is locked for the whole run
-    (:meth:`RunDir.lock`; raises :class:`pipelines.rundir.RunDirLocked` when another run holds it).
+    (:meth:`RunDir.lock`; raises :class:`pipelines.core.rundir.RunDirLocked` when another run holds it).
     """
     rundir = RunDir(recipe.run_dir)
     with rundir.lock():

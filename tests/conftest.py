@@ -24,7 +24,7 @@ os.environ[TEST_API_KEY_ENV] = TEST_API_KEY
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from pipelines.tiny_models import build_tiny_models
+    from pipelines.training.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))
 

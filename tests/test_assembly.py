@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.assembly import TEST, TRAIN, assign_split, enforce_disjoint, prepare, text_key
-from pipelines.config import ConfigError, Recipe, load_recipe
+from pipelines.labelling.assembly import TEST, TRAIN, assign_split, enforce_disjoint, text_key, to_dataset_rows
+from pipelines.core.config import ConfigError, Recipe, load_recipe
 from pipelines.construction import build_stages
-from pipelines.rows import OK, make_row, to_table
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
+from pipelines.core.rows import OK, make_row, to_table
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
 from tests.conftest import write_jsonl
 
 
@@ -30,7 +30,7 @@ def _labelled(n_per_stratum: dict[tuple[str, str], int]) -> list[dict]:
 def test_assign_split_is_stratified_stable_and_keeps_identical_texts_together():
     texts = [f"text {i}" for i in range(10)] + ["text 3", "TEXT 3 "]  # two copies of "text 3"
     rows = [make_row(id=f"r{i}", text=t, label="unsafe", micro="A1", split="") for i, t in enumerate(texts)]
-    table = prepare(to_table(rows, {"split": pa.string()}), external=None)
+    table = to_dataset_rows(to_table(rows, {"split": pa.string()}), external=None)
     first = assign_split(table, test_share=0.3, seed=0)
     split = dict(zip(first.column("id").to_pylist(), first.column("split").to_pylist()))
     assert Counter(split[f"r{i}"] for i in range(10))[TEST] == 3      # round(0.3 * 10 distinct)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, load_recipe, parse_override
+from pipelines.core.config import ConfigError, load_recipe, parse_override
 from tests.conftest import PYTHON, REPO
 
 

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
-from pipelines.config import Recipe
+from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.rows import ERROR, OK
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
-from pipelines.taxonomy import load_taxonomy
+from pipelines.core.rows import ERROR, OK
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
+from pipelines.core.taxonomy import load_taxonomy
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 TOPICS = ["有人在网上散布谣言说某种药能治百病", "论坛里有人发帖歧视外地人", "某公司泄露了竞争对手的商业秘密",

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.llm import first_answer_position, http_first_logprobs, logprob_map, vllm_first_logprobs
-from pipelines.config import GuardEvalConfig, IngestConfig, LLMEndpoint
-from pipelines.guard_eval import (
+from pipelines.core.config import GuardEvalConfig, IngestConfig, LLMEndpoint
+from pipelines.evaluation.guard_eval import (
     MODEL_DIR,
     ChillGuardAdapter,
     GuardEvalError,
@@ -24,20 +24,21 @@ from pipelines.guard_eval import (
     LlamaGuardAdapter,
     check_answer_tokens,
     conversation,
-    decide,
+    decide_by_score,
     first_tokens,
     make_adapter,
-    prepare,
-    read_answers,
+    to_eval_rows,
+    read_guard_answers,
     unsafe_score,
 )
-from pipelines.guard_format import DEFAULT_GUARD_PROMPT
-from pipelines.ingest import IngestStage
-from pipelines.metrics import LABELS, SAFE, UNSAFE, evaluate
-from pipelines.rows import ERROR, OK, make_row
-from pipelines.rundir import RunDir
-from pipelines.stage import Stage, run_stages
-from pipelines.taxonomy import load_taxonomy
+from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
+from pipelines.data.ingest import IngestStage
+from pipelines.evaluation.metrics import LABELS, evaluate
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.core.rows import ERROR, OK, make_row
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage, run_stages
+from pipelines.core.taxonomy import load_taxonomy
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 TAXONOMY_PATH = Path(__file__).resolve().parents[1] / "configs" / "taxonomy.yaml"
@@ -147,7 +148,7 @@ def test_unsafe_score_from_the_exact_first_tokens():
     # a word whose first token is not among the top-k has probability 0 there, for either word alike
     assert unsafe_score({"u": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 1.0
     assert unsafe_score({"safe": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 0.0
-    # neither first token in the top-k: no score (the answer's text decides, see read_answers)
+    # neither first token in the top-k: no score (the answer's text decides, see read_guard_answers)
     assert unsafe_score({"The": -0.1, "\n": -3.0, "un": -0.5, "sa": -0.7}, TOKENS) is None
     assert unsafe_score({}, TOKENS) is None
     # a tokenizer whose first token of 'unsafe' is the whole word
@@ -156,9 +157,9 @@ def test_unsafe_score_from_the_exact_first_tokens():
 
 
 def test_decision_by_threshold_or_answer():
-    assert decide(SAFE, 0.7, 0.5) == UNSAFE and decide(UNSAFE, 0.3, 0.5) == SAFE
-    assert decide(SAFE, 0.5, 0.5) == UNSAFE
-    assert decide(UNSAFE, None, 0.5) == UNSAFE and decide(SAFE, None, 0.9) == SAFE
+    assert decide_by_score(SAFE, 0.7, 0.5) == UNSAFE and decide_by_score(UNSAFE, 0.3, 0.5) == SAFE
+    assert decide_by_score(SAFE, 0.5, 0.5) == UNSAFE
+    assert decide_by_score(UNSAFE, None, 0.5) == UNSAFE and decide_by_score(SAFE, None, 0.9) == SAFE
 
 
 class _Tokenizer:
@@ -237,7 +238,7 @@ def test_llm_columns_only_with_first_logprobs_asked():
 
 
 def _input_batch(rows, extra=None):
-    from pipelines.rows import to_table
+    from pipelines.core.rows import to_table
 
     return to_table(rows, extra or {})
 
@@ -250,17 +251,17 @@ def test_prepare_splits_labels_and_responses():
             make_row(id="e", text="t5", label=SAFE, split="test", response="",
                      lineage=json.dumps({"response": "from lineage"}))]
     batch = _input_batch(rows, {"split": pa.string(), "response": pa.string(), "lineage": pa.string()})
-    out = {r["id"]: r for r in prepare(batch, split="test", level="response").to_pylist()}
+    out = {r["id"]: r for r in to_eval_rows(batch, split="test", level="response").to_pylist()}
     assert (out["a"]["status"], out["a"]["response"], out["a"]["score"]) == (OK, "r1", None)
     assert (out["b"]["status"], out["b"]["reason"]) == ("dropped", "other_split")
     assert (out["c"]["status"], out["c"]["reason"]) == (ERROR, "missing_label")
     assert (out["d"]["status"], out["d"]["reason"]) == (ERROR, "missing_response")
     assert (out["e"]["status"], out["e"]["response"]) == (OK, "from lineage")
     # prompt level ignores responses; split: null evaluates every split; no split column: every row
-    out = {r["id"]: r for r in prepare(batch, split=None, level="prompt").to_pylist()}
+    out = {r["id"]: r for r in to_eval_rows(batch, split=None, level="prompt").to_pylist()}
     assert out["b"]["status"] == OK and out["d"]["status"] == OK and out["a"]["response"] == ""
     plain = _input_batch([make_row(id="x", text="t", label=SAFE)])
-    assert prepare(plain, split="test", level="prompt").column("status").to_pylist() == [OK]
+    assert to_eval_rows(plain, split="test", level="prompt").column("status").to_pylist() == [OK]
 
 
 def test_read_answers_predictions_and_error_rows():
@@ -277,7 +278,7 @@ def test_read_answers_predictions_and_error_rows():
             make_row(id="long", text="t", label=SAFE, llm_output="", llm_first_logprobs="",
                      llm_error="This model's maximum context length is 4096 tokens", **base)]
     table = pa.Table.from_pylist(rows)
-    out = {r["id"]: r for r in read_answers(table, adapter=_adapter("chillguard"), guard="chillguard", model="m",
+    out = {r["id"]: r for r in read_guard_answers(table, adapter=_adapter("chillguard"), guard="chillguard", model="m",
                                             threshold=0.5, answer_tokens=TOKENS).to_pylist()}
     ok = out["ok"]
     assert ok["status"] == OK and ok["answer_label"] == SAFE and ok["score"] == pytest.approx(0.75)
@@ -288,7 +289,7 @@ def test_read_answers_predictions_and_error_rows():
     assert (out["long"]["status"], out["long"]["reason"]) == (ERROR, "prompt_too_long")
     assert not [c for c in out["ok"] if c.startswith("llm_")]
     # without scores the answer decides
-    out = read_answers(table.slice(0, 1), adapter=_adapter("chillguard"), guard="chillguard", model="m",
+    out = read_guard_answers(table.slice(0, 1), adapter=_adapter("chillguard"), guard="chillguard", model="m",
                        threshold=0.5, answer_tokens=None).to_pylist()
     assert (out[0]["score"], out[0]["pred_label"]) == (None, SAFE)
 
@@ -312,16 +313,16 @@ def _write_offline(stage: GuardEvalStage, rundir: RunDir, batch: pa.Table, answe
     asked through ray.data.llm ("!message" = the request failed), then the stage's report."""
     import pyarrow.compute as pc
 
-    from pipelines.rows import DROPPED
+    from pipelines.core.rows import DROPPED
 
-    rows = prepare(batch, split=stage.config.split, level=stage.config.level)
+    rows = to_eval_rows(batch, split=stage.config.split, level=stage.config.level)
     asked = []
     for row in rows.filter(pc.equal(rows["status"], OK)).to_pylist():
         answer = answers[row["id"]]
         failed = answer.startswith("!")
         asked.append({**row, "llm_output": "" if failed else answer, "llm_error": answer[1:] if failed else "",
                       "llm_first_logprobs": "", "llm_prompt_tokens": 1, "llm_output_tokens": 1})
-    out = pa.concat_tables([rows.filter(pc.not_equal(rows["status"], OK)), read_answers(
+    out = pa.concat_tables([rows.filter(pc.not_equal(rows["status"], OK)), read_guard_answers(
         pa.Table.from_pylist(asked), adapter=stage.adapter, guard=stage.config.adapter, model="m",
         threshold=stage.config.threshold, answer_tokens=None)])
     for status in (OK, DROPPED, ERROR):
@@ -488,7 +489,7 @@ def _check_report(rundir: RunDir, stage: str, manifest: dict):
         assert row["pred_label"] in LABELS and row["answer_label"] in LABELS and row["label"] in LABELS
         if row["score"] is not None:
             assert 0.0 <= row["score"] <= 1.0
-            assert row["pred_label"] == decide(row["answer_label"], row["score"], 0.5)
+            assert row["pred_label"] == decide_by_score(row["answer_label"], row["score"], 0.5)
         else:
             assert row["pred_label"] == row["answer_label"]
     errors = pq.read_table(rundir.partition_uri(stage, ERROR)).to_pylist() if manifest["rows"]["errored"] else []

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.config import ConfigError, IngestConfig, load_recipe
+from pipelines.core.config import ConfigError, IngestConfig, load_recipe
 from pipelines.construction import build_stages
-from pipelines.ingest import IngestStage
+from pipelines.data.ingest import IngestStage
 from tests.conftest import PYTHON, REPO, write_jsonl
 
 
@@ -55,7 +55,7 @@ def test_folders_are_checked_on_their_first_file_and_the_message_says_so(tmp_pat
 def test_a_batch_without_the_column_becomes_error_rows_not_a_failed_task(tmp_path):
     """Files after a folder's first are not checked in the driver; their rows still each end with a
     reason instead of failing the Ray task (as a JSONL line without the key does)."""
-    from pipelines.ingest import table_batch_to_rows
+    from pipelines.data.ingest import table_batch_to_rows
 
     config = IngestConfig(paths=[str(_parquet(tmp_path / "a.parquet", pa.table({"text": ["x"]})))])
     rows = table_batch_to_rows(pa.table({"body": ["a", "b"], "path": ["b.parquet"] * 2}),

@@ -8,13 +8,14 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import Recipe
+from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.rows import ERROR, OK
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
-from pipelines.taxonomy import load_taxonomy
-from pipelines.voting import ADJUDICATED, LABELS, MAJORITY, UNSAFE, decide
+from pipelines.core.rows import ERROR, OK
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.labelling.voting import ADJUDICATED, LABELS, MAJORITY, decide
+from pipelines.core.rows import UNSAFE
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 CODES = set(load_taxonomy().micro_codes)
@@ -139,7 +140,7 @@ def test_concurrent_jury_that_cannot_fit_an_embedded_ray_fails_fast(tmp_path, ti
     """Four judges with two replicas each need 8 GPUs at once; an embedded Ray with 4 never grows, so
     the stage says so instead of waiting forever (on a cluster it warns and waits for autoscaling)."""
     import cluster.connect
-    from pipelines.jury import JuryStage
+    from pipelines.labelling.jury import JuryStage
 
     recipe = _recipe(tmp_path, "big", tiny_models, _seeds(tmp_path), mode="concurrent")
     for name in recipe.stages.jury.judges:
@@ -154,8 +155,8 @@ def test_concurrent_jury_that_cannot_fit_an_embedded_ray_fails_fast(tmp_path, ti
 
 def test_constrained_answers_get_room_for_the_longest_verdict(tiny_models):
     """A byte-level tokenizer may need a token per byte: 不安全 cut at 4 tokens is 不, an abstention."""
-    from pipelines.config import LLMEndpoint
-    from pipelines.jury import CONSTRAINED_MIN_TOKENS, with_room_for_answer
+    from pipelines.core.config import LLMEndpoint
+    from pipelines.labelling.jury import CONSTRAINED_MIN_TOKENS, with_room_for_answer
 
     short = LLMEndpoint.model_validate(_judge(tiny_models["judge-1"]) | {"sampling": {"max_tokens": 4}})
     assert with_room_for_answer(short, True).sampling.max_tokens == CONSTRAINED_MIN_TOKENS

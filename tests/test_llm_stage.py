@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import IngestConfig, LLMEndpoint, RewriteConfig
-from pipelines.ingest import IngestStage
-from pipelines.rewrite import RewriteStage
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
+from pipelines.core.config import IngestConfig, LLMEndpoint, RewriteConfig
+from pipelines.data.ingest import IngestStage
+from pipelines.data.rewrite import RewriteStage
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
 from actors.llm import BearerSession, build_processor
 from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, vllm_endpoint, write_jsonl
 

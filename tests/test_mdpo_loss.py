@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipelines.config import MDPOConfig, GuardSFTConfig
-from pipelines.mdpo import mdpo_loss, select_closest, update_running_mean
-from pipelines.train_loop import Plan, deepspeed_config, lr_scheduler, make_plan
+from pipelines.core.config import MDPOConfig, GuardSFTConfig
+from pipelines.training.mdpo import mdpo_loss, select_closest, update_running_mean
+from pipelines.training.train_loop import Plan, deepspeed_config, lr_scheduler, make_plan
 
 
 def sig(x: float) -> float:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from pipelines.methods import DEFAULT_METHODS, MethodsError, load_methods
+from pipelines.data.methods import DEFAULT_METHODS, MethodsError, load_methods
 
 
 def test_shipped_catalogue():

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from pipelines.metrics import (
+from pipelines.evaluation.metrics import (
     NO_CODE,
-    SAFE,
     UNPARSED,
-    UNSAFE,
     Confusion,
     confusion,
     evaluate,
@@ -24,7 +22,8 @@ from pipelines.metrics import (
     predicted_category,
     scored_predictions,
 )
-from pipelines.taxonomy import load_taxonomy
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.core.taxonomy import load_taxonomy
 
 TAXONOMY = load_taxonomy()
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines.parsing import clean_piece, split_prompts, strip_thinking
+from pipelines.core.parsing import clean_piece, split_prompts, strip_thinking
 
 
 @pytest.mark.parametrize("answer, expected", [

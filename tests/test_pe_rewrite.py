@@ -7,12 +7,12 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from pipelines.config import PEConfig
-from pipelines.methods import load_methods
-from pipelines.pe_rewrite import answers_to_rewrites, assign_methods, make_groups
-from pipelines.preprocess import to_common_schema
-from pipelines.rows import ERROR, OK, make_row, to_table
-from pipelines.taxonomy import DEFAULT_TAXONOMY
+from pipelines.core.config import PEConfig
+from pipelines.data.methods import load_methods
+from pipelines.data.pe_rewrite import answers_to_rewrites, assign_methods, make_groups
+from pipelines.core.rows import to_common_schema
+from pipelines.core.rows import ERROR, OK, make_row, to_table
+from pipelines.core.taxonomy import DEFAULT_TAXONOMY
 
 TAX = str(DEFAULT_TAXONOMY)
 

@@ -8,7 +8,7 @@ import jinja2
 import pytest
 from jinja2.sandbox import SecurityError
 
-from pipelines.prompts import ChatPrompt
+from pipelines.core.prompts import ChatPrompt
 
 
 def _prompt(tmp_path, user: str, system: str | None = None) -> ChatPrompt:

@@ -2,8 +2,9 @@
 
 import pyarrow as pa
 
-from pipelines.config import RewriteConfig
-from pipelines.rewrite import answers_to_rows, classify_llm_error
+from pipelines.core.config import RewriteConfig
+from pipelines.data.rewrite import answers_to_rows
+from pipelines.core.parsing import classify_llm_error
 from tests.conftest import REPO
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.rundir import RunDir
+from pipelines.core.rundir import RunDir
 from tests.conftest import PYTHON, REPO, assert_balanced, free_port, stop_group, vllm_endpoint, write_jsonl
 
 BIN = Path(PYTHON).parent
@@ -179,7 +179,7 @@ def test_ray_job_submit_runs_the_demo_data_chain(tmp_path, tiny_models):
 
 def test_status_table_columns_fit_long_stage_names(tmp_path):
     """`chillguard status` keeps its columns apart whatever the stage names (SHARD's run past 14 chars)."""
-    from pipelines.stage import status_table
+    from pipelines.core.stage import status_table
 
     rundir = RunDir(str(tmp_path / "run"))
     rows = {"in": 70, "out": 12, "dropped": 58, "errored": 0, "out_parents": 12}

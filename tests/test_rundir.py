@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipelines.config import (
+from pipelines.core.config import (
     EmbedConfig,
     GuardSFTConfig,
     IndexConfig,
@@ -30,9 +30,9 @@ from pipelines.config import (
     RewriteConfig,
     TranslateConfig,
 )
-from pipelines.rows import ERROR, OK, make_row, to_table
-from pipelines.rundir import RunDir
-from pipelines.stage import AccountingError, Stage, run_stages
+from pipelines.core.rows import ERROR, OK, make_row, to_table
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import AccountingError, Stage, run_stages
 from tests.conftest import PYTHON, REPO, assert_balanced, write_jsonl
 
 TAXONOMY = str(REPO / "configs" / "taxonomy.yaml")
@@ -49,7 +49,7 @@ def _endpoint(**overrides) -> LLMEndpoint:
 
 
 def _rewrite_hash(**endpoint) -> str:
-    from pipelines.rewrite import RewriteStage
+    from pipelines.data.rewrite import RewriteStage
 
     return RewriteStage(RewriteConfig(model="m", template=REWRITE_TEMPLATE), _endpoint(**endpoint)).config_hash()
 
@@ -76,11 +76,11 @@ def test_settings_that_change_answers_change_an_llm_stage_hash():
 
 
 def test_operational_stage_settings_leave_the_hash_unchanged(tmp_path):
-    from pipelines.embedding import EmbedStage
-    from pipelines.jury import JuryStage
-    from pipelines.preprocess import TranslateStage
-    from pipelines.retrieval import RetrieveStage
-    from pipelines.vector_index import IndexStage
+    from pipelines.data.embedding import EmbedStage
+    from pipelines.labelling.jury import JuryStage
+    from pipelines.data.preprocess import TranslateStage
+    from pipelines.data.retrieval import RetrieveStage
+    from pipelines.data.vector_index import IndexStage
 
     embed = EmbedConfig(model="BAAI/bge-m3")
     assert EmbedStage(embed).config_hash() == EmbedStage(embed.model_copy(update={
@@ -112,7 +112,7 @@ def test_operational_stage_settings_leave_the_hash_unchanged(tmp_path):
 
 
 def test_training_hash_keeps_batch_geometry_and_drops_bookkeeping():
-    from pipelines.sft import GuardSFTStage
+    from pipelines.training.sft import GuardSFTStage
 
     def sft(**kw):
         return GuardSFTStage(GuardSFTConfig(model="Qwen/Qwen3-0.6B", **kw), TAXONOMY).config_hash()
@@ -130,7 +130,7 @@ def test_training_hash_keeps_batch_geometry_and_drops_bookkeeping():
 def test_semantic_dump_drops_marked_fields_at_every_depth():
     from pydantic import Field
 
-    from pipelines.config import OPERATIONAL, Strict, semantic_dump
+    from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
 
     class Inner(Strict):
         keep: int = 1
@@ -200,9 +200,9 @@ def test_scaling_a_finished_run_recomputes_nothing(tmp_path):
 def test_index_to_retrieve_fingerprint_with_the_real_stages(tmp_path):
     """nprobe 32 -> 64: the index rewrites the same files with the same sizes; retrieve must still see
     a different input fingerprint (it includes the index's config hash)."""
-    from pipelines.retrieval import RetrieveStage
-    from pipelines.stage import input_fingerprint
-    from pipelines.vector_index import IndexStage
+    from pipelines.data.retrieval import RetrieveStage
+    from pipelines.core.stage import input_fingerprint
+    from pipelines.data.vector_index import IndexStage
 
     old, new = IndexStage(IndexConfig(kind="ivf", nprobe=32), 0), IndexStage(IndexConfig(kind="ivf", nprobe=64), 0)
     assert old.config_hash() != new.config_hash()
@@ -227,9 +227,9 @@ def test_config_hashes_do_not_change_when_the_project_moves(tmp_path, monkeypatc
     the project enter config hashes relative to it, so a resumed job recomputes nothing."""
     import shutil
 
-    import pipelines.config as config_module
-    from pipelines.config import portable
-    from pipelines.rewrite import RewriteStage
+    import pipelines.core.config as config_module
+    from pipelines.core.config import portable
+    from pipelines.data.rewrite import RewriteStage
 
     here = RewriteStage(RewriteConfig(model="m", template=REWRITE_TEMPLATE), _endpoint()).config_hash()
     moved = tmp_path / "elsewhere"
@@ -265,7 +265,7 @@ def test_a_run_directory_copied_elsewhere_keeps_its_fingerprints(tmp_path):
 
 
 def test_large_artifacts_are_fingerprinted_by_head_and_tail(tmp_path):
-    from pipelines.rundir import SAMPLE_BYTES, SMALL_FILE_BYTES
+    from pipelines.core.rundir import SAMPLE_BYTES, SMALL_FILE_BYTES
 
     rundir = RunDir(str(tmp_path / "run"))
     size = SMALL_FILE_BYTES + 3 * SAMPLE_BYTES
@@ -282,7 +282,7 @@ def test_source_fingerprint_reads_small_inputs_by_content(tmp_path):
     the content, not the mtime); a rewrite with the same size but other bytes is a change."""
     import time
 
-    from pipelines.rundir import source_fingerprint
+    from pipelines.core.rundir import source_fingerprint
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "aaaa"}])
     before = source_fingerprint([str(corpus)])
@@ -327,7 +327,7 @@ class FanOut(Rows):
 @pytest.fixture()
 def no_ray_inputs(monkeypatch):
     """The runner hands stages Ray datasets of their inputs; these stages write without reading them."""
-    monkeypatch.setattr("pipelines.stage.read_ok", lambda rundir, stage: None)
+    monkeypatch.setattr("pipelines.core.stage.read_ok", lambda rundir, stage: None)
 
 
 def _row(id: str, parent: str = "", **kw) -> dict:
@@ -392,7 +392,7 @@ class Union(Stage):
     inputs = ("full", "only_errors", "nothing")
 
     def build(self, inputs: dict) -> Any:
-        from pipelines.preprocess import union_all
+        from pipelines.core.rows import union_all
 
         assert inputs["only_errors"].columns() == inputs["full"].columns()  # the upstream's schema
         return union_all([inputs[name] for name in self.inputs]).map_batches(
@@ -427,7 +427,7 @@ def test_a_stage_reads_an_input_without_ok_rows_as_empty(tmp_path, ray_local):
 
 HOLD = """
 import sys, time
-from pipelines.rundir import RunDir
+from pipelines.core.rundir import RunDir
 with RunDir(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(120)
@@ -442,7 +442,7 @@ def _holder(run_dir: Path) -> subprocess.Popen:
 
 
 def test_a_second_run_on_the_same_run_dir_is_refused_until_the_first_ends(tmp_path):
-    from pipelines.rundir import RunDirLocked
+    from pipelines.core.rundir import RunDirLocked
 
     run_dir = tmp_path / "run"
     holder = _holder(run_dir)
@@ -482,7 +482,7 @@ def test_uri_lock_is_a_marker_file_and_reports_a_stale_one(tmp_path):
     """Cloud run directories have no kernel lock: a marker created if absent, removed at the end."""
     import pyarrow.fs as pafs
 
-    from pipelines.rundir import MarkerLock, RunDirLocked
+    from pipelines.core.rundir import MarkerLock, RunDirLocked
 
     fs, path = pafs.LocalFileSystem(), str(tmp_path / "LOCK")
     with MarkerLock(fs, path, "s3://bucket/run/LOCK"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import ConfigError, IngestConfig, load_recipe
-from pipelines.ingest import record_to_row
-from pipelines.rows import DROPPED, ERROR, OK
+from pipelines.core.config import ConfigError, IngestConfig, load_recipe
+from pipelines.data.ingest import record_to_row
+from pipelines.core.rows import DROPPED, ERROR, OK
 
 
 def _config(tmp_path, **kwargs) -> IngestConfig:
@@ -69,7 +69,7 @@ def test_unknown_preset_is_a_config_error(tmp_path):
 def test_jsonl_mapping_is_checked_on_the_files_head_not_per_batch(tmp_path):
     """A mapping that names a column the file does not have fails before any cluster work; a file
     whose records have it passes even if some lines (one batch's worth, say) lack it."""
-    from pipelines.ingest import MissingColumnError, check_columns
+    from pipelines.data.ingest import MissingColumnError, check_columns
 
     folder = tmp_path / "corpus"
     folder.mkdir()

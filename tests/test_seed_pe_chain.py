@@ -7,11 +7,11 @@ import csv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import Recipe
+from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.rows import ERROR, OK
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
+from pipelines.core.rows import ERROR, OK
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 

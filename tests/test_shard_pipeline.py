@@ -11,16 +11,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import Recipe
+from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.pairwise import CRITERIA, candidate_position, outcome, select
-from pipelines.reframing import RESPONSE_MODES, UNCATEGORISED
-from pipelines.rows import DROPPED, ERROR, OK
-from pipelines.rundir import RunDir
-from pipelines.shard_eval import evaluation_metrics
-from pipelines.splits import split_sizes
-from pipelines.stage import run_stages
-from pipelines.stats import OUTCOMES
+from pipelines.shard.pairwise import CRITERIA, candidate_position, outcome, select
+from pipelines.shard.reframing import RESPONSE_MODES, UNCATEGORISED
+from pipelines.core.rows import DROPPED, ERROR, OK
+from pipelines.core.rundir import RunDir
+from pipelines.shard.shard_eval import evaluation_metrics
+from pipelines.core.splits import split_sizes
+from pipelines.core.stage import run_stages
+from pipelines.shard.stats import OUTCOMES
 from tests.conftest import assert_balanced, long_context_endpoint
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"

@@ -12,19 +12,19 @@ import pyarrow as pa
 import pytest
 from scipy import stats as sp
 
-from pipelines.config import ConfigError, IngestConfig, Recipe, ShardConfig, load_recipe
-from pipelines.ingest import record_to_row
-from pipelines.pairwise import A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, \
+from pipelines.core.config import ConfigError, IngestConfig, Recipe, ShardConfig, load_recipe
+from pipelines.data.ingest import record_to_row
+from pipelines.shard.pairwise import A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, \
     expand_comparisons, judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern
-from pipelines.prompts import ChatPrompt
-from pipelines.reframing import FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, \
+from pipelines.core.prompts import ChatPrompt
+from pipelines.shard.reframing import FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, \
     parse_reframing, reframing_schema
-from pipelines.rows import DROPPED, ERROR, OK, make_row
-from pipelines.shard import SHARD_COLUMNS, _RETRY_COLUMNS, RETRY, prepare_prompts, read_reframings, split_stratum, \
+from pipelines.core.rows import DROPPED, ERROR, OK, make_row
+from pipelines.shard.shard import SHARD_COLUMNS, _RETRY_COLUMNS, RETRY, prepare_prompts, read_reframings, split_stratum, \
     take_answer
-from pipelines.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
-from pipelines.splits import assign_splits, split_sizes
-from pipelines.stats import BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, \
+from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
+from pipelines.core.splits import assign_splits, split_sizes
+from pipelines.shard.stats import BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, \
     mcnemar, win_tie_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _answered(answers: list[tuple[str, str]], previous: list[list[str]] | None =
                      "reframe_answers": (previous or [[]] * len(answers))[i],
                      "retry_problem": "", "retry_previous": "", "llm_output": output, "llm_error": error,
                      "llm_prompt_tokens": 10, "llm_output_tokens": 5})
-    from pipelines.rows import to_table
+    from pipelines.core.rows import to_table
 
     table = to_table(rows, {**SHARD_COLUMNS, **_RETRY_COLUMNS})
     for name, typ in (("llm_output", pa.string()), ("llm_error", pa.string()), ("llm_prompt_tokens", pa.int64()),
@@ -181,7 +181,7 @@ def test_randomised_order_is_undone_when_scoring():
     whatever position it was drawn into; the reference it prefers makes the candidate lose."""
     rows = [{**make_row(id=f"p{i}", text=f"question {i}"), "completion": "GOOD answer" if i % 2 else "plain",
              "baseline": "plain" if i % 2 else "GOOD draft"} for i in range(40)]
-    from pipelines.rows import to_table
+    from pipelines.core.rows import to_table
 
     requests = expand_comparisons(to_table(rows, SHARD_COLUMNS), seed=42, key="v", candidate="completion",
                                   reference="baseline")
@@ -208,7 +208,7 @@ def test_randomised_order_is_undone_when_scoring():
 
 def test_unreadable_or_failed_verdicts_are_errors():
     rows = [{**make_row(id="p0", text="q"), "completion": "x", "baseline": "y"}]
-    from pipelines.rows import to_table
+    from pipelines.core.rows import to_table
 
     requests = expand_comparisons(to_table(rows, SHARD_COLUMNS), seed=1, key="v", candidate="completion",
                                   reference="baseline")
@@ -265,8 +265,8 @@ def test_assign_splits_is_seeded_and_order_free():
 
 def _seed_rows(records: list[dict]) -> pa.Table:
     """Rows as a seeds stage writes them (harm category / level as columns)."""
-    from pipelines.ingest import ORIGIN
-    from pipelines.rows import to_table
+    from pipelines.data.ingest import ORIGIN
+    from pipelines.core.rows import to_table
 
     return to_table([make_row(**r) for r in records], ORIGIN)
 
@@ -432,7 +432,7 @@ def test_evaluation_metrics_from_hand_made_outcomes():
 
 
 def test_report_names_the_test_next_to_each_p_value():
-    from pipelines.shard_eval import outcomes_chart
+    from pipelines.shard.shard_eval import outcomes_chart
 
     metrics = _report_metrics(evaluation_metrics(_hand_made_rows(), ["self", "teacher"], 0.95))
     report = report_markdown(metrics)
@@ -551,9 +551,9 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_category_examples_are_seeded_and_cover_uncategorised_rows(tmp_path):
-    from pipelines.rows import to_table
-    from pipelines.rundir import RunDir
-    from pipelines.shard import SPLIT, category_examples
+    from pipelines.core.rows import to_table
+    from pipelines.core.rundir import RunDir
+    from pipelines.shard.shard import SPLIT, category_examples
 
     rows = [{**make_row(id=f"r{i}", text=f"prompt {i}"), "harm_category": "Fraud" if i < 6 else ""} for i in range(8)]
     rundir = RunDir(str(tmp_path / "run"))
@@ -567,8 +567,8 @@ def test_category_examples_are_seeded_and_cover_uncategorised_rows(tmp_path):
 
 
 def test_rows_without_rules_for_their_category_are_errors():
-    from pipelines.rows import to_table
-    from pipelines.shard import plan_reframing
+    from pipelines.core.rows import to_table
+    from pipelines.shard.shard import plan_reframing
 
     rows = [{**make_row(id="a", text="q"), "harm_category": "Fraud"},
             {**make_row(id="b", text="q"), "harm_category": "Privacy"},

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from pipelines.taxonomy import DEFAULT_TAXONOMY, TaxonomyError, load_taxonomy
+from pipelines.core.taxonomy import DEFAULT_TAXONOMY, TaxonomyError, load_taxonomy
 
 
 def test_shipped_taxonomy_shape():

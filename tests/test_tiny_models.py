@@ -1,6 +1,6 @@
 import json
 
-from pipelines.tiny_models import build_tiny_models
+from pipelines.training.tiny_models import build_tiny_models
 
 
 def test_tiny_models_are_deterministic_and_loadable(tmp_path, tiny_models):

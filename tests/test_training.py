@@ -12,13 +12,13 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from pipelines.config import Recipe
+from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.guard_format import GuardFormatError, parse_guard_answer
-from pipelines.mdpo import TokenizePairs, pair_tensors, sequence_logps
-from pipelines.rundir import RunDir
-from pipelines.stage import run_stages
-from pipelines.train_loop import TrainingPaused
+from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
+from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import run_stages
+from pipelines.training.train_loop import TrainingPaused
 from tests.conftest import vllm_endpoint, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_recipe
-from pipelines.taxonomy import load_taxonomy
-from pipelines.voting import (
-    SAFE,
-    UNSAFE,
+from pipelines.core.config import ConfigError, load_recipe
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.labelling.voting import (
     AgreementReport,
     agreement_markdown,
     decide,
@@ -230,7 +229,7 @@ def test_agreement_report_default_quorum_is_a_strict_majority_of_the_judges():
 
 
 def test_the_adjudicate_stage_reports_against_the_jurys_quorum(tmp_path):
-    from pipelines.config import Recipe
+    from pipelines.core.config import Recipe
     from pipelines.construction import build_stages
 
     seeds = tmp_path / "seeds.jsonl"

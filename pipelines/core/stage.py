@@ -1,0 +1,279 @@
+"""Stages and the runner that chains them with resume.
+
+A stage is one transform over a Ray Dataset with declared inputs (NeMo Curator's ProcessingStage,
+datatrove's PipelineStep): ``build(inputs) -> Dataset`` returns rows of the row schema plus
+``status``/``reason``/``detail``. The runner writes them to the run directory in one pass, partitioned
+by status, then writes the manifest.
+
+Resume: a stage is skipped when its manifest exists and both its config hash and its input
+fingerprint match. The config hash covers everything the output depends on besides the inputs, and
+nothing else: operational settings (actor counts, batch sizes, rate limits, devices; fields marked
+:data:`pipelines.core.config.OPERATIONAL`) are left out by :func:`pipelines.core.config.semantic_dump`, so
+scaling a finished run recomputes nothing. The input fingerprint is made of each upstream stage's
+config hash, input fingerprint and output fingerprint (and, for source stages, the input files'
+sizes and mtimes), so any change upstream - a recomputed stage, or a changed config whose files
+happen to have the same names and sizes - recomputes everything downstream of it.
+
+Accounting, checked after every stage (:func:`account`); ``in`` is the rows the stage read (for a
+stage without row inputs, the rows it planned, :meth:`Stage.expected_rows_in`):
+
+- one-to-one stages: ``in = out + dropped + errored``;
+- fan-out stages (one input row -> any number of rows): every output row, ok, dropped or error,
+  carries the id of the input row it came from in ``parent_id``, and the set of those parent ids
+  must equal the set of input ids: an input with no row of its own was lost, a parent id that is
+  no input id was invented. An input with both ok and error rows is accounted once; input rows
+  that share an id are accounted as one. ``out_parents`` = distinct parent ids of the ok rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import time
+from abc import ABC
+from typing import Any, Callable, ClassVar
+
+from pipelines.core.config import semantic_dump
+from pipelines.core.rows import DROPPED, ERROR, OK
+from pipelines.core.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+WORK = "_work"  # scratch space of multi-pass stages, never a stage
+DONE = "_DONE"  # marks a finished pass in the scratch space
+
+
+class AccountingError(RuntimeError):
+    """A stage lost or invented rows (see the module docstring for the rule)."""
+
+
+class Stage(ABC):
+    #: folder name in the run directory and key under ``stages:`` in recipes
+    name: ClassVar[str]
+    #: upstream stage names whose ``ok`` rows this stage reads
+    inputs: ClassVar[tuple[str, ...]] = ()
+    #: upstream stages it depends on without reading their rows (an index, a keyword pool)
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: one input row may produce several output rows (their ``parent_id`` is the input id)
+    fan_out: ClassVar[bool] = False
+    #: an empty input is an error (training), not a stage with nothing to do
+    needs_rows: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def hash_payload(self) -> Any:
+        """Everything the output depends on besides the inputs, and nothing operational. Extend to
+        add template texts, model endpoints, seeds; dump configs with
+        :func:`pipelines.core.config.semantic_dump`."""
+        return semantic_dump(self.config)
+
+    def config_hash(self) -> str:
+        # semantic_dump once more over the whole payload: paths a stage adds itself (a taxonomy,
+        # a model folder) are written relative to the project too
+        payload = {"version": VERSION, "stage": self.name, "config": semantic_dump(self.hash_payload())}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def source_fingerprint(self) -> str | None:
+        """For stages that read external files: a fingerprint of those files."""
+        return None
+
+    def expected_rows_in(self) -> int | None:
+        """Rows a stage without row inputs plans to process (checked against its outputs)."""
+        return None
+
+    def build(self, inputs: dict[str, Any]) -> Any:
+        """Return a lazy ``ray.data.Dataset`` with the row schema and status columns."""
+        raise NotImplementedError(f"stage {self.name} implements neither build() nor write()")
+
+    def write(self, inputs: dict[str, Any], rundir: RunDir) -> None:
+        """Produce the stage's outputs: by default one streaming pass of :meth:`build`, which Ray
+        Data writes to one hive partition per status. Stages that produce other artifacts (an
+        index) override this and write their row partitions themselves."""
+        self.build(inputs).write_parquet(rundir.uri(self.name), partition_cols=["status"])
+
+    def summary(self, rundir: RunDir) -> dict[str, Any] | None:
+        """Stage-specific figures for the manifest (per-category counts, index parameters)."""
+        return None
+
+    #: ``<config hash>-<input fingerprint>`` of the current run, set by the runner before write()
+    run_key: str = ""
+
+    def work_uri(self, rundir: RunDir, *parts: str) -> str:
+        """A scratch folder for intermediate passes (``RUN_DIR/_work/<stage>/<run key>/...``).
+
+        It survives a crash, so a multi-pass stage can reuse passes that finished (see
+        :func:`run_pass`); the runner deletes it once the stage is complete.
+        """
+        return rundir.uri(WORK, self.name, self.run_key, *parts)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
+    """What a stage's inputs are: per upstream stage its config hash, input fingerprint and output
+    fingerprint (a changed upstream config counts even when its files keep their names and sizes),
+    plus the stage's own source files."""
+    keys = ("config_hash", "input_fingerprint", "output_fingerprint")
+    parts: dict[str, Any] = {up: {k: manifests[up].get(k) for k in keys} for up in (*stage.inputs, *stage.requires)}
+    parts["__source__"] = stage.source_fingerprint()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_ok(rundir: RunDir, stage: str):
+    """The ``ok`` rows of an upstream stage as a Ray Dataset; empty (with the stage's schema where
+    any of its partitions has a file) when it produced no ok rows."""
+    import ray
+
+    if rundir.parquet_files(stage, OK):
+        return ray.data.read_parquet(rundir.partition_uri(stage, OK), partitioning=None)
+    schema = rundir.output_schema(stage)
+    return ray.data.from_items([]) if schema is None else ray.data.from_arrow(schema.empty_table())
+
+
+def run_pass(stage: Stage, rundir: RunDir, part: str, build: Callable[[], Any]):
+    """Write ``build()`` to the stage's scratch folder ``part`` unless a finished copy is there
+    (same stage config and inputs); return it read back, or ``None`` if it has no rows."""
+    import ray
+
+    rel = f"{WORK}/{stage.name}/{stage.run_key}/{part}"
+    if rundir.exists(rel, DONE):
+        log.info("stage %s: pass %s already finished, reused", stage.name, part)
+    else:
+        build().write_parquet(rundir.uri(rel))
+        rundir.write_text(f"{rel}/{DONE}", "")
+    if not rundir.list_parquet(rel):
+        return None
+    return ray.data.read_parquet(rundir.uri(rel), file_extensions=["parquet"])
+
+
+def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> dict[str, dict]:
+    """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests.
+
+    The caller holds the run directory's lock (:meth:`RunDir.lock`; ``run_recipe`` takes it)."""
+    manifests: dict[str, dict] = {}
+    for stage in stages:
+        missing = [up for up in (*stage.inputs, *stage.requires) if up not in manifests]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs {missing}, which run before it")
+        config_hash = stage.config_hash()
+        input_fp = input_fingerprint(stage, manifests)
+        previous = rundir.read_manifest(stage.name)
+        if (not force and previous and previous.get("config_hash") == config_hash
+                and previous.get("input_fingerprint") == input_fp):
+            log.info("stage %-10s up to date, skipped (%s rows out)", stage.name, previous["rows"]["out"])
+            manifests[stage.name] = previous
+            continue
+        manifests[stage.name] = run_one(stage, rundir, manifests, config_hash, input_fp)
+    return manifests
+
+
+def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_hash: str,
+            input_fp: str) -> dict:
+    rundir.clear_stage(stage.name)
+    started, t0 = _now(), time.perf_counter()
+    rows_in_upstream = sum(manifests[up]["rows"]["out"] for up in stage.inputs)
+    log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
+
+    stage.run_key = f"{config_hash}-{input_fp}"
+    if stage.inputs and rows_in_upstream == 0 and stage.needs_rows:
+        raise ValueError(f"stage {stage.name}: its inputs produced no rows ({', '.join(stage.inputs)})")
+    if stage.inputs and rows_in_upstream == 0:
+        log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
+    else:
+        stage.write({up: read_ok(rundir, up) for up in stage.inputs}, rundir)
+
+    rows = account(stage, rundir, rows_in_upstream)
+    manifest = {
+        "stage": stage.name,
+        "status": "complete",
+        "config_hash": config_hash,
+        "input_fingerprint": input_fp,
+        "output_fingerprint": rundir.output_fingerprint(stage.name),
+        "inputs": list(stage.inputs),
+        "rows": rows,
+        "reasons": {"dropped": rundir.reason_counts(stage.name, DROPPED),
+                    "errored": rundir.reason_counts(stage.name, ERROR)},
+        "config": stage.hash_payload(),
+        "summary": stage.summary(rundir),
+        "started_at": started,
+        "finished_at": _now(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "version": VERSION,
+    }
+    rundir.write_manifest(stage.name, manifest)
+    rundir.clear_stage(f"{WORK}/{stage.name}")
+    r = manifest["rows"]
+    log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
+             manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])
+    return manifest
+
+
+def account(stage: Stage, rundir: RunDir, rows_in_upstream: int) -> dict[str, int]:
+    """The manifest's row counts of a finished stage, after checking that it neither lost nor
+    invented rows (the rule is in the module docstring); raise :class:`AccountingError` naming the
+    stage otherwise. ``rows_in_upstream``: ok rows of the stage's inputs."""
+    counts = {status: rundir.count_rows(stage.name, status) for status in (OK, DROPPED, ERROR)}
+    accounted = counts[OK] + counts[DROPPED] + counts[ERROR]
+    if stage.inputs:
+        rows_in = rows_in_upstream
+    else:
+        planned = stage.expected_rows_in()
+        rows_in = accounted if planned is None else planned
+    out_parents = counts[OK]
+    if stage.fan_out and stage.inputs:
+        out_parents = _check_lineage(stage, rundir, rows_in)
+    elif rows_in != accounted:
+        raise AccountingError(
+            f"stage {stage.name}: {rows_in} rows in but {counts[OK]} out, {counts[DROPPED]} dropped, "
+            f"{counts[ERROR]} errored ({'lost' if rows_in > accounted else 'invented'} "
+            f"{abs(rows_in - accounted)})")
+    return {"in": rows_in, "out": counts[OK], "out_parents": out_parents,
+            "dropped": counts[DROPPED], "errored": counts[ERROR]}
+
+
+def _check_lineage(stage: Stage, rundir: RunDir, rows_in: int) -> int:
+    """Fan-out: the parent ids over all statuses must be exactly the input ids. Returns the number of
+    distinct parent ids of the ok rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def distinct(stages: tuple[str, ...], statuses: tuple[str, ...], column: str) -> pa.Array:
+        chunks = [rundir.column_array(s, status, column) for s in stages for status in statuses]
+        return pc.unique(pa.chunked_array([c for c in chunks if len(c)] or [pa.array([], pa.string())]))
+
+    input_ids = distinct(stage.inputs, (OK,), "id")
+    parents = distinct((stage.name,), (OK, DROPPED, ERROR), "parent_id")
+    invented = parents.filter(pc.invert(pc.is_in(parents, value_set=input_ids)))
+    if len(invented):
+        raise AccountingError(
+            f"stage {stage.name}: {len(invented)} parent_id values of its output rows are not ids of its "
+            f"{rows_in} input rows (e.g. {invented.to_pylist()[:5]})")
+    lost = input_ids.filter(pc.invert(pc.is_in(input_ids, value_set=parents)))
+    if len(lost):
+        raise AccountingError(
+            f"stage {stage.name}: {len(lost)} of its {rows_in} input rows have no ok, dropped or error row "
+            f"with their id as parent_id (e.g. {lost.to_pylist()[:5]})")
+    return len(distinct((stage.name,), (OK,), "parent_id"))
+
+
+def status_table(rundir: RunDir) -> str:
+    """The table ``chillguard status RUN_DIR`` prints; the stage column is as wide as the longest name."""
+    manifests = sorted(rundir.manifests().items(), key=lambda kv: ((kv[1] or {}).get("started_at", "~"),
+                                                                   (kv[1] or {}).get("finished_at", "~")))
+    width = max([len("stage"), *(len(name) for name, _ in manifests)]) + 2
+    header = f"{'stage':<{width}}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
+    lines = [header, "-" * len(header)]
+    for name, m in manifests:
+        if m is None:
+            lines.append(f"{name:<{width}}{'incomplete':<12}")
+            continue
+        r = m["rows"]
+        lines.append(f"{name:<{width}}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
+                     f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""Evaluation: guard evaluation on labelled sets, its metrics, and serving a model a training stage of
+the run exported (``model_from``)."""

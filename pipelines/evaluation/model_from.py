@@ -1,0 +1,49 @@
+"""Evaluating a model that a training stage of the same run exported (``model_from: <stage>``).
+
+A training stage writes its final Hugging Face model to ``RUN_DIR/<stage>/model/``
+(:data:`pipelines.training.train_loop.MODEL_DIR`). An evaluation stage names that stage and an endpoint under
+``models:`` whose engine settings and sampling it runs the model with; the folder replaces the
+endpoint's ``model`` when the stage runs (it does not exist when the recipe is loaded). The stage's
+config hash holds a placeholder instead of the path, and the training stage is in its ``requires``,
+so retraining re-evaluates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.core.config import LLMEndpoint, is_uri, semantic_dump
+from pipelines.core.rundir import RunDir
+from pipelines.training.train_loop import MODEL_DIR
+
+
+class TrainedModelError(RuntimeError):
+    """The model a ``model_from`` names cannot be loaded (no export, a run directory in a bucket)."""
+
+
+def trained_model_endpoint(endpoint: LLMEndpoint, rundir: RunDir, model_from: str | None,
+                           stage: str) -> LLMEndpoint:
+    """``endpoint``, with ``RUN_DIR/<model_from>/model`` as its ``model`` when ``model_from`` is set.
+
+    vLLM and the tokenizer load the folder by path, so the run directory must be local (or a shared
+    file system mounted at the same path on every node)."""
+    if not model_from:
+        return endpoint
+    if is_uri(rundir.root):
+        raise TrainedModelError(f"stage {stage}: model_from needs a local (or shared) run directory; vLLM "
+                                f"and the tokenizer load {rundir.uri(model_from, MODEL_DIR)} by path")
+    folder = Path(rundir.uri(model_from, MODEL_DIR))
+    if not (folder / "config.json").is_file():
+        raise TrainedModelError(f"stage {stage}: model_from {model_from}: {folder} holds no Hugging Face "
+                                "model (config.json); did the training stage export it?")
+    return endpoint.model_copy(update={"model": str(folder.resolve())})
+
+
+def endpoint_payload(endpoint: LLMEndpoint, model_from: str | None) -> dict[str, Any]:
+    """The endpoint for a config hash: with ``model_from``, the model is ``<stage>/model`` (the folder
+    is known at run time; its contents are an input through the training stage's fingerprint)."""
+    payload = semantic_dump(endpoint)
+    if model_from:
+        payload["model"] = f"<{model_from}>/{MODEL_DIR}"
+    return payload

