@@ -5,30 +5,25 @@ from __future__ import annotations
 import logging
 
 from pipelines.core.config import PreprocessConfig, Recipe, dump_recipe
-from pipelines.labelling.assembly import AssembleStage
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage, run_stages
 from pipelines.data.embedding import EmbedStage
-from pipelines.evaluation.guard_eval import GuardEvalStage
 from pipelines.data.ingest import IngestStage
-from pipelines.labelling.jury import AdjudicateStage, JuryStage
 from pipelines.data.keywords import KeywordPoolStage
-from pipelines.training.mdpo import MDPOStage
 from pipelines.data.pe_rewrite import PERewriteStage
 from pipelines.data.preprocess import (
-    DedupStage,
-    LangIdStage,
-    LengthFilterStage,
-    NearDedupStage,
-    NormalizeStage,
-    TranslateStage,
+    DedupStage, LangIdStage, LengthFilterStage, NearDedupStage, NormalizeStage, TranslateStage,
 )
 from pipelines.data.retrieval import RetrieveStage
 from pipelines.data.rewrite import RagRewriteStage, RewriteStage
-from pipelines.core.rundir import RunDir
-from pipelines.training.sft import ChatSFTStage, GuardSFTStage
+from pipelines.data.vector_index import IndexStage
+from pipelines.evaluation.guard_eval import GuardEvalStage
+from pipelines.labelling.assembly import AssembleStage
+from pipelines.labelling.jury import AdjudicateStage, JuryStage
 from pipelines.shard.shard import shard_stages
 from pipelines.shard.shard_eval import ShardEvalStage
-from pipelines.core.stage import Stage, run_stages
-from pipelines.data.vector_index import IndexStage
+from pipelines.training.mdpo import MDPOStage
+from pipelines.training.sft import ChatSFTStage, GuardSFTStage
 
 log = logging.getLogger(__name__)
 

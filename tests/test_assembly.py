@@ -9,12 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.labelling.assembly import TEST, TRAIN, assign_split, enforce_disjoint, text_key, to_dataset_rows
-from pipelines.core.config import ConfigError, Recipe, load_recipe
 from pipelines.construction import build_stages
+from pipelines.core.config import ConfigError, Recipe, load_recipe
 from pipelines.core.rows import OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
+from pipelines.labelling.assembly import (
+    TEST, TRAIN, assign_split, enforce_disjoint, text_key, to_dataset_rows,
+)
 from tests.conftest import write_jsonl
 
 

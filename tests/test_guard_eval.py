@@ -15,30 +15,18 @@ import pytest
 
 from actors.llm import first_answer_position, http_first_logprobs, logprob_map, vllm_first_logprobs
 from pipelines.core.config import GuardEvalConfig, IngestConfig, LLMEndpoint
-from pipelines.evaluation.guard_eval import (
-    MODEL_DIR,
-    ChillGuardAdapter,
-    GuardEvalError,
-    GuardEvalStage,
-    GuardParseError,
-    LlamaGuardAdapter,
-    check_answer_tokens,
-    conversation,
-    decide_by_score,
-    first_tokens,
-    make_adapter,
-    to_eval_rows,
-    read_guard_answers,
-    unsafe_score,
-)
-from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
-from pipelines.data.ingest import IngestStage
-from pipelines.evaluation.metrics import LABELS, evaluate
-from pipelines.core.rows import SAFE, UNSAFE
-from pipelines.core.rows import ERROR, OK, make_row
+from pipelines.core.rows import ERROR, OK, SAFE, UNSAFE, make_row
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_stages
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.data.ingest import IngestStage
+from pipelines.evaluation.guard_eval import (
+    MODEL_DIR, ChillGuardAdapter, GuardEvalError, GuardEvalStage, GuardParseError, LlamaGuardAdapter,
+    check_answer_tokens, conversation, decide_by_score, first_tokens, make_adapter, read_guard_answers,
+    to_eval_rows, unsafe_score,
+)
+from pipelines.evaluation.metrics import LABELS, evaluate
+from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 TAXONOMY_PATH = Path(__file__).resolve().parents[1] / "configs" / "taxonomy.yaml"

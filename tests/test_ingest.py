@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.core.config import ConfigError, IngestConfig, load_recipe
 from pipelines.construction import build_stages
+from pipelines.core.config import ConfigError, IngestConfig, load_recipe
 from pipelines.data.ingest import IngestStage
 from tests.conftest import PYTHON, REPO, write_jsonl
 

@@ -8,14 +8,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.core.rows import ERROR, OK
+from pipelines.core.config import Recipe
+from pipelines.core.rows import ERROR, OK, UNSAFE
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.labelling.voting import ADJUDICATED, LABELS, MAJORITY, decide
-from pipelines.core.rows import UNSAFE
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 CODES = set(load_taxonomy().micro_codes)

@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from pipelines.evaluation.metrics import (
-    NO_CODE,
-    UNPARSED,
-    Confusion,
-    confusion,
-    evaluate,
-    mean_defined,
-    micro_category,
-    per_macro_f1,
-    per_micro_confusion,
-    predicted_category,
-    scored_predictions,
-)
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.evaluation.metrics import (
+    NO_CODE, UNPARSED, Confusion, confusion, evaluate, mean_defined, micro_category, per_macro_f1,
+    per_micro_confusion, predicted_category, scored_predictions,
+)
 
 TAXONOMY = load_taxonomy()
 

@@ -8,11 +8,10 @@ import pyarrow as pa
 import pytest
 
 from pipelines.core.config import PEConfig
+from pipelines.core.rows import ERROR, OK, make_row, to_common_schema, to_table
+from pipelines.core.taxonomy import DEFAULT_TAXONOMY
 from pipelines.data.methods import load_methods
 from pipelines.data.pe_rewrite import answers_to_rewrites, assign_methods, make_groups
-from pipelines.core.rows import to_common_schema
-from pipelines.core.rows import ERROR, OK, make_row, to_table
-from pipelines.core.taxonomy import DEFAULT_TAXONOMY
 
 TAX = str(DEFAULT_TAXONOMY)
 

@@ -21,13 +21,7 @@ import pytest
 import yaml
 
 from pipelines.core.config import (
-    EmbedConfig,
-    GuardSFTConfig,
-    IndexConfig,
-    JuryConfig,
-    LLMEndpoint,
-    RetrieveConfig,
-    RewriteConfig,
+    EmbedConfig, GuardSFTConfig, IndexConfig, JuryConfig, LLMEndpoint, RetrieveConfig, RewriteConfig,
     TranslateConfig,
 )
 from pipelines.core.rows import ERROR, OK, make_row, to_table

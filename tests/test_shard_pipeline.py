@@ -11,15 +11,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.shard.pairwise import CRITERIA, candidate_position, outcome, select
-from pipelines.shard.reframing import RESPONSE_MODES, UNCATEGORISED
+from pipelines.core.config import Recipe
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
-from pipelines.shard.shard_eval import evaluation_metrics
 from pipelines.core.splits import split_sizes
 from pipelines.core.stage import run_stages
+from pipelines.shard.pairwise import CRITERIA, candidate_position, outcome, select
+from pipelines.shard.reframing import RESPONSE_MODES, UNCATEGORISED
+from pipelines.shard.shard_eval import evaluation_metrics
 from pipelines.shard.stats import OUTCOMES
 from tests.conftest import assert_balanced, long_context_endpoint
 

@@ -13,19 +13,25 @@ import pytest
 from scipy import stats as sp
 
 from pipelines.core.config import ConfigError, IngestConfig, Recipe, ShardConfig, load_recipe
-from pipelines.data.ingest import record_to_row
-from pipelines.shard.pairwise import A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, \
-    expand_comparisons, judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern
 from pipelines.core.prompts import ChatPrompt
-from pipelines.shard.reframing import FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, \
-    parse_reframing, reframing_schema
 from pipelines.core.rows import DROPPED, ERROR, OK, make_row
-from pipelines.shard.shard import SHARD_COLUMNS, _RETRY_COLUMNS, RETRY, prepare_prompts, read_reframings, split_stratum, \
-    take_answer
-from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.core.splits import assign_splits, split_sizes
-from pipelines.shard.stats import BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, \
-    mcnemar, win_tie_loss
+from pipelines.data.ingest import record_to_row
+from pipelines.shard.pairwise import (
+    A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, expand_comparisons,
+    judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern,
+)
+from pipelines.shard.reframing import (
+    FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
+)
+from pipelines.shard.shard import (
+    _RETRY_COLUMNS, RETRY, SHARD_COLUMNS, prepare_prompts, read_reframings, split_stratum, take_answer,
+)
+from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
+from pipelines.shard.stats import (
+    BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, mcnemar,
+    win_tie_loss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}

@@ -12,12 +12,12 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from pipelines.core.config import Recipe
 from pipelines.construction import build_stages
-from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
-from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
+from pipelines.core.config import Recipe
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
+from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
+from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
 from pipelines.training.train_loop import TrainingPaused
 from tests.conftest import vllm_endpoint, write_jsonl
 

@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.config import ConfigError, load_recipe
-from pipelines.core.taxonomy import load_taxonomy
 from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.core.taxonomy import load_taxonomy
 from pipelines.labelling.voting import (
-    AgreementReport,
-    agreement_markdown,
-    decide,
-    fleiss_kappa,
-    parse_adjudication,
-    parse_code,
+    AgreementReport, agreement_markdown, decide, fleiss_kappa, parse_adjudication, parse_code,
     parse_verdict,
 )
 

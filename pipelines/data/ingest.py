@@ -18,8 +18,8 @@ import pyarrow as pa
 from pipelines.core.config import ConfigError, IngestConfig
 from pipelines.core.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.rundir import source_fingerprint
-from pipelines.core.textnorm import normalize_text
 from pipelines.core.stage import Stage
+from pipelines.core.textnorm import normalize_text
 
 # source file; paired response; the dataset's own harm category and level (SHARD stratifies by level)
 ORIGIN = {"origin": pa.string(), "response": pa.string(), "harm_category": pa.string(),

@@ -27,13 +27,10 @@ import pyarrow as pa
 
 from actors.llm import chat
 from pipelines.core.config import KeywordsConfig, LLMEndpoint, semantic_dump
-from pipelines.core.stage import run_pass
-from pipelines.core.parsing import clean_piece, strip_thinking
-from pipelines.core.prompts import ChatPrompt
-from pipelines.core.prompts import RenderRow
-from pipelines.core.parsing import classify_llm_error
+from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
+from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.rows import DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
 from pipelines.core.textnorm import has_cjk, normalize_text
 

@@ -24,15 +24,14 @@ import pyarrow as pa
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, PEConfig, semantic_dump
-from pipelines.data.methods import MethodsError, load_methods
-from pipelines.core.parsing import split_prompts
-from pipelines.core.rows import LINEAGE, common_rows
-from pipelines.core.prompts import ChatPrompt
-from pipelines.core.prompts import RenderRow
-from pipelines.core.parsing import classify_llm_error
-from pipelines.core.rows import ERROR, OK, content_id, error_detail, keyed_rng, make_row, to_table
+from pipelines.core.parsing import classify_llm_error, split_prompts
+from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.rows import (
+    ERROR, LINEAGE, OK, common_rows, content_id, error_detail, keyed_rng, make_row, to_table,
+)
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.data.methods import MethodsError, load_methods
 
 PE_LINEAGE = {
     LINEAGE: pa.string(), "group_id": pa.string(), "parent_ids": pa.list_(pa.string()),

@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.data import minhash
 from pipelines.core.config import NearDedupConfig
 from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, OK, common_rows, fixed_list_to_numpy
 from pipelines.core.stage import Stage
 from pipelines.core.textnorm import normalize_text
+from pipelines.data import minhash
 
 log = logging.getLogger(__name__)
 

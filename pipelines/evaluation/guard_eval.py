@@ -62,17 +62,17 @@ from ray.data.expressions import col
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
 from pipelines.core.config import SCORED_ADAPTERS, GuardEvalConfig, LLMEndpoint, semantic_dump
-from pipelines.training.guard_format import GuardFormatError, GuardPrompt, parse_guard_answer
-from pipelines.evaluation.metrics import LABELS, WRONG_CLASSES, evaluate
-from pipelines.core.rows import SAFE, UNSAFE
-from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
-from pipelines.core.parsing import strip_thinking
-from pipelines.core.rows import LINEAGE, column_or_lineage, to_common_schema, union_all
-from pipelines.core.parsing import classify_llm_error
-from pipelines.core.rows import DROPPED, ERROR, OK, error_detail, to_table
+from pipelines.core.parsing import classify_llm_error, strip_thinking
+from pipelines.core.rows import (
+    DROPPED, ERROR, LINEAGE, OK, SAFE, UNSAFE, column_or_lineage, error_detail, to_common_schema,
+    to_table, union_all,
+)
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
+from pipelines.evaluation.metrics import LABELS, WRONG_CLASSES, evaluate
+from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
+from pipelines.training.guard_format import GuardFormatError, GuardPrompt, parse_guard_answer
 from pipelines.training.train_loop import MODEL_DIR as _MODEL_DIR
 
 log = logging.getLogger(__name__)

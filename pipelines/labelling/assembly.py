@@ -24,16 +24,15 @@ import pyarrow as pa
 from ray.data.expressions import col
 
 from pipelines.core.config import AssembleConfig, semantic_dump
-from pipelines.labelling.jury import LABEL_COLUMNS
-from pipelines.core.stage import run_pass
-from pipelines.core.rows import LINEAGE, to_common_schema, union_all
-from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, to_table
+from pipelines.core.rows import (
+    DROPPED, ERROR, LINEAGE, OK, SAFE, SCHEMA_FIELDS, UNSAFE, to_common_schema, to_table, union_all,
+)
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.core.textnorm import normalize_text
+from pipelines.labelling.jury import LABEL_COLUMNS
 from pipelines.labelling.voting import LABELS
-from pipelines.core.rows import SAFE, UNSAFE
 
 log = logging.getLogger(__name__)
 

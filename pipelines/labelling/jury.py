@@ -31,25 +31,18 @@ from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.core.config import AdjudicateConfig, JuryConfig, LLMEndpoint, semantic_dump
-from pipelines.core.rows import LINEAGE, common_rows, union_all
-from pipelines.core.prompts import ChatPrompt
-from pipelines.core.prompts import RenderRow
 from pipelines.core.parsing import classify_llm_error
-from pipelines.core.rows import ERROR, OK, error_detail, to_table
+from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.rows import (
+    ERROR, LINEAGE, OK, SAFE, UNSAFE, common_rows, error_detail, to_table, union_all,
+)
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
-    ADJUDICATED,
-    MAJORITY,
-    VERDICT_CHOICES,
-    AgreementReport,
-    agreement_markdown,
-    decide,
-    parse_adjudication,
-    parse_verdict,
+    ADJUDICATED, MAJORITY, VERDICT_CHOICES, AgreementReport, agreement_markdown, decide,
+    parse_adjudication, parse_verdict,
 )
-from pipelines.core.rows import SAFE, UNSAFE
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,8 @@ import pyarrow as pa
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.core.config import LLMEndpoint
-from pipelines.core.parsing import strip_thinking
+from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
-from pipelines.core.parsing import classify_llm_error
 from pipelines.core.rows import error_detail, keyed_rng
 from pipelines.shard.stats import LOSS, TIE, WIN
 

@@ -46,21 +46,24 @@ import pyarrow as pa
 from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
-from pipelines.labelling.assembly import text_key
 from pipelines.core.config import LLMEndpoint, Recipe, ShardConfig, semantic_dump
-from pipelines.labelling.jury import RETRY, ask_until_valid
-from pipelines.shard.pairwise import HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge, \
-    select, verdict_pattern
-from pipelines.core.parsing import strip_thinking
-from pipelines.core.rows import LINEAGE, to_common_schema, union_all
+from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
-from pipelines.shard.reframing import UNCATEGORISED, ReframingError, guidance, load_guidelines, parse_reframing, \
-    reframing_schema
-from pipelines.core.parsing import classify_llm_error
-from pipelines.core.rows import DROPPED, ERROR, OK, content_id, error_detail, to_table
+from pipelines.core.rows import (
+    DROPPED, ERROR, LINEAGE, OK, content_id, error_detail, to_common_schema, to_table, union_all,
+)
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import assign_splits, hash_rank
 from pipelines.core.stage import Stage
+from pipelines.labelling.assembly import text_key
+from pipelines.labelling.jury import RETRY, ask_until_valid
+from pipelines.shard.pairwise import (
+    HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge, select,
+    verdict_pattern,
+)
+from pipelines.shard.reframing import (
+    UNCATEGORISED, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
+)
 from pipelines.shard.stats import OUTCOMES, win_tie_loss
 
 log = logging.getLogger(__name__)

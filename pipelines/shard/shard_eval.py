@@ -31,16 +31,17 @@ from ray.data.expressions import col
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, ShardConfig, ShardEvalConfig, semantic_dump
-from pipelines.core.stage import run_pass
-from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
-from pipelines.shard.pairwise import CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, \
-    judge
-from pipelines.core.rows import union_all
-from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, to_table
+from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
-from pipelines.shard.shard import ANSWER, SHARD_COLUMNS, AnswerMessages, judge_constraint, judge_prompts, \
-    shuffle_partitions, take_answer
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, run_pass
+from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
+from pipelines.shard.pairwise import (
+    CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge,
+)
+from pipelines.shard.shard import (
+    ANSWER, SHARD_COLUMNS, AnswerMessages, judge_constraint, judge_prompts, shuffle_partitions,
+    take_answer,
+)
 from pipelines.shard.stats import BINOMIAL_TEST, MCNEMAR_EXACT_BELOW, WIN, mcnemar, win_tie_loss
 
 log = logging.getLogger(__name__)

@@ -30,13 +30,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.core.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri, semantic_dump
-from pipelines.core.rows import SAFE, UNSAFE
-from pipelines.training.guard_format import guard_answer, GuardPrompt
-from pipelines.core.rows import column_or_lineage
-from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS
+from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.training.guard_format import GuardPrompt, guard_answer
 from pipelines.training.train_loop import HF_EXPORT, MODEL_DIR, FitResult, Method, TrainingPaused, fit
 
 log = logging.getLogger(__name__)
