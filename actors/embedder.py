@@ -9,12 +9,15 @@ A batch that fails to encode is retried row by row and only the failing rows bec
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.core.config import EmbedConfig
 from pipelines.core.rows import ERROR, OK, error_detail, fixed_list_to_numpy
+
+if TYPE_CHECKING:  # the stage module that owns the config imports this one
+    from pipelines.data.embedding import EmbedConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,14 @@ that fails is retried row by row; rows that still fail become ``error`` rows (``
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from pipelines.core.config import TranslateConfig
 from pipelines.core.rows import ERROR, OK, error_detail
+
+if TYPE_CHECKING:  # the stage module that owns the config imports this one
+    from pipelines.data.preprocess import TranslateConfig
 
 log = logging.getLogger(__name__)
 

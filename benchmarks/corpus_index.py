@@ -176,7 +176,8 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.core.config import ClusterConfig, Recipe
+    from pipelines.construction import Recipe
+    from pipelines.core.config import ClusterConfig
     from pipelines.construction import build_stages, run_recipe
 
     cores = os.cpu_count() or 1

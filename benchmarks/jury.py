@@ -69,7 +69,8 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.core.config import ClusterConfig, Recipe
+    from pipelines.construction import Recipe
+    from pipelines.core.config import ClusterConfig
     from pipelines.construction import build_stages
     from pipelines.core.rows import OK
     from pipelines.core.rundir import RunDir

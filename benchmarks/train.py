@@ -90,15 +90,15 @@ def steady(history: list[dict], key: str) -> float:
 
 
 def run_stage(work: Path, name: str, stages: dict) -> list[dict]:
-    from pipelines.core.config import Recipe
-    from pipelines.construction import build_stages
+    from pipelines.construction import Recipe, build_stages
     from pipelines.core.rundir import RunDir
     from pipelines.core.stage import run_stages
 
     recipe = Recipe.model_validate({"name": name, "run_dir": str(work / name), "stages": stages})
     t0 = time.perf_counter()
-    run_stages(build_stages(recipe), RunDir(recipe.run_dir))
-    stage = recipe.stages.training_stages()[0]
+    built = build_stages(recipe)
+    run_stages(built, RunDir(recipe.run_dir))
+    stage = built[0].name  # the one training stage of this recipe
     history = [json.loads(x) for x in (work / name / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
     print(f"  {name}: {len(history)} steps in {time.perf_counter() - t0:.0f} s (stage wall time)")
     return history

@@ -15,7 +15,8 @@ import argparse
 import logging
 import sys
 
-from pipelines.core.config import ConfigError, dump_recipe, env_address, load_recipe
+from pipelines.construction import load_recipe
+from pipelines.core.config import ConfigError, dump_recipe, env_address
 
 
 def _setup_logging() -> None:

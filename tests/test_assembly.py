@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.construction import build_stages
-from pipelines.core.config import ConfigError, Recipe, load_recipe
+from pipelines.construction import Recipe, build_stages, load_recipe
+from pipelines.core.config import ConfigError
 from pipelines.core.rows import OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages

@@ -14,8 +14,7 @@ import shutil
 import pytest
 
 from pipelines import stage as stage_module
-from pipelines.construction import build_stages, run_recipe
-from pipelines.core.config import load_recipe
+from pipelines.construction import build_stages, load_recipe, run_recipe
 from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "compat"

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.core.config import ConfigError, load_recipe, parse_override
+from pipelines.construction import load_recipe
+from pipelines.core.config import ConfigError, parse_override
 from tests.conftest import PYTHON, REPO
 
 
@@ -113,8 +114,8 @@ def test_demo_recipe_is_valid(tiny_models):
         f"models.guard.model={tiny_models['causal-lm']}", f"stages.guard_sft.model={tiny_models['causal-lm']}",
         *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
-        "keywords", "ingest", "embed", "index", "retrieve", "rag", "seeds", "pe", "preprocess", "jury",
-        "adjudicate", "assemble", "guard_sft", "guard_eval"]
+        "keywords", "ingest", "seeds", "embed", "index", "retrieve", "rag", "pe", "preprocess", "jury",
+        "adjudicate", "assemble", "guard_sft", "guard_eval"]  # sections in run order (the registry's)
     assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
     assert demo.stages.guard_eval["demo_guard"].model_from == "guard_sft"
 

@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
-from pipelines.construction import build_stages
-from pipelines.core.config import Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages

@@ -14,16 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.llm import first_answer_position, http_first_logprobs, logprob_map, vllm_first_logprobs
-from pipelines.core.config import GuardEvalConfig, IngestConfig, LLMEndpoint
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.rows import ERROR, OK, SAFE, UNSAFE, make_row
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_stages
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.data.ingest import IngestStage
+from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.evaluation.guard_eval import (
-    MODEL_DIR, ChillGuardAdapter, GuardEvalError, GuardEvalStage, GuardParseError, LlamaGuardAdapter,
-    check_answer_tokens, conversation, decide_by_score, first_tokens, make_adapter, read_guard_answers,
-    to_eval_rows, unsafe_score,
+    MODEL_DIR, ChillGuardAdapter, GuardEvalConfig, GuardEvalError, GuardEvalStage, GuardParseError,
+    LlamaGuardAdapter, check_answer_tokens, conversation, decide_by_score, first_tokens, make_adapter,
+    read_guard_answers, to_eval_rows, unsafe_score,
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.construction import build_stages
-from pipelines.core.config import ConfigError, IngestConfig, load_recipe
-from pipelines.data.ingest import IngestStage
+from pipelines.construction import build_stages, load_recipe
+from pipelines.core.config import ConfigError
+from pipelines.data.ingest import IngestConfig, IngestStage
 from tests.conftest import PYTHON, REPO, write_jsonl
 
 

@@ -8,8 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.construction import build_stages
-from pipelines.core.config import Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK, UNSAFE
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages

@@ -10,16 +10,15 @@ import pytest
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from pipelines.core.config import KeywordsConfig, RetrieveConfig
 from pipelines.core.rows import DROPPED, ERROR, OK, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
 from pipelines.core.textnorm import normalize_text
 from pipelines.data.keywords import (
-    LINEAGE, KeywordPoolStage, expand_pool, expansion_requests, normalize_keyword, parse_keyword_answer,
-    seed_rows, select_keywords,
+    LINEAGE, KeywordPoolStage, KeywordsConfig, expand_pool, expansion_requests, normalize_keyword,
+    parse_keyword_answer, seed_rows, select_keywords,
 )
-from pipelines.data.retrieval import plan_queries, sample_neighbours
+from pipelines.data.retrieval import RetrieveConfig, plan_queries, sample_neighbours
 
 
 @pytest.mark.parametrize("answer, expected", [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from actors.llm import BearerSession, build_processor
-from pipelines.core.config import IngestConfig, LLMEndpoint, RewriteConfig
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from pipelines.data.ingest import IngestStage
-from pipelines.data.rewrite import RewriteStage
+from pipelines.data.ingest import IngestConfig, IngestStage
+from pipelines.data.rewrite import RewriteConfig, RewriteStage
 from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, vllm_endpoint, write_jsonl
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipelines.core.config import GuardSFTConfig, MDPOConfig
-from pipelines.training.mdpo import mdpo_loss, select_closest, update_running_mean
+from pipelines.training.mdpo import MDPOConfig, mdpo_loss, select_closest, update_running_mean
+from pipelines.training.sft import GuardSFTConfig
 from pipelines.training.train_loop import Plan, deepspeed_config, lr_scheduler, make_plan
 
 

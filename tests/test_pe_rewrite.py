@@ -7,11 +7,10 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from pipelines.core.config import PEConfig
 from pipelines.core.rows import ERROR, OK, make_row, to_common_schema, to_table
 from pipelines.core.taxonomy import DEFAULT_TAXONOMY
 from pipelines.data.methods import load_methods
-from pipelines.data.pe_rewrite import answers_to_rewrites, assign_methods, make_groups
+from pipelines.data.pe_rewrite import PEConfig, answers_to_rewrites, assign_methods, make_groups
 
 TAX = str(DEFAULT_TAXONOMY)
 

@@ -10,14 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.construction import build_stages
-from pipelines.core.config import NearDedupConfig, Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import DROPPED, ERROR, OK, make_row, to_common_schema, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.core.textnorm import normalize_text
 from pipelines.data import minhash
-from pipelines.data.preprocess import decide_exact, decide_near, length_batch, normalize_batch
+from pipelines.data.preprocess import (
+    NearDedupConfig, decide_exact, decide_near, length_batch, normalize_batch,
+)
 from tests.conftest import write_jsonl
 
 

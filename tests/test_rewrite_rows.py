@@ -2,9 +2,8 @@
 
 import pyarrow as pa
 
-from pipelines.core.config import RewriteConfig
 from pipelines.core.parsing import classify_llm_error
-from pipelines.data.rewrite import answers_to_rows
+from pipelines.data.rewrite import RewriteConfig, answers_to_rows
 from tests.conftest import REPO
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")

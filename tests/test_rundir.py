@@ -20,13 +20,17 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipelines.core.config import (
-    EmbedConfig, GuardSFTConfig, IndexConfig, JuryConfig, LLMEndpoint, RetrieveConfig, RewriteConfig,
-    TranslateConfig,
-)
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.rows import ERROR, OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import AccountingError, Stage, run_stages
+from pipelines.data.embedding import EmbedConfig
+from pipelines.data.preprocess import TranslateConfig
+from pipelines.data.retrieval import RetrieveConfig
+from pipelines.data.rewrite import RewriteConfig
+from pipelines.data.vector_index import IndexConfig
+from pipelines.labelling.jury import JuryConfig
+from pipelines.training.sft import GuardSFTConfig
 from tests.conftest import PYTHON, REPO, assert_balanced, write_jsonl
 
 TAXONOMY = str(REPO / "configs" / "taxonomy.yaml")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.core.config import ConfigError, IngestConfig, load_recipe
+from pipelines.construction import load_recipe
+from pipelines.core.config import ConfigError
 from pipelines.core.rows import DROPPED, ERROR, OK
-from pipelines.data.ingest import record_to_row
+from pipelines.data.ingest import IngestConfig, record_to_row
 
 
 def _config(tmp_path, **kwargs) -> IngestConfig:

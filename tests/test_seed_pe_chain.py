@@ -7,8 +7,7 @@ import csv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.construction import build_stages
-from pipelines.core.config import Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages

@@ -11,8 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.construction import build_stages
-from pipelines.core.config import Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import split_sizes

@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 from scipy import stats as sp
 
-from pipelines.core.config import ConfigError, IngestConfig, Recipe, ShardConfig, load_recipe
+from pipelines.construction import Recipe, load_recipe
+from pipelines.core.config import ConfigError
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import DROPPED, ERROR, OK, make_row
 from pipelines.core.splits import assign_splits, split_sizes
-from pipelines.data.ingest import record_to_row
+from pipelines.data.ingest import IngestConfig, record_to_row
 from pipelines.shard.pairwise import (
     A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, expand_comparisons,
     judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern,
@@ -25,7 +26,8 @@ from pipelines.shard.reframing import (
     FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
 )
 from pipelines.shard.shard import (
-    _RETRY_COLUMNS, RETRY, SHARD_COLUMNS, prepare_prompts, read_reframings, split_stratum, take_answer,
+    _RETRY_COLUMNS, RETRY, SHARD_COLUMNS, ShardConfig, prepare_prompts, read_reframings, split_stratum,
+    take_answer,
 )
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.shard.stats import (

@@ -12,8 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from pipelines.construction import build_stages
-from pipelines.core.config import Recipe
+from pipelines.construction import Recipe, build_stages
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer

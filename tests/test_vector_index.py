@@ -7,10 +7,9 @@ import pyarrow as pa
 import pytest
 
 from actors.embedder import EMBEDDING, arrow_to_vectors, vectors_to_arrow
-from pipelines.core.config import IndexConfig
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
-from pipelines.data.vector_index import VectorIndex, build_and_save, factory_string
+from pipelines.data.vector_index import IndexConfig, VectorIndex, build_and_save, factory_string
 
 
 def _unit(rng, n, dim=64):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core.config import ConfigError, load_recipe
+from pipelines.construction import load_recipe
+from pipelines.core.config import ConfigError
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.labelling.voting import (
@@ -224,7 +225,7 @@ def test_agreement_report_default_quorum_is_a_strict_majority_of_the_judges():
 
 
 def test_the_adjudicate_stage_reports_against_the_jurys_quorum(tmp_path):
-    from pipelines.core.config import Recipe
+    from pipelines.construction import Recipe
     from pipelines.construction import build_stages
 
     seeds = tmp_path / "seeds.jsonl"

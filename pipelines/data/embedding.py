@@ -1,12 +1,33 @@
 """The embedding stage: every ingested document -> one normalised vector, keyed by the row id."""
 
 from __future__ import annotations
+from typing import Any, Literal
 
-from typing import Any
+from pydantic import Field
 
 from actors.embedder import embed
-from pipelines.core.config import EmbedConfig, semantic_dump
+from pipelines.core.config import OPERATIONAL, ModelRef, Strict, semantic_dump
+from pipelines.core.registry import register
 from pipelines.core.stage import Stage
+
+
+class EmbedConfig(Strict):
+    """Sentence-transformers embeddings in a Ray Data actor pool (normalised, for inner product)."""
+
+    model: ModelRef = Field(description="BAAI/bge-m3 at paper scale; a local folder offline")
+    batch_size: int = Field(1024, ge=1, description="rows per Ray Data batch sent to one actor",
+                            json_schema_extra=OPERATIONAL)
+    encode_batch_size: int = Field(64, ge=1, description="sentence-transformers encode batch size",
+                                   json_schema_extra=OPERATIONAL)
+    concurrency: int = Field(1, ge=1, description="embedding actors", json_schema_extra=OPERATIONAL)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: one GPU per actor when the cluster has GPU nodes, else CPU",
+        json_schema_extra=OPERATIONAL)
+    num_cpus: float = Field(1, gt=0, description="CPU slots each actor reserves", json_schema_extra=OPERATIONAL)
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per CPU actor; default: its num_cpus",
+        json_schema_extra=OPERATIONAL)
+    max_seq_length: int | None = Field(None, ge=8, description="default: the model's own")
 
 
 class EmbedStage(Stage):
@@ -25,3 +46,7 @@ class EmbedStage(Stage):
 
     def build(self, inputs: dict) -> Any:
         return embed(inputs["ingest"], self.config)
+
+
+register("embed", config=EmbedConfig, after="seeds", needs=("ingest",),
+         build=lambda recipe, config: [EmbedStage(config)])

@@ -11,15 +11,78 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from pipelines.core.config import ConfigError, IngestConfig
+from pipelines.core.config import ConfigError, ExistingPath, Strict
+from pipelines.core.registry import register
 from pipelines.core.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.rundir import source_fingerprint
 from pipelines.core.stage import Stage
 from pipelines.core.textnorm import normalize_text
+
+
+class ColumnMap(Strict):
+    """Which input columns hold the row-schema fields. ``text`` is required; the rest optional."""
+
+    text: str = "text"
+    id: str | None = None
+    lang: str | None = None
+    label: str | None = None
+    macro: str | None = None
+    micro: str | None = None
+    response: str | None = Field(None, description="prompt-response datasets: kept as lineage")
+    category: str | None = Field(None, description="the dataset's own harm category (Do-Not-Answer's "
+                                 "types_of_harm, LinguaSafe's type): kept as lineage `harm_category`")
+    level: str | None = Field(None, description="the dataset's harm level (LinguaSafe's level): kept as "
+                              "lineage `harm_level`")
+
+
+class IngestConfig(Strict):
+    """Stream a corpus or a labelled seed dataset (JSONL / Parquet / CSV files or folders, local or
+    cloud URIs). Column names may be dotted paths into nested records (``metadata.language``)."""
+
+    paths: list[ExistingPath] = Field(min_length=1)
+    format: Literal["jsonl", "parquet", "csv"] | None = Field(
+        None, description="default: from the first path's extension")
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    source: str = "corpus"
+    min_chars: int = Field(1, ge=1)
+    normalize: Literal["nfc", "nfkc", "none"] = Field(
+        "nfc", description="Unicode form; nfkc also folds full-width punctuation and letters")
+    preset: str | None = Field(None, description="a public dataset's mapping (pipelines/seed_formats.py)")
+    label: Literal["safe", "unsafe"] | None = Field(None, description="one label for every row")
+    label_map: dict[str, Literal["safe", "unsafe"]] = Field(
+        default_factory=dict, description="raw label values -> safe/unsafe; others are errors")
+    macro_map: dict[str, str] = Field(default_factory=dict, description="raw category -> macro code")
+    lang: str | None = Field(None, description="one language code for every row")
+    keep: dict[str, list[str]] = Field(
+        default_factory=dict, description="keep rows whose column value is listed; others dropped")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        from pipelines.data.seed_formats import PRESETS
+
+        if data["preset"] not in PRESETS:
+            raise ValueError(f"unknown preset {data['preset']!r} (known: {', '.join(sorted(PRESETS))})")
+        merged = {**PRESETS[data["preset"]], **data}
+        merged["columns"] = {**PRESETS[data["preset"]].get("columns", {}), **(data.get("columns") or {})}
+        return merged
+
+    @model_validator(mode="after")
+    def _infer_format(self) -> "IngestConfig":
+        if self.format is None:
+            suffix = Path(self.paths[0]).suffix.lower()
+            by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+            if suffix not in by_suffix:
+                raise ValueError(f"cannot infer format from {self.paths[0]!r}; set format")
+            self.__dict__["format"] = by_suffix[suffix]  # plain set: no re-validation loop
+        return self
 
 # source file; paired response; the dataset's own harm category and level (SHARD stratifies by level)
 ORIGIN = {"origin": pa.string(), "response": pa.string(), "harm_category": pa.string(),
@@ -277,3 +340,10 @@ class IngestStage(Stage):
 
     def build(self, inputs: dict) -> Any:
         return read_corpus(self.config)
+
+
+register("ingest", config=IngestConfig, after="keywords", provides="rows",
+         build=lambda recipe, config: [IngestStage(config)])
+register("seeds", config=IngestConfig, keyed=True, after="ingest", provides="rows",
+         build=lambda recipe, seeds: [IngestStage(config, name=f"seeds_{key}") for key, config in seeds.items()],
+         description="labelled seed datasets; each is stage seeds_<key>")

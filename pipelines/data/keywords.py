@@ -24,15 +24,32 @@ from collections import Counter
 from typing import Any, Callable
 
 import pyarrow as pa
+from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import KeywordsConfig, LLMEndpoint, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.registry import register
 from pipelines.core.rows import DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
 from pipelines.core.textnorm import has_cjk, normalize_text
+
+
+class KeywordsConfig(Strict):
+    """The keyword pool: the taxonomy's seed keywords, expanded by an LLM to a target per category."""
+
+    model: str | None = Field(None, description="endpoint under `models:`; unset = seeds only")
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "expand_keywords.yaml"),
+                                   validate_default=True)
+    target_per_category: int = Field(80, ge=1, description="keywords kept per micro category")
+    requests_per_category: int = Field(
+        1, ge=1, description="LLM requests per category and round; answers are pooled and deduplicated")
+    max_rounds: int = Field(
+        3, ge=1, le=20, description="expansion rounds; each later round asks only the categories still "
+        "below the target, for the missing count; categories short after the last are in the summary")
+    max_chars: int = Field(32, ge=2, description="longer candidates are dropped (invalid_keyword)")
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +277,9 @@ class KeywordPoolStage(Stage):
                 "rounds": len(requests), "max_rounds": self.config.max_rounds,
                 "requests_per_round": {str(k): len(v) for k, v in sorted(requests.items())},
                 "below_target": short}
+
+
+register("keywords", config=KeywordsConfig, after=None,
+         build=lambda recipe, config: [KeywordPoolStage(
+             config, recipe.models[config.model] if config.model else None, recipe.taxonomy)],
+         check=lambda config, refs: {"stages.keywords.model": config.model})

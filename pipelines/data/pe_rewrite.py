@@ -18,20 +18,35 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, PEConfig, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error, split_prompts
 from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     ERROR, LINEAGE, OK, common_rows, content_id, error_detail, keyed_rng, make_row, to_table,
 )
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.methods import MethodsError, load_methods
+
+
+class PEConfig(Strict):
+    """Prompt-engineering rewriting of labelled seed prompts (3 seeds in, 3 rewrites out)."""
+
+    model: str = Field(description="endpoint under `models:`")
+    inputs: list[str] = Field(min_length=1, description="seed stages (seeds_<key>) to rewrite")
+    methods: ExistingPath = Field(str(CONFIGS / "rewriting_methods.yaml"), validate_default=True)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "pe_rewrite.yaml"), validate_default=True)
+    group_size: int = Field(3, ge=1, description="seeds per request (one rewrite each)")
+    keep_original: dict[Literal["safe", "unsafe"], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="share of seeds kept as original prompts, per label")
+    min_chars: int = Field(4, ge=1)
 
 PE_LINEAGE = {
     LINEAGE: pa.string(), "group_id": pa.string(), "parent_ids": pa.list_(pa.string()),
@@ -159,3 +174,13 @@ class PERewriteStage(Stage):
                          for exp, got in groups.values())
         methods = Counter(rundir.column_values(self.name, OK, "method"))
         return {"groups": len(groups), "output_counts": dict(counts), "rows_by_method": dict(methods)}
+
+
+def _check(config: PEConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.pe.inputs", config.inputs, refs.before("pe"))
+    return {"stages.pe.model": config.model}
+
+
+register("pe", config=PEConfig, after="rewrite", provides="rows", check=_check,
+         build=lambda recipe, config: [PERewriteStage(config, recipe.models[config.model], recipe.taxonomy,
+                                                      recipe.seed)])

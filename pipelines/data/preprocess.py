@@ -14,17 +14,105 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field, model_validator
 
-from pipelines.core.config import NearDedupConfig
+from pipelines.core.config import OPERATIONAL, ModelRef, Strict
+from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, OK, common_rows, fixed_list_to_numpy
 from pipelines.core.stage import Stage
 from pipelines.core.textnorm import normalize_text
 from pipelines.data import minhash
+
+
+class NormalizeConfig(Strict):
+    form: Literal["nfkc", "nfc", "none"] = Field(
+        "nfkc", description="Unicode form; nfkc folds full-width letters, digits and punctuation")
+    traditional_to_simplified: bool = Field(False, description="OpenCC t2s conversion")
+
+
+class LangIdConfig(Strict):
+    """Offline language identification (lingua) over ``languages``; sets ``lang``."""
+
+    languages: list[str] = Field(default_factory=lambda: ["zh", "en"], min_length=1,
+                                 description="ISO 639-1 codes the detector chooses among")
+    keep: list[str] | None = Field(None, description="drop rows detected as another language; "
+                                   "null = keep all (tag only)")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="below it the language is 'und'")
+
+
+class TranslateConfig(Strict):
+    """MarianMT (or any seq2seq) translation of rows in ``source_langs`` in an actor pool."""
+
+    model: ModelRef = Field(description="Helsinki-NLP/opus-mt-en-zh in the paper recipe")
+    source_langs: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    target_lang: str = "zh"
+    batch_size: int = Field(64, ge=1, json_schema_extra=OPERATIONAL)
+    concurrency: int = Field(1, ge=1, json_schema_extra=OPERATIONAL)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=OPERATIONAL)
+    num_cpus: float = Field(1, gt=0, json_schema_extra=OPERATIONAL)
+    torch_threads: int | None = Field(None, ge=1, json_schema_extra=OPERATIONAL)
+    max_input_tokens: int = Field(512, ge=8, description="longer inputs are truncated")
+    max_new_tokens: int = Field(512, ge=1)
+    num_beams: int = Field(1, ge=1)
+
+
+class LengthFilterConfig(Strict):
+    min_chars: int = Field(5, ge=0)
+    max_chars: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LengthFilterConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+        return self
+
+
+class DedupConfig(Strict):
+    casefold: bool = Field(True, description="compare case-insensitively (texts are normalised)")
+
+
+class NearDedupConfig(Strict):
+    """MinHash LSH near-duplicate removal (beyond the paper; set to null to switch off)."""
+
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of n-gram sets")
+    num_perm: int = Field(128, ge=8)
+    bands: int | None = Field(None, ge=1, description="default: optimal for the threshold")
+    ngram: int = Field(5, ge=1, description="character shingle length")
+    verify: bool = Field(True, description="keep only candidates whose estimated Jaccard >= threshold")
+    seed: int = 1
+
+    @model_validator(mode="after")
+    def _bands_fit(self) -> "NearDedupConfig":
+        if self.bands is not None and self.bands > self.num_perm:
+            raise ValueError(f"bands ({self.bands}) > num_perm ({self.num_perm})")
+        return self
+
+
+class PreprocessConfig(Strict):
+    """Preprocessing chain over the union of ``inputs``: normalize -> langid -> translate ->
+    length_filter -> dedup -> near_dedup; each step is its own stage (null skips it)."""
+
+    inputs: list[str] = Field(min_length=1, description="upstream stages whose ok rows are merged")
+    normalize: NormalizeConfig | None = Field(default_factory=NormalizeConfig)
+    langid: LangIdConfig | None = Field(default_factory=LangIdConfig)
+    translate: TranslateConfig | None = None
+    length_filter: LengthFilterConfig | None = Field(default_factory=LengthFilterConfig)
+    dedup: DedupConfig | None = Field(default_factory=DedupConfig)
+    near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig)
+
+    STEPS: ClassVar[tuple[str, ...]] = ("normalize", "langid", "translate", "length_filter", "dedup",
+                                        "near_dedup")
+
+    @model_validator(mode="after")
+    def _translate_needs_langid(self) -> "PreprocessConfig":
+        if self.translate is not None and self.langid is None:
+            raise ValueError("translate needs langid (it translates rows by detected language)")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -282,3 +370,31 @@ class NearDedupStage(DedupStage):
         if not ids:
             return {}
         return decide_near(ids, np.concatenate(columns).astype(np.uint32), cfg)
+
+
+STEP_STAGES = {"normalize": NormalizeStage, "langid": LangIdStage, "translate": TranslateStage,
+               "length_filter": LengthFilterStage, "dedup": DedupStage, "near_dedup": NearDedupStage}
+
+
+def _steps(config: PreprocessConfig) -> list[str]:
+    return [step for step in PreprocessConfig.STEPS if getattr(config, step) is not None]
+
+
+def _build(recipe: Any, config: PreprocessConfig) -> list[Stage]:
+    """One stage per enabled step, each reading the one before (the first: the union of inputs)."""
+    stages: list[Stage] = []
+    upstream = tuple(config.inputs)
+    for step in _steps(config):
+        stages.append(STEP_STAGES[step](getattr(config, step), upstream))
+        upstream = (stages[-1].name,)
+    return stages
+
+
+def _check(config: PreprocessConfig, refs: References) -> dict[str, str | None]:
+    steps = _steps(config)
+    refs.check_inputs("stages.preprocess.inputs", config.inputs, refs.before(steps[0] if steps else None))
+    return {}
+
+
+register("preprocess", config=PreprocessConfig, after="pe", provides="rows", names=_steps, build=_build,
+         check=_check)

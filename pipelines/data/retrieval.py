@@ -15,17 +15,39 @@ Output: one row per query (``text`` = the query) with ``macro_label``, ``micro_l
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field, model_validator
 
 from actors.embedder import EMBEDDING, arrow_to_vectors, embed
-from pipelines.core.config import EmbedConfig, RetrieveConfig, semantic_dump
+from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
+from pipelines.core.registry import register
 from pipelines.core.rows import ERROR, OK, content_id, keyed_rng, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
+from pipelines.data.embedding import EmbedConfig
+
+
+class RetrieveConfig(Strict):
+    """Per micro category: queries of macro label + micro label + sampled keywords; top-k; sample."""
+
+    queries_per_category: int = Field(1, ge=1)
+    keywords_per_query: int = Field(3, ge=1)
+    top_k: int = Field(100, ge=1)
+    sample: int = Field(5, ge=1, description="neighbours drawn uniformly from the top-k")
+    lang: Literal["zh", "en", "both"] = Field("zh", description="language of labels and keywords")
+    search_actors: int = Field(1, ge=1, description="actors that each load the index and search",
+                               json_schema_extra=OPERATIONAL)
+    max_text_chars: int = Field(1500, ge=16, description="retrieved texts are cut to this length")
+
+    @model_validator(mode="after")
+    def _sample_within_top_k(self) -> "RetrieveConfig":
+        if self.sample > self.top_k:
+            raise ValueError(f"sample ({self.sample}) must not exceed top_k ({self.top_k})")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +186,8 @@ class RetrieveStage(Stage):
                            detail="none of the sampled ids is in the ingestion output")
             rows.append(row)
         return ray.data.from_arrow(to_table(rows, LINEAGE))
+
+
+register("retrieve", config=RetrieveConfig, after="index", needs=("keywords", "ingest", "embed", "index"),
+         build=lambda recipe, config: [RetrieveStage(config, recipe.stages.embed, recipe.taxonomy, recipe.seed,
+                                                     recipe.run_dir)])

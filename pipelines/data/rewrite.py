@@ -7,17 +7,42 @@ whose prompt is too long, whose request failed, or whose answer yields no prompt
 """
 
 from __future__ import annotations
+from typing import Any, Literal
 
-from typing import Any
 
 import pyarrow as pa
+from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, RewriteConfig, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.registry import register
 from pipelines.core.rows import ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage
+
+
+class RewriteConfig(Strict):
+    """An LLM stage that turns each input row into one or more new prompts."""
+
+    model: str = Field(description="name of an endpoint under `models:`")
+    template: ExistingPath = Field(description="prompt file (YAML with system/user Jinja)")
+    output: Literal["text", "list"] = Field(
+        "list", description="text: the whole answer is one prompt; list: split into prompts")
+    max_outputs: int = Field(8, ge=1, description="list: keep at most this many prompts per row")
+    min_chars: int = Field(4, ge=1, description="pieces shorter than this are discarded")
+    source: str = "rag"
+    method: str = "rewrite"
+    label: Literal["safe", "unsafe"] | None = "unsafe"
+
+
+class RagConfig(RewriteConfig):
+    """RAG rewriting: 5 retrieved texts + labels + keywords -> natural user prompts."""
+
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "rag_rewrite.yaml"),
+                                   validate_default=True)
+    max_outputs: int = Field(10, ge=1)
+    method: str = "rag"
 
 LINEAGE = {"model": pa.string(), "raw_output": pa.string()}
 
@@ -95,3 +120,11 @@ class RagRewriteStage(RewriteStage):
     inputs = ("retrieve",)
     carry = {"query": ("text", pa.string()), "keywords": ("keywords", pa.list_(pa.string())),
              "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}
+
+
+register("rag", config=RagConfig, after="retrieve", needs=("retrieve",), provides="rows",
+         build=lambda recipe, config: [RagRewriteStage(config, recipe.models[config.model])],
+         check=lambda config, refs: {"stages.rag.model": config.model})
+register("rewrite", config=RewriteConfig, after="rag", needs=("ingest",), provides="rows",
+         build=lambda recipe, config: [RewriteStage(config, recipe.models[config.model])],
+         check=lambda config, refs: {"stages.rewrite.model": config.model})

@@ -21,16 +21,38 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
-from pipelines.core.config import IndexConfig, semantic_dump
+from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
+from pipelines.core.registry import register
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
+
+
+class IndexConfig(Strict):
+    """The FAISS index over the corpus vectors (inner product on normalised vectors = cosine)."""
+
+    kind: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field(
+        "flat", description="flat: exact (small corpora); ivf / hnsw / ivfpq: approximate")
+    nlist: int | None = Field(None, ge=1, description="ivf/ivfpq lists; default 4*sqrt(n)")
+    nprobe: int = Field(32, ge=1, description="ivf/ivfpq lists searched per query")
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(200, ge=8)
+    ef_search: int = Field(256, ge=1)
+    pq_m: int = Field(32, ge=1, description="ivfpq sub-quantizers; must divide the dimension")
+    pq_bits: int = Field(8, ge=1, le=16)
+    refine: bool = Field(True, description="ivfpq: re-rank candidates with exact vectors")
+    train_size: int = Field(100_000, ge=1, description="vectors sampled to train ivf/ivfpq")
+    num_cpus: float = Field(1, gt=0, description="CPU slots the build task reserves",
+                            json_schema_extra=OPERATIONAL)
+    threads: int | None = Field(None, ge=1, description="FAISS threads; default: all cores",
+                                json_schema_extra=OPERATIONAL)
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +252,7 @@ class IndexStage(Stage):
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         return json.loads(rundir.read_text(f"{self.name}/{META_FILE}") or "{}")
+
+
+register("index", config=IndexConfig, after="embed", needs=("embed",),
+         build=lambda recipe, config: [IndexStage(config, recipe.seed)])

@@ -55,14 +55,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from ray.data.expressions import col
+from pydantic import Field, model_validator
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
-from pipelines.core.config import SCORED_ADAPTERS, GuardEvalConfig, LLMEndpoint, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error, strip_thinking
+from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     DROPPED, ERROR, LINEAGE, OK, SAFE, UNSAFE, column_or_lineage, error_detail, to_common_schema,
     to_table, union_all,
@@ -74,6 +76,69 @@ from pipelines.evaluation.metrics import LABELS, WRONG_CLASSES, evaluate
 from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
 from pipelines.training.guard_format import GuardFormatError, GuardPrompt, parse_guard_answer
 from pipelines.training.train_loop import MODEL_DIR as _MODEL_DIR
+
+
+GUARD_ADAPTERS = ("chillguard", "llamaguard", "qwen3guard_strict", "qwen3guard_loose")
+
+
+#: adapters whose first answer token is ``safe`` / ``unsafe``, so its probability is a score
+SCORED_ADAPTERS = ("chillguard", "llamaguard")
+
+
+class GuardEvalConfig(Strict):
+    """Score one guard on a labelled set (``stages.guard_eval.<name>``, stage ``guard_eval_<name>``):
+    F1 with ``unsafe`` as the positive class per micro category, per macro and overall (every row
+    sent to the guard; an unusable answer counts as wrong), and for our guard the micro-category
+    accuracy and macro F1; per-row predictions as rows, the report under
+    ``RUN_DIR/guard_eval_<name>/report/``."""
+
+    inputs: list[str] = Field(min_length=1, description="labelled row stages (assemble, seeds_<key>)")
+    split: str | None = Field(
+        "test", description="evaluate rows whose `split` is this (inputs with a split column, e.g. "
+        "assemble; the other rows are dropped as other_split); null = every row")
+    level: Literal["prompt", "response"] = Field(
+        "prompt", description="prompt: judge the user text; response: judge the assistant response "
+        "(the row's `response` column or the one its lineage kept; rows without one are errors)")
+    adapter: Literal[GUARD_ADAPTERS] = Field(
+        "chillguard", description="chillguard: our guard prompt and answer; llamaguard: line 1 "
+        "safe/unsafe, line 2 S-codes; qwen3guard_strict / _loose: Safety: Safe|Unsafe|Controversial "
+        "with Controversial counted unsafe (strict) or safe (loose)")
+    model: str = Field(description="endpoint under `models:` (with model_from: the template of "
+                       "engine settings and sampling)")
+    model_from: str | None = Field(
+        None, description="evaluate the model a training stage of this run exported to "
+        "RUN_DIR/<model_from>/model/ (replaces the endpoint's model when the stage runs)")
+    template: ExistingPath = Field(
+        str(CONFIGS / "prompts" / "guard.yaml"), validate_default=True,
+        description="chillguard only: the guard prompt (the one the guard was trained with)")
+    score: bool = Field(
+        True, description="chillguard / llamaguard: ask for the first answer token's log-probabilities "
+        "and decide by P(unsafe) >= threshold, P(unsafe) from the exact first tokens of 'safe' and "
+        "'unsafe' renormalised over the two (neither in the top log-probabilities: the answer's first "
+        "line decides); false: decide by the answer's first line")
+    threshold: float = Field(0.5, ge=0, le=1, description="scored adapters: unsafe when P(unsafe) >= threshold")
+    tokenizer: str | None = Field(
+        None, description="HF id or folder of the guard's tokenizer, read once at start for the first "
+        "tokens of 'safe' and 'unsafe' that the score uses (they must differ); default: the model "
+        "(engine vllm); required for an http endpoint with score: true")
+    greedy: bool = Field(True, description="decode at temperature 0 whatever the endpoint's sampling says")
+    constrained: bool = Field(
+        False, description="restrict answers to the adapter's answer format through vLLM structured "
+        "outputs where the endpoint accepts them (weak or untrained guards); off: judge what it writes")
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> "GuardEvalConfig":
+        given = self.model_fields_set
+        if self.adapter != "chillguard" and "template" in given:
+            raise ValueError(f"template is only for adapter chillguard ({self.adapter} answers the plain "
+                             "conversation through the model's own chat template)")
+        if self.adapter not in SCORED_ADAPTERS:
+            # score: false may be said explicitly; asking for a score or a threshold may not
+            asked = [key for key in ("score", "threshold") if key in given and (key != "score" or self.score)]
+            if asked:
+                raise ValueError(f"{', '.join(asked)}: adapter {self.adapter} gives no score "
+                                 f"(scored adapters: {', '.join(SCORED_ADAPTERS)})")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -719,3 +784,18 @@ class GuardEvalStage(Stage):
                 "confusion": {k: o[k] for k in ("tp", "fp", "fn", "tn")},
                 "per_macro_f1": {k: m["f1"] for k, m in metrics["per_macro"].items()},
                 "report": f"{REPORT_DIR}/report.md"}
+
+
+def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, str | None]:
+    models = {}
+    for key, config in guards.items():
+        refs.check_inputs(f"stages.guard_eval.{key}.inputs", config.inputs)
+        models[f"stages.guard_eval.{key}.model"] = config.model
+        refs.check_trained(f"stages.guard_eval.{key}.model_from", config.model_from)
+    return models
+
+
+register("guard_eval", config=GuardEvalConfig, keyed=True, after="mdpo", check=_check,
+         build=lambda recipe, guards: [GuardEvalStage(key, config, recipe.models[config.model], recipe.taxonomy)
+                                       for key, config in guards.items()],
+         description="guards to score on labelled sets; each is stage guard_eval_<key>")

@@ -22,8 +22,10 @@ from typing import Any
 
 import pyarrow as pa
 from ray.data.expressions import col
+from pydantic import Field
 
-from pipelines.core.config import AssembleConfig, semantic_dump
+from pipelines.core.config import Strict, semantic_dump
+from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     DROPPED, ERROR, LINEAGE, OK, SAFE, SCHEMA_FIELDS, UNSAFE, to_common_schema, to_table, union_all,
 )
@@ -33,6 +35,19 @@ from pipelines.core.taxonomy import load_taxonomy
 from pipelines.core.textnorm import normalize_text
 from pipelines.labelling.jury import LABEL_COLUMNS
 from pipelines.labelling.voting import LABELS
+
+
+class AssembleConfig(Strict):
+    """Merge labelled sources into train/test, stratified by micro category and label; export
+    Parquet, a Hugging Face dataset, statistics and a dataset card."""
+
+    inputs: list[str] = Field(min_length=1, description="labelled row stages (adjudicate)")
+    external: list[str] = Field(default_factory=list,
+                                description="seed stages (seeds_<key>) that enter train only")
+    test_share: float = Field(0.2, gt=0, lt=1, description="share of each stratum in test")
+    dataset_name: str = "chillguard-data"
+    licenses: dict[str, str] = Field(
+        default_factory=dict, description="source -> licence note for the dataset card")
 
 log = logging.getLogger(__name__)
 
@@ -276,3 +291,27 @@ class AssembleStage(Stage):
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         stats = json.loads(rundir.read_text(f"{self.name}/dataset/stats.json") or "{}")
         return {"rows": stats.get("rows"), "by_source": stats.get("by_source")}
+
+
+def _build(recipe: Any, config: AssembleConfig) -> list[Stage]:
+    jury, adjudicate = recipe.stages.jury, recipe.stages.adjudicate
+    labelling = {"judges": [f"{j} ({recipe.models[j].model})" for j in (jury.judges if jury else [])],
+                 "adjudicator": (f"{adjudicate.model} ({recipe.models[adjudicate.model].model})"
+                                 if adjudicate else None),
+                 "min_valid_votes": jury.quorum if jury else None}
+    return [AssembleStage(config, recipe.taxonomy, recipe.seed, labelling)]
+
+
+def _check(config: AssembleConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.assemble.inputs", config.inputs, refs.before("assemble"))
+    bad = [n for n in config.external if not n.startswith("seeds_") or n not in refs.order]
+    if bad:
+        raise ValueError(f"stages.assemble.external: {bad} are not enabled seed stages "
+                         f"(seeds_<key>; enabled: {[n for n in refs.order if n.startswith('seeds_')] or 'none'})")
+    both = sorted(set(config.external) & set(config.inputs))
+    if both:
+        raise ValueError(f"stages.assemble: {both} is in both inputs and external")
+    return {}
+
+
+register("assemble", config=AssembleConfig, after="adjudicate", provides="rows", build=_build, check=_check)

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 from ray.data.expressions import col
+from pydantic import Field, ValidationInfo, field_validator
 
 from actors.llm import LLM_COLUMNS, chat
-from pipelines.core.config import AdjudicateConfig, JuryConfig, LLMEndpoint, semantic_dump
+from pipelines.core.config import CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
+from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     ERROR, LINEAGE, OK, SAFE, UNSAFE, common_rows, error_detail, to_table, union_all,
 )
@@ -41,8 +43,60 @@ from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
     ADJUDICATED, MAJORITY, VERDICT_CHOICES, AgreementReport, agreement_markdown, decide,
-    parse_adjudication, parse_verdict,
+    parse_adjudication, parse_verdict, strict_majority,
 )
+
+
+class JuryConfig(Strict):
+    """Label calibration, part 1: every judge votes safe/unsafe on every row."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages to label (e.g. near_dedup)")
+    judges: list[str] = Field(min_length=1, description="endpoints under `models:`, one per judge")
+    mode: Literal["concurrent", "sequential"] = Field(
+        "concurrent", description="concurrent: all judges' actor pools in one streaming pass "
+        "(needs a GPU per judge replica at once); sequential: one judge after another (scarce GPUs); "
+        "both give the same votes", json_schema_extra=OPERATIONAL)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "judge.yaml"), validate_default=True)
+    constrained: bool = Field(
+        True, description="restrict answers to the verdict words on endpoints that accept "
+        "structured outputs (fewer abstentions); false lets judges answer freely")
+    min_valid_votes: int | None = Field(
+        None, ge=1, description="quorum: a row with fewer valid votes (abstentions and failed requests "
+        "do not count) goes to the adjudicator instead of its majority. Default: a strict majority of "
+        "the judges (3 of 4)")
+
+    @field_validator("judges")
+    @classmethod
+    def _unique_judges(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"judges must be distinct endpoints, got {value}")
+        return value
+
+    @field_validator("min_valid_votes")
+    @classmethod
+    def _quorum_fits_the_jury(cls, value: int | None, info: ValidationInfo) -> int | None:
+        judges = info.data.get("judges")  # absent when judges itself is invalid
+        if value is not None and judges is not None and value > len(judges):
+            raise ValueError(f"{value} valid votes can never be reached with {len(judges)} judges "
+                             f"(at most {len(judges)})")
+        return value
+
+    @property
+    def quorum(self) -> int:
+        """``min_valid_votes``, or a strict majority of the judges."""
+        return strict_majority(len(self.judges)) if self.min_valid_votes is None else self.min_valid_votes
+
+
+class AdjudicateConfig(Strict):
+    """Label calibration, part 2: ties and rows without a valid vote get the adjudicator's label;
+    every unsafe row gets its micro category from the adjudicator."""
+
+    model: str = Field(description="endpoint under `models:` (DeepSeek-V3.2 over http in the paper)")
+    inputs: list[str] = Field(default_factory=lambda: ["jury"], min_length=1)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "adjudicate.yaml"), validate_default=True)
+    retries: int = Field(1, ge=0, description="re-asks after an unparseable answer or invalid code")
+    constrained: bool = Field(True, description="restrict answers to a verdict and the 31 codes "
+                              "on endpoints that accept structured outputs")
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +399,21 @@ class AdjudicateStage(Stage):
         return {"safe": labels.count(SAFE), "unsafe": labels.count(UNSAFE),
                 "fleiss_kappa": report.get("fleiss_kappa"), "tie_rate": report.get("tie_rate"),
                 "adjudication_rate": report.get("adjudication_rate")}
+
+
+def _check_jury(config: JuryConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.jury.inputs", config.inputs, refs.before("jury"))
+    return {f"stages.jury.judges[{i}]": m for i, m in enumerate(config.judges)}
+
+
+def _check_adjudicate(config: AdjudicateConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.adjudicate.inputs", config.inputs, refs.before("adjudicate"))
+    return {"stages.adjudicate.model": config.model}
+
+
+register("jury", config=JuryConfig, after="preprocess", provides="rows", check=_check_jury,
+         build=lambda recipe, config: [JuryStage(config, recipe.models, recipe.taxonomy)])
+register("adjudicate", config=AdjudicateConfig, after="jury", needs=("jury",), provides="rows",
+         check=_check_adjudicate,
+         build=lambda recipe, config: [AdjudicateStage(config, recipe.models[config.model], recipe.taxonomy,
+                                                       min_valid_votes=recipe.stages.jury.quorum)])

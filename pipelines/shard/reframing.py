@@ -22,8 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.core.config import SHARD_GUIDELINE_MODES as GUIDELINE_MODES
+
 from pipelines.core.parsing import strip_thinking
+
+
+GUIDELINE_MODES = ("full", "universal_only", "instructions_only")
 
 RESPONSE_MODES = ("direct_answer", "soft_reframe", "acknowledge_and_redirect")
 FIELDS = ("reformulated_prompt", "response_mode", "reformulated_component", "preserved_benign_need")

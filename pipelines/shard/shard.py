@@ -40,15 +40,17 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from ray.data.expressions import col
+from pydantic import Field, field_validator, model_validator
 
 from actors.llm import LLM_COLUMNS, chat
-from pipelines.core.config import LLMEndpoint, Recipe, ShardConfig, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, names_matching, semantic_dump
 from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
+from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     DROPPED, ERROR, LINEAGE, OK, content_id, error_detail, to_common_schema, to_table, union_all,
 )
@@ -62,9 +64,85 @@ from pipelines.shard.pairwise import (
     verdict_pattern,
 )
 from pipelines.shard.reframing import (
-    UNCATEGORISED, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
+    GUIDELINE_MODES, UNCATEGORISED, ReframingError, guidance, load_guidelines, parse_reframing,
+    reframing_schema,
 )
 from pipelines.shard.stats import OUTCOMES, win_tie_loss
+
+
+class ShardSplits(Strict):
+    """Shares of each stratum (dataset × harm level) per split; SHARD's 72 / 8 / 20."""
+
+    train: float = Field(0.72, ge=0, le=1)
+    val: float = Field(0.08, ge=0, le=1)
+    test: float = Field(0.20, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "ShardSplits":
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class ShardVariant(Strict):
+    """One supervision variant (``stages.shard.variants.<name>``): who writes the category rules, P2
+    and O2, and which guidance the reframing prompt carries (the recipe's ablations)."""
+
+    reframer: str | None = Field(
+        None, description="endpoint under `models:` that writes the rules, P2 and O2; default: the target "
+        "itself (self-reframing, SHARD); a larger model = the teacher-distillation baseline")
+    guidelines: Literal[GUIDELINE_MODES] = Field(
+        "full", description="full: universal guidelines + category rules; universal_only; "
+        "instructions_only: the task instructions alone")
+
+
+class ShardConfig(Strict):
+    """SHARD data construction (``pipelines/shard.py``): split, baseline answers O1, category rules,
+    reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages with the sensitive prompts "
+                              "(seeds_<key>: do_not_answer / linguasafe presets or any mapping)")
+    target: str = Field(description="endpoint under `models:`: the model being improved (answers O1)")
+    judge: str = Field(description="endpoint under `models:`: the pairwise judge")
+    variants: dict[str, ShardVariant] = Field(
+        default_factory=lambda: {"self": ShardVariant()}, min_length=1,
+        description="name -> variant; each gives stages shard_{rules,reframe,refine,judge,select}_<name>")
+    system: str | None = Field(
+        "You are a helpful assistant.", description="system prompt of O1 and of the evaluated answers; "
+        "SFT on shard_select_* must use the same (checked)")
+    splits: ShardSplits = Field(default_factory=ShardSplits)
+    order_seed: int = Field(42, description="seed of the judge's A/B order draws")
+    guidelines: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_guidelines.yaml"), validate_default=True)
+    rules_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rules.yaml"), validate_default=True)
+    reframe_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_reframe.yaml"),
+                                           validate_default=True)
+    refine_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_refine.yaml"), validate_default=True)
+    helpfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_helpfulness.yaml"),
+                                               validate_default=True)
+    harmfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_harmfulness.yaml"),
+                                               validate_default=True)
+    rules_examples: int = Field(3, ge=0, description="example prompts shown per category when writing rules")
+    retries: int = Field(1, ge=0, description="re-asks after a reframing answer that is not valid JSON P2")
+    constrained: bool = Field(
+        True, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
+        "judge answers to explanation + verdict")
+    max_field_chars: int = Field(2000, ge=8, description="constrained P2: longest string field")
+    explanation_chars: int = Field(1000, ge=0, description="constrained judge: longest explanation")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, ShardVariant]) -> dict[str, ShardVariant]:
+        return names_matching(value, r"[a-z0-9_]+", "variant names are stage-name suffixes")
+
+    def reframer(self, variant: str) -> str:
+        """The endpoint that reframes and refines for ``variant``."""
+        return self.variants[variant].reframer or self.target
+
+    def row_stages(self) -> list[str]:
+        """Its stages whose rows later stages read, in run order (rules stages are per category)."""
+        return ["shard_split", "shard_answer"] + [f"shard_{step}_{v}" for v in self.variants
+                                                  for step in ("reframe", "refine", "judge", "select")]
 
 log = logging.getLogger(__name__)
 
@@ -572,11 +650,8 @@ class ShardSelectStage(Stage):
 # ------------------------------------------------------------------------------------------------
 
 
-def shard_stages(recipe: Recipe) -> list[Stage]:
+def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     """The data stages of ``stages.shard``, in run order (before ``sft_<key>``)."""
-    config = recipe.stages.shard
-    if config is None:
-        return []
     models = recipe.models
     stages: list[Stage] = [ShardSplitStage(config, recipe.seed),
                            ShardAnswerStage(config, models[config.target])]
@@ -587,3 +662,31 @@ def shard_stages(recipe: Recipe) -> list[Stage]:
         stages += [ShardReframeStage(config, variant, reframer), ShardRefineStage(config, variant, reframer),
                    ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
     return stages
+
+
+def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
+    """SHARD references: inputs that run before it, and the same system prompt for SFT on its rows as
+    for the answers it compares (and not on the split that shard_eval evaluates). Returns the
+    endpoints it names."""
+    refs.check_inputs("stages.shard.inputs", shard.inputs, refs.before("shard_split"))
+    models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge}
+    models.update({f"stages.shard.variants.{v}.reframer": c.reframer for v, c in shard.variants.items()})
+    selected = {f"shard_select_{v}" for v in shard.variants}
+    evaluation = refs.recipe.stages.shard_eval
+    evaluated = evaluation.split if evaluation is not None else None
+    for key, sft in refs.recipe.stages.sft.items():
+        if not selected & set(sft.inputs):
+            continue
+        if sft.system != shard.system:
+            raise ValueError(f"stages.sft.{key}.system: {sft.system!r} differs from stages.shard.system "
+                             f"{shard.system!r}; the model is trained and evaluated with the prompt "
+                             "its baseline answers were written under")
+        if evaluated is not None and sft.split in (None, evaluated):
+            raise ValueError(f"stages.sft.{key}.split: {sft.split!r} trains on the split that "
+                             f"stages.shard_eval evaluates ({evaluated!r}); use split: train")
+    return models
+
+
+# SHARD data: after the seeds it reads, before sft_<key> trains on it
+register("shard", config=ShardConfig, after="assemble", provides="rows", names=lambda c: c.row_stages(),
+         build=shard_stages, check=check_shard, description="SHARD data construction: stages shard_*")

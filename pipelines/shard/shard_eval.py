@@ -28,9 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 from ray.data.expressions import col
+from pydantic import Field, field_validator
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, ShardConfig, ShardEvalConfig, semantic_dump
+from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
+from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
@@ -39,10 +41,34 @@ from pipelines.shard.pairwise import (
     CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge,
 )
 from pipelines.shard.shard import (
-    ANSWER, SHARD_COLUMNS, AnswerMessages, judge_constraint, judge_prompts, shuffle_partitions,
-    take_answer,
+    ANSWER, SHARD_COLUMNS, AnswerMessages, ShardConfig, judge_constraint, judge_prompts,
+    shuffle_partitions, take_answer,
 )
 from pipelines.shard.stats import BINOMIAL_TEST, MCNEMAR_EXACT_BELOW, WIN, mcnemar, win_tie_loss
+
+
+class ShardEvalSystem(Strict):
+    """One system compared with the baseline answers O1 on the test split."""
+
+    model: str = Field(description="endpoint under `models:` (with model_from: engine settings and sampling)")
+    model_from: str | None = Field(None, description="evaluate the model this training stage exported "
+                                   "(sft_<key>); unset: the endpoint's own model")
+
+
+class ShardEvalConfig(Strict):
+    """Pairwise evaluation (``pipelines/shard_eval.py``): each system answers the prompts of ``split``;
+    the judge compares each answer with the target's baseline O1 for helpfulness and harmfulness;
+    win / tie / loss, win rate (Wilson CI), binomial test; McNemar (paired) between systems."""
+
+    systems: dict[str, ShardEvalSystem] = Field(min_length=1)
+    split: str = Field("test", description="the split of shard_answer evaluated; other rows are dropped")
+    judge: str | None = Field(None, description="endpoint under `models:`; default: stages.shard.judge")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the Wilson intervals")
+
+    @field_validator("systems")
+    @classmethod
+    def _system_names(cls, value: dict[str, ShardEvalSystem]) -> dict[str, ShardEvalSystem]:
+        return names_matching(value, r"[A-Za-z0-9_.-]+", "system names")
 
 log = logging.getLogger(__name__)
 
@@ -343,3 +369,17 @@ class ShardEvalStage(Stage):
 def _eval_schema(batch: pa.Table) -> pa.Table:
     """Rows of every part in the evaluation schema (the dropped rows have no ``results``)."""
     return to_table(batch.to_pylist(), EVAL_COLUMNS)
+
+
+def _check(config: ShardEvalConfig, refs: References) -> dict[str, str | None]:
+    models = {"stages.shard_eval.judge": config.judge}
+    for name, system in config.systems.items():
+        models[f"stages.shard_eval.systems.{name}.model"] = system.model
+        refs.check_trained(f"stages.shard_eval.systems.{name}.model_from", system.model_from)
+    return models
+
+
+# after the sft_<key> stages whose models it evaluates
+register("shard_eval", config=ShardEvalConfig, after="guard_eval", needs=("shard",), check=_check,
+         build=lambda recipe, config: [ShardEvalStage(config, recipe.stages.shard, recipe.models)],
+         description="SHARD pairwise evaluation against the baseline answers (stage shard_eval)")

@@ -27,16 +27,56 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from pipelines.core.config import MDPOConfig
+from pipelines.core.config import ExistingPath, ModelRef, Strict, TrainingConfig
+from pipelines.core.registry import register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
 from pipelines.training.sft import TrainingStage, check_rows, finish_training, pad_right, train_dir
 from pipelines.training.train_loop import Method, fit, partitioned_loading
+
+
+class PairColumns(Strict):
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str | None = None
+
+
+class MDPOConfig(TrainingConfig):
+    """Preference optimisation of a generator with MDPO (seed §4.2, REFERENCE.md), or plain DPO
+    with ``dynamic_beta: false``. Paper defaults: β 0.1, γ 0.9, K 12 of a global batch of 16,
+    lr 2e-7, cosine, warmup 0.1, 1 epoch."""
+
+    paths: list[ExistingPath] = Field(min_length=1, description="preference pairs: JSONL / Parquet / CSV")
+    columns: PairColumns = Field(default_factory=PairColumns)
+    learning_rate: float = Field(2e-7, gt=0)
+    beta: float = Field(0.1, gt=0)
+    gamma: float = Field(0.9, ge=0, le=1, description="momentum of the running mean gap R̄")
+    keep: int | None = Field(12, ge=1, description="K: pairs kept per global batch (None = all)")
+    dynamic_beta: bool = Field(True, description="false = plain DPO (same trainer)")
+    reference: Literal["model", "precomputed"] = Field(
+        "model", description="model: a frozen reference under DeepSpeed beside the policy; "
+        "precomputed: reference log-probs computed once in Ray Data before training")
+    reference_model: ModelRef | None = Field(None, description="default: the policy's start model")
+    chat_template: bool = Field(True, description="wrap the prompt in the model's chat template")
+
+    @model_validator(mode="after")
+    def _check_keep(self) -> "MDPOConfig":
+        if self.keep is not None and self.keep > self.global_batch_size:
+            raise ValueError(f"keep (K={self.keep}) exceeds global_batch_size {self.global_batch_size}")
+        if self.dynamic_beta and self.accumulation_steps != 1:
+            raise ValueError(
+                "MDPO selects the K pairs over the whole global batch inside one forward pass: set "
+                f"micro_batch_size = global_batch_size / num_workers = "
+                f"{self.global_batch_size // self.num_workers} (got accumulation over "
+                f"{self.accumulation_steps} micro-batches), or dynamic_beta: false")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -363,3 +403,6 @@ class MDPOStage(TrainingStage):
         result = fit(MDPO(cfg), data, rows=rows, storage_path=storage, run_name=self.name, log_dir=log_dir)
         self._summary = finish_training(self, rundir, result, log_dir)
 
+
+register("mdpo", config=MDPOConfig, after="sft", provides="model",
+         build=lambda recipe, config: [MDPOStage(config)])

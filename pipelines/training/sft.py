@@ -24,18 +24,62 @@ Each stage:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from pipelines.core.config import ChatSFTConfig, GuardSFTConfig, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.training.guard_format import GuardPrompt, guard_answer
 from pipelines.training.train_loop import HF_EXPORT, MODEL_DIR, FitResult, Method, TrainingPaused, fit
+
+
+class GuardSFTConfig(TrainingConfig):
+    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard_format.py): the guard
+    prompt -> ``safe`` / ``unsafe\n<micro>``, loss on the answer tokens only."""
+
+    inputs: list[str] = Field(default_factory=lambda: ["assemble"],
+                              description="labelled row stages (assemble, seeds_<key>, ...)")
+    split: str | None = Field("train", description="keep rows with this split column (None: all)")
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "guard.yaml"), validate_default=True,
+                                   description="the guard prompt; evaluate with the same one")
+    level: Literal["prompt", "response"] = Field(
+        "prompt", description="prompt: judge the user text; response: judge the row's response")
+
+
+class LoRASettings(Strict):
+    """Low-rank adapters (peft) instead of full-parameter training; merged into the exported model."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class ChatSFTConfig(TrainingConfig):
+    """SFT of a chat model on (prompt -> completion) rows of earlier stages (SHARD's P1 -> O2):
+    the prompt as the user turn (after an optional system prompt), loss on the completion only."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages with the prompt and completion")
+    split: str | None = Field("train", description="keep rows with this split (None: all)")
+    prompt_column: str = "text"
+    completion_column: str = "completion"
+    system: str | None = None
+    lora: LoRASettings | None = None
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "ChatSFTConfig":
+        if self.lora is not None and self.deepspeed == "zero3":
+            raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
+                             "would shard the frozen base weights it must merge them into)")
+        return self
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +354,21 @@ class ChatSFTStage(TrainingStage):
         rows = union_all([inputs[n].map_batches(pick_columns, fn_kwargs={"columns": tokenize.columns()},
                                                 batch_format="pyarrow") for n in self.inputs])
         train_examples(self, rundir, rows, tokenize, self.config)
+
+
+def _check_guard_sft(config: GuardSFTConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.guard_sft.inputs", config.inputs)
+    return {}
+
+
+def _check_sft(runs: dict[str, ChatSFTConfig], refs: References) -> dict[str, str | None]:
+    for key, config in runs.items():
+        refs.check_inputs(f"stages.sft.{key}.inputs", config.inputs)
+    return {}
+
+
+register("guard_sft", config=GuardSFTConfig, after="shard", provides="model", check=_check_guard_sft,
+         build=lambda recipe, config: [GuardSFTStage(config, recipe.taxonomy)])
+register("sft", config=ChatSFTConfig, keyed=True, after="guard_sft", provides="model", check=_check_sft,
+         build=lambda recipe, runs: [ChatSFTStage(key, config) for key, config in runs.items()],
+         description="chat SFT runs on (prompt -> completion) rows; stage sft_<key>")
