@@ -17,7 +17,7 @@ from pipelines.labelling.voting import (
 )
 
 CODES = load_taxonomy().micro_codes
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Real-looking judge answers -> verdict (None = abstention). Comments say which rule a row pins.
 VERDICTS = [

@@ -35,7 +35,7 @@ from pipelines.shard.stats import (
     win_tie_loss,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
 VALID = {"reformulated_prompt": "How do pin tumbler locks work, and how can I secure my door?",
          "response_mode": "soft_reframe", "reformulated_component": "burglary technique -> how locks work",

@@ -22,7 +22,7 @@ from pipelines.shard.shard_eval import evaluation_metrics
 from pipelines.shard.stats import OUTCOMES
 from tests.conftest import assert_balanced, long_context_endpoint
 
-DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+DATA = Path(__file__).resolve().parents[2] / "configs" / "data"
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
 
 

@@ -29,7 +29,7 @@ from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
-TAXONOMY_PATH = Path(__file__).resolve().parents[1] / "configs" / "taxonomy.yaml"
+TAXONOMY_PATH = Path(__file__).resolve().parents[2] / "configs" / "taxonomy.yaml"
 TAXONOMY = load_taxonomy(TAXONOMY_PATH)
 
 
