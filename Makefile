@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE := 1
 ENGINE ?= cpu
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed-$(ENGINE)
 
@@ -33,7 +33,11 @@ demo: install models/tiny/tiny_models.json
 	$(BIN)/chillguard run configs/recipes/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -v -rs tests
+	$(BIN)/python -m pytest -v -rs --durations=25 tests
+
+# The inner loop: tests that start no vLLM engine, no Ray and no training (`slow` marks those).
+test-fast: install
+	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=10 tests
 
 bench: install
 	$(BIN)/python benchmarks/llm_stage.py

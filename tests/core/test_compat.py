@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from pipelines import stage as stage_module
+from pipelines.core import stage as stage_module
 from pipelines.construction import build_stages, load_recipe, run_recipe
 from tests.conftest import REPO
 

@@ -72,6 +72,7 @@ def _recipe(tmp_path, internal, external, **assemble) -> Recipe:
     })
 
 
+@pytest.mark.slow
 def test_assembly_on_local_ray(tmp_path, ray_local):
     strata = {("A1", "unsafe"): 8, ("A1", "safe"): 4, ("B2", "unsafe"): 12, ("C3", "unsafe"): 1, ("D1", "safe"): 6}
     internal_rows = _labelled(strata)

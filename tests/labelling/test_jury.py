@@ -134,6 +134,7 @@ def test_unconstrained_junk_answers_are_abstentions_and_adjudicator_errors(tmp_p
     assert set(adjudicate["reasons"]["errored"]) <= {"adjudicator_unparseable", "adjudicator_invalid_code"}
 
 
+@pytest.mark.slow
 def test_concurrent_jury_that_cannot_fit_an_embedded_ray_fails_fast(tmp_path, tiny_models, ray_local, monkeypatch):
     """Four judges with two replicas each need 8 GPUs at once; an embedded Ray with 4 never grows, so
     the stage says so instead of waiting forever (on a cluster it warns and waits for autoscaling)."""
