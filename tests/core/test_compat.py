@@ -1,6 +1,6 @@
 """A run directory made by an older version of the code resumes without recomputing a stage.
 
-``tests/fixtures/compat/run/`` was made by commit 012f301 from ``tests/fixtures/compat/recipe.yaml``
+``tests/fixtures/compat/run/`` was made by commit b9967be from ``tests/fixtures/compat/recipe.yaml``
 (ingest + a seed set + the model-free preprocessing steps). Today's code must find every stage up to
 date: same config hashes, same input fingerprints, manifests untouched. A refactor that changes a
 hash, a stage name or the order of stages fails here. No Ray: skipped stages read no rows.
