@@ -116,10 +116,19 @@ class References:
             kind = "enabled row stages" + ("" if before is None else " that run before it")
             raise ValueError(f"{where}: {unknown} are not {kind} (those are: {allowed or 'none'})")
 
-    def check_trained(self, where: str, stage: str | None) -> None:
-        if stage is not None and stage not in self.trained:
+    def check_trained(self, where: str, stage: str | None, model: str | None = None) -> None:
+        """``stage`` (a ``model_from``) is an enabled training stage, and ``model``, the endpoint
+        whose settings run its exported folder, is one that loads a folder: engine vllm."""
+        if stage is None:
+            return
+        if stage not in self.trained:
             raise ValueError(f"{where}: {stage!r} is not an enabled training stage "
                              f"(enabled: {self.trained or 'none'})")
+        endpoint = self.recipe.models.get(model) if model is not None else None
+        if endpoint is not None and endpoint.engine != "vllm":
+            raise ValueError(f"{where}: the model {stage} exports is a folder that only engine vllm loads; "
+                             f"endpoint {model!r} is engine {endpoint.engine} (name an engine: vllm endpoint "
+                             "for its settings)")
 
 
 def check_references(recipe: Any) -> None:

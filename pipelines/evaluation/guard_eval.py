@@ -791,7 +791,7 @@ def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, st
     for key, config in guards.items():
         refs.check_inputs(f"stages.guard_eval.{key}.inputs", config.inputs)
         models[f"stages.guard_eval.{key}.model"] = config.model
-        refs.check_trained(f"stages.guard_eval.{key}.model_from", config.model_from)
+        refs.check_trained(f"stages.guard_eval.{key}.model_from", config.model_from, config.model)
     return models
 
 

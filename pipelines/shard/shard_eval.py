@@ -33,7 +33,9 @@ from pydantic import Field, field_validator
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
 from pipelines.core.registry import References, register
-from pipelines.core.rows import DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, to_table, union_all
+from pipelines.core.rows import (
+    DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, shuffle_partitions, to_table, union_all,
+)
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
 from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
@@ -41,8 +43,7 @@ from pipelines.shard.pairwise import (
     CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge,
 )
 from pipelines.shard.shard import (
-    ANSWER, SHARD_COLUMNS, AnswerMessages, ShardConfig, judge_constraint, judge_prompts,
-    shuffle_partitions, take_answer,
+    ANSWER, SHARD_COLUMNS, AnswerMessages, ShardConfig, judge_constraint, judge_prompts, take_answer,
 )
 from pipelines.shard.stats import BINOMIAL_TEST, MCNEMAR_EXACT_BELOW, WIN, mcnemar, win_tie_loss
 
@@ -375,7 +376,8 @@ def _check(config: ShardEvalConfig, refs: References) -> dict[str, str | None]:
     models = {"stages.shard_eval.judge": config.judge}
     for name, system in config.systems.items():
         models[f"stages.shard_eval.systems.{name}.model"] = system.model
-        refs.check_trained(f"stages.shard_eval.systems.{name}.model_from", system.model_from)
+        refs.check_trained(f"stages.shard_eval.systems.{name}.model_from", system.model_from,
+                           system.model)
     return models
 
 

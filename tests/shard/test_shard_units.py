@@ -544,6 +544,16 @@ def test_recipe_checks():
     for stages, message in cases:
         with pytest.raises(ValueError, match=message):
             Recipe.model_validate(_recipe(**stages))
+    # a trained model is a folder: an http endpoint cannot run it
+    served = _recipe(shard=shard, shard_eval={"systems": {"s": {"model": "h", "model_from": "sft_s"}}},
+                     sft={"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"], "deepspeed": "zero2",
+                                "system": "You are a helpful assistant."}})
+    served["models"]["h"] = {"engine": "http", "model": "m", "url": "https://example.org/v1/chat/completions"}
+    with pytest.raises(ValueError, match="systems.s.model_from: the model sft_s exports is a folder that only "
+                                         "engine vllm loads; endpoint 'h' is engine http"):
+        Recipe.model_validate(served)
+    served["models"]["h"] = {"engine": "vllm", "model": "Qwen/Qwen3-8B"}
+    Recipe.model_validate(served)
     assert ShardConfig(**shard).reframer("self") == "t"
 
 
