@@ -1,4 +1,5 @@
-"""Whole runs as users start them: `chillguard run` (killed and resumed) and `ray job submit`."""
+"""Whole runs as users start them: `chillguard run` killed in the middle of a stage and resumed.
+(`ray job submit` of a whole run: tests/data/test_data_chain_job.py.)"""
 
 from __future__ import annotations
 
@@ -6,22 +7,21 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.core.rundir import RunDir
-from tests.conftest import PYTHON, REPO, assert_balanced, free_port, stop_group, vllm_endpoint, write_jsonl
-
-BIN = Path(PYTHON).parent
+from tests.conftest import PYTHON, REPO, http_endpoint, write_jsonl
 
 
-def _recipe(tmp_path: Path, tiny_models) -> Path:
+def _recipe(tmp_path: Path, url: str) -> Path:
     corpus = write_jsonl(tmp_path / "corpus.jsonl",
                          [{"id": f"d{i}", "body": f"文档{i}：关于网络谣言的报道。report {i}"} for i in range(20)]
                          + [{"id": "bad", "body": ""}, "{not json"])
@@ -29,7 +29,7 @@ def _recipe(tmp_path: Path, tiny_models) -> Path:
         "name": "resume-test",
         "run_dir": str(tmp_path / "run"),
         "cluster": {"include_dashboard": False, "num_cpus": 2},
-        "models": {"rw": vllm_endpoint(tiny_models["causal-lm"])},
+        "models": {"rw": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 16}, batch_size=8)},
         "stages": {
             "ingest": {"paths": [str(corpus)], "columns": {"text": "body", "id": "id"}},
             "rewrite": {"model": "rw", "template": str(REPO / "configs/prompts/rewrite_to_prompts.yaml"),
@@ -45,9 +45,60 @@ def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+class _GateHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        gate = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not gate.opened.is_set():
+            gate.held.set()
+            gate.opened.wait()
+            return  # closed unanswered: the run that sent it was killed meanwhile
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(gate.upstream, data=body, headers=headers),
+                                        timeout=300) as response:
+                status, data = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, data = exc.code, exc.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Gate(ThreadingHTTPServer):
+    """An HTTP pass-through to the session's `vllm serve`, for a kill at a known point: while closed
+    it holds every request unanswered (and never forwards it); once opened it forwards them, the
+    API key header included."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.upstream = upstream
+        self.opened = threading.Event()
+        self.held = threading.Event()  # a request arrived while closed
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1/chat/completions"
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_without_recomputing(tmp_path, tiny_models):
-    recipe = _recipe(tmp_path, tiny_models)
+def test_killed_run_resumes_without_recomputing(tmp_path, vllm_server):
+    gate = _Gate(vllm_server)
+    threading.Thread(target=gate.serve_forever, daemon=True).start()
+    try:
+        _killed_run_resumes(tmp_path, gate)
+    finally:
+        gate.opened.set()
+        gate.shutdown()
+        gate.server_close()
+
+
+def _killed_run_resumes(tmp_path: Path, gate: _Gate) -> None:
+    recipe = _recipe(tmp_path, gate.url)
     cmd = [PYTHON, "-m", "pipelines.cli", "run", str(recipe)]
     ingest_manifest = tmp_path / "run" / "ingest" / "manifest.json"
     with open(tmp_path / "first.log", "w") as log:
@@ -55,12 +106,16 @@ def test_killed_run_resumes_without_recomputing(tmp_path, tiny_models):
         first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         deadline = time.time() + 300
-        while not ingest_manifest.exists():
+        while not gate.held.wait(0.5):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "ingest never finished"
-            time.sleep(0.5)
+            assert time.time() < deadline, "rewrite never sent a request"
+        # Rewrite is running: it has sent a request, and the gate holds it unanswered. The stage
+        # cannot finish before that request is answered, or fails after aiohttp's 300 s timeout
+        # and the retries: killed now, the run stops in the middle of rewrite, after ingest.
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(60)
+    gate.opened.set()
+    assert ingest_manifest.exists()
     rundir = RunDir(str(tmp_path / "run"))
     assert rundir.read_manifest("rewrite") is None  # killed before the second stage finished
     ingest_before = json.loads(ingest_manifest.read_text())
@@ -94,87 +149,6 @@ def test_killed_run_resumes_without_recomputing(tmp_path, tiny_models):
     assert third.returncode == 0, third.stderr[-3000:]
     assert rundir.read_manifest("ingest") == ingest_before
     assert rundir.read_manifest("rewrite")["config_hash"] != rewrite["config_hash"]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # the server answers (auth may refuse anonymous requests)
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("Ray head did not start:\n" + log.read_text()[-3000:])
-            time.sleep(1)
-
-
-def _agent_logs(temp_dir: str) -> str:
-    """The head's dashboard-agent logs, to explain a refused submission."""
-    logs = sorted(Path(temp_dir).glob("session_latest/logs/dashboard_agent*.log"))
-    return "".join(f"\n--- {p.name}\n" + p.read_text()[-3000:] for p in logs)
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_demo_data_chain(tmp_path, tiny_models):
-    """A Ray head on 127.0.0.1 (token auth, as `ray start` sets up), the demo submitted as a job."""
-    gcs_port, dash_port = free_port(), free_port()
-    # Every port the head would otherwise take at its fixed default (agent 52365, client 10001, ...):
-    # the session's other Ray (the ray_local fixture) already holds those, and a head whose agent
-    # cannot bind refuses every job with "No available agent".
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    temp_dir = tempfile.mkdtemp(prefix="cgray")  # short: Ray's socket paths have a length limit
-    env = {**_env(), "RAY_AUTH_MODE": "token"}
-    head_log = tmp_path / "head.log"
-    with open(head_log, "w") as log:
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=6", "--num-gpus=4",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-             "--include-dashboard=true", "--block", "--disable-usage-stats", *own_ports],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{dash_port}/api/version", head, head_log)
-        run_dir = tmp_path / "job-run"
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash_port}",
-               "--working-dir", str(REPO), "--",
-               str(BIN / "chillguard"), "run", "configs/recipes/demo.yaml", f"run_dir={run_dir}",
-               f"models.rewriter.model={tiny_models['causal-lm']}",
-               f"models.keyword_writer.model={tiny_models['causal-lm']}",
-               f"stages.embed.model={tiny_models['embedder']}",
-               f"models.adjudicator.model={tiny_models['causal-lm']}",
-               # The job runs the data chain (corpus -> RAG, seeds -> PE, preprocessing) and stops
-               # there: the jury, adjudication and assembly (test_jury.py), training and evaluation
-               # (test_training.py, test_guard_eval.py) are covered in-process, and here they would
-               # more than double this test's time (the CI budget).
-               "stages.jury=null", "stages.adjudicate=null", "stages.assemble=null",
-               "stages.guard_sft=null", "stages.guard_eval={}", f"models.guard.model={tiny_models['causal-lm']}",
-               *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))]
-        for _ in range(24):
-            submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            # The dashboard answers before the head's job agent registers: retry only that refusal.
-            if "No available agent to submit job" not in submit.stdout + submit.stderr:
-                break
-            time.sleep(5)
-        assert submit.returncode == 0, (submit.stdout[-4000:] + submit.stderr[-2000:]
-                                        + _agent_logs(temp_dir))
-        assert "succeeded" in submit.stdout.lower()
-        rundir = RunDir(str(run_dir))
-        ingest, rag = rundir.read_manifest("ingest"), rundir.read_manifest("rag")
-        assert ingest["rows"]["in"] == 41 and ingest["rows"]["errored"] == 3
-        assert rundir.read_manifest("index")["summary"]["ntotal"] == 38
-        assert rag["rows"]["in"] == rundir.read_manifest("retrieve")["rows"]["out"] == 31
-        assert rag["rows"]["in"] == rag["rows"]["out_parents"] + rag["rows"]["errored"]
-        pe, near = rundir.read_manifest("pe"), rundir.read_manifest("near_dedup")
-        assert rundir.read_manifest("seeds_real")["rows"]["errored"] == 2
-        assert pe["rows"]["in"] == 27 and near["status"] == "complete"
-        assert rundir.read_manifest("normalize")["rows"]["in"] == rag["rows"]["out"] + pe["rows"]["out"]
-        assert_balanced(near)
-        assert rundir.read_manifest("jury") is None  # stopped where the recipe was cut
-    finally:
-        stop_group(head, timeout=15)
 
 
 def test_status_table_columns_fit_long_stage_names(tmp_path):
