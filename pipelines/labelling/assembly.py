@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 TRAIN, TEST = "train", "test"
 DATASET_COLUMNS = {**LABEL_COLUMNS, "split": pa.string()}
 _KEY = "text_key"
+#: rows per partition of the stratum shuffle (see :func:`split_partitions`)
+ROWS_PER_SPLIT_PARTITION = 50_000
 
 
 def text_key(text: str) -> str:
@@ -100,6 +102,14 @@ def assign_split(group: pa.Table, *, test_share: float, seed: int) -> pa.Table:
     test = set(distinct[:int(test_share * len(distinct) + 0.5)])
     split = [(TEST if k in test else TRAIN) if s == OK else "" for k, s in zip(keys, status)]
     return group.set_column(group.column_names.index("split"), "split", pa.array(split, pa.string()))
+
+
+def split_partitions(rows: int, micro_codes: int) -> int:
+    """Partitions of the shuffle that brings each stratum together: one per
+    :data:`ROWS_PER_SPLIT_PARTITION` rows, at most one per stratum a labelled row can have (micro code
+    or none × safe/unsafe; a stratum is never split, so more partitions would stay empty). Ray's
+    default (200) costs a task per empty partition; the split itself does not depend on it."""
+    return max(1, min(2 * (micro_codes + 1), -(-rows // ROWS_PER_SPLIT_PARTITION)))
 
 
 def enforce_disjoint(batch: pa.Table, *, test_ids: frozenset, test_keys: frozenset) -> pa.Table:
@@ -242,7 +252,10 @@ class AssembleStage(Stage):
                                                 fn_kwargs={"external": n if external else None}) for n in names])
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
-        internal = self._rows(inputs, list(self.config.inputs), external=False).groupby(["micro", "label"]) \
+        partitions = split_partitions(sum(rundir.count_rows(n, OK) for n in self.config.inputs),
+                                      len(load_taxonomy(self.taxonomy_path).micro_codes))
+        internal = self._rows(inputs, list(self.config.inputs), external=False) \
+            .groupby(["micro", "label"], num_partitions=partitions) \
             .map_groups(assign_split, batch_format="pyarrow",
                         fn_kwargs={"test_share": self.config.test_share, "seed": self.seed})
         parts = [internal]

@@ -15,7 +15,8 @@ from pipelines.core.rows import OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.labelling.assembly import (
-    TEST, TRAIN, assign_split, enforce_disjoint, text_key, to_dataset_rows,
+    ROWS_PER_SPLIT_PARTITION, TEST, TRAIN, assign_split, enforce_disjoint, split_partitions, text_key,
+    to_dataset_rows,
 )
 from tests.conftest import write_jsonl
 
@@ -42,6 +43,12 @@ def test_assign_split_is_stratified_stable_and_keeps_identical_texts_together():
     assert dict(zip(again.column("id").to_pylist(), again.column("split").to_pylist())) == split
     other = assign_split(table, test_share=0.3, seed=1)
     assert dict(zip(other.column("id").to_pylist(), other.column("split").to_pylist())) != split
+
+
+def test_the_stratum_shuffle_has_no_more_partitions_than_rows_or_strata_need():
+    assert split_partitions(0, 31) == split_partitions(31, 31) == 1
+    assert split_partitions(ROWS_PER_SPLIT_PARTITION + 1, 31) == 2
+    assert split_partitions(10**9, 31) == 64                  # (31 codes + none) x (safe, unsafe)
 
 
 def test_enforce_disjoint_drops_train_rows_that_overlap_test():
