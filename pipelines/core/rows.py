@@ -147,3 +147,13 @@ def common_rows(inputs: dict, names) -> Any:
     """The named upstream outputs as one dataset in the common schema (row schema + ``lineage``),
     so that sources with different lineage columns can be merged and written together."""
     return union_all([inputs[name].map_batches(to_common_schema, batch_format="pyarrow") for name in names])
+
+
+#: rows per hash-shuffle partition of a ``groupby`` (see :func:`shuffle_partitions`)
+ROWS_PER_PARTITION = 2000
+
+
+def shuffle_partitions(rows: int) -> int:
+    """Partitions for a ``groupby`` over ``rows`` rows: Ray Data's default (200) costs a task per
+    partition, which dominates small runs; large ones keep partitions of ~2,000 rows, at most 200."""
+    return max(1, min(200, -(-rows // ROWS_PER_PARTITION)))

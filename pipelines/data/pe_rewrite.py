@@ -29,7 +29,8 @@ from pipelines.core.parsing import classify_llm_error, split_prompts
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    ERROR, LINEAGE, OK, common_rows, content_id, error_detail, keyed_rng, make_row, to_table,
+    ERROR, LINEAGE, OK, common_rows, content_id, error_detail, keyed_rng, make_row, shuffle_partitions,
+    to_table,
 )
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
@@ -153,7 +154,8 @@ class PERewriteStage(Stage):
             "config": self.config, "seed": self.seed, "taxonomy_path": self.taxonomy_path}).materialize()
         direct = assigned.filter(lambda r: r["role"] != _SEED).map_batches(
             _finish_direct_rows, batch_format="pyarrow")
-        groups = assigned.filter(lambda r: r["role"] == _SEED).groupby(["label", "macro", "method"]) \
+        seeds = assigned.filter(lambda r: r["role"] == _SEED)
+        groups = seeds.groupby(["label", "macro", "method"], num_partitions=shuffle_partitions(seeds.count())) \
             .map_groups(make_groups, batch_format="pyarrow", fn_kwargs={
                 "group_size": self.config.group_size, "taxonomy_path": self.taxonomy_path,
                 "methods_path": self.config.methods})

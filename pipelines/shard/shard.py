@@ -52,7 +52,8 @@ from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, content_id, error_detail, to_common_schema, to_table, union_all,
+    DROPPED, ERROR, LINEAGE, OK, content_id, error_detail, shuffle_partitions, to_common_schema, to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import assign_splits, hash_rank
@@ -173,14 +174,6 @@ SHARD_COLUMNS = {
 _KEY = "text_key"
 _RETRY_COLUMNS = {"retry_problem": pa.string(), "retry_previous": pa.string()}
 RULES_COLUMNS = {"examples": pa.list_(pa.string()), "rules": pa.string(), "rules_model": pa.string()}
-#: rows per hash-shuffle partition of the groupby steps (split strata, judgements back to their row)
-ROWS_PER_PARTITION = 2000
-
-
-def shuffle_partitions(rows: int) -> int:
-    """Partitions for a ``groupby`` over ``rows`` rows: Ray Data's default (200) costs a task per
-    partition, which dominates small runs; large ones keep partitions of ~2,000 rows."""
-    return max(1, min(200, -(-rows // ROWS_PER_PARTITION)))
 
 
 def _llm_fields(row: dict[str, Any]) -> tuple[str, str]:
