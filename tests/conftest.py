@@ -16,6 +16,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Data's Parquet reader starts a pool of 32 footer-reading actors per read (sized for many files
+# on a cluster), ~3 s of start-up per read on this 2-core machine, paid by every stage read, count and
+# scratch pass. One actor reads the footers of the tests' few small files; the reader is the same.
+# Set before any local Ray starts so its workers and `chillguard run` / `ray start` children inherit it.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 #: an API key for `vllm_server` to require (parametrize it indirectly with TEST_API_KEY). Set before
 #: any local Ray starts, so its workers inherit it, as a cluster's nodes carry it in their environment.
 TEST_API_KEY_ENV, TEST_API_KEY = "CHILLGUARD_TEST_API_KEY", "sk-chillguard-test-6f1c9e"
