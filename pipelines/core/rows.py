@@ -153,7 +153,8 @@ def common_rows(inputs: dict, names) -> Any:
 ROWS_PER_PARTITION = 2000
 
 
-def shuffle_partitions(rows: int) -> int:
+def shuffle_partitions(rows: int, rows_per_partition: int = ROWS_PER_PARTITION, most: int = 200) -> int:
     """Partitions for a ``groupby`` over ``rows`` rows: Ray Data's default (200) costs a task per
-    partition, which dominates small runs; large ones keep partitions of ~2,000 rows, at most 200."""
-    return max(1, min(200, -(-rows // ROWS_PER_PARTITION)))
+    partition, which dominates small runs; large ones keep partitions of ``rows_per_partition`` rows,
+    at most ``most`` (no more than the groups there can be)."""
+    return max(1, min(most, -(-rows // rows_per_partition)))

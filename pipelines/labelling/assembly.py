@@ -27,7 +27,8 @@ from pydantic import Field
 from pipelines.core.config import Strict, semantic_dump
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, SAFE, SCHEMA_FIELDS, UNSAFE, to_common_schema, to_table, union_all,
+    DROPPED, ERROR, LINEAGE, OK, SAFE, SCHEMA_FIELDS, UNSAFE, shuffle_partitions, to_common_schema, to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
@@ -109,7 +110,7 @@ def split_partitions(rows: int, micro_codes: int) -> int:
     :data:`ROWS_PER_SPLIT_PARTITION` rows, at most one per stratum a labelled row can have (micro code
     or none × safe/unsafe; a stratum is never split, so more partitions would stay empty). Ray's
     default (200) costs a task per empty partition; the split itself does not depend on it."""
-    return max(1, min(2 * (micro_codes + 1), -(-rows // ROWS_PER_SPLIT_PARTITION)))
+    return shuffle_partitions(rows, ROWS_PER_SPLIT_PARTITION, most=2 * (micro_codes + 1))
 
 
 def enforce_disjoint(batch: pa.Table, *, test_ids: frozenset, test_keys: frozenset) -> pa.Table:
