@@ -17,7 +17,15 @@ than the context, a server error for that request) do not stop the job: the row 
 ``llm_error`` set, and the calling stage turns it into an ``error`` row with a reason.
 
 Output columns added to every input row: ``llm_output`` (str), ``llm_error`` (str, "" if fine),
-``llm_prompt_tokens`` and ``llm_output_tokens`` (int, 0 if unknown). ``chat(..., first_logprobs=True)``
+``llm_prompt_tokens`` and ``llm_output_tokens`` (int, 0 if unknown).
+
+``chat(..., samples=k)`` returns ``k`` rows per input row (``llm_sample`` = 0..k-1), k sampled
+answers to the same prompt. Over http that is one request with ``n = k`` (the server prefills the
+prompt once; a failed request or a missing choice is an error on each missing sample; the prompt's
+tokens are counted on sample 0, the completion tokens split over the samples). ``ray.data.llm``'s
+vLLM stage returns only the first completion of a request (``outputs[0]``; ray issue 53396), so for
+``engine: vllm`` each row is repeated ``k`` times before the engine and vLLM's prefix cache shares
+the prompt's prefill between the copies. ``chat(..., first_logprobs=True)``
 adds ``llm_first_logprobs``: the top log-probabilities at the answer's first token (see
 :func:`first_answer_logprobs`) as a JSON object ``{token text: logprob}``, ``""`` when the engine
 returned none (failed rows, an answer of whitespace only).
@@ -43,6 +51,10 @@ LLM_COLUMNS = {
 }
 
 FIRST_LOGPROBS = "llm_first_logprobs"
+#: with ``samples=k``: which of the k answers to the row's prompt this row holds
+SAMPLE = "llm_sample"
+#: with ``samples=k`` over http: every choice's text, exploded into rows by :func:`_finalize`
+_CHOICES = "llm_choices"
 #: top-k log-probabilities asked for when a caller wants them and the endpoint sets no
 #: ``sampling.logprobs``
 DEFAULT_TOP_LOGPROBS = 5
@@ -176,7 +188,8 @@ def _vllm_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict
 
 
 class _HttpPreprocess:
-    def __init__(self, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None):
+    def __init__(self, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None,
+                 samples: int = 1):
         self.endpoint = endpoint
         self.constraint = constraint
         self.model = endpoint.model
@@ -186,6 +199,8 @@ class _HttpPreprocess:
             self.sampling["logprobs"] = True
         self.extra = ({"chat_template_kwargs": endpoint.chat_template_kwargs}
                       if endpoint.chat_template_kwargs else {})
+        if samples > 1:
+            self.extra["n"] = samples
         self.render = render
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +237,13 @@ class BearerSession:
         return aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"})
 
 
-def _http_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict[str, Any]:
+def _http_postprocess(row: dict[str, Any], first_logprobs: bool = False, samples: int = 1) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k not in _ENGINE_KEYS}
     response = row.get("http_response") or {}
     choices = response.get("choices") if isinstance(response, dict) else None
+    if samples > 1:  # every choice, in index order; _finalize makes one row of each
+        ordered = sorted(choices or [], key=lambda c: c.get("index", 0))
+        out[_CHOICES] = [(c.get("message") or {}).get("content") or "" for c in ordered]
     if choices:
         usage = response.get("usage") or {}
         out["llm_output"] = (choices[0].get("message") or {}).get("content") or ""
@@ -247,9 +265,48 @@ def _http_postprocess(row: dict[str, Any], first_logprobs: bool = False) -> dict
     return out
 
 
-def _finalize(batch: pa.Table, first_logprobs: bool = False) -> pa.Table:
+def split_samples(row: dict[str, Any], samples: int) -> list[dict[str, Any]]:
+    """One http row answered with ``n = samples`` choices -> ``samples`` rows (``llm_sample`` =
+    index), each with its choice's text; a failed request, or a choice the server did not return,
+    is an error on that sample. Token counts: the prompt on sample 0 (prefilled once), the
+    completion tokens spread so that the rows sum to the response's total."""
+    choices = row.pop(_CHOICES, None) or []
+    prompt_tokens, output_tokens = int(row.get("llm_prompt_tokens") or 0), int(row.get("llm_output_tokens") or 0)
+    out = []
+    for i in range(samples):
+        sample = {**row, SAMPLE: i, "llm_prompt_tokens": prompt_tokens if i == 0 else 0,
+                  "llm_output_tokens": output_tokens // samples + (output_tokens % samples if i == 0 else 0)}
+        if row.get("llm_error"):
+            sample["llm_output"] = ""
+        elif i < len(choices):
+            sample["llm_output"] = choices[i]
+        else:
+            sample.update(llm_output="", llm_error=f"the server returned {len(choices)} choices for n={samples}")
+        out.append(sample)
+    return out
+
+
+def _repeat_rows(batch: pa.Table, samples: int) -> pa.Table:
+    """Each row ``samples`` times, with ``llm_sample`` = 0..samples-1 (engine vllm)."""
+    index = pa.array([i for i in range(batch.num_rows) for _ in range(samples)], pa.int64())
+    return batch.take(index).append_column(SAMPLE, pa.array(list(range(samples)) * batch.num_rows, pa.int32()))
+
+
+def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1) -> pa.Table:
     """Give every batch the same LLM columns; rows that failed inside the engine bypass our
-    postprocess and arrive with ``__inference_error__`` set and the engine's keys still present."""
+    postprocess and arrive with ``__inference_error__`` set and the engine's keys still present.
+    With http ``samples > 1``, each row's choices become rows (:func:`split_samples`)."""
+    if samples == 1:
+        return _llm_columns(batch, first_logprobs)
+    # a batch of requests that all failed inside the stage never went through our postprocess
+    choices = batch.column(_CHOICES).to_pylist() if _CHOICES in batch.column_names else [None] * batch.num_rows
+    batch = _llm_columns(batch.drop_columns([c for c in (_CHOICES,) if c in batch.column_names]), first_logprobs)
+    rows = [s for row, c in zip(batch.to_pylist(), choices)
+            for s in split_samples({**row, _CHOICES: c}, samples)]
+    return pa.Table.from_pylist(rows, schema=batch.schema.append(pa.field(SAMPLE, pa.int32())))
+
+
+def _llm_columns(batch: pa.Table, first_logprobs: bool) -> pa.Table:
     columns = {**LLM_COLUMNS, FIRST_LOGPROBS: pa.string()} if first_logprobs else LLM_COLUMNS
     names = batch.column_names
     if "__inference_error__" in names:
@@ -272,7 +329,7 @@ def _finalize(batch: pa.Table, first_logprobs: bool = False) -> pa.Table:
 
 
 def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None,
-                    first_logprobs: bool = False):
+                    first_logprobs: bool = False, samples: int = 1):
     """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring); ``constraint``
     restricts answers where the endpoint accepts structured outputs; ``first_logprobs`` adds
     ``llm_first_logprobs`` (the endpoint's ``sampling.logprobs`` must be set)."""
@@ -303,8 +360,9 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constra
         batch_size=endpoint.batch_size,
         concurrency=endpoint.concurrency,
     )
-    return _build(config, preprocess=_HttpPreprocess(endpoint, render, constraint),
-                  postprocess=functools.partial(_http_postprocess, first_logprobs=first_logprobs))
+    return _build(config, preprocess=_HttpPreprocess(endpoint, render, constraint, samples),
+                  postprocess=functools.partial(_http_postprocess, first_logprobs=first_logprobs,
+                                                samples=samples))
 
 
 def with_logprobs(endpoint: LLMEndpoint) -> LLMEndpoint:
@@ -317,12 +375,19 @@ def with_logprobs(endpoint: LLMEndpoint) -> LLMEndpoint:
 
 
 def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None, *,
-         first_logprobs: bool = False):
+         first_logprobs: bool = False, samples: int = 1):
     """Run every row of ``dataset`` through ``endpoint``; returns the rows plus ``LLM_COLUMNS``
     (and ``llm_first_logprobs`` with ``first_logprobs=True``, top-k from the endpoint's
-    ``sampling.logprobs``, default :data:`DEFAULT_TOP_LOGPROBS`)."""
+    ``sampling.logprobs``, default :data:`DEFAULT_TOP_LOGPROBS`). ``samples=k``: k answers per
+    row, one row each, numbered in ``llm_sample`` (see the module docstring)."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     if first_logprobs:
         endpoint = with_logprobs(endpoint)
-    processor = build_processor(endpoint, render, constraint, first_logprobs)
+    if samples > 1 and endpoint.engine == "vllm":
+        dataset = dataset.map_batches(_repeat_rows, batch_format="pyarrow", fn_kwargs={"samples": samples})
+    processor = build_processor(endpoint, render, constraint, first_logprobs,
+                                samples if endpoint.engine == "http" else 1)
     return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None,
-                                          fn_kwargs={"first_logprobs": first_logprobs})
+                                          fn_kwargs={"first_logprobs": first_logprobs,
+                                                     "samples": samples if endpoint.engine == "http" else 1})

@@ -59,6 +59,12 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
                  cluster.num_cpus or os.cpu_count(), gpus,
                  f"{cluster.dashboard_host}:{cluster.dashboard_port}" if cluster.include_dashboard
                  else "off")
+        # Ray Data's Parquet reader starts 32 footer-reading actors per read, sized for many files on a
+        # cluster: on one machine their start-up (seconds each, on a few cores) dominated every stage
+        # read of a small run. One actor reads a local run's footers (its I/O is async); the variable
+        # reaches the workers through the runtime env. A value set by the user wins.
+        footer = os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        runtime_env["env_vars"]["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = footer
         # address="local" always starts a fresh local instance, even if a stale
         # ray_current_cluster file points at a cluster that no longer exists.
         global _EMBEDDED

@@ -107,10 +107,24 @@ def is_operational(field: Any) -> bool:
     return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("operational"))
 
 
+#: Field marker for a field added to an existing section: left out of config hashes while it holds
+#: its default, so that runs made before the field existed keep their hashes and are not recomputed
+#: (``tests/core/test_compat.py``); once set, it counts like any other field.
+ADDED: dict[str, Any] = {"added": True}
+
+
+def _hashed(model: BaseModel, name: str, field: Any) -> bool:
+    if is_operational(field):
+        return False
+    added = isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("added")
+    return not added or getattr(model, name) != field.get_default(call_default_factory=True)
+
+
 def semantic_dump(value: Any) -> Any:
     """``model_dump(mode="json")`` without the fields marked :data:`OPERATIONAL`, at every depth
-    (nested sections, dicts and lists of them). This is the one place where operational settings
-    leave config hashes, so scaling a finished run up or down recomputes nothing.
+    (nested sections, dicts and lists of them), nor the fields marked :data:`ADDED` that hold their
+    default. This is the one place where operational settings leave config hashes, so scaling a
+    finished run up or down recomputes nothing.
 
     Deliberately *not* operational (they change the output): sampling settings; ``engine_kwargs``
     (it mixes ``max_model_len``, dtype and the engine seed with memory knobs, and tensor parallelism
@@ -121,7 +135,7 @@ def semantic_dump(value: Any) -> Any:
     """
     if isinstance(value, BaseModel):
         return {name: semantic_dump(getattr(value, name))
-                for name, field in type(value).model_fields.items() if not is_operational(field)}
+                for name, field in type(value).model_fields.items() if _hashed(value, name, field)}
     if isinstance(value, dict):
         return {key: semantic_dump(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.core.config import ConfigError, ExistingPath, Strict
+from pipelines.core.config import ADDED, ConfigError, ExistingPath, Strict
 from pipelines.core.registry import register
 from pipelines.core.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.rundir import source_fingerprint
@@ -38,6 +38,9 @@ class ColumnMap(Strict):
                                  "types_of_harm, LinguaSafe's type): kept as lineage `harm_category`")
     level: str | None = Field(None, description="the dataset's harm level (LinguaSafe's level): kept as "
                               "lineage `harm_level`")
+    split: str | None = Field(None, description="the dataset's own split (train / test): kept as column "
+                              "`split`, which guard evaluation and the loop read like assemble's",
+                              json_schema_extra=ADDED)
 
 
 class IngestConfig(Strict):
@@ -86,10 +89,10 @@ class IngestConfig(Strict):
 
 # source file; paired response; the dataset's own harm category and level (SHARD stratifies by level)
 ORIGIN = {"origin": pa.string(), "response": pa.string(), "harm_category": pa.string(),
-          "harm_level": pa.string()}
+          "harm_level": pa.string(), "split": pa.string()}
 #: ColumnMap field -> row column, for the fields kept as they are
 _KEPT = {"lang": "lang", "macro": "macro", "micro": "micro", "response": "response",
-         "category": "harm_category", "level": "harm_level"}
+         "category": "harm_category", "level": "harm_level", "split": "split"}
 
 
 class MissingColumnError(ConfigError):

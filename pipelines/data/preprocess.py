@@ -93,11 +93,10 @@ class NearDedupConfig(Strict):
         return self
 
 
-class PreprocessConfig(Strict):
-    """Preprocessing chain over the union of ``inputs``: normalize -> langid -> translate ->
-    length_filter -> dedup -> near_dedup; each step is its own stage (null skips it)."""
+class PreprocessSteps(Strict):
+    """The preprocessing chain: normalize -> langid -> translate -> length_filter -> dedup ->
+    near_dedup; each step is its own stage (null skips it)."""
 
-    inputs: list[str] = Field(min_length=1, description="upstream stages whose ok rows are merged")
     normalize: NormalizeConfig | None = Field(default_factory=NormalizeConfig)
     langid: LangIdConfig | None = Field(default_factory=LangIdConfig)
     translate: TranslateConfig | None = None
@@ -109,16 +108,22 @@ class PreprocessConfig(Strict):
                                         "near_dedup")
 
     @model_validator(mode="after")
-    def _translate_needs_langid(self) -> "PreprocessConfig":
+    def _translate_needs_langid(self) -> "PreprocessSteps":
         if self.translate is not None and self.langid is None:
             raise ValueError("translate needs langid (it translates rows by detected language)")
         return self
+
+
+class PreprocessConfig(PreprocessSteps):
+    """``stages.preprocess``: the chain over the union of ``inputs``."""
+
+    inputs: list[str] = Field(min_length=1, description="upstream stages whose ok rows are merged")
 
 log = logging.getLogger(__name__)
 
 
 
-def _with_status(batch: pa.Table, status: list[str], reason: list[str], detail: list[str]) -> pa.Table:
+def with_status(batch: pa.Table, status: list[str], reason: list[str], detail: list[str]) -> pa.Table:
     batch = batch.drop_columns([c for c in ("status", "reason", "detail") if c in batch.column_names])
     return (batch.append_column("status", pa.array(status, pa.string()))
             .append_column("reason", pa.array(reason, pa.string()))
@@ -161,7 +166,7 @@ def normalize_batch(batch: pa.Table, *, form: str, t2s: bool) -> pa.Table:
         else:
             status.append(ERROR), reason.append("empty_after_normalization"), detail.append(repr(text)[:200])
     batch = batch.set_column(batch.column_names.index("text"), "text", pa.array(texts, pa.string()))
-    return _with_status(batch, status, reason, detail)
+    return with_status(batch, status, reason, detail)
 
 
 class NormalizeStage(PreprocessStage):
@@ -208,7 +213,7 @@ def langid_batch(batch: pa.Table, *, languages: tuple[str, ...], keep: tuple[str
     reason = ["unsupported_language" if s == DROPPED else "" for s in status]
     detail = [f"detected {lang}, keeping {list(keep)}" if s == DROPPED else ""
               for s, lang in zip(status, langs)]
-    return _with_status(batch, status, reason, detail)
+    return with_status(batch, status, reason, detail)
 
 
 class LangIdStage(PreprocessStage):
@@ -255,7 +260,7 @@ def length_batch(batch: pa.Table, *, min_chars: int, max_chars: int) -> pa.Table
             status.append(DROPPED), reason.append("too_long"), detail.append(f"{n} > {max_chars} characters")
         else:
             status.append(OK), reason.append(""), detail.append("")
-    return _with_status(batch, status, reason, detail)
+    return with_status(batch, status, reason, detail)
 
 
 class LengthFilterStage(PreprocessStage):
@@ -288,7 +293,7 @@ def mark_duplicates(batch: pa.Table, *, duplicates: dict[str, str], reason: str)
     reasons = [reason if k else "" for k in kept_ids]
     detail = [f"duplicate of {k}" if k else "" for k in kept_ids]
     batch = batch.drop_columns([DUPLICATE_OF]) if DUPLICATE_OF in batch.column_names else batch
-    return _with_status(batch.append_column(DUPLICATE_OF, pa.array(kept_ids, pa.string())),
+    return with_status(batch.append_column(DUPLICATE_OF, pa.array(kept_ids, pa.string())),
                         status, reasons, detail)
 
 
@@ -376,17 +381,20 @@ STEP_STAGES = {"normalize": NormalizeStage, "langid": LangIdStage, "translate": 
                "length_filter": LengthFilterStage, "dedup": DedupStage, "near_dedup": NearDedupStage}
 
 
-def _steps(config: PreprocessConfig) -> list[str]:
-    return [step for step in PreprocessConfig.STEPS if getattr(config, step) is not None]
+def _steps(config: PreprocessSteps) -> list[str]:
+    return [step for step in PreprocessSteps.STEPS if getattr(config, step) is not None]
 
 
-def _build(recipe: Any, config: PreprocessConfig) -> list[Stage]:
-    """One stage per enabled step, each reading the one before (the first: the union of inputs)."""
+def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], prefix: str = "") -> list[Stage]:
+    """One stage per enabled step, each reading the one before (the first: the union of ``inputs``),
+    named ``<prefix><step>`` (the loop preprocesses its candidates as ``loop1_normalize``, ...)."""
     stages: list[Stage] = []
-    upstream = tuple(config.inputs)
+    upstream = tuple(inputs)
     for step in _steps(config):
-        stages.append(STEP_STAGES[step](getattr(config, step), upstream))
-        upstream = (stages[-1].name,)
+        stage = STEP_STAGES[step](getattr(config, step), upstream)
+        stage.name = f"{prefix}{stage.name}"
+        stages.append(stage)
+        upstream = (stage.name,)
     return stages
 
 
@@ -396,5 +404,6 @@ def _check(config: PreprocessConfig, refs: References) -> dict[str, str | None]:
     return {}
 
 
-register("preprocess", config=PreprocessConfig, after="pe", provides="rows", names=_steps, build=_build,
+register("preprocess", config=PreprocessConfig, after="pe", provides="rows", names=_steps,
+         build=lambda recipe, config: build_steps(config, tuple(config.inputs)),
          check=_check)

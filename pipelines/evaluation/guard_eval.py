@@ -795,7 +795,7 @@ def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, st
     return models
 
 
-register("guard_eval", config=GuardEvalConfig, keyed=True, after="mdpo", check=_check,
+register("guard_eval", config=GuardEvalConfig, keyed=True, after="loop", check=_check,
          build=lambda recipe, guards: [GuardEvalStage(key, config, recipe.models[config.model], recipe.taxonomy)
                                        for key, config in guards.items()],
          description="guards to score on labelled sets; each is stage guard_eval_<key>")

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.core.config import ExistingPath, ModelRef, Strict, TrainingConfig
-from pipelines.core.registry import register
+from pipelines.core.config import ADDED, ExistingPath, ModelRef, Strict, TrainingConfig
+from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
 from pipelines.training.sft import TrainingStage, check_rows, finish_training, pad_right, train_dir
@@ -46,15 +46,15 @@ class PairColumns(Strict):
     chosen: str = "chosen"
     rejected: str = "rejected"
     id: str | None = None
+    system: str | None = Field(None, description="a system prompt per pair (before the prompt's user turn)",
+                               json_schema_extra=ADDED)
 
 
-class MDPOConfig(TrainingConfig):
+class MDPOSettings(TrainingConfig):
     """Preference optimisation of a generator with MDPO (seed §4.2, REFERENCE.md), or plain DPO
     with ``dynamic_beta: false``. Paper defaults: β 0.1, γ 0.9, K 12 of a global batch of 16,
-    lr 2e-7, cosine, warmup 0.1, 1 epoch."""
+    lr 2e-7, cosine, warmup 0.1, 1 epoch. (Where the pairs come from: :class:`MDPOConfig`.)"""
 
-    paths: list[ExistingPath] = Field(min_length=1, description="preference pairs: JSONL / Parquet / CSV")
-    columns: PairColumns = Field(default_factory=PairColumns)
     learning_rate: float = Field(2e-7, gt=0)
     beta: float = Field(0.1, gt=0)
     gamma: float = Field(0.9, ge=0, le=1, description="momentum of the running mean gap R̄")
@@ -67,7 +67,7 @@ class MDPOConfig(TrainingConfig):
     chat_template: bool = Field(True, description="wrap the prompt in the model's chat template")
 
     @model_validator(mode="after")
-    def _check_keep(self) -> "MDPOConfig":
+    def _check_keep(self) -> "MDPOSettings":
         if self.keep is not None and self.keep > self.global_batch_size:
             raise ValueError(f"keep (K={self.keep}) exceeds global_batch_size {self.global_batch_size}")
         if self.dynamic_beta and self.accumulation_steps != 1:
@@ -76,6 +76,21 @@ class MDPOConfig(TrainingConfig):
                 f"micro_batch_size = global_batch_size / num_workers = "
                 f"{self.global_batch_size // self.num_workers} (got accumulation over "
                 f"{self.accumulation_steps} micro-batches), or dynamic_beta: false")
+        return self
+
+
+class MDPOConfig(MDPOSettings):
+    """``stages.mdpo``: MDPO / DPO on pairs from files (``paths``) or from row stages (``inputs``)."""
+
+    paths: list[ExistingPath] = Field(default_factory=list, description="preference pairs: JSONL / Parquet / CSV")
+    inputs: list[str] = Field(default_factory=list, description="row stages whose ok rows are pairs",
+                              json_schema_extra=ADDED)
+    columns: PairColumns = Field(default_factory=PairColumns)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "MDPOConfig":
+        if bool(self.paths) == bool(self.inputs):
+            raise ValueError("give the pairs as paths (files) or inputs (row stages), one of the two")
         return self
 
 log = logging.getLogger(__name__)
@@ -181,8 +196,10 @@ class TokenizePairs:
             return {**out, "status": ERROR, "reason": "identical_pair", "detail": "chosen == rejected"}
         tok = self.tok
         if self.config.chat_template:
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, **self.config.chat_template_kwargs)
+            system = r.get(cols.system) if cols.system else None
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **self.config.chat_template_kwargs)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         chosen_ids = prompt_ids + tok(chosen, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rejected_ids = prompt_ids + tok(rejected, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -363,22 +380,43 @@ def read_pairs(config: MDPOConfig):
     else:
         raise ValueError(f"stages.mdpo.paths: one format at a time (.jsonl, .parquet or .csv), got {sorted(kinds)}")
     names = set(ds.schema().names)
-    cols = config.columns
-    missing = [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id) if c and c not in names]
-    if missing:
-        raise ValueError(f"stages.mdpo: pair files {config.paths} have no column(s) {missing} "
-                         f"(columns: {sorted(names)}); map them with stages.mdpo.columns")
+    check_pair_columns(config, names, f"pair files {config.paths}")
     return ds
 
 
+def check_pair_columns(config: MDPOConfig, names: set[str], source: str) -> None:
+    cols = config.columns
+    missing = [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id, cols.system) if c and c not in names]
+    if missing:
+        raise ValueError(f"stages.mdpo: {source} have no column(s) {missing} (columns: {sorted(names)}); "
+                         "map them with stages.mdpo.columns")
+
+
 class MDPOStage(TrainingStage):
+    """``mdpo`` (or a loop's ``loop2_mdpo``): MDPO / DPO of a generator on preference pairs."""
+
     name = "mdpo"
 
-    def __init__(self, config: MDPOConfig):
+    def __init__(self, config: MDPOConfig, name: str | None = None):
         super().__init__(config)
+        self.name = name or self.name
+        self.inputs = tuple(config.inputs)
 
-    def source_fingerprint(self) -> str:
-        return source_fingerprint(self.config.paths)
+    def source_fingerprint(self) -> str | None:
+        return source_fingerprint(self.config.paths) if self.config.paths else None
+
+    def pairs(self, inputs: dict):
+        """The pairs: the ok rows of the input stages, or the files."""
+        from pipelines.core.rows import union_all
+
+        cfg = self.config
+        if not self.inputs:
+            return read_pairs(cfg)
+        for name in self.inputs:
+            check_pair_columns(cfg, set(inputs[name].schema().names), f"the rows of stage {name}")
+        keep = [c for c in (cfg.columns.prompt, cfg.columns.chosen, cfg.columns.rejected, cfg.columns.id,
+                            cfg.columns.system) if c]
+        return union_all([inputs[name].select_columns(keep) for name in self.inputs])
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         import ray
@@ -387,7 +425,7 @@ class MDPOStage(TrainingStage):
         from pipelines.training.train_loop import default_use_gpu
 
         cfg = self.config
-        read_pairs(cfg).map_batches(TokenizePairs(cfg), batch_format="pyarrow").write_parquet(
+        self.pairs(inputs).map_batches(TokenizePairs(cfg), batch_format="pyarrow").write_parquet(
             rundir.uri(self.name), partition_cols=["status"])
         rows = check_rows(self, rundir, cfg)
         data = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None).select_columns(
@@ -404,5 +442,10 @@ class MDPOStage(TrainingStage):
         self._summary = finish_training(self, rundir, result, log_dir)
 
 
-register("mdpo", config=MDPOConfig, after="sft", provides="model",
+def _check(config: MDPOConfig, refs: References) -> dict[str, str | None]:
+    refs.check_inputs("stages.mdpo.inputs", config.inputs, refs.before(None))
+    return {}
+
+
+register("mdpo", config=MDPOConfig, after="sft", provides="model", check=_check,
          build=lambda recipe, config: [MDPOStage(config)])

@@ -238,6 +238,24 @@ def _export_hf(engine, method: Method, out_dir: str, rank: int, zero3: bool) -> 
         method.export_tokenizer(out_dir)
 
 
+def weights_digest(model, zero3: bool = False) -> str:
+    """16 hex of sha256 over the model's input-embedding matrix (as float32): which weights a run
+    starts from, recorded as ``start_weights`` in its metrics (the loop's classifiers must start
+    from the backbone, not from the previous iteration). Under ZeRO-3 the matrix is gathered
+    first: every rank must call it."""
+    import hashlib
+
+    weight = model.get_input_embeddings().weight
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            data = weight.detach().float().cpu().numpy().tobytes()
+    else:
+        data = weight.detach().float().cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def train_worker(payload: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (runs on every worker)."""
     import deepspeed
@@ -263,6 +281,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     with partitioned_loading(ds_config):
         model = method.build_model(dtype)
+    start_weights = weights_digest(model, zero3)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -324,7 +343,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             metrics = _all_reduce_mean(metrics, world, device)
             method.after_step(metrics)
             elapsed = time.perf_counter() - t_step
-            metrics.update(step=pos.step, epoch=pos.epoch, lr=lr,
+            metrics.update(step=pos.step, epoch=pos.epoch, lr=lr, start_weights=start_weights,
                            step_seconds=elapsed, data_wait_seconds=data_seconds,
                            tokens_per_second_per_worker=tokens / elapsed)
             step_metrics, tokens, data_seconds, t_step = [], 0, 0.0, time.perf_counter()

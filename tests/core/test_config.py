@@ -111,13 +111,15 @@ def test_demo_recipe_is_valid(tiny_models):
         f"models.keyword_writer.model={tiny_models['causal-lm']}",
         f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}",
         f"models.adjudicator.model={tiny_models['causal-lm']}",
-        f"models.guard.model={tiny_models['causal-lm']}", f"stages.guard_sft.model={tiny_models['causal-lm']}",
+        f"models.guard.model={tiny_models['causal-lm']}",
+        f"stages.loop.classifier.model={tiny_models['causal-lm']}",
+        f"stages.loop.generator_training.model={tiny_models['causal-lm']}",
         *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
         "keywords", "ingest", "seeds", "embed", "index", "retrieve", "rag", "pe", "preprocess", "jury",
-        "adjudicate", "assemble", "guard_sft", "guard_eval"]  # sections in run order (the registry's)
+        "adjudicate", "assemble", "loop"]  # sections in run order (the registry's)
     assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
-    assert demo.stages.guard_eval["demo_guard"].model_from == "guard_sft"
+    assert demo.stages.loop.systems == ["c0", "c2"] and demo.stages.loop.iterations == 2
 
 
 def test_paper_recipe_is_valid_offline():
@@ -132,10 +134,18 @@ def test_paper_recipe_is_valid_offline():
         "01-ai/Yi-1.5-34B-Chat"]
     assert paper.models[paper.stages.adjudicate.model].engine == "http"
     assert paper.stages.assemble.external == ["seeds_polyguard_zh"]
-    sft = paper.stages.guard_sft   # Appendix D.3
+    loop = paper.stages.loop       # §4.3, Appendix D
+    sft = loop.classifier          # Appendix D.3
     assert (sft.model, sft.learning_rate, sft.lr_scheduler, sft.warmup_ratio, sft.epochs) == (
         "Qwen/Qwen3-8B", 1e-5, "cosine", 0.1, 1)
     assert sft.deepspeed == "zero3" and sft.use_gpu
+    generator = paper.models[loop.generator]  # Appendix D.2.2, Table 10
+    assert (generator.model, loop.k, generator.sampling.temperature, generator.sampling.max_tokens,
+            generator.max_model_len) == ("dphn/Dolphin3.0-Llama3.1-8B", 4, 0.7, 2048, 20480)
+    mdpo = loop.generator_training  # Appendix D.2.1, Table 9
+    assert (mdpo.model, mdpo.learning_rate, mdpo.global_batch_size, mdpo.beta, mdpo.gamma, mdpo.keep,
+            mdpo.epochs, mdpo.lr_scheduler, mdpo.warmup_ratio) == (
+        "dphn/Dolphin3.0-Llama3.1-8B", 2e-7, 16, 0.1, 0.9, 12, 1, "cosine", 0.1)
 
 
 def test_stage_dependencies_are_checked(tmp_path, tiny_models):

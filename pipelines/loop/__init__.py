@@ -1,0 +1,1 @@
+"""The generator–classifier loop (CHILLGuard §4.3): generation, levels, pairs, MDPO, retraining."""

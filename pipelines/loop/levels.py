@@ -1,0 +1,99 @@
+"""Difficulty levels and preference pairs of the generator–classifier loop (CHILLGuard §4.3, eq. 8–9).
+Pure functions.
+
+A candidate is a rewrite of one seed; it keeps the seed's label y*. The classifier of the previous
+iteration predicts ŷ and the generator scores its quality s ∈ [1, 5]::
+
+    L1: ŷ ≠ y*, s ≥ 3     (fools the classifier, good rewrite: what the generator should write)
+    L2: ŷ ≠ y*, s < 3
+    L3: ŷ = y*, s < 3
+    L4: ŷ = y*, s ≥ 3
+
+Pairs (chosen, rejected) are made among one seed's candidates by the priority
+⟨L1, L4⟩ ≻ ⟨L1, L3⟩ ≻ ⟨L2, L4⟩; ⟨L2, L3⟩ is never used (both sides are flawed: noisy signal).
+
+Our choices where the paper is silent:
+
+- a candidate is in at most one pair, so a seed gives at most ``k // 2`` pairs; ``max_pairs`` (the
+  recipe's ``max_pairs_per_seed``, default 1) caps it further. With the default each seed gives its
+  single best pair, so the pairs spread over seeds instead of piling up on seeds with many L1s;
+- pairs are taken greedily in priority order: all possible ⟨L1, L4⟩ first, then ⟨L1, L3⟩ with the
+  L1s left, then ⟨L2, L4⟩ with the L4s left;
+- ties inside a level (which L1 pairs with which L4) are broken by a seeded shuffle of each level's
+  candidates (:func:`pipelines.core.rows.keyed_rng` of the run seed and the seed row's id), so the
+  pairs do not depend on row order and are the same on every run;
+- a candidate without a quality score or without a prediction is ineligible: no level, in no pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+L1, L2, L3, L4 = "L1", "L2", "L3", "L4"
+LEVELS = (L1, L2, L3, L4)
+#: (chosen level, rejected level), best first
+PAIR_PRIORITY: tuple[tuple[str, str], ...] = ((L1, L4), (L1, L3), (L2, L4))
+#: s ≥ this is a good rewrite (the paper's 3 on its 1–5 scale)
+QUALITY_THRESHOLD = 3
+
+
+def level_of(gold: str, predicted: str | None, quality: int | None,
+             threshold: int = QUALITY_THRESHOLD) -> str | None:
+    """The candidate's level (eq. 8), or ``None`` when it is ineligible (no prediction or no score)."""
+    if predicted is None or quality is None:
+        return None
+    wrong = predicted != gold
+    good = quality >= threshold
+    if wrong:
+        return L1 if good else L2
+    return L4 if good else L3
+
+
+def pair_type(chosen: str, rejected: str) -> str:
+    return f"<{chosen},{rejected}>"
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: str          # candidate id
+    rejected: str        # candidate id
+    chosen_level: str
+    rejected_level: str
+
+    @property
+    def type(self) -> str:
+        return pair_type(self.chosen_level, self.rejected_level)
+
+
+def make_pairs(candidates: Iterable[tuple[str, str | None]], max_pairs: int | None, rng) -> list[Pair]:
+    """Pairs of one seed's candidates ``(id, level or None)`` by :data:`PAIR_PRIORITY`, each
+    candidate used at most once, at most ``max_pairs`` (``None``: as many as there are). ``rng``
+    (a numpy Generator) breaks ties inside a level; candidates are first ordered by id, so the
+    result depends on the set of candidates and the generator only."""
+    buckets: dict[str, list[str]] = {level: [] for level in LEVELS}
+    for cid, level in sorted(candidates, key=lambda c: c[0]):
+        if level is not None:
+            buckets[level].append(cid)
+    for level in LEVELS:
+        members = buckets[level]
+        buckets[level] = [members[i] for i in rng.permutation(len(members))]
+    pairs: list[Pair] = []
+    for chosen, rejected in PAIR_PRIORITY:
+        while buckets[chosen] and buckets[rejected]:
+            if max_pairs is not None and len(pairs) >= max_pairs:
+                return pairs
+            pairs.append(Pair(buckets[chosen].pop(0), buckets[rejected].pop(0), chosen, rejected))
+    return pairs
+
+
+def no_pair_reason(levels: Sequence[str | None]) -> str:
+    """Why a seed's candidates gave no pair (for its ``dropped`` row)."""
+    present = {level for level in levels if level is not None}
+    if not levels:
+        return "no_candidates"
+    if not present:
+        return "no_eligible_candidates"
+    if present <= {L2, L3} and L2 in present and L3 in present:
+        return "only_L2_L3"  # the excluded pair type
+    return "no_valid_pair"

@@ -1,0 +1,220 @@
+"""The loop's ablation report (the seed's Tables 3–4), ``loop_report``: every evaluated classifier
+side by side on the same test rows, and what the loop did to get there.
+
+Written to ``RUN_DIR/loop_report/report/``:
+
+- ``report.json``: per system (c0, c1, c2, c2_dpo) the overall precision / recall / F1 and the
+  per-macro and per-micro F1, copied from its evaluation stage's ``metrics.json`` (the guard
+  evaluation harness computed them from that stage's rows); the candidates' levels and the pairs'
+  types per micro category (from ``loop2_score`` / ``loop2_pairs`` rows); MDPO / DPO training
+  curves (β_M, R̄, reward accuracy per step, from the training logs); each loop stage's wall time;
+- ``report.md``: the same as tables;
+- ``f1_by_system.png`` (overall and per-macro F1, bars per system) and ``generator_training.png``.
+
+No rows of its own: it reads finished stages (its ``requires``), so it reruns when any of them does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from typing import Any
+
+from pipelines.core.rows import ERROR, OK
+from pipelines.core.stage import Stage
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.training.sft import LOGS_DIR
+
+REPORT_DIR = "report"
+SYSTEM_NAMES = {"c0": "C0 (iteration 0 only)", "c1": "C1 (iteration 1 only)", "c2": "C2 (MDPO, full)",
+                "c2_dpo": "C2 with DPO"}
+CURVES = ("beta_m", "running_mean", "reward_accuracy", "loss")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def eval_stage(system: str) -> str:
+    iteration = {"c0": 0, "c1": 1}.get(system, 2)
+    return f"loop{iteration}_eval_{system}"
+
+
+def system_metrics(metrics: dict) -> dict[str, Any]:
+    """The figures of one system's evaluation ``metrics.json`` the report compares."""
+    o = metrics["overall"]
+    return {"rows": metrics["rows"]["evaluated"], "unparsed": metrics["rows"]["unparsed"],
+            "precision": o["precision"], "recall": o["recall"], "f1": o["f1"],
+            "tp": o["tp"], "fp": o["fp"], "fn": o["fn"], "tn": o["tn"],
+            "per_macro_f1": {k: m["f1"] for k, m in metrics["per_macro"].items()},
+            "per_micro_f1": {k: m["f1"] for k, m in metrics["per_micro"].items() if m["rows"]},
+            "model": metrics["settings"]["model"]}
+
+
+def read_curves(rundir, stage: str) -> list[dict[str, float]]:
+    text = rundir.read_text(f"{stage}/{LOGS_DIR}/metrics.jsonl") or ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{"step": r["step"], **{k: r[k] for k in CURVES if k in r}} for r in rows]
+
+
+def markdown(report: dict, taxonomy) -> str:
+    systems = report["systems"]
+    names = list(systems)
+    lines = ["# Generator–classifier loop: ablation report", ""]
+    if names:
+        rows = next(iter(systems.values()))["rows"]
+        lines += [f"Every system on the same {rows} test rows (F1 with `unsafe` positive; an unusable answer "
+                  "counts as wrong).", "", "| system | precision | recall | F1 | " +
+                  " | ".join(f"{m} F1" for m in taxonomy.macro_codes) + " |",
+                  "|---|---|---|---|" + "---|" * len(taxonomy.macro_codes)]
+        for name, m in systems.items():
+            lines.append(f"| {SYSTEM_NAMES[name]} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
+                         + " | ".join(_fmt(m["per_macro_f1"].get(c)) for c in taxonomy.macro_codes) + " |")
+        micros = sorted({c for m in systems.values() for c in m["per_micro_f1"]}, key=taxonomy.micro_codes.index)
+        lines += ["", "## Per micro category (F1)", "", "| micro | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for code in micros:
+            lines.append(f"| {code} | " + " | ".join(_fmt(systems[n]["per_micro_f1"].get(code)) for n in names) + " |")
+    levels = report["levels"]
+    if levels["by_micro"]:
+        cols = ["L1", "L2", "L3", "L4", "ineligible"]
+        lines += ["", "## Candidate levels (iteration 2, C1's labels and G0's scores)", "",
+                  "| micro | " + " | ".join(cols) + " | pairs | " + " | ".join(report["pairs"]["types"]) + " |",
+                  "|---|" + "---|" * (len(cols) + 1 + len(report["pairs"]["types"]))]
+        for code, counts in levels["by_micro"].items():
+            pairs = report["pairs"]["by_micro"].get(code, {})
+            lines.append(f"| {code} | " + " | ".join(str(counts.get(c, 0)) for c in cols)
+                         + f" | {sum(pairs.values())} | " + " | ".join(str(pairs.get(t, 0)) for t in report["pairs"]["types"])
+                         + " |")
+        lines.append(f"| all | " + " | ".join(str(levels["total"].get(c, 0)) for c in cols)
+                     + f" | {report['pairs']['total']} | "
+                     + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"]) + " |")
+    for stage, curve in report["generator_training"].items():
+        if curve:
+            last = curve[-1]
+            lines += ["", f"## {stage}: {len(curve)} steps", "",
+                      "final " + ", ".join(f"{k} {_fmt(last.get(k))}" for k in CURVES if k in last)]
+    lines += ["", "## Wall time per loop stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def f1_chart(systems: dict[str, dict], macro_codes: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ["overall", *macro_codes]
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
+    width = 0.8 / max(1, len(systems))
+    for i, (name, m) in enumerate(systems.items()):
+        values = [m["f1"], *(m["per_macro_f1"].get(c) for c in macro_codes)]
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [v or 0.0 for v in values], width, label=SYSTEM_NAMES[name])
+        for x, v in zip(xs, values):
+            ax.text(x, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom",
+                    rotation=90, fontsize=7)
+    ax.set_xticks([g + width * (len(systems) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("F1 (unsafe positive)")
+    ax.set_title("Loop ablation: overall and per-macro F1 on the test split", fontsize=10)
+    ax.legend(fontsize=7, ncol=len(systems), loc="upper right", frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def curves_chart(curves: dict[str, list[dict]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("beta_m", "running_mean", "reward_accuracy")
+    fig, axes = plt.subplots(1, len(keys), figsize=(10, 3.2), dpi=110)
+    for ax, key in zip(axes, keys):
+        for stage, curve in curves.items():
+            points = [(r["step"], r[key]) for r in curve if key in r]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=stage)
+        ax.set_title({"beta_m": "β_M", "running_mean": "R̄", "reward_accuracy": "reward accuracy"}[key], fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class LoopReportStage(Stage):
+    """``loop_report``: the ablation report over the loop's finished stages."""
+
+    name = "loop_report"
+
+    def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str):
+        super().__init__({"systems": list(systems)})
+        self.requires = tuple(loop_stages)
+        self.systems = list(systems)
+        self.taxonomy_path = taxonomy_path
+
+    def report(self, rundir) -> dict[str, Any]:
+        taxonomy = load_taxonomy(self.taxonomy_path)
+        systems = {}
+        for system in self.systems:
+            text = rundir.read_text(f"{eval_stage(system)}/{REPORT_DIR}/metrics.json")
+            if text is None:
+                raise FileNotFoundError(f"{eval_stage(system)} wrote no report/metrics.json")
+            systems[system] = system_metrics(json.loads(text))
+        by_micro: dict[str, Counter] = {}
+        total: Counter = Counter()
+        if "loop2_score" in self.requires:
+            for status in (OK, ERROR):
+                for micro, level in zip(rundir.column_values("loop2_score", status, "micro"),
+                                        rundir.column_values("loop2_score", status, "level")):
+                    key = level if status == OK and level else "ineligible"
+                    by_micro.setdefault(micro or "-", Counter())[key] += 1
+                    total[key] += 1
+        pair_micro: dict[str, Counter] = {}
+        if "loop2_pairs" in self.requires:
+            for micro, kind in zip(rundir.column_values("loop2_pairs", OK, "micro"),
+                                   rundir.column_values("loop2_pairs", OK, "pair_type")):
+                pair_micro.setdefault(micro or "-", Counter())[kind] += 1
+        type_totals = sum(pair_micro.values(), Counter())
+        order = {c: i for i, c in enumerate([*taxonomy.micro_codes, "-"])}
+        manifests = rundir.manifests()
+        return {
+            "systems": systems,
+            "levels": {"by_micro": {m: dict(c) for m, c in sorted(by_micro.items(), key=lambda kv: order.get(kv[0], 99))},
+                       "total": dict(total)},
+            "pairs": {"by_micro": {m: dict(c) for m, c in sorted(pair_micro.items(), key=lambda kv: order.get(kv[0], 99))},
+                      "type_totals": dict(type_totals), "total": sum(type_totals.values()),
+                      "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"]},
+            "generator_training": {s: read_curves(rundir, s) for s in self.requires if s in ("loop2_mdpo", "loop2_dpo")},
+            "seconds": {s: manifests[s]["seconds"] for s in self.requires if manifests.get(s)},
+        }
+
+    def write(self, inputs: dict, rundir) -> None:
+        taxonomy = load_taxonomy(self.taxonomy_path)
+        report = self.report(rundir)
+        base = f"{self.name}/{REPORT_DIR}"
+        rundir.write_text(f"{base}/report.json", json.dumps(report, indent=2, ensure_ascii=False))
+        rundir.write_text(f"{base}/report.md", markdown(report, taxonomy))
+        if report["systems"]:
+            rundir.write_bytes(f"{base}/f1_by_system.png", f1_chart(report["systems"], list(taxonomy.macro_codes)))
+        if any(report["generator_training"].values()):
+            rundir.write_bytes(f"{base}/generator_training.png", curves_chart(report["generator_training"]))
+        self._summary = {"f1": {s: m["f1"] for s, m in report["systems"].items()},
+                         "pairs": report["pairs"]["total"], "levels": report["levels"]["total"],
+                         "report": f"{REPORT_DIR}/report.md"}
+
+    _summary: dict[str, Any] | None = None
+
+    def summary(self, rundir) -> dict[str, Any] | None:
+        return self._summary
