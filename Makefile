@@ -41,6 +41,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/llm_stage.py
+	$(BIN)/python benchmarks/loop_generation.py
 	$(BIN)/python benchmarks/corpus_index.py
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/jury.py

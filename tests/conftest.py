@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from cluster.processes import free_port, stop_group  # noqa: F401  (tests import them from here)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,12 +48,6 @@ def ray_local():
              object_store_memory=512 * 1024**2)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_balanced(manifest: dict, rundir=None) -> None:
@@ -110,24 +105,6 @@ def long_context_endpoint(model: str) -> dict:
 
 
 PYTHON = sys.executable
-
-
-def stop_group(proc, timeout: float = 30) -> None:
-    """Stop a process the test started in its own session, with everything it spawned (and only
-    that: never `ray stop`, which would hit every Ray on the machine)."""
-    import signal
-    import subprocess
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="session")

