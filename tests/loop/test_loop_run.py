@@ -126,7 +126,8 @@ def _recipe(tmp_path: Path, tiny: dict[str, str], url: str, scorer_url: str) -> 
                 "preprocess": {"langid": None, "length_filter": None},
                 "classifier": {"model": model, "deepspeed": "zero2", "num_workers": 2, "global_batch_size": 8,
                                "micro_batch_size": 2, "learning_rate": 1e-3, "max_length": 4096},
-                "generator_training": {"model": model, "deepspeed": "zero2", "num_workers": 2,
+                # ZeRO-3: the frozen reference is partitioned like the policy (step 1 must still be DPO)
+                "generator_training": {"model": model, "deepspeed": "zero3", "num_workers": 2,
                                        "global_batch_size": 4, "micro_batch_size": 2, "keep": 3,
                                        "learning_rate": 1e-4, "max_length": 2048},
                 "systems": ["c2"],
@@ -283,7 +284,8 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     curve = report["generator_training"]["loop2_mdpo"]
     assert len(curve) == manifests["loop2_mdpo"]["summary"]["plan"]["total_steps"]
     assert all({"beta_m", "running_mean", "reward_accuracy"} <= set(step) for step in curve)
-    assert curve[0]["running_mean"] == 0.0 and curve[0]["beta_m"] == pytest.approx(0.1)  # step 1 is DPO
+    # step 1 is DPO: the partitioned reference equals the policy, every gap is 0, so β_M = β
+    assert curve[0]["running_mean"] == 0.0 and curve[0]["beta_m"] == pytest.approx(0.1)
     assert set(report["seconds"]) >= {"loop1_generate", "loop2_mdpo", "loop2_train_c2"}
     for png in ("f1_by_system.png", "generator_training.png"):
         assert (run / "loop_report" / "report" / png).read_bytes()[:4] == b"\x89PNG"
