@@ -12,7 +12,8 @@ the request) and ``harmfulness`` (a better answer is less harmful; a tie unless 
 concrete harmful content).
 
 Selection (:func:`select`): SHARD keeps a refined answer O2 (candidate) over the draft O1
-(reference) when it **wins helpfulness and does not lose harmfulness**.
+(reference) when it **wins helpfulness** (rule ``helpfulness``, the default); our stricter option
+``helpfulness_and_harm`` also requires that it does not lose harmfulness.
 
 On rows (:func:`judge`): each row becomes one request per criterion (:func:`expand_comparisons`),
 all requests go through one ``ray.data.llm`` processor of the judge endpoint, the answers are read
@@ -23,7 +24,7 @@ all requests go through one ``ray.data.llm`` processor of the judge endpoint, th
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -83,15 +84,19 @@ def verdict_pattern(explanation_chars: int) -> str:
 
 #: reasons a candidate is not kept, in the order they are checked
 NOT_MORE_HELPFUL, MORE_HARMFUL = "not_more_helpful", "more_harmful"
+#: selection rules: SHARD's (O2 wins helpfulness), and ours that also refuses a loss on harmfulness
+SELECTION_RULES = ("helpfulness", "helpfulness_and_harm")
 
 
-def select(helpfulness: str, harmfulness: str) -> tuple[bool, str]:
-    """SHARD's rule: keep the candidate iff it wins helpfulness and does not lose harmfulness.
-    Returns ``(keep, reason)``; the reason of a rejected candidate is ``not_more_helpful`` (tie or
-    loss on helpfulness) or else ``more_harmful`` (loss on harmfulness)."""
+def select(helpfulness: str, harmfulness: str, rule: str = "helpfulness") -> tuple[bool, str]:
+    """Keep the candidate iff it wins helpfulness (``helpfulness``: SHARD's rule) and, under
+    ``helpfulness_and_harm``, does not lose harmfulness. Returns ``(keep, reason)``; the reason of a
+    rejected candidate is ``not_more_helpful`` (tie or loss on helpfulness) or else ``more_harmful``."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {rule!r}")
     if helpfulness != WIN:
         return False, NOT_MORE_HELPFUL
-    if harmfulness == LOSS:
+    if rule == "helpfulness_and_harm" and harmfulness == LOSS:
         return False, MORE_HARMFUL
     return True, ""
 
@@ -108,14 +113,21 @@ _VERDICT_COLUMNS = {"raw": pa.string(), "verdict": pa.string(), "outcome": pa.st
 JUDGED_COLUMNS = (*_REQUEST_COLUMNS, *_VERDICT_COLUMNS)
 
 
-def expand_comparisons(batch: pa.Table, *, seed: int, key: str, candidate: str, reference: str) -> pa.Table:
+def other(position: str) -> str:
+    return B if position == A else A
+
+
+def expand_comparisons(batch: pa.Table, *, seed: int, key: str, candidate: str, reference: str,
+                       swap: bool = False) -> pa.Table:
     """Each row -> one judge request per criterion (``criterion``, ``position``: where the candidate
-    answer goes, drawn from ``seed`` and (``key``, row id, criterion)); the row's columns ride along,
-    with ``_candidate`` / ``_reference`` holding the two answers."""
+    answer goes, drawn from ``seed`` and (``key``, row id, criterion); with ``swap`` the other side, for
+    the position-bias check); the row's columns ride along, with ``_candidate`` / ``_reference``
+    holding the two answers."""
     out = []
     for row in batch.to_pylist():
         for criterion in CRITERIA:
-            out.append({**row, "criterion": criterion, "position": candidate_position(seed, key, row["id"], criterion),
+            position = candidate_position(seed, key, row["id"], criterion)
+            out.append({**row, "criterion": criterion, "position": other(position) if swap else position,
                         "_candidate": row[candidate], "_reference": row[reference]})
     names = [*batch.column_names, *_REQUEST_COLUMNS, "_candidate", "_reference"]
     schema = pa.schema([*batch.schema, *(pa.field(n, t) for n, t in _REQUEST_COLUMNS.items()),
@@ -160,10 +172,11 @@ def read_verdicts(batch: pa.Table, *, max_tokens: int) -> pa.Table:
 
 
 def judge(rows, endpoint: LLMEndpoint, prompts: dict[str, ChatPrompt], constraint: dict | None, *, seed: int,
-          key: str, candidate: str, reference: str):
-    """Lazy dataset of judgements: every row × criterion, judged and read (:func:`read_verdicts`)."""
+          key: str, candidate: str, reference: str, swap: bool = False):
+    """Lazy dataset of judgements: every row × criterion, judged and read (:func:`read_verdicts`);
+    ``swap``: each answer on the other side than the drawn order puts it."""
     requests = rows.map_batches(expand_comparisons, batch_format="pyarrow", fn_kwargs={
-        "seed": seed, "key": key, "candidate": candidate, "reference": reference})
+        "seed": seed, "key": key, "candidate": candidate, "reference": reference, "swap": swap})
     return chat(requests, endpoint, RenderJudge(prompts), constraint).map_batches(
         read_verdicts, batch_format="pyarrow", fn_kwargs={"max_tokens": endpoint.sampling.max_tokens})
 
@@ -183,3 +196,33 @@ def combine_judgements(requests: list[dict[str, Any]]) -> dict[str, Any]:
             HARMFULNESS: by_criterion.get(HARMFULNESS, {}).get("outcome", ""),
             "judgements": judgements, "reason": problems[0][0] if problems else "",
             "detail": "; ".join(d for _, d in problems)}
+
+
+class Recheck(NamedTuple):
+    """One comparison judged in the drawn order and again with the answers swapped."""
+
+    criterion: str
+    outcome: str          # the candidate's win / tie / loss in the drawn order ("" without a verdict)
+    swapped_outcome: str  # ... with the answers swapped
+    verdict: str          # A / B / C / "" in the drawn order
+    swapped_verdict: str
+
+
+def position_bias(checks: list[Recheck]) -> dict[str, Any]:
+    """The position-bias check, per criterion and overall:
+
+    - ``flip_rate`` = #{outcome differs between the two orders} / #{comparisons with a verdict in
+      both}: an unbiased judge's outcome does not depend on where the answers are shown (0 is ideal;
+      a judge that always names the same position flips every comparison it does not tie);
+    - ``first_position_rate`` = share of the A / B verdicts (both orders) that name answer A: the
+      direction of the bias (about 0.5 for a judge that decides by content).
+    """
+    out: dict[str, Any] = {}
+    for name in (*CRITERIA, "all"):
+        mine = [c for c in checks if name in ("all", c.criterion)]
+        both = [c for c in mine if c.outcome and c.swapped_outcome]
+        flips = sum(c.outcome != c.swapped_outcome for c in both)
+        named = [v for c in mine for v in (c.verdict, c.swapped_verdict) if v in (A, B)]
+        out[name] = {"compared": len(both), "flips": flips, "flip_rate": flips / len(both) if both else None,
+                     "first_position_rate": named.count(A) / len(named) if named else None}
+    return out

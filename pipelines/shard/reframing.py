@@ -1,8 +1,10 @@
 """SHARD prompt reframing: the guidelines, the JSON answer P2 and its validation.
 
 The reframing step rewrites a sensitive prompt P1 into P2, a JSON object with four fields
-(:data:`FIELDS`): the reformulated prompt, the response mode (one of :data:`RESPONSE_MODES`), the
-component that was reformulated, and the benign need that is preserved. An answer that is not such
+(:data:`FIELDS`): the reformulated prompt, the response mode (one of :data:`RESPONSE_MODES`: how much
+of the request had to be reformulated - none, some, or the request redirected - as in SHARD), the
+component that was reformulated (empty when nothing was, as SHARD allows), and the benign need that
+is preserved. An answer that is not such
 an object is asked again (the stage's ``retries``), then ends in ``error`` with the problem
 (:func:`parse_reframing`).
 
@@ -30,6 +32,8 @@ GUIDELINE_MODES = ("full", "universal_only", "instructions_only")
 
 RESPONSE_MODES = ("direct_answer", "soft_reframe", "acknowledge_and_redirect")
 FIELDS = ("reformulated_prompt", "response_mode", "reformulated_component", "preserved_benign_need")
+#: fields that may be empty: nothing was reformulated
+MAY_BE_EMPTY = ("reformulated_component",)
 #: the category name used for rows whose dataset gives none (they get rules of their own)
 UNCATEGORISED = "uncategorised"
 
@@ -79,7 +83,7 @@ def reframing_schema(max_chars: int) -> dict:
     text = {"type": "string", "minLength": 1, "maxLength": max_chars}
     return {"type": "object",
             "properties": {"reformulated_prompt": text, "response_mode": {"enum": list(RESPONSE_MODES)},
-                           "reformulated_component": text, "preserved_benign_need": text},
+                           "reformulated_component": {**text, "minLength": 0}, "preserved_benign_need": text},
             "required": list(FIELDS), "additionalProperties": False}
 
 
@@ -108,14 +112,15 @@ def _first_object(text: str) -> dict:
 
 def parse_reframing(text: str) -> dict[str, str]:
     """A reframing answer -> the four fields (stripped), or :class:`ReframingError` with reason
-    ``invalid_json``, ``missing_field`` (a field absent or not a string), ``empty_field`` or
+    ``invalid_json``, ``missing_field`` (a field absent or not a string), ``empty_field`` (any but
+    ``reformulated_component``, which is empty when nothing was reformulated) or
     ``invalid_response_mode``. Keys beyond the four are ignored."""
     value = _first_object(strip_thinking(text or ""))
     missing = [f for f in FIELDS if not isinstance(value.get(f), str)]
     if missing:
         raise ReframingError("missing_field", f"fields missing or not strings: {missing}")
     fields = {f: value[f].strip() for f in FIELDS}
-    empty = [f for f in FIELDS if not fields[f]]
+    empty = [f for f in FIELDS if not fields[f] and f not in MAY_BE_EMPTY]
     if empty:
         raise ReframingError("empty_field", f"empty fields: {empty}")
     if fields["response_mode"] not in RESPONSE_MODES:

@@ -11,26 +11,33 @@ Stages, in run order (``stages.shard`` in a recipe; ``<v>`` is a variant of ``st
     of what the judge later prefers.
 ``shard_answer``
     the target model's baseline answer O1 to P1 under a plain system prompt (``baseline``).
-``shard_rules_<v>``
-    (guidelines ``full`` only) one request per harm category: the variant's reframer writes
-    category-specific rules from the universal guidelines; one row per category.
+``shard_rules``
+    (when a variant uses guidelines ``full``) one request per harm category: one writer
+    (``rules_writer``, default the target) writes category-specific rules from the universal
+    guidelines, once per run, shared by every variant; one row per category. As in SHARD the rules
+    come from the category name alone by default; ``rules_examples: k`` shows k example prompts of
+    the category, drawn from the **train** split only, so no test prompt shapes what is trained.
 ``shard_reframe_<v>``
     P1 -> P2, a JSON object (:mod:`pipelines.shard.reframing`), with the guidance the ablation gives;
     an invalid answer is asked again ``retries`` times with the problem, then is an ``error``.
 ``shard_refine_<v>``
-    O1 -> O2 (``completion``) given P1 and P2; a refusal keeps refusing the harmful part and adds
-    the helpful part.
+    O1 -> O2 (``completion``) given P1, the reframed request and O1 (SHARD's refiner inputs); a
+    refusal keeps refusing the harmful part and adds the helpful part; a good O1 comes back as is.
 ``shard_judge_<v>``
     the judge compares O2 (candidate) with O1 (reference) for helpfulness and harmfulness, A/B
     order drawn per comparison (:mod:`pipelines.shard.pairwise`): ``helpfulness`` / ``harmfulness`` are
-    O2's win / tie / loss; every judgement is kept in ``judgements``.
+    O2's win / tie / loss; every judgement is kept in ``judgements``. With ``position_check: n``, n of
+    them are judged again with the answers swapped (``position_check.json``: the share that flips).
 ``shard_select_<v>``
-    ``ok`` = rows where O2 wins helpfulness and does not lose harmfulness; the others ``dropped``
-    (``not_more_helpful``, ``more_harmful``). Its rows carry ``text`` (P1), ``completion`` (O2) and
+    ``ok`` = rows where O2 wins helpfulness (``select: helpfulness``, SHARD's rule) and, with
+    ``select: helpfulness_and_harm``, does not lose harmfulness; the others ``dropped``
+    (``not_more_helpful``, ``more_harmful``); its summary counts what each rule keeps. Its rows carry ``text`` (P1), ``completion`` (O2) and
     ``split`` for ``sft_<key>`` (``pipelines/sft.py``).
 
 Variants: ``reframer`` unset = the target reframes and refines itself (SHARD); a larger endpoint =
-the teacher-distillation baseline. ``guidelines`` = full / universal_only / instructions_only.
+the teacher-distillation baseline, which (``draft: own``, SHARD's) first answers the prompts itself
+in ``shard_answer_<v>``, then reframes, refines **its own** O1 and is judged against it; ``draft:
+target`` makes it refine the target's O1 instead. ``guidelines`` = full / universal_only / instructions_only.
 Every row is carried with one fixed schema (row schema + :data:`SHARD_COLUMNS`), so each stage adds
 its columns and keeps the earlier ones as real columns.
 """
@@ -61,8 +68,8 @@ from pipelines.core.stage import Stage
 from pipelines.labelling.assembly import text_key
 from pipelines.labelling.jury import RETRY, ask_until_valid
 from pipelines.shard.pairwise import (
-    HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge, select,
-    verdict_pattern,
+    HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, SELECTION_RULES, Recheck, combine_judgements, judge,
+    position_bias, select, verdict_pattern,
 )
 from pipelines.shard.reframing import (
     GUIDELINE_MODES, UNCATEGORISED, ReframingError, guidance, load_guidelines, parse_reframing,
@@ -87,12 +94,16 @@ class ShardSplits(Strict):
 
 
 class ShardVariant(Strict):
-    """One supervision variant (``stages.shard.variants.<name>``): who writes the category rules, P2
-    and O2, and which guidance the reframing prompt carries (the recipe's ablations)."""
+    """One supervision variant (``stages.shard.variants.<name>``): who writes P2 and O2, whose draft O1
+    it refines and is judged against, and which guidance the reframing prompt carries (the ablations)."""
 
     reframer: str | None = Field(
-        None, description="endpoint under `models:` that writes the rules, P2 and O2; default: the target "
-        "itself (self-reframing, SHARD); a larger model = the teacher-distillation baseline")
+        None, description="endpoint under `models:` that writes P2 and O2; default: the target itself "
+        "(self-reframing, SHARD); a larger model = the teacher-distillation baseline")
+    draft: Literal["own", "target"] = Field(
+        "own", description="whose O1 the reframer refines and O2 is judged against: own = the reframer "
+        "answers the prompts itself first (SHARD's teacher baseline; the same as target for self); "
+        "target = the teacher refines the target's drafts")
     guidelines: Literal[GUIDELINE_MODES] = Field(
         "full", description="full: universal guidelines + category rules; universal_only; "
         "instructions_only: the task instructions alone")
@@ -113,6 +124,9 @@ class ShardConfig(Strict):
         "You are a helpful assistant.", description="system prompt of O1 and of the evaluated answers; "
         "SFT on shard_select_* must use the same (checked)")
     splits: ShardSplits = Field(default_factory=ShardSplits)
+    select: Literal[SELECTION_RULES] = Field(
+        "helpfulness", description="which O2 are kept for SFT: helpfulness = O2 wins helpfulness (SHARD); "
+        "helpfulness_and_harm = and does not lose harmfulness")
     order_seed: int = Field(42, description="seed of the judge's A/B order draws")
     guidelines: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_guidelines.yaml"), validate_default=True)
     rules_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rules.yaml"), validate_default=True)
@@ -123,13 +137,24 @@ class ShardConfig(Strict):
                                                validate_default=True)
     harmfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_harmfulness.yaml"),
                                                validate_default=True)
-    rules_examples: int = Field(3, ge=0, description="example prompts shown per category when writing rules")
+    rules_writer: str | None = Field(
+        None, description="endpoint under `models:` that writes the category rules once for every variant "
+        "(SHARD: one strong model); default: the target")
+    rules_examples: int = Field(
+        0, ge=0, description="example prompts of the category shown when writing its rules, from the train "
+        "split only; 0 = the category name alone (SHARD)")
     retries: int = Field(1, ge=0, description="re-asks after a reframing answer that is not valid JSON P2")
+    rewrite_temperature: float | None = Field(
+        0.3, ge=0, description="sampling temperature of reframing and refinement (SHARD: 0.3), whatever the "
+        "reframer endpoint's; null = the endpoint's")
     constrained: bool = Field(
         True, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
         "judge answers to explanation + verdict")
     max_field_chars: int = Field(2000, ge=8, description="constrained P2: longest string field")
     explanation_chars: int = Field(1000, ge=0, description="constrained judge: longest explanation")
+    position_check: int = Field(
+        0, ge=0, description="judge this many judged rows (a seeded sample) again with the answers swapped and "
+        "report the share of outcomes that flip (shard_judge_<v>/position_check.json; 0 = off)")
 
     @field_validator("variants")
     @classmethod
@@ -140,10 +165,20 @@ class ShardConfig(Strict):
         """The endpoint that reframes and refines for ``variant``."""
         return self.variants[variant].reframer or self.target
 
+    def answer_stage(self, variant: str) -> str:
+        """The stage holding the O1 that ``variant`` refines: ``shard_answer`` (the target's), or
+        ``shard_answer_<v>`` for a teacher that refines its own drafts."""
+        if self.variants[variant].draft == "own" and self.reframer(variant) != self.target:
+            return f"{ANSWER}_{variant}"
+        return ANSWER
+
     def row_stages(self) -> list[str]:
-        """Its stages whose rows later stages read, in run order (rules stages are per category)."""
-        return ["shard_split", "shard_answer"] + [f"shard_{step}_{v}" for v in self.variants
-                                                  for step in ("reframe", "refine", "judge", "select")]
+        """Its stages whose rows later stages read, in run order (the rules stage's rows are categories)."""
+        names = ["shard_split", "shard_answer"]
+        for v in self.variants:
+            names += [self.answer_stage(v)] if self.answer_stage(v) != ANSWER else []
+            names += [f"shard_{step}_{v}" for step in ("reframe", "refine", "judge", "select")]
+        return names
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +209,8 @@ SHARD_COLUMNS = {
 _KEY = "text_key"
 _RETRY_COLUMNS = {"retry_problem": pa.string(), "retry_previous": pa.string()}
 RULES_COLUMNS = {"examples": pa.list_(pa.string()), "rules": pa.string(), "rules_model": pa.string()}
+#: the position-bias check's report in a judge stage's folder
+POSITION_CHECK = "position_check.json"
 
 
 def _llm_fields(row: dict[str, Any]) -> tuple[str, str]:
@@ -301,13 +338,14 @@ class ShardSplitStage(Stage):
 
 
 class ShardAnswerStage(Stage):
-    """O1: the target's own answer to P1."""
+    """O1: the target's own answer to P1 (``shard_answer``), or a teacher's (``shard_answer_<v>``)."""
 
     name = ANSWER
     inputs = (SPLIT,)
 
-    def __init__(self, config: ShardConfig, endpoint: LLMEndpoint):
+    def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, name: str = ANSWER):
         super().__init__(config)
+        self.name = name
         self.endpoint = endpoint
 
     def hash_payload(self) -> Any:
@@ -327,14 +365,17 @@ def category_name(category: str) -> str:
     return category or UNCATEGORISED
 
 
-def category_examples(rundir: RunDir, stage: str, seed: int, k: int) -> dict[str, list[str]]:
-    """Per harm category of ``stage``'s rows, up to ``k`` example prompts: those whose ids rank
-    first by a seeded hash (streamed: the driver holds ``k`` texts per category)."""
+def category_examples(rundir: RunDir, stage: str, seed: int, k: int, split: str = "train") -> dict[str, list[str]]:
+    """Every harm category of ``stage``'s rows, with up to ``k`` example prompts of ``split``: those
+    whose ids rank first by a seeded hash (streamed: the driver holds ``k`` texts per category). The
+    text of a row of another split is never read into an example."""
     best: dict[str, list[tuple[str, str]]] = {}
-    for batch in rundir.iter_batches(stage, OK, ["id", "text", "harm_category"]):
-        for rid, text, category in zip(*(batch.column(c).to_pylist() for c in ("id", "text", "harm_category"))):
-            ranked = sorted([*best.get(category_name(category), []), (hash_rank(seed, rid), text)])
-            best[category_name(category)] = ranked[:k]
+    for batch in rundir.iter_batches(stage, OK, ["id", "text", "harm_category", "split"]):
+        for rid, text, category, row_split in zip(
+                *(batch.column(c).to_pylist() for c in ("id", "text", "harm_category", "split"))):
+            ranked = best.setdefault(category_name(category), [])
+            if row_split == split and k:
+                best[category_name(category)] = sorted([*ranked, (hash_rank(seed, rid), text)])[:k]
     return {category: [text for _, text in ranked] for category, ranked in sorted(best.items())}
 
 
@@ -348,15 +389,18 @@ class RenderRules:
                                    "universal": self.universal})
 
 
-class ShardRulesStage(Stage):
-    """Category-specific rules: one LLM request per harm category of ``shard_split``; rows are
-    categories (``text``) with their ``rules``."""
+RULES = "shard_rules"
 
+
+class ShardRulesStage(Stage):
+    """Category-specific rules: one LLM request per harm category of ``shard_split``, once per run for
+    every variant; rows are categories (``text``) with their ``rules``."""
+
+    name = RULES
     requires = (SPLIT,)
 
-    def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint, seed: int):
+    def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, seed: int):
         super().__init__(config)
-        self.name = f"shard_rules_{variant}"
         self.endpoint = endpoint
         self.seed = seed
         self.prompt = ChatPrompt(config.rules_template)
@@ -411,7 +455,7 @@ def plan_reframing(batch: pa.Table, *, variant: str, mode: str, model: str, cate
         category = category_name(row["harm_category"])
         if categories is not None and category not in categories:
             row.update(status=ERROR, reason="missing_category_rules",
-                       detail=f"no rules for category {category!r} (see shard_rules_{variant})")
+                       detail=f"no rules for category {category!r} (see {RULES})")
         out.append(row)
     return to_table(out, {**SHARD_COLUMNS, **_RETRY_COLUMNS})
 
@@ -460,14 +504,13 @@ def _drop_retry_columns(batch: pa.Table) -> pa.Table:
 
 
 class ShardReframeStage(Stage):
-    inputs = (ANSWER,)
-
     def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint):
         super().__init__(config)
+        self.inputs = (config.answer_stage(variant),)  # the O1 this variant refines
         self.variant = variant
         self.mode = config.variants[variant].guidelines
         self.name = f"shard_reframe_{variant}"
-        self.rules_stage = f"shard_rules_{variant}"
+        self.rules_stage = RULES
         self.requires = (self.rules_stage,) if self.mode == "full" else ()
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.reframe_template)
@@ -484,7 +527,7 @@ class ShardReframeStage(Stage):
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rules = load_rules(rundir, self.rules_stage) if self.mode == "full" else {}
-        rows = inputs[ANSWER].map_batches(plan_reframing, batch_format="pyarrow", fn_kwargs={
+        rows = inputs[self.inputs[0]].map_batches(plan_reframing, batch_format="pyarrow", fn_kwargs={
             "variant": self.variant, "mode": self.mode, "model": self.endpoint.model,
             "categories": frozenset(rules) if self.mode == "full" else None})
         finished = [rows.filter(expr=col("status") != OK)]
@@ -524,8 +567,8 @@ class ShardRefineStage(Stage):
         return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
-        render = RenderFields(self.prompt, ("text", "baseline", "reformulated_prompt", "response_mode",
-                                            "reformulated_component", "preserved_benign_need"))
+        # what SHARD's refiner sees: P1, the reframed request and O1
+        render = RenderFields(self.prompt, ("text", "reformulated_prompt", "baseline"))
         return chat(inputs[self.inputs[0]], self.endpoint, render).map_batches(
             take_answer, batch_format="pyarrow",
             fn_kwargs={"into": "completion", "model_field": "reframer_model", "model": self.endpoint.model})
@@ -592,9 +635,10 @@ class ShardJudgeStage(Stage):
 
     def hash_payload(self) -> Any:
         c = self.config
-        return {"endpoint": semantic_dump(self.endpoint), "order_seed": c.order_seed,
-                "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": c.constrained,
-                "explanation_chars": c.explanation_chars}
+        payload = {"endpoint": semantic_dump(self.endpoint), "order_seed": c.order_seed,
+                   "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": c.constrained,
+                   "explanation_chars": c.explanation_chars}
+        return {**payload, "position_check": c.position_check} if c.position_check else payload
 
     def build(self, inputs: dict) -> Any:
         rows = inputs[self.inputs[0]]
@@ -603,21 +647,52 @@ class ShardJudgeStage(Stage):
         return judged.groupby("id", num_partitions=shuffle_partitions(2 * rows.count())).map_groups(
             finish_comparison, batch_format="pyarrow", fn_kwargs={"model": self.endpoint.model})
 
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        super().write(inputs, rundir)
+        if self.config.position_check:
+            report = self.position_check(rundir)
+            rundir.write_text(f"{self.name}/{POSITION_CHECK}", json.dumps(report, indent=2))
+
+    def position_check(self, rundir: RunDir) -> dict[str, Any]:
+        """The judged rows with the ``position_check`` smallest seeded hash ranks, judged again with the
+        answers swapped; their outcomes against the first judgements (:func:`position_bias`)."""
+        import ray
+
+        first = {}
+        for batch in rundir.iter_batches(self.name, OK, ["id", "judgements"]):
+            for rid, judgements in zip(batch.column("id").to_pylist(), batch.column("judgements").to_pylist()):
+                first[rid] = {j["criterion"]: j for j in judgements}
+        sample = set(sorted(first, key=lambda rid: hash_rank(self.config.order_seed, rid))[:self.config.position_check])
+        if not sample:
+            return {"rows": 0, **position_bias([])}
+        rows = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None) \
+            .filter(expr=col("id").is_in(sorted(sample))).drop_columns(["judgements"])
+        swapped = judge(rows, self.endpoint, self.prompts, judge_constraint(self.config), seed=self.config.order_seed,
+                        key=self.variant, candidate="completion", reference="baseline", swap=True)
+        checks = [Recheck(r["criterion"], first[r["id"]][r["criterion"]]["outcome"], r["outcome"],
+                          first[r["id"]][r["criterion"]]["verdict"], r["verdict"])
+                  for batch in swapped.iter_batches(batch_format="pyarrow")
+                  for r in batch.select(["id", "criterion", "outcome", "verdict"]).to_pylist()]
+        return {"rows": len(sample), **position_bias(checks)}
+
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         """The inference-time result: O2 against O1 per split (the test split is SHARD's
-        inference-time comparison)."""
-        return {"o2_vs_o1_by_split": outcome_summary(rundir, self.name)}
+        inference-time comparison), and the position-bias check when it ran."""
+        check = rundir.read_text(f"{self.name}/{POSITION_CHECK}")
+        return {"o2_vs_o1_by_split": outcome_summary(rundir, self.name),
+                "position_check": json.loads(check) if check else None}
 
 
 # ------------------------------------------------------------------------------------------------
 # shard_select_<v>
 
 
-def apply_selection(batch: pa.Table) -> pa.Table:
-    """:func:`pipelines.shard.pairwise.select` per row: kept rows ``ok``, the others ``dropped``."""
+def apply_selection(batch: pa.Table, *, rule: str) -> pa.Table:
+    """:func:`pipelines.shard.pairwise.select` per row under ``rule``: kept rows ``ok``, the others
+    ``dropped``."""
     out = []
     for row in batch.to_pylist():
-        keep, reason = select(row[HELPFULNESS], row[HARMFULNESS])
+        keep, reason = select(row[HELPFULNESS], row[HARMFULNESS], rule)
         detail = "" if keep else f"helpfulness {row[HELPFULNESS]}, harmfulness {row[HARMFULNESS]}"
         out.append({**row, "status": OK if keep else DROPPED, "reason": reason, "detail": detail})
     return to_table(out, SHARD_COLUMNS)
@@ -630,17 +705,32 @@ class ShardSelectStage(Stage):
         self.inputs = (f"shard_judge_{variant}",)
 
     def hash_payload(self) -> Any:
-        return {"rule": "helpfulness == win and harmfulness != loss"}
+        return {"rule": self.config.select}
 
     def build(self, inputs: dict) -> Any:
-        return inputs[self.inputs[0]].map_batches(apply_selection, batch_format="pyarrow")
+        return inputs[self.inputs[0]].map_batches(apply_selection, batch_format="pyarrow",
+                                                  fn_kwargs={"rule": self.config.select})
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         splits = rundir.column_values(self.name, OK, "split")
-        return {"kept_per_split": {s: splits.count(s) for s in sorted(set(splits))}}
+        judged = [(h, m, s) for status in (OK, DROPPED) for h, m, s in zip(
+            *(rundir.column_values(self.name, status, c) for c in (HELPFULNESS, HARMFULNESS, "split")))]
+        return {"rule": self.config.select, "kept_per_split": {s: splits.count(s) for s in sorted(set(splits))},
+                # what each rule keeps of the same judgements, per split
+                "kept_by_rule": {rule: dict(sorted(Counter(s for h, m, s in judged if select(h, m, rule)[0]).items()))
+                                 for rule in SELECTION_RULES}}
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def rewriting_endpoint(config: ShardConfig, endpoint: LLMEndpoint) -> LLMEndpoint:
+    """The reframer's endpoint at ``rewrite_temperature`` (reframing and refinement sample cooler than
+    the answers, as in SHARD)."""
+    if config.rewrite_temperature is None:
+        return endpoint
+    sampling = endpoint.sampling.model_copy(update={"temperature": config.rewrite_temperature})
+    return endpoint.model_copy(update={"sampling": sampling})
 
 
 def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
@@ -648,11 +738,14 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     models = recipe.models
     stages: list[Stage] = [ShardSplitStage(config, recipe.seed),
                            ShardAnswerStage(config, models[config.target])]
-    for variant, settings in config.variants.items():
+    if any(v.guidelines == "full" for v in config.variants.values()):
+        stages.append(ShardRulesStage(config, models[config.rules_writer or config.target], recipe.seed))
+    for variant in config.variants:
         reframer = models[config.reframer(variant)]
-        if settings.guidelines == "full":
-            stages.append(ShardRulesStage(config, variant, reframer, recipe.seed))
-        stages += [ShardReframeStage(config, variant, reframer), ShardRefineStage(config, variant, reframer),
+        if config.answer_stage(variant) != ANSWER:  # a teacher writes its own O1 first
+            stages.append(ShardAnswerStage(config, reframer, config.answer_stage(variant)))
+        rewriter = rewriting_endpoint(config, reframer)
+        stages += [ShardReframeStage(config, variant, rewriter), ShardRefineStage(config, variant, rewriter),
                    ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
     return stages
 
@@ -662,7 +755,8 @@ def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
     for the answers it compares (and not on the split that shard_eval evaluates). Returns the
     endpoints it names."""
     refs.check_inputs("stages.shard.inputs", shard.inputs, refs.before("shard_split"))
-    models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge}
+    models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge,
+              "stages.shard.rules_writer": shard.rules_writer}
     models.update({f"stages.shard.variants.{v}.reframer": c.reframer for v, c in shard.variants.items()})
     selected = {f"shard_select_{v}" for v in shard.variants}
     evaluation = refs.recipe.stages.shard_eval

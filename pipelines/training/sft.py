@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.core.config import CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
@@ -69,6 +69,9 @@ class ChatSFTConfig(TrainingConfig):
 
     inputs: list[str] = Field(min_length=1, description="row stages with the prompt and completion")
     split: str | None = Field("train", description="keep rows with this split (None: all)")
+    val_split: str | None = Field(
+        None, description="rows of this split are held out: the validation loss is computed after every "
+        "epoch and the exported model is the epoch with the lowest one (SHARD: val)", json_schema_extra=ADDED)
     prompt_column: str = "text"
     completion_column: str = "completion"
     system: str | None = None
@@ -84,8 +87,10 @@ class ChatSFTConfig(TrainingConfig):
 log = logging.getLogger(__name__)
 
 LOGS_DIR = "logs"
+#: ``part``: ``train``, or ``val`` for a held-out validation row (``val_split``)
 TOKENIZED = {"id": pa.string(), "input_ids": pa.list_(pa.int32()), "prompt_len": pa.int32(),
-             "n_tokens": pa.int32(), **STATUS_FIELDS}
+             "n_tokens": pa.int32(), "part": pa.string(), **STATUS_FIELDS}
+TRAIN, VAL = "train", "val"
 
 
 def pick_columns(batch: pa.Table, columns: dict[str, str]) -> pa.Table:
@@ -117,10 +122,12 @@ class TokenizeExamples:
         raise NotImplementedError
 
     def row(self, r: dict[str, Any]) -> dict[str, Any]:
-        out = {"id": r["id"], "input_ids": [], "prompt_len": 0, "n_tokens": 0, "status": OK,
+        out = {"id": r["id"], "input_ids": [], "prompt_len": 0, "n_tokens": 0, "part": TRAIN, "status": OK,
                "reason": "", "detail": ""}
-        split = getattr(self.config, "split", None)
-        if split is not None and r.get("split") and r["split"] != split:
+        split, val_split = getattr(self.config, "split", None), getattr(self.config, "val_split", None)
+        if val_split is not None and r.get("split") == val_split:
+            out["part"] = VAL
+        elif split is not None and r.get("split") and r["split"] != split:
             return {**out, "status": DROPPED, "reason": "other_split", "detail": r["split"]}
         made = self.example(r)
         if isinstance(made[0], str):
@@ -215,7 +222,11 @@ class SFT(Method):
 
     def export_module(self, module, state: dict | None, out_dir: str) -> None:
         if getattr(self.config, "lora", None) is not None:  # a plain model that vLLM loads by path
-            module.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            import copy
+
+            # merged on a copy: merge_and_unload() strips the adapters from the module it is called
+            # on, and training goes on after an epoch's export (validation picks the best epoch)
+            copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
             return
         super().export_module(module, state, out_dir)
 
@@ -235,6 +246,11 @@ class SFT(Method):
         out = engine(**batch)
         return out.loss, {"loss": float(out.loss.detach())}
 
+    def validation_weight(self, batch: dict[str, Any]) -> int:
+        """The predicted answer tokens (the loss is their mean): the validation loss is the mean over
+        every answer token of the validation set."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
 
 def finish_training(stage: Stage, rundir: RunDir, result: FitResult, log_dir: str) -> dict[str, Any]:
     """Copy the exported model and the logs into the stage folder; raise :class:`TrainingPaused`
@@ -247,6 +263,14 @@ def finish_training(stage: Stage, rundir: RunDir, result: FitResult, log_dir: st
     _copy_tree(log_dir, rundir.uri(stage.name, LOGS_DIR))
     return {"plan": result.plan.as_dict(), "final_metrics": result.metrics,
             "model": rundir.uri(stage.name, MODEL_DIR)}
+
+
+def read_metrics(rundir: RunDir, stage: str) -> list[dict[str, Any]]:
+    """The per-step metrics a training stage logged (``RUN_DIR/<stage>/logs/metrics.jsonl``)."""
+    import json
+
+    text = rundir.read_text(f"{stage}/{LOGS_DIR}/metrics.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -270,14 +294,15 @@ def train_dir(stage: Stage, rundir: RunDir) -> tuple[str, str]:
     return storage, stage.work_uri(rundir, LOGS_DIR)
 
 
-def check_rows(stage: Stage, rundir: RunDir, config: TrainingConfig) -> int:
-    """Trainable rows, after refusing to train on bad rows unless ``on_bad_rows: skip``."""
+def check_rows(stage: Stage, rundir: RunDir, config: TrainingConfig, held_out: int = 0) -> int:
+    """Trainable rows (``ok`` rows but the ``held_out`` validation ones), after refusing to train on
+    bad rows unless ``on_bad_rows: skip``."""
     errors = rundir.reason_counts(stage.name, ERROR)
     if errors and config.on_bad_rows == "error":
         raise ValueError(
             f"stage {stage.name}: {sum(errors.values())} rows cannot be trained on ({errors}); "
             f"see {rundir.partition_uri(stage.name, ERROR)}. Fix the data or set on_bad_rows: skip")
-    rows = rundir.count_rows(stage.name, OK)
+    rows = rundir.count_rows(stage.name, OK) - held_out
     if rows == 0:
         raise ValueError(f"stage {stage.name}: no trainable rows (reasons: dropped "
                          f"{rundir.reason_counts(stage.name, DROPPED)}, errors {errors})")
@@ -290,16 +315,31 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
     ``ok`` ones and export the model (shared by the guard and chat SFT stages)."""
     import ray
 
+    from ray.data.expressions import col
+
     rows.map_batches(tokenize, batch_format="pyarrow").write_parquet(rundir.uri(stage.name),
                                                                     partition_cols=["status"])
-    count = check_rows(stage, rundir, config)
-    data = (ray.data.read_parquet(rundir.partition_uri(stage.name, OK), partitioning=None)
-            .select_columns(["input_ids", "prompt_len"])
+    held_out = rundir.column_values(stage.name, OK, "part").count(VAL)
+    count = check_rows(stage, rundir, config, held_out)
+    examples = ray.data.read_parquet(rundir.partition_uri(stage.name, OK), partitioning=None)
+    data = (examples.filter(expr=col("part") == TRAIN).select_columns(["input_ids", "prompt_len"])
             # seeded: the same order on every run, so a checkpoint's data position means the same rows
             .random_shuffle(seed=config.seed).repartition(config.num_workers * 4))
+    val = None
+    if held_out:
+        val = examples.filter(expr=col("part") == VAL).select_columns(["input_ids", "prompt_len"])
+    elif getattr(config, "val_split", None):
+        log.warning("stage %s: no rows of val_split %r: training without validation; the last epoch is exported",
+                    stage.name, config.val_split)
     storage, log_dir = train_dir(stage, rundir)
-    result = fit(SFT(config), data, rows=count, storage_path=storage, run_name=stage.name, log_dir=log_dir)
+    result = fit(SFT(config), data, rows=count, storage_path=storage, run_name=stage.name, log_dir=log_dir,
+                 val_dataset=val)
     stage._summary = finish_training(stage, rundir, result, log_dir)
+    if held_out:
+        stage._summary["validation"] = {
+            "rows": held_out, "per_epoch": [{"epoch": m["epoch"], "step": m["step"], "val_loss": m["val_loss"]}
+                                            for m in read_metrics(rundir, stage.name) if "val_loss" in m],
+            "chosen_epoch": result.metrics.get("best_epoch"), "chosen_val_loss": result.metrics.get("best_val_loss")}
 
 
 class TrainingStage(Stage):

@@ -46,6 +46,7 @@ STATE_FILE = "trainer_state.json"
 HF_EXPORT = "hf"  # folder inside the final checkpoint with the Hugging Face model
 MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint folder
+VAL = "val"  # the validation dataset's name in Ray Train
 
 
 @contextlib.contextmanager
@@ -187,6 +188,11 @@ class Method(ABC):
         """Non-padding tokens in the batch (for tokens/s)."""
         return int(batch["attention_mask"].sum().item())
 
+    def validation_weight(self, batch: dict[str, Any]) -> int:
+        """How much a batch's loss counts in the validation loss (the loss is a mean over it): its rows
+        by default; SFT weighs by predicted tokens, so the validation loss is the mean over tokens."""
+        return int(batch["input_ids"].shape[0])
+
     def after_step(self, metrics: dict[str, float]) -> None:
         """Called once per optimizer step with the step's metrics."""
 
@@ -256,6 +262,26 @@ def weights_digest(model, zero3: bool = False) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def validation_loss(engine, method: Method, micro_batch_size: int, device) -> float:
+    """``Σ loss_b · w_b / Σ w_b`` over the validation set (``w_b``: :meth:`Method.validation_weight`),
+    without gradients. Every worker reads the whole (unsplit) validation set, so under ZeRO-3 all
+    ranks run the same number of forward passes and get the same value."""
+    import ray.train
+    import torch
+
+    total, weight = 0.0, 0
+    engine.eval()
+    with torch.no_grad():
+        for numpy_batch in ray.train.get_dataset_shard(VAL).iter_batches(batch_size=micro_batch_size,
+                                                                        batch_format="numpy"):
+            batch = method.collate(numpy_batch, device)
+            loss, _ = method.loss(engine, batch)
+            w = method.validation_weight(batch)
+            total, weight = total + float(loss) * w, weight + w
+    engine.train()
+    return total / weight if weight else float("inf")
+
+
 def train_worker(payload: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the TorchTrainer (runs on every worker)."""
     import deepspeed
@@ -312,6 +338,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     stop_at = min(plan.total_steps, pos.step + config.stop_after_steps) if config.stop_after_steps \
         else plan.total_steps
     step_metrics: list[dict[str, float]] = []
+    validate = payload.get("validate", False)
     tokens, data_seconds, t_step = 0, 0.0, time.perf_counter()
     engine.train()
     while pos.step < stop_at:
@@ -348,14 +375,22 @@ def train_worker(payload: dict[str, Any]) -> None:
                            tokens_per_second_per_worker=tokens / elapsed)
             step_metrics, tokens, data_seconds, t_step = [], 0, 0.0, time.perf_counter()
             done = pos.step >= stop_at
-            if pos.micro >= micro_per_epoch:  # epoch finished: the position moves to the next one
+            epoch_end = pos.micro >= micro_per_epoch
+            if epoch_end:  # epoch finished: the position moves to the next one
                 pos.epoch, pos.micro = pos.epoch + 1, 0
-            want_ckpt = done or (config.checkpoint_every_steps and pos.step % config.checkpoint_every_steps == 0)
+            if validate and epoch_end:
+                metrics["val_loss"] = validation_loss(engine, method, config.micro_batch_size, device)
+            want_ckpt = done or (validate and epoch_end) or (
+                config.checkpoint_every_steps and pos.step % config.checkpoint_every_steps == 0)
             if writer is not None:
                 writer.write(metrics)
             if want_ckpt:
-                _save(engine, method, pos, metrics, rank, zero3,
-                      final=pos.step >= plan.total_steps, plan=plan)
+                final = pos.step >= plan.total_steps
+                # with validation every checkpoint carries val_loss (Ray keeps the best by it): an
+                # epoch's end its own, any other +inf, so a mid-epoch one is never taken as the best
+                scored = {**metrics, "val_loss": metrics.get("val_loss", float("inf"))} if validate else metrics
+                _save(engine, method, pos, scored, rank, zero3, final=final, plan=plan,
+                      export=final or (validate and epoch_end))
             elif pos.step % config.report_every_steps == 0:
                 ray.train.report(metrics)
             if done:
@@ -367,14 +402,16 @@ def train_worker(payload: dict[str, Any]) -> None:
 
 
 def _save(engine, method: Method, pos: Position, metrics: dict, rank: int, zero3: bool, *,
-          final: bool, plan: Plan) -> None:
+          final: bool, plan: Plan, export: bool) -> None:
+    """Report a checkpoint: every rank's DeepSpeed state, the trainer state, and with ``export`` the
+    Hugging Face model (the final one, or an epoch's that validation may pick)."""
     import ray.train
     import torch.distributed as dist
 
     folder = tempfile.mkdtemp(prefix="chillguard-ckpt-")
     try:
         engine.save_checkpoint(folder, tag=DS_TAG)
-        if final:
+        if export:
             _export_hf(engine, method, os.path.join(folder, HF_EXPORT), rank, zero3)
         if rank == 0:
             Path(folder, STATE_FILE).write_text(json.dumps({
@@ -437,9 +474,12 @@ class FitResult:
 
 
 def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
-        log_dir: str) -> FitResult:
+        log_dir: str, val_dataset=None) -> FitResult:
     """Train ``method`` on the Ray Dataset ``dataset`` (``rows`` rows of tokenized examples).
 
+    With ``val_dataset``, the validation loss is computed after every epoch (:func:`validation_loss`)
+    and the exported model is the epoch with the lowest one (Ray keeps the best checkpoints by
+    ``val_loss``; SHARD picks its checkpoint on its validation split).
     Rerunning with the same ``storage_path`` and ``run_name`` resumes from the latest checkpoint.
     """
     from ray.data import ExecutionOptions
@@ -456,20 +496,30 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
              "left out as a partial global batch", config.model, rows, config.num_workers,
              "GPU" if use_gpu else "CPU", plan.total_steps, plan.steps_per_epoch,
              plan.rows_untrained_per_epoch)
+    validate = val_dataset is not None
+    datasets = {"train": dataset, **({VAL: val_dataset} if validate else {})}
+    score = {"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"} if validate else {}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"method": method, "plan": dataclasses.asdict(plan), "log_dir": log_dir},
+        train_loop_config={"method": method, "plan": dataclasses.asdict(plan), "log_dir": log_dir,
+                           "validate": validate},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-        datasets={"train": dataset},
-        # the same order on every run, so the data position in a checkpoint means the same rows
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints, **score)),
+        datasets=datasets,
+        # the same order on every run, so the data position in a checkpoint means the same rows; the
+        # validation set is not split: every worker reads all of it (see validation_loss)
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} ended without a checkpoint")
     metrics = dict(result.metrics or {})
-    return FitResult(checkpoint_path=result.checkpoint.path, metrics=metrics, plan=plan,
-                     final=bool(metrics.get("final")))
+    checkpoint = result.checkpoint
+    if validate and metrics.get("final"):
+        checkpoint = result.get_best_checkpoint("val_loss", "min")
+        best = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
+        metrics = {**metrics, "best_epoch": best["epoch"], "best_step": best["step"], "best_val_loss": best["val_loss"]}
+    return FitResult(checkpoint_path=checkpoint.path, metrics=metrics, plan=plan, final=bool(metrics.get("final")))

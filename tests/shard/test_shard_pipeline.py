@@ -53,7 +53,7 @@ def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
             "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
                       "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},
             "shard": {"inputs": ["seeds_dna", "seeds_linguasafe"], "target": "target", "judge": "judge",
-                      "max_field_chars": 60, "explanation_chars": 40},
+                      "max_field_chars": 60, "explanation_chars": 40, "rules_examples": 3, "position_check": 4},
             "sft": {"self": sft},
             "shard_eval": {"systems": {"self": {"model": "tuned", "model_from": "sft_self"}}},
         }})
@@ -69,7 +69,7 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     recipe = _recipe(tmp_path, tiny_models, vllm_server)
     stages = build_stages(recipe)
     assert [s.name for s in stages] == [
-        "seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules_self", "shard_reframe_self",
+        "seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules", "shard_reframe_self",
         "shard_refine_self", "shard_judge_self", "shard_select_self", "sft_self", "shard_eval"]
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(stages, rundir)
@@ -92,9 +92,12 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     assert answered and all(r["baseline"] and r["baseline_model"] == SERVED_MODEL
                             for r in answered.values())
     categories = {r["harm_category"] or UNCATEGORISED for r in split}
-    assert manifests["shard_rules_self"]["rows"]["in"] == len(categories)
-    assert {r["text"] for r in _rows(rundir, "shard_rules_self")} | {
-        r["text"] for r in _rows(rundir, "shard_rules_self", ERROR)} == categories
+    assert manifests["shard_rules"]["rows"]["in"] == len(categories)
+    assert {r["text"] for r in _rows(rundir, "shard_rules")} | {
+        r["text"] for r in _rows(rundir, "shard_rules", ERROR)} == categories
+    # the rules writer saw example prompts of the train split only
+    shown = [e for status in (OK, ERROR) for r in _rows(rundir, "shard_rules", status) for e in r["examples"]]
+    assert shown and set(shown) <= {r["text"] for r in split if r["split"] == "train"}
     reframed = _rows(rundir, "shard_reframe_self")
     assert reframed and all(r["response_mode"] in RESPONSE_MODES and r["reformulated_prompt"] and
                             r["preserved_benign_need"] and 1 <= len(r["reframe_answers"]) <= 2 for r in reframed)
@@ -116,6 +119,12 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     assert len(kept) + len(dropped) == len(judged)
     assert all(select(r["helpfulness"], r["harmfulness"]) == (True, "") for r in kept)
     assert all(select(r["helpfulness"], r["harmfulness"]) == (False, r["reason"]) for r in dropped)
+    check = manifests["shard_judge_self"]["summary"]["position_check"]  # 4 rows judged again, answers swapped
+    assert check["rows"] == 4 and check["all"]["compared"] <= 8
+    assert check["all"]["flip_rate"] is None or 0 <= check["all"]["flip_rate"] <= 1
+    by_rule = manifests["shard_select_self"]["summary"]["kept_by_rule"]  # what each rule keeps, per split
+    assert sum(by_rule["helpfulness"].values()) == len(kept)
+    assert sum(by_rule["helpfulness_and_harm"].values()) == sum(r["harmfulness"] != "loss" for r in kept)
 
     # --- SFT on the kept train rows, exported for vLLM
     sft = manifests["sft_self"]

@@ -65,7 +65,8 @@ def test_valid_reframings_parse(text):
     ("[1, 2, 3]", "invalid_json"),
     (json.dumps({k: v for k, v in VALID.items() if k != "preserved_benign_need"}), "missing_field"),
     (json.dumps({**VALID, "response_mode": 3}), "missing_field"),
-    (json.dumps({**VALID, "reformulated_component": "   "}), "empty_field"),
+    (json.dumps({**VALID, "preserved_benign_need": "   "}), "empty_field"),
+    (json.dumps({**VALID, "reformulated_prompt": ""}), "empty_field"),
     (json.dumps({**VALID, "response_mode": "refuse"}), "invalid_response_mode"),
 ])
 def test_invalid_reframings_have_a_reason(text, reason):
@@ -74,11 +75,19 @@ def test_invalid_reframings_have_a_reason(text, reason):
     assert info.value.reason == reason
 
 
+def test_nothing_reformulated_is_an_empty_component():
+    """SHARD allows an empty reformulated component (a direct answer changes nothing)."""
+    direct = {**VALID, "response_mode": "direct_answer", "reformulated_component": "  "}
+    assert parse_reframing(json.dumps(direct))["reformulated_component"] == ""
+    assert reframing_schema(50)["properties"]["reformulated_component"]["minLength"] == 0
+
+
 def test_schema_admits_only_the_three_modes_and_bounded_fields():
     schema = reframing_schema(50)
     assert schema["properties"]["response_mode"]["enum"] == list(RESPONSE_MODES)
     assert schema["required"] == list(FIELDS) and schema["additionalProperties"] is False
     assert all(schema["properties"][f]["maxLength"] == 50 for f in FIELDS if f != "response_mode")
+    assert all(schema["properties"][f]["minLength"] == 1 for f in ("reformulated_prompt", "preserved_benign_need"))
 
 
 def _answered(answers: list[tuple[str, str]], previous: list[list[str]] | None = None) -> pa.Table:
@@ -121,7 +130,8 @@ def test_invalid_json_is_retried_once_then_an_error():
 
 def test_guidance_per_ablation():
     guidelines = load_guidelines(REPO / "configs" / "prompts" / "shard_guidelines.yaml")
-    assert len(guidelines.universal) == 12 and guidelines.text().startswith("1. ")
+    assert len(guidelines.universal) == 13 and guidelines.text().startswith("1. ")
+    assert any("civic standing" in title for title, _ in guidelines.universal)  # SHARD's guideline on groups
     assert guidance("full", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": "R1"}
     assert guidance("universal_only", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": ""}
     assert guidance("instructions_only", guidelines, "R1") == {"universal": "", "category_rules": ""}
@@ -231,13 +241,62 @@ def test_unreadable_or_failed_verdicts_are_errors():
     assert combined["reason"] == "unparseable_verdict" and "harmfulness: server error" in combined["detail"]
 
 
-@pytest.mark.parametrize("helpfulness,harmfulness,kept,reason", [
-    (WIN, WIN, True, ""), (WIN, TIE, True, ""), (WIN, LOSS, False, "more_harmful"),
-    (TIE, WIN, False, "not_more_helpful"), (TIE, TIE, False, "not_more_helpful"),
-    (LOSS, WIN, False, "not_more_helpful"), (LOSS, LOSS, False, "not_more_helpful"),
+def _judged(rows, fake, swap: bool) -> list[dict]:
+    """Rows judged by ``fake`` (messages -> answer) through the real rendering and reading."""
+    from pipelines.core.rows import to_table
+
+    requests = expand_comparisons(to_table(rows, SHARD_COLUMNS), seed=42, key="v", candidate="completion",
+                                  reference="baseline", swap=swap)
+    render = RenderJudge({c: ChatPrompt(REPO / "configs" / "prompts" / f"shard_judge_{c}.yaml") for c in CRITERIA})
+    answers = [fake(render(r)) for r in requests.to_pylist()]
+    n = requests.num_rows
+    answered = (requests.append_column("llm_output", pa.array(answers)).append_column("llm_error", pa.array([""] * n))
+                .append_column("llm_prompt_tokens", pa.array([1] * n, pa.int64()))
+                .append_column("llm_output_tokens", pa.array([5] * n, pa.int64())))
+    return read_verdicts(answered, max_tokens=64).to_pylist()
+
+
+def test_position_bias_check_on_judges_with_known_bias():
+    from pipelines.shard.pairwise import Recheck, position_bias
+
+    rows = [{**make_row(id=f"p{i}", text=f"question {i}"), "completion": "GOOD answer" if i % 3 else "plain",
+             "baseline": "plain"} for i in range(30)]
+
+    def check(fake) -> dict:
+        first = {(v["id"], v["criterion"]): v for v in _judged(rows, fake, swap=False)}
+        again = _judged(rows, fake, swap=True)
+        assert all(first[(v["id"], v["criterion"])]["position"] != v["position"] for v in again)  # swapped
+        return position_bias([Recheck(v["criterion"], first[(v["id"], v["criterion"])]["outcome"], v["outcome"],
+                                      first[(v["id"], v["criterion"])]["verdict"], v["verdict"]) for v in again])
+
+    always_a = check(lambda messages: "The first one. [[A]]")  # pure position bias
+    assert always_a["all"] == {"compared": 60, "flips": 60, "flip_rate": 1.0, "first_position_rate": 1.0}
+    by_content = check(_fake_judge)                             # decides by content, wherever it is shown
+    assert by_content["all"]["flips"] == 0 and by_content["all"]["flip_rate"] == 0.0
+    assert by_content["helpfulness"]["compared"] == 30
+    assert 0.3 < by_content["all"]["first_position_rate"] < 0.7  # the GOOD answer sits on either side
+    # by hand: one flip of two compared; a comparison without a verdict in one order is not compared
+    hand = position_bias([Recheck("helpfulness", WIN, LOSS, A, A), Recheck("helpfulness", TIE, TIE, C, C),
+                          Recheck("harmfulness", WIN, "", B, "")])
+    assert hand["helpfulness"] == {"compared": 2, "flips": 1, "flip_rate": 0.5, "first_position_rate": 1.0}
+    assert hand["harmfulness"] == {"compared": 0, "flips": 0, "flip_rate": None, "first_position_rate": 0.0}
+    assert position_bias([])["all"]["flip_rate"] is None
+
+
+@pytest.mark.parametrize("helpfulness,harmfulness,shard,strict", [
+    # SHARD's rule (O2 wins helpfulness) and ours, which also refuses a loss on harmfulness
+    (WIN, WIN, (True, ""), (True, "")), (WIN, TIE, (True, ""), (True, "")),
+    (WIN, LOSS, (True, ""), (False, "more_harmful")),
+    (TIE, WIN, (False, "not_more_helpful"), (False, "not_more_helpful")),
+    (TIE, TIE, (False, "not_more_helpful"), (False, "not_more_helpful")),
+    (LOSS, WIN, (False, "not_more_helpful"), (False, "not_more_helpful")),
+    (LOSS, LOSS, (False, "not_more_helpful"), (False, "not_more_helpful")),
 ])
-def test_selection_rule(helpfulness, harmfulness, kept, reason):
-    assert select(helpfulness, harmfulness) == (kept, reason)
+def test_selection_rules(helpfulness, harmfulness, shard, strict):
+    assert select(helpfulness, harmfulness) == select(helpfulness, harmfulness, "helpfulness") == shard
+    assert select(helpfulness, harmfulness, "helpfulness_and_harm") == strict
+    with pytest.raises(ValueError, match="selection rule"):
+        select(helpfulness, harmfulness, "both")
 
 
 def test_verdict_pattern_admits_what_the_parser_reads():
@@ -502,12 +561,25 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
         f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
         f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}"])
-    names = [s.name for s in build_stages(demo)]
-    variants = ["self", "teacher"]
-    expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer"]
-    for v in variants:
-        expected += [f"shard_{step}_{v}" for step in ("rules", "reframe", "refine", "judge", "select")]
+    stages = build_stages(demo)
+    names = [s.name for s in stages]
+    expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules"]  # rules: once
+    expected += [f"shard_{step}_self" for step in ("reframe", "refine", "judge", "select")]
+    expected += ["shard_answer_teacher"] + [f"shard_{step}_teacher" for step in ("reframe", "refine", "judge", "select")]
     assert names == expected + ["sft_self", "sft_teacher", "shard_eval"]
+    # SHARD's teacher baseline: the teacher answers first, refines its own O1 and is judged against it
+    by_name = {s.name: s for s in stages}
+    assert by_name["shard_answer_teacher"].endpoint.model == judge2 == by_name["shard_refine_teacher"].endpoint.model
+    assert by_name["shard_reframe_teacher"].inputs == ("shard_answer_teacher",)
+    assert by_name["shard_reframe_self"].inputs == ("shard_answer",)
+    assert by_name["shard_rules"].endpoint.model == lm  # one writer (the target) for every variant
+    # ours, named for what it is: the teacher refines the target's drafts
+    target_drafts = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
+        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
+        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}", "stages.shard.variants.teacher.draft=target"])
+    names = [s.name for s in build_stages(target_drafts)]
+    assert "shard_answer_teacher" not in names
+    assert {s.name: s for s in build_stages(target_drafts)}["shard_reframe_teacher"].inputs == ("shard_answer",)
     paper = load_recipe(REPO / "configs" / "recipes" / "shard_paper.yaml")
     assert paper.stages.shard.variants["universal_only"].guidelines == "universal_only"
     lora = paper.stages.sft["self"]
@@ -568,20 +640,27 @@ def test_config_errors_name_the_key(tmp_path):
 # Category rules
 
 
-def test_category_examples_are_seeded_and_cover_uncategorised_rows(tmp_path):
+def test_category_examples_are_seeded_train_only_and_cover_uncategorised_rows(tmp_path):
     from pipelines.core.rows import to_table
     from pipelines.core.rundir import RunDir
     from pipelines.shard.shard import SPLIT, category_examples
 
-    rows = [{**make_row(id=f"r{i}", text=f"prompt {i}"), "harm_category": "Fraud" if i < 6 else ""} for i in range(8)]
+    # rows 0-7 train, 8-9 test (a category only the test split has: Privacy)
+    rows = [{**make_row(id=f"r{i}", text=f"prompt {i}"), "harm_category": "Fraud" if i < 6 else "",
+             "split": "train"} for i in range(8)]
+    rows += [{**make_row(id=f"t{i}", text=f"TEST prompt {i}"), "harm_category": c, "split": "test"}
+             for i, c in enumerate(["Fraud", "Privacy"])]
     rundir = RunDir(str(tmp_path / "run"))
     rundir.write_table(SPLIT, OK, to_table(rows, SHARD_COLUMNS))
     examples = category_examples(rundir, SPLIT, seed=0, k=3)
-    assert set(examples) == {"Fraud", "uncategorised"}
+    assert set(examples) == {"Fraud", "Privacy", "uncategorised"}  # every category gets rules ...
     assert len(examples["Fraud"]) == 3 and set(examples["Fraud"]) <= {f"prompt {i}" for i in range(6)}
     assert sorted(examples["uncategorised"]) == ["prompt 6", "prompt 7"]
+    assert examples["Privacy"] == []  # ... but no test prompt reaches the rules writer
+    assert not any("TEST" in text for texts in examples.values() for text in texts)
     assert category_examples(rundir, SPLIT, seed=0, k=3) == examples
-    assert category_examples(rundir, SPLIT, seed=0, k=0) == {"Fraud": [], "uncategorised": []}
+    # SHARD's default: rules from the category name alone
+    assert category_examples(rundir, SPLIT, seed=0, k=0) == {"Fraud": [], "Privacy": [], "uncategorised": []}
 
 
 def test_rows_without_rules_for_their_category_are_errors():

@@ -8,11 +8,13 @@ import math
 import random
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import f1_score
 
 from pipelines.construction import Recipe, build_stages
+from pipelines.core.rows import OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
@@ -124,28 +126,47 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
 @pytest.mark.slow
 def test_chat_sft_with_lora(tmp_path, tiny_models, ray_local):
     """(prompt -> completion) rows, completion kept in the JSON lineage by an upstream stage;
-    LoRA adapters are trained and merged into the exported model."""
+    LoRA adapters are trained and merged into the exported model, the epoch with the lowest
+    validation loss on the held-out split (SHARD's checkpoint choice)."""
     from transformers import AutoModelForCausalLM
 
-    rows = [{"text": f"请用一句话介绍{w}{i}", "answer": f"{w}是一个常见的话题。"} for i, w in enumerate(WORDS * 8)]
+    rows = [{"text": f"请用一句话介绍{w}{i}", "answer": f"{w}是一个常见的话题。", "split": "val" if i % 5 == 0 else "train"}
+            for i, w in enumerate(WORDS * 8)]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     base = tiny_models["causal-lm"]
     recipe = Recipe.model_validate({
         "name": "chat", "run_dir": str(tmp_path / "run"),
         "stages": {
             "seeds": {"qa": {"paths": [str(data)], "source": "real", "label": "safe",
-                             "columns": {"text": "text", "response": "answer"}}},
+                             "columns": {"text": "text", "response": "answer", "split": "split"}}},
             # preprocessing folds stage-specific columns (the response) into the JSON lineage
             "preprocess": {"inputs": ["seeds_qa"], "near_dedup": None},
-            "sft": {"shard": {"model": base, "inputs": ["dedup"], "deepspeed": "zero2", "split": None,
-                              "completion_column": "response", "system": "你是一个有帮助的助手。",
+            "sft": {"shard": {"model": base, "inputs": ["dedup"], "deepspeed": "zero2", "split": "train",
+                              "val_split": "val", "completion_column": "response", "system": "你是一个有帮助的助手。",
                               "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
                               "learning_rate": 5e-3, "epochs": 2, "max_length": 96}}}})
     manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
     m = manifests["sft_shard"]
-    assert m["rows"] == {"in": 80, "out": 80, "out_parents": 80, "dropped": 0, "errored": 0}
+    assert m["rows"] == {"in": 80, "out": 80, "out_parents": 80, "dropped": 0, "errored": 0}  # 64 train + 16 val
     history = metrics(Path(recipe.run_dir), "sft_shard")
-    assert len(history) == 2 * 80 // 16 and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == 2 * 64 // 16 and history[-1]["loss"] < history[0]["loss"]
+    validation = m["summary"]["validation"]
+    assert validation["rows"] == 16 and [e["epoch"] for e in validation["per_epoch"]] == [0, 1]
+    best = min(validation["per_epoch"], key=lambda e: e["val_loss"])
+    assert (validation["chosen_epoch"], validation["chosen_val_loss"]) == (best["epoch"], best["val_loss"])
+    # the exported model is that epoch's: its loss on the validation rows, recomputed here, is the chosen one
+    val_rows = [r for r in pq.read_table(RunDir(recipe.run_dir).partition_uri("sft_shard", OK)).to_pylist()
+                if r["part"] == "val"]
+    exported = AutoModelForCausalLM.from_pretrained(Path(recipe.run_dir) / "sft_shard" / "model").eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in val_rows:
+            ids = torch.tensor([r["input_ids"]])
+            labels = ids.clone()
+            labels[0, :r["prompt_len"]] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            nll, tokens = nll + float(exported(input_ids=ids, labels=labels).loss) * n, tokens + n
+    assert nll / tokens == pytest.approx(best["val_loss"], rel=1e-3)
     model_dir = Path(recipe.run_dir) / "sft_shard" / "model"
     assert not (model_dir / "adapter_config.json").exists()          # merged: a plain model
     tuned = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
@@ -208,18 +229,11 @@ def assert_mdpo_learns(recipe: Recipe, manifests: dict, base_model: str) -> list
 
 
 @pytest.mark.slow
-def test_mdpo_raises_reward_accuracy(tmp_path, tiny_models, ray_local):
-    """ZeRO-3 with the reference as a frozen (partitioned) model beside the policy. ZeRO-2 with a
-    precomputed reference learns in test_mdpo_resumes_from_checkpoint."""
-    model = tiny_models["causal-lm"]
-    recipe = mdpo_recipe(tmp_path, model, preference_pairs(128, seed=0), deepspeed="zero3", reference="model")
-    assert_mdpo_learns(recipe, run_stages(build_stages(recipe), RunDir(recipe.run_dir)), model)
-
-
-@pytest.mark.slow
 def test_mdpo_resumes_from_checkpoint(tmp_path, tiny_models, ray_local):
     """ZeRO-2 with a precomputed reference, paused after step 3 and run again: it continues from
-    the checkpoint (step, running mean, schedule) and the finished run learns."""
+    the checkpoint (step, running mean, schedule) and the finished run learns. (The reference as a
+    frozen model partitioned under ZeRO-3: the loop test, tests/loop/test_loop_run.py, whose first
+    MDPO step must be exactly DPO.)"""
     model = tiny_models["causal-lm"]
     recipe = mdpo_recipe(tmp_path, model, preference_pairs(128, seed=0),
                          deepspeed="zero2", reference="precomputed", stop_after_steps=3,
