@@ -204,7 +204,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
 
 def loop_stage_names(config: LoopConfig) -> list[str]:
     """The training stages a loop provides (what ``model_from`` may name elsewhere)."""
-    names = [f"loop0_train_c0"] if "c0" in config.systems else []
+    names = ["loop0_train_c0"] if "c0" in config.systems else []
     if config.iterations >= 1:
         names.append("loop1_train_c1")
     if config.iterations == 2:

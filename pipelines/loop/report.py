@@ -87,7 +87,7 @@ def markdown(report: dict, taxonomy) -> str:
             lines.append(f"| {code} | " + " | ".join(str(counts.get(c, 0)) for c in cols)
                          + f" | {sum(pairs.values())} | " + " | ".join(str(pairs.get(t, 0)) for t in report["pairs"]["types"])
                          + " |")
-        lines.append(f"| all | " + " | ".join(str(levels["total"].get(c, 0)) for c in cols)
+        lines.append("| all | " + " | ".join(str(levels["total"].get(c, 0)) for c in cols)
                      + f" | {report['pairs']['total']} | "
                      + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"]) + " |")
     for stage, curve in report["generator_training"].items():
