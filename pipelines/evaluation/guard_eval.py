@@ -468,7 +468,17 @@ def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, mo
 # Report
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards): what the reports write to the run directory."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -499,8 +509,8 @@ def report_markdown(metrics: dict, taxonomy: Taxonomy) -> str:
         "",
         "## Overall", "",
         "| rows | unparsed | precision | recall | F1 | accuracy |", "|---|---|---|---|---|---|",
-        f"| {o['rows']} | {metrics['unparsed']} | {_fmt(o['precision'])} | {_fmt(o['recall'])} | {_fmt(o['f1'])} | "
-        f"{_fmt(o['accuracy'])} |",
+        f"| {o['rows']} | {metrics['unparsed']} | {fmt(o['precision'])} | {fmt(o['recall'])} | {fmt(o['f1'])} | "
+        f"{fmt(o['accuracy'])} |",
         "",
         "## Confusion", "",
         "| gold \\ predicted | unsafe | safe |", "|---|---|---|",
@@ -511,15 +521,15 @@ def report_markdown(metrics: dict, taxonomy: Taxonomy) -> str:
         "| macro | name | F1 | micro categories with F1 | rows |", "|---|---|---|---|---|",
     ]
     for code, m in metrics["per_macro"].items():
-        lines.append(f"| {code} | {taxonomy.macro(code).zh} / {taxonomy.macro(code).en} | {_fmt(m['f1'])} | "
+        lines.append(f"| {code} | {taxonomy.macro(code).zh} / {taxonomy.macro(code).en} | {fmt(m['f1'])} | "
                      f"{m['categories_with_f1']} / {m['categories']} | {m['rows']} |")
     lines += ["", "## Per micro category", "",
               "| micro | name | rows | gold unsafe | TP | FP | FN | TN | precision | recall | F1 |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for code, m in metrics["per_micro"].items():
         lines.append(f"| {code} | {taxonomy.micro(code).zh} | {m['rows']} | {m['gold_unsafe']} | {m['tp']} | "
-                     f"{m['fp']} | {m['fn']} | {m['tn']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | "
-                     f"{_fmt(m['f1'])} |")
+                     f"{m['fp']} | {m['fn']} | {m['tn']} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
+                     f"{fmt(m['f1'])} |")
     lines += ["", f"Rows whose gold micro is not a taxonomy code (overall only): {metrics['untagged_rows']}.", ""]
     lines += _micro_category_markdown(metrics["micro_category"], s["adapter"], taxonomy)
     if metrics["answers"]:
@@ -545,11 +555,11 @@ def _micro_category_markdown(category: dict | None, adapter: str, taxonomy: Taxo
         "F1 (one-vs-rest).", "",
         "| rows | correct | accuracy | macro F1 | gold-unsafe rows without a code (not scored here) |",
         "|---|---|---|---|---|",
-        f"| {category['rows']} | {category['correct']} | {_fmt(category['accuracy'])} | "
-        f"{_fmt(category['macro_f1'])} | {category['untagged_unsafe_rows']} |", ""]
+        f"| {category['rows']} | {category['correct']} | {fmt(category['accuracy'])} | "
+        f"{fmt(category['macro_f1'])} | {category['untagged_unsafe_rows']} |", ""]
     if category["per_code"]:
         lines += ["| micro | name | gold rows | category F1 |", "|---|---|---|---|",
-                  *(f"| {code} | {taxonomy.micro(code).zh} | {m['rows']} | {_fmt(m['f1'])} |"
+                  *(f"| {code} | {taxonomy.micro(code).zh} | {m['rows']} | {fmt(m['f1'])} |"
                     for code, m in category["per_code"].items()), ""]
     return lines + (["![micro-category confusion](micro_confusion.png)", ""] if category["rows"] else [])
 
@@ -578,10 +588,7 @@ def micro_confusion_chart(confusion: dict, title: str) -> bytes:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="rows")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def f1_chart(values: dict[str, float | None], groups: dict[str, str], title: str,
@@ -613,10 +620,7 @@ def f1_chart(values: dict[str, float | None], groups: dict[str, str], title: str
         ax.legend(handles=[Patch(color=c, label=g) for g, c in colour.items()], fontsize=7, ncol=len(colour),
                   loc="upper right", frameon=False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -756,7 +760,7 @@ class GuardEvalStage(Stage):
         rundir.write_text(f"{base}/metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
         rundir.write_text(f"{base}/report.md", report_markdown(metrics, self.taxonomy))
         f1 = metrics["overall"]["f1"]
-        title = f"{self.name}: {self.config.adapter}, {self.config.level}-level, overall F1 {_fmt(f1)}"
+        title = f"{self.name}: {self.config.adapter}, {self.config.level}-level, overall F1 {fmt(f1)}"
         micro_f1 = {code: m["f1"] for code, m in metrics["per_micro"].items()}
         rundir.write_bytes(f"{base}/per_micro_f1.png", f1_chart(
             micro_f1, {code: self.taxonomy.macro_of(code) for code in micro_f1}, title))
@@ -766,8 +770,8 @@ class GuardEvalStage(Stage):
         category = metrics["micro_category"]
         if category and category["rows"]:
             rundir.write_bytes(f"{base}/micro_confusion.png", micro_confusion_chart(
-                category["confusion"], f"{self.name}: micro category, accuracy {_fmt(category['accuracy'])}, "
-                f"macro F1 {_fmt(category['macro_f1'])}"))
+                category["confusion"], f"{self.name}: micro category, accuracy {fmt(category['accuracy'])}, "
+                f"macro F1 {fmt(category['macro_f1'])}"))
 
     def summary(self, rundir: RunDir) -> dict[str, Any] | None:
         text = rundir.read_text(f"{self.name}/{REPORT_DIR}/metrics.json")

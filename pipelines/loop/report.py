@@ -16,7 +16,6 @@ No rows of its own: it reads finished stages (its ``requires``), so it reruns wh
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from typing import Any
@@ -24,16 +23,13 @@ from typing import Any
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.training.sft import LOGS_DIR
+from pipelines.evaluation.guard_eval import fmt, png_bytes
+from pipelines.training.sft import read_metrics
 
 REPORT_DIR = "report"
 SYSTEM_NAMES = {"c0": "C0 (iteration 0 only)", "c1": "C1 (iteration 1 only)", "c2": "C2 (MDPO, full)",
                 "c2_dpo": "C2 with DPO"}
 CURVES = ("beta_m", "running_mean", "reward_accuracy", "loss")
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def eval_stage(system: str) -> str:
@@ -53,9 +49,8 @@ def system_metrics(metrics: dict) -> dict[str, Any]:
 
 
 def read_curves(rundir, stage: str) -> list[dict[str, float]]:
-    text = rundir.read_text(f"{stage}/{LOGS_DIR}/metrics.jsonl") or ""
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [{"step": r["step"], **{k: r[k] for k in CURVES if k in r}} for r in rows]
+    """Per step of a generator training stage: its step and :data:`CURVES`."""
+    return [{"step": r["step"], **{k: r[k] for k in CURVES if k in r}} for r in read_metrics(rundir, stage)]
 
 
 def markdown(report: dict, taxonomy) -> str:
@@ -69,13 +64,13 @@ def markdown(report: dict, taxonomy) -> str:
                   " | ".join(f"{m} F1" for m in taxonomy.macro_codes) + " |",
                   "|---|---|---|---|" + "---|" * len(taxonomy.macro_codes)]
         for name, m in systems.items():
-            lines.append(f"| {SYSTEM_NAMES[name]} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
-                         + " | ".join(_fmt(m["per_macro_f1"].get(c)) for c in taxonomy.macro_codes) + " |")
+            lines.append(f"| {SYSTEM_NAMES[name]} | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])} | "
+                         + " | ".join(fmt(m["per_macro_f1"].get(c)) for c in taxonomy.macro_codes) + " |")
         micros = sorted({c for m in systems.values() for c in m["per_micro_f1"]}, key=taxonomy.micro_codes.index)
         lines += ["", "## Per micro category (F1)", "", "| micro | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names)]
         for code in micros:
-            lines.append(f"| {code} | " + " | ".join(_fmt(systems[n]["per_micro_f1"].get(code)) for n in names) + " |")
+            lines.append(f"| {code} | " + " | ".join(fmt(systems[n]["per_micro_f1"].get(code)) for n in names) + " |")
     levels = report["levels"]
     if levels["by_micro"]:
         cols = ["L1", "L2", "L3", "L4", "ineligible"]
@@ -94,7 +89,7 @@ def markdown(report: dict, taxonomy) -> str:
         if curve:
             last = curve[-1]
             lines += ["", f"## {stage}: {len(curve)} steps", "",
-                      "final " + ", ".join(f"{k} {_fmt(last.get(k))}" for k in CURVES if k in last)]
+                      "final " + ", ".join(f"{k} {fmt(last.get(k))}" for k in CURVES if k in last)]
     lines += ["", "## Wall time per loop stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in report["seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -123,10 +118,7 @@ def f1_chart(systems: dict[str, dict], macro_codes: list[str]) -> bytes:
     ax.legend(fontsize=7, ncol=len(systems), loc="upper right", frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def curves_chart(curves: dict[str, list[dict]]) -> bytes:
@@ -147,10 +139,7 @@ def curves_chart(curves: dict[str, list[dict]]) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 class LoopReportStage(Stage):
