@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE := 1
 ENGINE ?= cpu
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install browser demo test test-fast bench clean
 
 install: $(VENV)/.installed-$(ENGINE)
 
@@ -29,10 +29,19 @@ endif
 models/tiny/tiny_models.json: pipelines/training/tiny_models.py | install
 	$(BIN)/chillguard tiny-models models/tiny
 
+# A headless browser for the serving playground's test: Debian's chromium + chromedriver (as root, or
+# with passwordless sudo). Elsewhere install Chromium and its driver yourself; that test skips without them.
+browser:
+	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || { \
+	  if command -v apt-get >/dev/null; then \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium chromium-driver >/dev/null \
+	      || echo "could not install chromium + chromium-driver: the playground test will skip"; \
+	  else echo "no apt-get: install chromium and chromedriver for the playground test"; fi; }
+
 demo: install models/tiny/tiny_models.json
 	$(BIN)/chillguard run configs/recipes/demo.yaml
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -v -rs --durations=25 tests
 
 # The inner loop: tests that start no vLLM engine, no Ray and no training (`slow` marks those).

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipelines.core.config import LLMEndpoint
+from pipelines.core.prompts import prompt_token_ids
 
 LLM_COLUMNS = {
     "llm_output": pa.string(),
@@ -105,10 +106,7 @@ class _VLLMPreprocess:
         self.render = render
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        tok = _tokenizer(self.model)
-        text = tok.apply_chat_template(self.render(row), tokenize=False, add_generation_prompt=True,
-                                       **self.chat_kwargs)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = prompt_token_ids(_tokenizer(self.model), self.render(row), self.chat_kwargs)
         return {"tokenized_prompt": ids, "sampling_params": {
             **self.sampling, **structured_params(self.endpoint, self.constraint, row)}}
 

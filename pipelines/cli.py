@@ -3,6 +3,7 @@
     chillguard run RECIPE [key=value ...] [--address ADDR] [--force]
     chillguard config RECIPE [key=value ...]
     chillguard status RUN_DIR
+    chillguard serve [RUN_DIR] [--model PATH_OR_ID] [--config SERVE_YAML] [key=value ...] [--address ADDR]
     chillguard tiny-models OUT_DIR [--seed N]
 
 Exit codes: 0 done; 2 a recipe problem, or a status path that holds no run; 3 training paused
@@ -66,6 +67,12 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from pipelines.serve.cli import serve_command
+
+    return serve_command(args)
+
+
 def _cmd_tiny_models(args) -> int:
     from pipelines.training.tiny_models import build_tiny_models
 
@@ -94,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="table of stages and row counts of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_status)
+
+    p = sub.add_parser("serve", help="serve a guard over HTTP with Ray Serve (/v1/moderations, /v1/guard, /)")
+    p.add_argument("run_dir", nargs="?", help="serve the guard this run trained (its last guard-training stage)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the serve settings, e.g. threshold=0.3")
+    p.add_argument("--model", help="serve this HF id or model folder instead of a run's guard")
+    p.add_argument("--stage", help="with RUN_DIR: the guard-training stage to serve (default: the last)")
+    p.add_argument("--config", help="Serve config YAML (default: configs/serve/guard.yaml, or "
+                   "configs/serve/cpu.yaml on an embedded Ray without CUDA)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--host", help="bind address (default: the config's http_options, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: the config's, 8000)")
+    p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("tiny-models", help="build the offline tiny tokenizer + Qwen3 models")
     p.add_argument("out_dir")

@@ -36,10 +36,11 @@ _import_stage_modules()
 Recipe = recipe_model()
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, resolved: bool = False) -> Recipe:
     """Read, override and validate a recipe; raise :class:`pipelines.core.config.ConfigError`
-    naming the file and the key."""
-    return read_recipe(Recipe, path, overrides)
+    naming the file and the key. ``resolved``: a run directory's ``recipe.yaml``
+    (:func:`pipelines.core.config.as_written`)."""
+    return read_recipe(Recipe, path, overrides, resolved=resolved)
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:

@@ -397,7 +397,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+    lines = [f"invalid {source}:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
@@ -412,7 +412,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def read_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] | None = None) -> Any:
+def read_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] | None = None, *,
+                resolved: bool = False) -> Any:
     """Read, override and validate a recipe into ``model`` (the registry's recipe model,
     :func:`pipelines.construction.load_recipe`); raise :class:`ConfigError` naming file and key."""
     path = Path(path)
@@ -422,12 +423,32 @@ def read_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] |
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    return validate_settings(model, data, f"recipe {path}", overrides, resolved=resolved)
+
+
+#: validation context of a recipe read back from a run directory (``recipe.yaml``, every default
+#: written out): see :func:`as_written`
+RESOLVED = "resolved"
+
+
+def as_written(info: ValidationInfo) -> bool:
+    """Whether a validator sees a recipe as its author wrote it. Checks of the form "you may not set
+    this key here" read ``model_fields_set`` and must skip a resolved recipe read back from a run
+    directory, where every key is written out (they ran when the run started)."""
+    return not (info.context or {}).get(RESOLVED)
+
+
+def validate_settings(model: type[BaseModel], data: Any, source: str, overrides: list[str] | None = None,
+                      *, resolved: bool = False) -> Any:
+    """``data`` (a mapping read from ``source``) with ``key=value`` overrides, validated into ``model``;
+    raise :class:`ConfigError` naming ``source`` and each bad key. ``resolved``: ``data`` is a
+    resolved recipe written by a run (:func:`as_written`)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+        raise ConfigError(f"{source} must be a mapping at the top level")
     data = apply_overrides(data, list(overrides or []))
-    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    source = source + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={RESOLVED: resolved})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
 

@@ -64,3 +64,11 @@ class RenderRow:
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
         return self.prompt.render({**row, **self.extra})
+
+
+def prompt_token_ids(tokenizer, messages: list[dict[str, str]], chat_kwargs: dict[str, Any]) -> list[int]:
+    """The model's chat template over ``messages``, opened for the assistant's answer, as token ids
+    (the template writes the special tokens itself). Training's prompts, evaluation's and the served
+    guard's are all made here, so they cannot drift apart."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

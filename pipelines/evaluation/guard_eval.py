@@ -59,10 +59,10 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from ray.data.expressions import col
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
-from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
 from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
@@ -127,8 +127,8 @@ class GuardEvalConfig(Strict):
         "outputs where the endpoint accepts them (weak or untrained guards); off: judge what it writes")
 
     @model_validator(mode="after")
-    def _adapter_options(self) -> "GuardEvalConfig":
-        given = self.model_fields_set
+    def _adapter_options(self, info: ValidationInfo) -> "GuardEvalConfig":
+        given = self.model_fields_set if as_written(info) else set()
         if self.adapter != "chillguard" and "template" in given:
             raise ValueError(f"template is only for adapter chillguard ({self.adapter} answers the plain "
                              "conversation through the model's own chat template)")

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from pipelines.core.config import CONFIGS, ExistingPath, Strict
+from pipelines.core.config import CONFIGS, ExistingPath, Strict, as_written
 from pipelines.core.registry import References, register
 from pipelines.core.stage import Stage
 from pipelines.data.preprocess import PreprocessSteps, build_steps
@@ -111,8 +111,8 @@ class LoopConfig(Strict):
         "compared in the report: c0, c1, c2 (MDPO), c2_dpo (G1 trained with DPO)")
 
     @model_validator(mode="after")
-    def _check(self) -> "LoopConfig":
-        if "inputs" in self.classifier.model_fields_set:
+    def _check(self, info: ValidationInfo) -> "LoopConfig":
+        if "inputs" in self.classifier.model_fields_set and as_written(info):
             raise ValueError("classifier.inputs: the loop sets each classifier's inputs (seeds + its D_gen)")
         late = [s for s in self.systems if _ITERATION[s] > self.iterations]
         if late:

@@ -31,6 +31,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
@@ -133,9 +134,7 @@ class TokenizeExamples:
         if isinstance(made[0], str):
             return {**out, "status": made[0], "reason": made[1], "detail": made[2]}
         messages, answer = made
-        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                              **self.config.chat_template_kwargs)
-        prompt_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_token_ids(self.tok, messages, self.config.chat_template_kwargs)
         answer_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         ids = prompt_ids + answer_ids
         if len(ids) > self.config.max_length:

@@ -211,3 +211,16 @@ def test_plain_http_without_a_key_is_accepted_and_a_key_needs_engine_http(tmp_pa
                        "models.rw.url=http://10.0.0.7:8000/v1/chat/completions"])
     with pytest.raises(ConfigError, match="models.rw: .*api_key_env is only for engine: http"):
         load_recipe(path, ["models.rw.api_key_env=RW_KEY"])
+
+
+def test_resolved_recipe_reads_back(tmp_path):
+    """A run's ``recipe.yaml`` writes every default out; read back with ``resolved=True`` it is the
+    same recipe (checks of keys an author may not set are for recipes as written)."""
+    from pipelines.core.config import dump_recipe
+
+    paper = load_recipe(REPO / "configs/recipes/chillguard_paper.yaml")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(paper))
+    assert load_recipe(path, resolved=True).model_dump() == paper.model_dump()
+    with pytest.raises(ConfigError, match="the loop sets each classifier's inputs"):
+        load_recipe(path)  # as if an author had written classifier.inputs

