@@ -1,0 +1,1 @@
+"""Serving the trained guard with Ray Serve (routes, batching, the vLLM replicas)."""
