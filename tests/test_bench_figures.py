@@ -79,3 +79,15 @@ def test_unsorted_input_is_sorted_and_bad_input_named():
         steady_rate(done, [1] * 2000, warm=0, start=0.0)
     with pytest.raises(ValueError, match="before the start"):
         steady_rate(done, [1] * 2000, warm=100, start=5.0)
+
+
+def test_serve_benchmark_reports_no_rate_for_too_few_answers():
+    from benchmarks.serve import MIN_ANSWERS, summarize
+
+    few = summarize({"answered": MIN_ANSWERS - 1, "failed": {}, "wall_s": 1.0, "partial": True,
+                     "latencies": [0.1] * (MIN_ANSWERS - 1)})
+    assert few["rps"] is None and "answers" in few["why_na"]
+    enough = summarize({"answered": 100, "failed": {503: 2}, "wall_s": 4.0, "partial": False,
+                        "latencies": [i / 1000 for i in range(1, 101)]})
+    assert enough["rps"] == 25.0 and enough["p50_ms"] == pytest.approx(50.5)
+    assert enough["p99_ms"] == pytest.approx(99.01)
