@@ -42,6 +42,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipelines.core.config import LLMEndpoint
+from pipelines.core.metrics import record_tokens, stage_tags
 from pipelines.core.prompts import prompt_token_ids
 
 LLM_COLUMNS = {
@@ -290,10 +291,19 @@ def _repeat_rows(batch: pa.Table, samples: int) -> pa.Table:
     return batch.take(index).append_column(SAMPLE, pa.array(list(range(samples)) * batch.num_rows, pa.int32()))
 
 
-def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1) -> pa.Table:
+def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1,
+              metric_tags: dict[str, str] | None = None, model: str = "") -> pa.Table:
     """Give every batch the same LLM columns; rows that failed inside the engine bypass our
     postprocess and arrive with ``__inference_error__`` set and the engine's keys still present.
-    With http ``samples > 1``, each row's choices become rows (:func:`split_samples`)."""
+    With http ``samples > 1``, each row's choices become rows (:func:`split_samples`). Counts the
+    batch's tokens (:func:`pipelines.core.metrics.record_tokens`)."""
+    out = _finalize_columns(batch, first_logprobs, samples)
+    record_tokens(metric_tags or {}, model, sum(out.column("llm_prompt_tokens").to_pylist()),
+                  sum(out.column("llm_output_tokens").to_pylist()))
+    return out
+
+
+def _finalize_columns(batch: pa.Table, first_logprobs: bool, samples: int) -> pa.Table:
     if samples == 1:
         return _llm_columns(batch, first_logprobs)
     # a batch of requests that all failed inside the stage never went through our postprocess
@@ -388,4 +398,5 @@ def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constrain
                                 samples if endpoint.engine == "http" else 1)
     return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None,
                                           fn_kwargs={"first_logprobs": first_logprobs,
-                                                     "samples": samples if endpoint.engine == "http" else 1})
+                                                     "samples": samples if endpoint.engine == "http" else 1,
+                                                     "metric_tags": stage_tags(), "model": endpoint.model})

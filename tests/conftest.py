@@ -148,3 +148,35 @@ def http_endpoint(url: str, **overrides) -> dict:
                 "batch_size": 8}
     endpoint.update(overrides)
     return endpoint
+
+
+def scrape_metrics() -> str:
+    """The Prometheus export of this process's Ray node (Ray's metrics and ``ray.util.metrics``)."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric ``name`` in a Prometheus scrape whose labels include ``labels``."""
+    import re
+
+    total = 0.0
+    for found in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(found.group(2))
+    return total
+
+
+def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
+    """A scrape in which ``name`` (with ``labels``) has appeared: Ray exports every few seconds."""
+    deadline = time.time() + timeout
+    while True:
+        text = scrape_metrics()
+        if metric_value(text, name, **labels) or time.time() > deadline:
+            return text
+        time.sleep(1)
+

@@ -317,6 +317,10 @@ class TrainingConfig(Strict):
         10, ge=1, description="ray.train.report period (TensorBoard and metrics.jsonl get every step)",
         json_schema_extra=OPERATIONAL)
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=OPERATIONAL)
+    max_failures: int = Field(
+        0, ge=-1, description="Ray Train's FailureConfig: restart the worker group from the last "
+        "checkpoint up to N times when a worker or its node dies (-1: without limit; set "
+        "checkpoint_every_steps so little is redone)", json_schema_extra=OPERATIONAL)
     stop_after_steps: int | None = Field(
         None, ge=1, description="end this invocation after N optimizer steps (checkpointed); "
         "rerunning continues from there. For time-boxed or preemptible slots", json_schema_extra=OPERATIONAL)

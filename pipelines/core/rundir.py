@@ -33,6 +33,8 @@ from pipelines.core.config import is_uri, portable
 from pipelines.core.rows import STATUSES
 
 MANIFEST = "manifest.json"
+#: markers of the stages in progress (``_running/<stage>.json``)
+RUNNING = "_running"
 RECIPE = "recipe.yaml"
 LOCK = ".lock"
 #: files up to this size enter fingerprints with their whole content (parameters, small partitions,
@@ -59,6 +61,11 @@ class RunDir:
             self.fs, self._base = pafs.LocalFileSystem(), os.path.abspath(self.root)
         if create:
             self.fs.create_dir(self._base, recursive=True)
+
+    @property
+    def name(self) -> str:
+        """The run's name in metrics and logs: the run directory's last path component."""
+        return self.root.rsplit("/", 1)[-1]
 
     def check_is_run_dir(self) -> None:
         """Raise :class:`NotARunDir` unless the path holds a run: ``recipe.yaml`` (written when a
@@ -111,6 +118,30 @@ class RunDir:
                 out[info.base_name] = self.read_manifest(info.base_name)
         return out
 
+    # Stages in progress ------------------------------------------------------------------------
+    def mark_running(self, stage: str) -> None:
+        """Record that ``stage`` started (``_running/<stage>.json``: when, which host and pid), for
+        ``chillguard status`` while the run goes on; :meth:`clear_running` when it finishes."""
+        self.write_text(f"{RUNNING}/{stage}.json", json.dumps(
+            {"stage": stage, "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "host": socket.gethostname(), "pid": os.getpid()}))
+
+    def clear_running(self, stage: str) -> None:
+        path = self._fs_path(RUNNING, f"{stage}.json")
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            self.fs.delete_file(path)
+
+    def running(self) -> dict[str, dict[str, Any]]:
+        """The stages marked running, with ``alive``: False when the marker's process is gone from this
+        host (the run was killed: the stage is interrupted; on another host it cannot be told)."""
+        out = {}
+        for path in self.list_files(RUNNING, ".json"):
+            marker = _parse(self.read_listed(path))
+            if marker and marker.get("stage"):
+                here = marker.get("host") == socket.gethostname()
+                out[marker["stage"]] = {**marker, "alive": not here or _alive(marker.get("pid"))}
+        return out
+
     def clear_stage(self, stage: str) -> None:
         if self.exists(stage):
             self.fs.delete_dir(self._fs_path(stage))
@@ -125,9 +156,19 @@ class RunDir:
 
     def list_parquet(self, relpath: str) -> list[str]:
         """Parquet files under a folder of the run directory (none if it does not exist)."""
+        return self.list_files(relpath, ".parquet")
+
+    def read_listed(self, path: str) -> str:
+        """The text of a file :meth:`list_files` listed."""
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+
+    def list_files(self, relpath: str, suffix: str) -> list[str]:
+        """Files ending in ``suffix`` under a folder of the run directory (none if it does not exist),
+        as paths of the run directory's file system (read them with :meth:`read_listed`)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self._fs_path(relpath), recursive=True,
                                                         allow_not_found=True))
-        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     def count_rows(self, stage: str, status: str) -> int:
         """Row count from Parquet footers: no data is read."""

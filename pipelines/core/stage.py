@@ -36,6 +36,7 @@ from abc import ABC
 from typing import Any, Callable, ClassVar
 
 from pipelines.core.config import semantic_dump
+from pipelines.core.metrics import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 
@@ -176,11 +177,13 @@ def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> d
 def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_hash: str,
             input_fp: str) -> dict:
     rundir.clear_stage(stage.name)
+    rundir.mark_running(stage.name)
     started, t0 = _now(), time.perf_counter()
     rows_in_upstream = sum(manifests[up]["rows"]["out"] for up in stage.inputs)
     log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
 
     stage.run_key = f"{config_hash}-{input_fp}"
+    set_stage(rundir.name, stage.name)
     if stage.inputs and rows_in_upstream == 0 and stage.needs_rows:
         raise ValueError(f"stage {stage.name}: its inputs produced no rows ({', '.join(stage.inputs)})")
     if stage.inputs and rows_in_upstream == 0:
@@ -207,7 +210,9 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
         "version": VERSION,
     }
     rundir.write_manifest(stage.name, manifest)
+    rundir.clear_running(stage.name)
     rundir.clear_stage(f"{WORK}/{stage.name}")
+    record_stage(rundir.name, manifest)
     r = manifest["rows"]
     log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
              manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])
@@ -263,17 +268,44 @@ def _check_lineage(stage: Stage, rundir: RunDir, rows_in: int) -> int:
 
 
 def status_table(rundir: RunDir) -> str:
-    """The table ``chillguard status RUN_DIR`` prints; the stage column is as wide as the longest name."""
-    manifests = sorted(rundir.manifests().items(), key=lambda kv: ((kv[1] or {}).get("started_at", "~"),
-                                                                   (kv[1] or {}).get("finished_at", "~")))
-    width = max([len("stage"), *(len(name) for name, _ in manifests)]) + 2
+    """The table ``chillguard status RUN_DIR`` prints; the stage column is as wide as the longest name.
+
+    A stage in progress (marked by the runner, :meth:`RunDir.mark_running`) shows ``running`` with the
+    rows its output holds so far (Ray Data writes blocks as they finish), the seconds since it started
+    and, for a training stage, the last step it logged; ``interrupted`` when its process is gone."""
+    manifests = rundir.manifests()
+    running = rundir.running()
+    for name in running:
+        manifests.setdefault(name, None)
+    order = {name: (running[name]["started_at"] if name in running else (m or {}).get("started_at", "~"),
+                    (m or {}).get("finished_at", "~")) for name, m in manifests.items()}
+    width = max([len("stage"), *(len(name) for name in manifests)]) + 2
     header = f"{'stage':<{width}}{'state':<12}{'in':>9}{'out':>9}{'dropped':>9}{'errored':>9}{'seconds':>10}  finished"
     lines = [header, "-" * len(header)]
-    for name, m in manifests:
-        if m is None:
+    for name in sorted(manifests, key=order.__getitem__):
+        m = manifests[name]
+        if name in running:
+            lines.append(_in_progress(rundir, name, running[name], width))
+        elif m is None:
             lines.append(f"{name:<{width}}{'incomplete':<12}")
-            continue
-        r = m["rows"]
-        lines.append(f"{name:<{width}}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
-                     f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
+        else:
+            r = m["rows"]
+            lines.append(f"{name:<{width}}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
+                         f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
     return "\n".join(lines)
+
+
+def _in_progress(rundir: RunDir, name: str, marker: dict[str, Any], width: int) -> str:
+    started = _dt.datetime.fromisoformat(marker["started_at"])
+    seconds = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
+    counts = [rundir.count_rows(name, status) for status in (OK, DROPPED, ERROR)]
+    note = f"since {marker['started_at']} (host {marker.get('host')}, pid {marker.get('pid')})"
+    # a training stage logs every step to its scratch folder (local run directories)
+    logs = rundir.list_files(f"{WORK}/{name}", "metrics.jsonl")
+    logged = rundir.read_listed(logs[-1]) if logs else None
+    if logged and logged.strip():
+        last = json.loads(logged.strip().splitlines()[-1])
+        note += f", step {last.get('step')}" + (f" loss {last['loss']:.4f}" if "loss" in last else "")
+    state = "running" if marker["alive"] else "interrupted"
+    return (f"{name:<{width}}{state:<12}{'':>9}{counts[0]:>9}{counts[1]:>9}{counts[2]:>9}{seconds:>10.1f}  "
+            f"{note}")

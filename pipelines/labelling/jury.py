@@ -398,7 +398,11 @@ class AdjudicateStage(Stage):
         labels = rundir.column_values(self.name, OK, "label")
         return {"safe": labels.count(SAFE), "unsafe": labels.count(UNSAFE),
                 "fleiss_kappa": report.get("fleiss_kappa"), "tie_rate": report.get("tie_rate"),
-                "adjudication_rate": report.get("adjudication_rate")}
+                "adjudication_rate": report.get("adjudication_rate"), "ties": report.get("ties"),
+                "adjudicated": report.get("adjudicated"),
+                # votes per judge: what the dashboard shows (pipelines/core/metrics.py)
+                "judges": {j: {"valid_votes": v["valid_votes"], "abstentions": v["abstentions"]}
+                           for j, v in report.get("judges", {}).items()}}
 
 
 def _check_jury(config: JuryConfig, refs: References) -> dict[str, str | None]:

@@ -366,10 +366,12 @@ class AgreementReport:
             "fleiss_kappa": fleiss_kappa(self.kappa_counts),
             "fleiss_kappa_rows": len(self.kappa_counts),
             "min_valid_votes": self.quorum,
+            "ties": self.ties,
             "tie_rate": rate(self.ties, self.rows),
             "below_quorum": self.below_quorum,
             "below_quorum_rate": rate(self.below_quorum, self.rows),
             "no_valid_vote_rate": rate(self.no_votes, self.rows),
+            "adjudicated": self.adjudicated,
             "adjudication_rate": rate(self.adjudicated, self.rows),
             "flips": {key: {v: {"rows": self.totals[key][v], "flipped": self.flips[key][v],
                                 "rate": rate(self.flips[key][v], self.totals[key][v])}

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.config import CONFIGS, TrainingConfig
+from pipelines.core.metrics import record_training, stage_tags
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             log.info("resumed from step %d of %d (epoch %d, micro-batch %d)",
                      pos.step, plan.total_steps, pos.epoch, pos.micro)
 
-    writer = _MetricsWriter(payload["log_dir"]) if rank == 0 else None
+    writer = _MetricsWriter(payload["log_dir"], payload.get("metric_tags") or {}) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
     stop_at = min(plan.total_steps, pos.step + config.stop_after_steps) if config.stop_after_steps \
@@ -425,10 +426,13 @@ def _save(engine, method: Method, pos: Position, metrics: dict, rank: int, zero3
 
 
 class _MetricsWriter:
-    """TensorBoard events and ``metrics.jsonl`` (rank 0), appended across resumed runs."""
+    """TensorBoard events and ``metrics.jsonl`` (rank 0), appended across resumed runs, and the step's
+    figures as Ray metrics (:func:`pipelines.core.metrics.record_training`)."""
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, metric_tags: dict[str, str]):
         from tensorboardX import SummaryWriter
+
+        self.metric_tags = metric_tags
 
         os.makedirs(log_dir, exist_ok=True)
         self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
@@ -441,6 +445,7 @@ class _MetricsWriter:
                 self.tb.add_scalar(f"train/{key}", value, step)
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
+        record_training(self.metric_tags, metrics)
 
     def close(self) -> None:
         self.tb.close()
@@ -483,7 +488,7 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
     Rerunning with the same ``storage_path`` and ``run_name`` resumes from the latest checkpoint.
     """
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = method.config
@@ -502,11 +507,12 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"method": method, "plan": dataclasses.asdict(plan), "log_dir": log_dir,
-                           "validate": validate},
+                           "validate": validate, "metric_tags": stage_tags()},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints, **score)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints, **score),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
         datasets=datasets,
         # the same order on every run, so the data position in a checkpoint means the same rows; the
         # validation set is not split: every worker reads all of it (see validation_loss)

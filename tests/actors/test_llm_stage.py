@@ -12,7 +12,9 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.data.rewrite import RewriteConfig, RewriteStage
-from tests.conftest import REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, write_jsonl
+from tests.conftest import (
+    REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, metric_value, wait_for_metric, write_jsonl,
+)
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
 
@@ -42,7 +44,7 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
         IngestStage(IngestConfig(paths=[str(corpus)])),
         RewriteStage(RewriteConfig(model="rw", template=TEMPLATE, output="text", min_chars=1), endpoint),
     ]
-    rundir = RunDir(str(tmp_path / "run"))
+    rundir = RunDir(str(tmp_path / "run-over-http"))  # the run's tag in the session's metrics
     manifests = run_stages(stages, rundir)
     rewrite = manifests["rewrite"]
     assert_balanced(rewrite, rundir)
@@ -55,6 +57,19 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     assert rewrite["rows"]["out_parents"] + rewrite["reasons"]["errored"].get("unparseable_output", 0) == 6
     ok_ids = rundir.column_values("rewrite", "ok", "id")
     assert len(ok_ids) == len(set(ok_ids)) and all(t for t in rundir.column_values("rewrite", "ok", "text"))
+
+    # the counts are on the node's Prometheus export, tagged by run and stage, with the tokens the
+    # workers counted as answers arrived
+    tags = {"run": "run-over-http", "stage": "rewrite"}
+    text = wait_for_metric("ray_chillguard_stage_rows_total", **tags)
+    for status in ("in", "out", "dropped", "errored"):
+        assert metric_value(text, "ray_chillguard_stage_rows_total", status=status, **tags) == rewrite["rows"][status]
+    assert metric_value(text, "ray_chillguard_stage_reason_rows_total", status="errored", reason="prompt_too_long",
+                        **tags) == 1
+    assert metric_value(text, "ray_chillguard_stage_seconds", **tags) == pytest.approx(rewrite["seconds"])
+    text = wait_for_metric("ray_chillguard_llm_tokens_total", kind="output", **tags)
+    assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="output", model="tiny", **tags) > 0
+    assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="prompt", **tags) > 0
 
     # rerun: nothing to do, same outputs
     again = run_stages(stages, rundir)

@@ -8,7 +8,6 @@ first-token probabilities of that model, which is what the checks compare."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, metric_value, scrape_metrics, wait_for_metric
 
 pytestmark = pytest.mark.slow
 
@@ -60,39 +59,20 @@ def call(url: str, path: str, body=None, *, key: str | None = TEST_API_KEY, raw:
         return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
-
-
-def _value(text: str, name: str) -> float:
-    """Sum of a metric's samples (all tag sets) in a Prometheus scrape."""
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
-
-
 def test_metrics_and_one_engine_call_per_list(guard_app, ray_local):
     """A list of N texts is one engine call of N prompts: the batch-size histogram holds one
     observation of N. Our metrics and Ray Serve's are on the node's Prometheus export. (The first
     test of the module: it counts from zero.)"""
-    import ray
-
     url, _ = guard_app
-    port = ray._private.worker._global_node.metrics_export_port
     count, total = "ray_chillguard_serve_batch_size_count", "ray_chillguard_serve_batch_size_sum"
     requests = "ray_chillguard_serve_requests_total"
-
     # the module's first request: nothing was counted before it
-    assert _value(_scrape(port), requests) == 0
+    assert metric_value(scrape_metrics(), requests) == 0
     n = 6
     assert call(url, "/v1/moderations", {"input": [f"list item {i}" for i in range(n)]})[0] == 200
-    deadline = time.time() + 60
-    while True:  # Ray exports metrics every few seconds
-        after = _scrape(port)
-        if _value(after, requests) or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert _value(after, requests) == 1
-    assert (_value(after, count), _value(after, total)) == (1, n)
+    after = wait_for_metric(requests)
+    assert metric_value(after, requests, route="moderations", status="200") == 1
+    assert (metric_value(after, count), metric_value(after, total)) == (1, n)
     for name in ("ray_chillguard_serve_texts_total", "ray_chillguard_serve_latency_s_bucket",
                  "ray_chillguard_serve_flagged_share", "ray_serve_num_http_requests_total"):
         assert name in after, name

@@ -20,7 +20,7 @@ from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
 from pipelines.training.train_loop import TrainingPaused
-from tests.conftest import vllm_endpoint, write_jsonl
+from tests.conftest import metric_value, vllm_endpoint, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
 # category the guard must name.
@@ -121,6 +121,13 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     report = json.loads((Path(recipe.run_dir) / "guard_eval_syn" / "report" / "metrics.json").read_text())
     assert manifests["guard_eval_syn"]["rows"]["out"] == 80
     assert report["overall"]["f1"] >= 0.9
+    # what the dashboard shows: the trainer's last step and loss (rank 0), the evaluation's F1
+    train = {"run": "run", "stage": "guard_sft"}
+    text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_eval_syn", field="f1")
+    assert metric_value(text, "ray_chillguard_train_step", **train) == 100
+    assert metric_value(text, "ray_chillguard_train_loss", **train) == pytest.approx(history[-1]["loss"], rel=1e-5)
+    assert metric_value(text, "ray_chillguard_stage_summary", run="run", stage="guard_eval_syn",
+                        field="f1") == pytest.approx(report["overall"]["f1"])
 
 
 @pytest.mark.slow
