@@ -125,17 +125,19 @@ def test_bad_inputs(value, allow_list, status, message):
     assert _texts(["a", "b"], "input", allow_list=True, max_inputs=4) == ["a", "b"]
 
 
-def test_serve_yamls_are_valid_serve_configs_and_guard_settings():
+def test_serve_yamls_are_valid_serve_configs_and_guard_settings(tiny_models):
     from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve.config import GuardServeConfig
 
     for name in ("guard.yaml", "cpu.yaml"):
         data = yaml.safe_load((CONFIGS / "serve" / name).read_text())
         ServeDeploySchema.model_validate(data)  # Ray Serve's own schema
         app = data["applications"][0]
         assert app["import_path"] == "pipelines.serve.app:build_app"
-        from pipelines.serve.config import GuardServeConfig
-
-        GuardServeConfig.model_validate(app["args"])
+        # cpu.yaml names the tiny model `make demo` builds into models/tiny: here, the test's copy
+        local = app["args"]["model"].startswith("models/")
+        GuardServeConfig.model_validate({**app["args"], **({"model": tiny_models["causal-lm"]} if local else {})})
 
 
 def serve_args(**given):
@@ -146,17 +148,19 @@ def serve_args(**given):
 def test_serve_settings_precedence_and_errors(tiny_models):
     from pipelines.serve.cli import serve_settings
 
-    config, http, _ = serve_settings(serve_args(), cuda=False)  # no CUDA: the CPU settings
-    assert config.engine.cpu and http == {"host": "127.0.0.1", "port": 8000}
-    assert not serve_settings(serve_args(), cuda=True)[0].engine.cpu
     model = tiny_models["causal-lm"]
+    config, http, _ = serve_settings(serve_args(model=model), cuda=False)  # no CUDA: the CPU settings
+    assert config.engine.cpu and http == {"host": "127.0.0.1", "port": 8000}
+    assert not serve_settings(serve_args(model=model), cuda=True)[0].engine.cpu
     config, http, what = serve_settings(serve_args(run_dir="threshold=0.3", overrides=["max_batch_size=1"],
                                                    model=model, port=9001), cuda=False)
     assert (config.threshold, config.max_batch_size, config.model, http["port"], what) == (0.3, 1, model, 9001, model)
     with pytest.raises(ConfigError, match="unknown key"):
-        serve_settings(serve_args(overrides=["engine.gpus=2"]), cuda=False)
+        serve_settings(serve_args(model=model, overrides=["engine.gpus=2"]), cuda=False)
     with pytest.raises(ConfigError, match="min_replicas 3 > max_replicas 1"):
-        serve_settings(serve_args(overrides=["ingress.autoscaling_config.min_replicas=3"]), cuda=False)
+        serve_settings(serve_args(model=model, overrides=["ingress.autoscaling_config.min_replicas=3"]), cuda=False)
+    with pytest.raises(ConfigError, match="model path does not exist: /nowhere"):
+        serve_settings(serve_args(model="/nowhere"), cuda=False)
     with pytest.raises(ConfigError, match="not both"):
         serve_settings(serve_args(run_dir="runs/x", model=model), cuda=False)
     with pytest.raises(ConfigError, match="does not exist"):
