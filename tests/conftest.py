@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # scratch pass. One actor reads the footers of the tests' few small files; the reader is the same.
 # Set before any local Ray starts so its workers and `chillguard run` / `ray start` children inherit it.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Ray exports metrics every 10 s by default; the tests that scrape them wait for the next export.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 #: an API key for `vllm_server` to require (parametrize it indirectly with TEST_API_KEY). Set before
 #: any local Ray starts, so its workers inherit it, as a cluster's nodes carry it in their environment.
 TEST_API_KEY_ENV, TEST_API_KEY = "CHILLGUARD_TEST_API_KEY", "sk-chillguard-test-6f1c9e"
@@ -179,4 +181,37 @@ def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
         if metric_value(text, name, **labels) or time.time() > deadline:
             return text
         time.sleep(1)
+
+
+class MetricsWatcher:
+    """Scrapes the node's export every ``period`` seconds in a thread while a ``with`` block runs
+    (metrics of a worker that has exited leave the export: a trainer's are seen only while it runs);
+    ``samples`` holds ``{name: value}`` of ``names`` (with ``labels``) per scrape where the first is set."""
+
+    def __init__(self, names: list[str], period: float = 0.5, **labels: str):
+        import threading
+
+        self.names, self.period, self.labels = names, period, labels
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = scrape_metrics()
+            except OSError:
+                text = ""
+            values = {name: metric_value(text, name, **self.labels) for name in self.names}
+            if values[self.names[0]]:
+                self.samples.append(values)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "MetricsWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 

@@ -20,7 +20,7 @@ from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
 from pipelines.training.train_loop import TrainingPaused
-from tests.conftest import metric_value, vllm_endpoint, wait_for_metric, write_jsonl
+from tests.conftest import MetricsWatcher, metric_value, vllm_endpoint, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
 # category the guard must name.
@@ -104,7 +104,10 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     held_out = guard_rows(80, seed=1)
     recipe = guard_recipe(tmp_path, tiny_models["causal-lm"], guard_rows(320, seed=0), held_out=held_out,
                           deepspeed="zero3", epochs=5)
-    manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    # the dashboard's view while it trains: the trainer's step and loss (rank 0, every step)
+    with MetricsWatcher(["ray_chillguard_train_step", "ray_chillguard_train_loss"], run="run",
+                        stage="guard_sft") as watched:
+        manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
     m = manifests["guard_sft"]
     assert m["rows"] == {"in": 320, "out": 320, "out_parents": 320, "dropped": 0, "errored": 0}
     plan = m["summary"]["plan"]
@@ -121,11 +124,12 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     report = json.loads((Path(recipe.run_dir) / "guard_eval_syn" / "report" / "metrics.json").read_text())
     assert manifests["guard_eval_syn"]["rows"]["out"] == 80
     assert report["overall"]["f1"] >= 0.9
-    # what the dashboard shows: the trainer's last step and loss (rank 0), the evaluation's F1
-    train = {"run": "run", "stage": "guard_sft"}
+    assert len(watched.samples) >= 3, watched.samples
+    for sample in watched.samples:  # each seen step with the loss logged at that step
+        step = int(sample["ray_chillguard_train_step"])
+        assert sample["ray_chillguard_train_loss"] == pytest.approx(history[step - 1]["loss"], rel=1e-5)
+    # and once it is done, the evaluation's F1 from the driver
     text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_eval_syn", field="f1")
-    assert metric_value(text, "ray_chillguard_train_step", **train) == 100
-    assert metric_value(text, "ray_chillguard_train_loss", **train) == pytest.approx(history[-1]["loss"], rel=1e-5)
     assert metric_value(text, "ray_chillguard_stage_summary", run="run", stage="guard_eval_syn",
                         field="f1") == pytest.approx(report["overall"]["f1"])
 
