@@ -6,7 +6,7 @@ against offline vLLM on the same prompts.
 On an embedded local Ray, the product's app (:func:`pipelines.serve.app.build_app`: ``ray.serve.llm``
 vLLM replica + our ingress, 127.0.0.1, a free port) serves the guard; without ``--model`` the offline
 tiny model is built into ``--workdir`` (random weights, so answers are constrained to the guard format,
-``constrained: true``). A bounded load generator (asyncio + httpx, one process) sends ``POST
+``constrained: true``). A bounded load generator (asyncio + aiohttp, one process) sends ``POST
 /v1/moderations`` with one text per request from ``c`` concurrent callers until ``--requests`` are
 answered or ``--time-limit`` passes; each text is distinct (the guard prompt's taxonomy is a shared
 prefix, the text is not). Two deployments of the same app:
@@ -57,28 +57,30 @@ def texts(n: int, seed: int) -> list[str]:
 
 
 async def load(url: str, prompts: list[str], concurrency: int, time_limit: float) -> dict:
-    """``concurrency`` callers take texts from one queue until it is empty or time is up."""
-    import httpx
+    """``concurrency`` callers (aiohttp, one keep-alive session) take texts from one queue until it
+    is empty or time is up."""
+    import aiohttp
 
     latencies: list[float] = []
     failures: dict[int, int] = {}
     queue = list(reversed(prompts))
     deadline = time.perf_counter() + time_limit
 
-    async def caller(client: httpx.AsyncClient) -> None:
+    async def caller(session: aiohttp.ClientSession) -> None:
         while queue and time.perf_counter() < deadline:
             text = queue.pop()
             start = time.perf_counter()
-            answer = await client.post(url, json={"input": text})
-            if answer.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-            else:
-                failures[answer.status_code] = failures.get(answer.status_code, 0) + 1
+            async with session.post(url, json={"input": text}) as answer:
+                await answer.read()
+                if answer.status == 200:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failures[answer.status] = failures.get(answer.status, 0) + 1
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(caller(client) for _ in range(concurrency)))
+        await asyncio.gather(*(caller(session) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return {"answered": len(latencies), "failed": failures, "wall_s": wall, "latencies": latencies,
             "partial": bool(queue)}

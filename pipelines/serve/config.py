@@ -71,7 +71,8 @@ class GuardServeConfig(Strict):
         False, description="restrict answers to the guard format (`safe` | `unsafe\\n<micro>`) with vLLM "
         "structured outputs: for weak or untrained guards, as guard evaluation's `constrained`")
     max_tokens: int = Field(8, ge=2, description="answer tokens generated (verdict + micro code)")
-    top_logprobs: int = Field(20, ge=2, le=20, description="log-probabilities per answer token (scores)")
+    top_logprobs: int = Field(5, ge=2, le=20, description="alternatives per answer token: the first token's "
+                              "give the score, the code's give the other codes' shares (guard evaluation uses 5 too)")
     max_inputs: int = Field(64, ge=1, description="most texts in one /v1/moderations list (413 past it)")
     max_batch_size: int = Field(32, ge=1, description="prompts sent to the engine in one call: concurrent "
                                 "callers' prompts are batched up to this (1 = no batching)")

@@ -150,7 +150,7 @@ class GuardIngress:
                  c.max_batch_size, "on" if self._key else "off")
 
     # --- the engine ----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
     async def _complete(self, prompts: list[list[int]]) -> list[Completion]:
         """One completions request for the batch's prompts; the answers in prompt order."""
         from ray.serve.llm.openai_api_models import CompletionRequest

@@ -45,13 +45,14 @@ class Completion:
 
     @classmethod
     def from_choice(cls, choice: Any) -> "Completion":
-        """From a completions choice (vLLM's pydantic object or its JSON dict)."""
-        if not isinstance(choice, dict):
-            choice = choice.model_dump()
-        logprobs = choice.get("logprobs") or {}
-        return cls(text=choice.get("text") or "", tokens=list(logprobs.get("tokens") or []),
-                   token_logprobs=list(logprobs.get("token_logprobs") or []),
-                   top_logprobs=list(logprobs.get("top_logprobs") or []))
+        """From a completions choice: vLLM's object (read by attribute: no copy of the whole
+        response) or its JSON dict."""
+        get = (lambda obj, key: obj.get(key)) if isinstance(choice, dict) else getattr
+        logprobs = get(choice, "logprobs")
+        field = (lambda key: list((logprobs.get(key) if isinstance(logprobs, dict) else getattr(logprobs, key)) or [])
+                 ) if logprobs else (lambda key: [])
+        return cls(text=get(choice, "text") or "", tokens=field("tokens"), token_logprobs=field("token_logprobs"),
+                   top_logprobs=field("top_logprobs"))
 
 
 @dataclass(frozen=True)

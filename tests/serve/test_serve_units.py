@@ -219,3 +219,14 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="no finished guard-training stage 'loop9'"):
         run_guard(str(run), "loop9")
     json.dumps(settings)  # plain values: they go into Serve's args
+
+
+def test_completion_from_the_engines_choice_or_its_json():
+    from types import SimpleNamespace
+
+    fields = {"tokens": ["unsafe", "\n", "B5"], "token_logprobs": [-0.1, 0.0, -0.2],
+              "top_logprobs": [{"unsafe": -0.1, "safe": -2.4}, {"\n": 0.0}, {"B5": -0.2}]}
+    as_json = Completion.from_choice({"index": 0, "text": "unsafe\nB5", "logprobs": fields})
+    as_object = Completion.from_choice(SimpleNamespace(index=0, text="unsafe\nB5", logprobs=SimpleNamespace(**fields)))
+    assert as_json == as_object == Completion(text="unsafe\nB5", **fields)
+    assert Completion.from_choice({"text": "safe", "logprobs": None}) == Completion(text="safe")
