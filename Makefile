@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python benchmarks/preprocess.py
 	$(BIN)/python benchmarks/jury.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf runs models bench_out
