@@ -22,8 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # scratch pass. One actor reads the footers of the tests' few small files; the reader is the same.
 # Set before any local Ray starts so its workers and `chillguard run` / `ray start` children inherit it.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-# Ray exports metrics every 10 s by default; the tests that scrape them wait for the next export.
-os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 #: an API key for `vllm_server` to require (parametrize it indirectly with TEST_API_KEY). Set before
 #: any local Ray starts, so its workers inherit it, as a cluster's nodes carry it in their environment.
 TEST_API_KEY_ENV, TEST_API_KEY = "CHILLGUARD_TEST_API_KEY", "sk-chillguard-test-6f1c9e"
@@ -174,7 +172,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
-    """A scrape in which ``name`` (with ``labels``) has appeared: Ray exports every few seconds."""
+    """A scrape in which ``name`` (with ``labels``) has appeared: Ray exports every 10 s (a shorter
+    ``RAY_metrics_report_interval_ms`` costs every Ray process of the session CPU)."""
     deadline = time.time() + timeout
     while True:
         text = scrape_metrics()
@@ -188,7 +187,7 @@ class MetricsWatcher:
     (metrics of a worker that has exited leave the export: a trainer's are seen only while it runs);
     ``samples`` holds ``{name: value}`` of ``names`` (with ``labels``) per scrape where the first is set."""
 
-    def __init__(self, names: list[str], period: float = 0.5, **labels: str):
+    def __init__(self, names: list[str], period: float = 2.0, **labels: str):
         import threading
 
         self.names, self.period, self.labels = names, period, labels
