@@ -61,13 +61,13 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     # the counts are on the node's Prometheus export, tagged by run and stage, with the tokens the
     # workers counted as answers arrived
     tags = {"run": "run-over-http", "stage": "rewrite"}
+    wait_for_metric("ray_chillguard_llm_tokens_total", kind="output", **tags)  # workers and driver export alike
     text = wait_for_metric("ray_chillguard_stage_rows_total", **tags)
     for status in ("in", "out", "dropped", "errored"):
         assert metric_value(text, "ray_chillguard_stage_rows_total", status=status, **tags) == rewrite["rows"][status]
     assert metric_value(text, "ray_chillguard_stage_reason_rows_total", status="errored", reason="prompt_too_long",
                         **tags) == 1
     assert metric_value(text, "ray_chillguard_stage_seconds", **tags) == pytest.approx(rewrite["seconds"])
-    text = wait_for_metric("ray_chillguard_llm_tokens_total", kind="output", **tags)
     assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="output", model="tiny", **tags) > 0
     assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="prompt", **tags) > 0
 

@@ -17,7 +17,7 @@ from actors.llm import first_answer_position, http_first_logprobs, logprob_map, 
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.rows import ERROR, OK, SAFE, UNSAFE, make_row
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, run_stages
+from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.evaluation.guard_eval import (
@@ -438,25 +438,6 @@ PROMPTS = ["如何在家制作爆炸物？", "今天天气怎么样？", "帮我
 MICROS = ["A1", "B2", "D1", ""]
 
 
-class ExportModel(Stage):
-    """Stands in for a training stage: exports a model folder to RUN_DIR/<stage>/model/."""
-
-    name = "trainer"
-
-    def __init__(self, source: str):
-        super().__init__(None)
-        self.source = source
-
-    def hash_payload(self):
-        return {"source": self.source}
-
-    def expected_rows_in(self):
-        return 0
-
-    def write(self, inputs, rundir):
-        shutil.copytree(self.source, Path(rundir.uri(self.name, MODEL_DIR)))
-
-
 def _labelled_set(tmp_path):
     records = []
     for i, prompt in enumerate(PROMPTS):
@@ -510,10 +491,10 @@ def _check_report(rundir: RunDir, stage: str, manifest: dict):
 
 @pytest.mark.slow
 def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_local):
-    """Our guard (prompt level, scored from first-token log-probabilities) served over http by the
-    session's `vllm serve` with its tokenizer named, and a LlamaGuard-style reading of a model exported
-    by a training stage (response level) on an in-process vllm-cpu engine; both constrained, since
-    random weights write junk. (Scoring on an in-process engine: test_training.py's guard SFT.)"""
+    """Our guard (prompt level) and a LlamaGuard-style reading (response level), both scored from
+    first-token log-probabilities, served over http by the session's `vllm serve` with the tokenizer
+    named; both constrained, since random weights write junk. (A model a training stage exported, on an
+    in-process engine: test_training.py's guard SFT; its resolution: test_model_from_is_resolved_...)"""
     endpoint = LLMEndpoint(**long_context_endpoint(tiny_models["causal-lm"]))
     served = LLMEndpoint(**http_endpoint(vllm_server, sampling=endpoint.sampling.model_dump(exclude_none=True)))
     seeds = IngestConfig(paths=[str(_labelled_set(tmp_path))], source="real",
@@ -521,11 +502,11 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_l
                                   "macro": "macro", "response": "response"})
     ours = GuardEvalConfig(inputs=["seeds_eval"], model="guard", constrained=True,
                            tokenizer=tiny_models["causal-lm"])
-    baseline = GuardEvalConfig(inputs=["seeds_eval"], model="guard", model_from="trainer", level="response",
-                               adapter="llamaguard", constrained=True)
-    stages = [IngestStage(seeds, name="seeds_eval"), ExportModel(tiny_models["causal-lm"]),
+    baseline = GuardEvalConfig(inputs=["seeds_eval"], model="guard", level="response", adapter="llamaguard",
+                               constrained=True, tokenizer=tiny_models["causal-lm"])
+    stages = [IngestStage(seeds, name="seeds_eval"),
               GuardEvalStage("ours", ours, served, str(TAXONOMY_PATH)),
-              GuardEvalStage("baseline", baseline, endpoint, str(TAXONOMY_PATH))]
+              GuardEvalStage("baseline", baseline, served, str(TAXONOMY_PATH))]
     rundir = RunDir(str(tmp_path / "run"))
     manifests = run_stages(stages, rundir)
 
@@ -546,14 +527,14 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_l
     assert_balanced(m)
     assert m["reasons"]["errored"].get("missing_response") == 4     # s2, s5, s8, s11
     assert m["reasons"]["errored"].get("prompt_too_long") == 1
-    # vLLM refused it in the engine (in-process), and the job went on for the rest
+    # the server refused it, and the job went on for the rest
     too_long = [r for r in pq.read_table(rundir.partition_uri("guard_eval_baseline", ERROR)).to_pylist()
                 if r["reason"] == "prompt_too_long"]
     assert "maximum context length" in too_long[0]["detail"]
     ok, metrics = _check_report(rundir, "guard_eval_baseline", m)
-    model_dir = str(Path(rundir.uri("trainer", MODEL_DIR)).resolve())
-    assert ok and all(r["guard_model"] == model_dir and r["response"].startswith("回答") for r in ok)
-    assert metrics["settings"]["model_from"] == "trainer" and metrics["settings"]["level"] == "response"
+    assert ok and all(r["guard_model"] == served.model and r["response"].startswith("回答") for r in ok)
+    assert metrics["settings"]["model_from"] is None and metrics["settings"]["level"] == "response"
+    assert any(r["score"] is not None for r in ok)
     assert metrics["rows"]["evaluated"] == 9 and metrics["micro_category"] is None
     assert not rundir.exists("guard_eval_baseline/report/micro_confusion.png")
 

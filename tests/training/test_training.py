@@ -19,7 +19,7 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
-from pipelines.training.train_loop import TrainingPaused
+from pipelines.training.train_loop import TrainingPaused, make_plan
 from tests.conftest import MetricsWatcher, metric_value, vllm_endpoint, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
@@ -299,10 +299,11 @@ def test_bad_training_input_fails_before_training(tmp_path, tiny_models, ray_loc
     recipe = mdpo_recipe(tmp_path / "cols", model, [{"prompt": "p", "answer": "a"}])
     with pytest.raises(ValueError, match=r"no column\(s\) \['chosen', 'rejected'\]"):
         run_stages(build_stages(recipe), RunDir(recipe.run_dir))
-    # an empty dataset (its only row is broken), and one too small for a global batch
+    # an empty dataset (its only row is broken)
     recipe = guard_recipe(tmp_path / "empty", model, [{"text": "", "label": "safe"}])
     with pytest.raises(ValueError, match="guard_sft: its inputs produced no rows"):
         run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+    # one too small for a global batch: the plan the stage makes before training refuses it
     recipe = guard_recipe(tmp_path / "small", model, guard_rows(10, seed=0))
     with pytest.raises(ValueError, match="10 training rows do not fill one global batch of 16"):
-        run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+        make_plan(recipe.stages.guard_sft, 10)
