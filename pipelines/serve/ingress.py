@@ -124,16 +124,15 @@ class GuardIngress:
         from transformers import AutoTokenizer
 
         from pipelines.evaluation.guard_eval import ChillGuardAdapter, check_answer_tokens, first_tokens
-        from pipelines.training.guard_format import GuardPrompt
 
         self.config = GuardServeConfig.model_validate(config)
         c = self.config
         self.taxonomy = load_taxonomy(c.taxonomy)
-        self.codes = frozenset(self.taxonomy.micro_codes)
-        self.prompt = GuardPrompt(self.taxonomy, c.template)
-        # the answer format as a regex, the same one guard evaluation constrains to
-        self.structured = ({"regex": ChillGuardAdapter(self.taxonomy, c.template).answer_pattern("prompt")}
-                           if c.constrained else None)
+        # guard evaluation's adapter: the same prompt, micro codes and answer regex
+        adapter = ChillGuardAdapter(self.taxonomy, c.template)
+        self.codes = adapter.codes
+        self.prompt = adapter.prompt
+        self.structured = {"regex": adapter.answer_pattern("prompt")} if c.constrained else None
         self.tokenizer = AutoTokenizer.from_pretrained(c.model)
         self.answer_tokens = first_tokens(self.tokenizer)
         check_answer_tokens(self.answer_tokens, c.model)
