@@ -321,7 +321,7 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
     held_out = rundir.column_values(stage.name, OK, "part").count(VAL)
     count = check_rows(stage, rundir, config, held_out)
     examples = ray.data.read_parquet(rundir.partition_uri(stage.name, OK), partitioning=None)
-    data = (examples.filter(expr=col("part") == TRAIN).select_columns(["input_ids", "prompt_len"])
+    data = (examples.filter(expr=col("part") == TRAIN).select_columns(["id", "input_ids", "prompt_len"])
             # seeded: the same order on every run, so a checkpoint's data position means the same rows
             .random_shuffle(seed=config.seed).repartition(config.num_workers * 4))
     val = None

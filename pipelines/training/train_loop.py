@@ -10,8 +10,12 @@ and computes the loss and its metrics. Everything else lives here, once:
   GPU, fp32 on CPU), AdamW and clipping filled in; cosine / linear / constant schedule with warmup
   (``transformers.get_scheduler``, stepped by DeepSpeed once per optimizer step);
 - checkpoints through ``ray.train.Checkpoint`` (DeepSpeed state of every rank + ``trainer_state.json``
-  with the step, the data position and the method's own state, e.g. MDPO's running mean), resume from
-  the latest one when the same run is started again (Ray Train V2: same run name and storage path);
+  with the step, the data position and the method's own state, e.g. MDPO's running mean, + every
+  rank's RNG states), resume from the latest one when the same run is started again (Ray Train V2:
+  same run name and storage path) or when Ray Train restarts the worker group after a worker or its
+  node died (``max_failures``); the steps after that checkpoint are redone, on the same rows;
+- which rows each optimizer step trained on (``trained_rows.jsonl``, when the rows have an ``id``),
+  so a resumed run can be checked against the one it continues;
 - metrics through ``ray.train.report`` every ``report_every_steps`` steps (a report is a round trip
   through the Train controller, about 2 s here, so not every step) and at each checkpoint;
   TensorBoard events and ``metrics.jsonl`` on rank 0 every step;
@@ -48,6 +52,9 @@ HF_EXPORT = "hf"  # folder inside the final checkpoint with the Hugging Face mod
 MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint folder
 VAL = "val"  # the validation dataset's name in Ray Train
+# rank 0's logs (see _MetricsWriter) and every rank's generator states in a checkpoint
+METRICS_FILE, ROWS_FILE, REDONE_FILE = "metrics.jsonl", "trained_rows.jsonl", "redone.jsonl"
+RNG_FILE = "rng_state_{rank}.pt"
 
 
 @contextlib.contextmanager
@@ -327,13 +334,15 @@ def train_worker(payload: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=DS_TAG)
             state = json.loads(Path(folder, STATE_FILE).read_text())
+            restored_rng = _load_rng_state(folder, rank)
         pos = Position(**state["position"])
         method.load_state_dict(state["method"])
         if rank == 0:
-            log.info("resumed from step %d of %d (epoch %d, micro-batch %d)",
-                     pos.step, plan.total_steps, pos.epoch, pos.micro)
+            log.info("resumed from step %d of %d (epoch %d, micro-batch %d)%s",
+                     pos.step, plan.total_steps, pos.epoch, pos.micro,
+                     "" if restored_rng else "; no RNG state for this rank in the checkpoint: seeded afresh")
 
-    writer = _MetricsWriter(payload["log_dir"], payload.get("metric_tags") or {}) if rank == 0 else None
+    writer = _MetricsWriter(payload["log_dir"], payload.get("metric_tags") or {}, pos.step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = plan.steps_per_epoch * plan.accumulation_steps
     stop_at = min(plan.total_steps, pos.step + config.stop_after_steps) if config.stop_after_steps \
@@ -341,6 +350,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     step_metrics: list[dict[str, float]] = []
     validate = payload.get("validate", False)
     tokens, data_seconds, t_step = 0, 0.0, time.perf_counter()
+    step_ids: list[str] = []
     engine.train()
     while pos.step < stop_at:
         skip = pos.micro
@@ -362,6 +372,8 @@ def train_worker(payload: dict[str, Any]) -> None:
             engine.step()
             tokens += method.tokens(batch)
             step_metrics.append(metrics)
+            if "id" in numpy_batch:
+                step_ids.extend(str(x) for x in numpy_batch["id"])
             pos.micro += 1
             t_wait = time.perf_counter()
             if pos.micro % plan.accumulation_steps:
@@ -370,6 +382,8 @@ def train_worker(payload: dict[str, Any]) -> None:
             metrics = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
             metrics = _all_reduce_mean(metrics, world, device)
             method.after_step(metrics)
+            rows_by_rank = _gather_ids(step_ids, world)
+            step_ids = []
             elapsed = time.perf_counter() - t_step
             metrics.update(step=pos.step, epoch=pos.epoch, lr=lr, start_weights=start_weights,
                            step_seconds=elapsed, data_wait_seconds=data_seconds,
@@ -384,7 +398,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             want_ckpt = done or (validate and epoch_end) or (
                 config.checkpoint_every_steps and pos.step % config.checkpoint_every_steps == 0)
             if writer is not None:
-                writer.write(metrics)
+                writer.write(metrics, rows_by_rank)
             if want_ckpt:
                 final = pos.step >= plan.total_steps
                 # with validation every checkpoint carries val_loss (Ray keeps the best by it): an
@@ -412,6 +426,7 @@ def _save(engine, method: Method, pos: Position, metrics: dict, rank: int, zero3
     folder = tempfile.mkdtemp(prefix="chillguard-ckpt-")
     try:
         engine.save_checkpoint(folder, tag=DS_TAG)
+        _save_rng_state(folder, rank)
         if export:
             _export_hf(engine, method, os.path.join(folder, HF_EXPORT), rank, zero3)
         if rank == 0:
@@ -425,31 +440,109 @@ def _save(engine, method: Method, pos: Position, metrics: dict, rank: int, zero3
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class _MetricsWriter:
-    """TensorBoard events and ``metrics.jsonl`` (rank 0), appended across resumed runs, and the step's
-    figures as Ray metrics (:func:`pipelines.core.metrics.record_training`)."""
+def _save_rng_state(folder: str, rank: int) -> None:
+    """This rank's Python, NumPy and torch (CPU and CUDA) generator states, next to its DeepSpeed
+    state, so dropout and any sampling continue after a resume as they would have without one."""
+    import random
 
-    def __init__(self, log_dir: str, metric_tags: dict[str, str]):
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, os.path.join(folder, RNG_FILE.format(rank=rank)))
+
+
+def _load_rng_state(folder: str, rank: int) -> bool:
+    """Restore what :func:`_save_rng_state` saved for ``rank``; False when the checkpoint has none
+    for it (made by an older version, or with fewer workers)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = os.path.join(folder, RNG_FILE.format(rank=rank))
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def _gather_ids(ids: list[str], world: int) -> list[list[str]]:
+    """Every rank's row ids of this step, on every rank (one small collective per step; rank 0
+    writes them)."""
+    if world == 1:
+        return [ids]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, ids)
+    return out
+
+
+class _MetricsWriter:
+    """Rank 0's logs of every step, appended across resumed runs: TensorBoard events,
+    ``metrics.jsonl``, ``trained_rows.jsonl`` (each rank's row ids of the step) and the step's
+    figures as Ray metrics (:func:`pipelines.core.metrics.record_training`).
+
+    A run resumed from the checkpoint of step ``resume_step`` redoes the steps after it: their
+    earlier lines move from ``metrics.jsonl`` and ``trained_rows.jsonl`` to ``redone.jsonl`` (with
+    the file they came from), so the logs hold each step once and what was redone stays visible."""
+
+    def __init__(self, log_dir: str, metric_tags: dict[str, str], resume_step: int = 0):
         from tensorboardX import SummaryWriter
 
         self.metric_tags = metric_tags
-
         os.makedirs(log_dir, exist_ok=True)
+        redone = []
+        for name in (METRICS_FILE, ROWS_FILE):
+            redone += _truncate_after(os.path.join(log_dir, name), resume_step, name)
+        if redone:
+            with open(os.path.join(log_dir, REDONE_FILE), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in redone)
         self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.jsonl = open(os.path.join(log_dir, METRICS_FILE), "a", encoding="utf-8")
+        self.rows = open(os.path.join(log_dir, ROWS_FILE), "a", encoding="utf-8")
 
-    def write(self, metrics: dict[str, float]) -> None:
+    def write(self, metrics: dict[str, float], rows_by_rank: list[list[str]]) -> None:
         step = int(metrics["step"])
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"train/{key}", value, step)
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
+        if any(rows_by_rank):
+            self.rows.write(json.dumps({"step": step, "epoch": int(metrics["epoch"]), "ids": rows_by_rank}) + "\n")
+            self.rows.flush()
         record_training(self.metric_tags, metrics)
 
     def close(self) -> None:
         self.tb.close()
         self.jsonl.close()
+        self.rows.close()
+
+
+
+def _truncate_after(path: str, step: int, name: str) -> list[dict]:
+    """Keep the lines of ``path`` up to ``step``; return the later ones (tagged with ``name``)."""
+    if not os.path.exists(path):
+        return []
+    kept, later = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                (kept if record["step"] <= step else later).append(line if line.endswith("\n") else line + "\n")
+    if later:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    return [{"file": name, **json.loads(line)} for line in later]
 
 
 # ------------------------------------------------------------------------------------------------
