@@ -16,8 +16,8 @@ prefix, the text is not). Two deployments of the same app:
 - ``unbatched``: ``max_batch_size: 1`` and the engine's ``max_num_seqs: 1``: one request per engine step.
 
 The ceiling is offline vLLM (``vllm.LLM.generate``) on the same prompts, as token ids rendered the
-way the ingress renders them, with the same sampling (greedy, 4 tokens, top-20 log-probabilities,
-the same answer regex): prompts/s of one ``generate`` call, after a warm-up call. It runs after Serve
+way the ingress renders them, with the same sampling (greedy, 4 tokens, the served config's top
+log-probabilities, the same answer regex): prompts/s of one ``generate`` call, after a warm-up call. It runs after Serve
 is shut down, alone on the machine.
 
 Each level is warmed up with ``c`` requests first (not timed). A level that did not finish its
@@ -139,6 +139,7 @@ def offline_ceiling(model: str, args) -> dict:
     from pipelines.core.prompts import prompt_token_ids
     from pipelines.core.taxonomy import load_taxonomy
     from pipelines.evaluation.guard_eval import ChillGuardAdapter
+    from pipelines.serve.config import GuardServeConfig
     from pipelines.training.guard_format import GuardPrompt
 
     taxonomy = load_taxonomy(CONFIGS / "taxonomy.yaml")
@@ -146,7 +147,8 @@ def offline_ceiling(model: str, args) -> dict:
     tok = AutoTokenizer.from_pretrained(model)
     ids = [prompt_token_ids(tok, prompt({"text": t}), {}) for t in texts(args.requests, args.seed)]
     pattern = ChillGuardAdapter(taxonomy, CONFIGS / "prompts" / "guard.yaml").answer_pattern("prompt")
-    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=20,
+    top_logprobs = GuardServeConfig.model_fields["top_logprobs"].default  # what the served ingress asks for
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=top_logprobs,
                             structured_outputs=StructuredOutputsParams(regex=pattern))
     llm = LLM(model=model, dtype="float32", max_model_len=4096, enforce_eager=True,
               kv_cache_memory_bytes=256 * 1024**2, seed=0)
