@@ -56,7 +56,16 @@ def _existing_path(value: str) -> str:
 
 
 def _output_path(value: str) -> str:
-    return value if is_uri(value) else str(Path(value).expanduser().resolve())
+    """A run directory: a local path (made absolute) or a plain cloud URI. Stage paths are appended
+    to a URI, so it cannot carry query parameters (``?endpoint_override=...``); an S3-compatible
+    endpoint is given by the environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)."""
+    if not is_uri(value):
+        return str(Path(value).expanduser().resolve())
+    if "?" in value or "#" in value:
+        raise ValueError(f"{value!r}: a run directory URI takes no query parameters (stage paths are "
+                         "appended to it); give an S3-compatible endpoint with AWS_ENDPOINT_URL_S3 or "
+                         "AWS_ENDPOINT_URL in the environment of the driver and of every Ray node")
+    return value
 
 
 #: the project folder (this checkout, or the job's working directory on a cluster)

@@ -265,6 +265,27 @@ class RunDir:
         with self.fs.open_input_stream(self._fs_path(relpath)) as f:
             return f.read()
 
+    def download(self, relpath: str, dest: str, suffix: str = "") -> list[str]:
+        """Copy the files ending in ``suffix`` under a folder of the run directory into the local folder
+        ``dest`` (same relative paths); return their local paths, sorted. For libraries that read only
+        local files (``datasets``) when the run directory is a bucket."""
+        base, local = self._fs_path(relpath), pafs.LocalFileSystem()
+        out = []
+        for path in self.list_files(relpath, suffix):
+            target = os.path.join(dest, path[len(base):].lstrip("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            pafs.copy_files(path, target, source_filesystem=self.fs, destination_filesystem=local)
+            out.append(target)
+        return out
+
+    def upload(self, src: str, relpath: str) -> None:
+        """Copy the local folder ``src`` (recursively) to a folder of the run directory: for libraries
+        that write only local files (``datasets.save_to_disk``) when the run directory is a bucket."""
+        dest = self._fs_path(relpath)
+        self.fs.create_dir(dest, recursive=True)
+        pafs.copy_files(os.path.abspath(src), dest, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
     def write_table(self, stage: str, status: str, table, name: str = "part-00000.parquet") -> None:
         """Write one Arrow table as a file of a stage's status partition."""
         path = self._fs_path(stage, f"status={status}", name)

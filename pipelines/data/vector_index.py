@@ -202,7 +202,7 @@ class VectorIndex:
         """Open the index a run wrote (``run_root`` is that run's directory, local or URI)."""
         import faiss
 
-        rundir = RunDir(run_root)
+        rundir = RunDir(run_root, create=False)  # a reader (a search actor, a later run): writes nothing
         meta = json.loads(rundir.read_text(f"{stage}/{META_FILE}") or "null")
         if meta is None:
             raise FileNotFoundError(f"no index in {rundir.uri(stage)} (missing {META_FILE})")

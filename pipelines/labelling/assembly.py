@@ -284,13 +284,16 @@ class AssembleStage(Stage):
         for split in (TRAIN, TEST):
             ok.filter(expr=col("split") == split).write_parquet(rundir.uri(self.name, "dataset", "data", split))
         schema = to_table([], DATASET_COLUMNS).drop_columns(["status", "reason", "detail"]).schema
-        with tempfile.TemporaryDirectory() as cache:
+        # `datasets` reads and writes local files only: the splits are copied from the run directory
+        # (a bucket too) to a local scratch folder, and the saved dataset is copied back
+        with tempfile.TemporaryDirectory() as tmp:
             splits = {}
             for split in (TRAIN, TEST):
-                files = rundir.list_parquet(f"{self.name}/dataset/data/{split}")
-                splits[split] = (datasets.Dataset.from_parquet(files, cache_dir=cache) if files
+                files = rundir.download(f"{self.name}/dataset/data/{split}", f"{tmp}/data/{split}", ".parquet")
+                splits[split] = (datasets.Dataset.from_parquet(files, cache_dir=f"{tmp}/cache") if files
                                  else datasets.Dataset(pa.Table.from_pylist([], schema)))
-            datasets.DatasetDict(splits).save_to_disk(rundir.uri(self.name, "dataset", "hf"))
+            datasets.DatasetDict(splits).save_to_disk(f"{tmp}/hf")
+            rundir.upload(f"{tmp}/hf", f"{self.name}/dataset/hf")
         stats = statistics(rundir, self.name)
         rundir.write_text(f"{self.name}/dataset/stats.json", json.dumps(stats, indent=2, ensure_ascii=False))
         rundir.write_text(f"{self.name}/dataset/stats.md", statistics_markdown(stats))
