@@ -119,12 +119,13 @@ class RunDir:
         return out
 
     # Stages in progress ------------------------------------------------------------------------
-    def mark_running(self, stage: str) -> None:
-        """Record that ``stage`` started (``_running/<stage>.json``: when, which host and pid), for
-        ``chillguard status`` while the run goes on; :meth:`clear_running` when it finishes."""
+    def mark_running(self, stage: str, **details: Any) -> None:
+        """Record that ``stage`` started (``_running/<stage>.json``: when, which host and pid, and
+        ``details`` such as the run key that resuming an interrupted stage checks), for ``chillguard
+        status`` while the run goes on; :meth:`clear_running` when it finishes."""
         self.write_text(f"{RUNNING}/{stage}.json", json.dumps(
             {"stage": stage, "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "host": socket.gethostname(), "pid": os.getpid()}))
+             "host": socket.gethostname(), "pid": os.getpid(), **details}))
 
     def clear_running(self, stage: str) -> None:
         path = self._fs_path(RUNNING, f"{stage}.json")

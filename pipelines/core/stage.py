@@ -62,6 +62,10 @@ class Stage(ABC):
     fan_out: ClassVar[bool] = False
     #: an empty input is an error (training), not a stage with nothing to do
     needs_rows: ClassVar[bool] = False
+    #: one output row per input row, with the input's id, in one streaming pass: a run interrupted
+    #: in this stage keeps the row files it finished, and the next run processes only the input rows
+    #: they do not hold (see :func:`run_one`)
+    resumable: bool = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -176,20 +180,33 @@ def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> d
 
 def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_hash: str,
             input_fp: str) -> dict:
-    rundir.clear_stage(stage.name)
-    rundir.mark_running(stage.name)
+    """Run one stage and write its manifest. A :attr:`Stage.resumable` stage that a killed run left
+    unfinished with the same config and inputs (the run key in its ``_running`` marker) keeps the
+    row files it wrote, and only the input rows whose ids they do not hold are processed: at most
+    the blocks that were in flight are redone. Any other stage starts from an empty folder."""
+    stage.run_key = f"{config_hash}-{input_fp}"
+    done = None
+    if stage.resumable and stage.inputs and rundir.running().get(stage.name, {}).get("run_key") == stage.run_key:
+        done = finished_ids(rundir, stage.name)
+    else:
+        rundir.clear_stage(stage.name)
+    rundir.mark_running(stage.name, run_key=stage.run_key)
     started, t0 = _now(), time.perf_counter()
     rows_in_upstream = sum(manifests[up]["rows"]["out"] for up in stage.inputs)
     log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
 
-    stage.run_key = f"{config_hash}-{input_fp}"
     set_stage(rundir.name, stage.name)
     if stage.inputs and rows_in_upstream == 0 and stage.needs_rows:
         raise ValueError(f"stage {stage.name}: its inputs produced no rows ({', '.join(stage.inputs)})")
     if stage.inputs and rows_in_upstream == 0:
         log.warning("stage %s: upstream produced no rows; nothing to do", stage.name)
     else:
-        stage.write({up: read_ok(rundir, up) for up in stage.inputs}, rundir)
+        inputs = {up: read_ok(rundir, up) for up in stage.inputs}
+        if done is not None:
+            log.info("stage %s: resuming an interrupted run: %d of %d input rows already written, "
+                     "processing the rest", stage.name, len(done), rows_in_upstream)
+            inputs = {up: without_ids(ds, done) for up, ds in inputs.items()}
+        stage.write(inputs, rundir)
 
     rows = account(stage, rundir, rows_in_upstream)
     manifest = {
@@ -217,6 +234,42 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     log.info("stage %-10s done in %.1fs: in=%d out=%d dropped=%d errored=%d", stage.name,
              manifest["seconds"], r["in"], r["out"], r["dropped"], r["errored"])
     return manifest
+
+
+def finished_ids(rundir: RunDir, stage: str):
+    """The ids in a stage's row files (every status), as a unique Arrow array. A file that cannot be
+    read (the killed run was writing it: Parquet's footer comes last) is deleted; its rows are redone."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    chunks = []
+    for status in (OK, DROPPED, ERROR):
+        for info in rundir.parquet_files(stage, status):
+            try:
+                with rundir.fs.open_input_file(info.path) as f:
+                    chunks.extend(pq.read_table(f, columns=["id"]).column("id").chunks)
+            except (pa.ArrowInvalid, OSError) as exc:
+                log.warning("stage %s: %s is unreadable (%s), deleted: its rows are redone", stage, info.path, exc)
+                rundir.fs.delete_file(info.path)
+    return pc.unique(pa.chunked_array(chunks, pa.string()))
+
+
+def without_ids(dataset, ids):
+    """``dataset`` without the rows whose ``id`` is in ``ids`` (an Arrow array, shipped once
+    through the object store)."""
+    import ray
+
+    return dataset.map_batches(_drop_ids, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"ids": [ray.put(ids)]})
+
+
+def _drop_ids(batch, *, ids: list):
+    import pyarrow.compute as pc
+    import ray
+
+    # the reference travels inside a list so that it arrives as a reference, resolved here once per block
+    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ray.get(ids[0]))))
 
 
 def account(stage: Stage, rundir: RunDir, rows_in_upstream: int) -> dict[str, int]:

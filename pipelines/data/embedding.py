@@ -36,6 +36,7 @@ class EmbedStage(Stage):
 
     name = "embed"
     inputs = ("ingest",)
+    resumable = True  # one vector per document, keyed by its id
 
     def __init__(self, config: EmbedConfig):
         super().__init__(config)

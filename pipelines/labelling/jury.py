@@ -188,6 +188,9 @@ class JuryStage(Stage):
                           for judge in config.judges}
         self.prompt = ChatPrompt(config.template)
         self.categories = categories_block(load_taxonomy(taxonomy_path))
+        # concurrent: one streaming pass writing a row per input row, so an interrupted run keeps what
+        # it wrote; sequential resumes per finished judge pass instead (run_pass)
+        self.resumable = config.mode == "concurrent"
 
     def hash_payload(self) -> Any:
         # the mode is operational (same votes): switching it does not recompute the stage
