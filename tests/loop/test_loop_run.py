@@ -124,7 +124,7 @@ def _recipe(tmp_path: Path, tiny: dict[str, str], url: str, scorer_url: str) -> 
                 # a tiny C1 gives every candidate P(unsafe) ~ 0.47: labels drawn from it differ within a seed
                 "labelling": {"score": False, "greedy": False},
                 "preprocess": {"langid": None, "length_filter": None},
-                "classifier": {"model": model, "deepspeed": "zero2", "num_workers": 2, "global_batch_size": 8,
+                "classifier": {"model": model, "deepspeed": "zero2", "num_workers": 1, "global_batch_size": 8,
                                "micro_batch_size": 2, "learning_rate": 1e-3, "max_length": 4096},
                 # ZeRO-3: the frozen reference is partitioned like the policy (step 1 must still be DPO)
                 "generator_training": {"model": model, "deepspeed": "zero3", "num_workers": 2,

