@@ -41,7 +41,7 @@ def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
 def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
     sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"], "system": "You are a helpful assistant.",
            "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-           "num_workers": 1, "global_batch_size": 2, "micro_batch_size": 1, "learning_rate": 1e-4,
+           "num_workers": 1, "global_batch_size": 1, "micro_batch_size": 1, "learning_rate": 1e-4,
            "epochs": 1, "max_length": 1024}
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
@@ -128,7 +128,7 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
 
     # --- SFT on the kept train rows, exported for vLLM
     sft = manifests["sft_self"]
-    assert sft["rows"]["out"] == sum(r["split"] == "train" for r in kept) >= 2
+    assert sft["rows"]["out"] == sum(r["split"] == "train" for r in kept) >= 1  # the judge keeps a random share here
     assert sft["reasons"]["dropped"].get("other_split", 0) == sum(r["split"] != "train" for r in kept)
     model_dir = Path(rundir.uri("sft_self", "model"))
     assert (model_dir / "config.json").is_file()
