@@ -105,6 +105,7 @@ def jury_recipe(work: Path, name: str, models: dict[str, str], seeds: Path):
 def jury_run(recipe, kill_after: float | None) -> dict:
     """One jury run on its own cluster; with ``kill_after`` seconds, judge1's node is killed that
     long after the jury stage started."""
+    from pipelines.construction import build_stages
     from pipelines.core.rundir import RunDir
     from pipelines.core.stage import run_stages
 
@@ -114,7 +115,7 @@ def jury_run(recipe, kill_after: float | None) -> dict:
         add_workers(c, 2, **GPU_NODE)
         counter.start()
         rundir = RunDir(recipe.run_dir)
-        run = lambda: run_stages(build(recipe), RunDir(recipe.run_dir))  # noqa: E731
+        run = lambda: run_stages(build_stages(recipe), RunDir(recipe.run_dir))  # noqa: E731
         if kill_after is None:
             manifests = run()
             killed_at = None
@@ -141,12 +142,6 @@ def jury_run(recipe, kill_after: float | None) -> dict:
             "engine_requests": counter.total(), "killed_at_s": killed_at, "votes": votes}
 
 
-def build(recipe):
-    from pipelines.construction import build_stages
-
-    return build_stages(recipe)
-
-
 def mdpo_recipe(work: Path, name: str, model: str, pairs: Path):
     from pipelines.construction import Recipe
 
@@ -159,6 +154,7 @@ def mdpo_recipe(work: Path, name: str, model: str, pairs: Path):
 
 
 def training_run(recipe, kill_at_step: int | None) -> dict:
+    from pipelines.construction import build_stages
     from pipelines.core.rundir import RunDir
     from pipelines.core.stage import run_stages
 
@@ -166,7 +162,7 @@ def training_run(recipe, kill_at_step: int | None) -> dict:
     try:
         add_workers(c, 2, **CPU_NODE)
         rundir = RunDir(recipe.run_dir)
-        run = lambda: run_stages(build(recipe), RunDir(recipe.run_dir))  # noqa: E731
+        run = lambda: run_stages(build_stages(recipe), RunDir(recipe.run_dir))  # noqa: E731
         started = time.time()
         if kill_at_step is None:
             manifests = run()
