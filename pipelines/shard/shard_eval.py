@@ -45,7 +45,8 @@ from pipelines.shard.pairwise import (
 from pipelines.shard.shard import (
     ANSWER, SHARD_COLUMNS, AnswerMessages, ShardConfig, judge_constraint, judge_prompts, take_answer,
 )
-from pipelines.shard.stats import BINOMIAL_TEST, MCNEMAR_EXACT_BELOW, WIN, mcnemar, win_tie_loss
+from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
+from pipelines.shard.stats import BINOMIAL_TEST, WIN, win_tie_loss
 
 
 class ShardEvalSystem(Strict):

@@ -30,10 +30,8 @@ from pipelines.shard.shard import (
     take_answer,
 )
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
-from pipelines.shard.stats import (
-    BINOMIAL_TEST, LOSS, MCNEMAR_CHI2, MCNEMAR_EXACT, MCNEMAR_EXACT_BELOW, TIE, WIN, mcnemar,
-    win_tie_loss,
-)
+from pipelines.core.statistics import MCNEMAR_CHI2, MCNEMAR_EXACT
+from pipelines.shard.stats import BINOMIAL_TEST, LOSS, TIE, WIN, win_tie_loss
 
 REPO = Path(__file__).resolve().parents[2]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
@@ -403,40 +401,6 @@ def test_binomial_p_is_the_exact_two_sided_test(k, n):
     by_hand = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n)
     assert s["binomial_p"] == pytest.approx(by_hand, rel=1e-9)
     assert s["binomial_test"] == BINOMIAL_TEST
-
-
-def test_mcnemar_exact_and_chi_square_by_hand():
-    # exact: b = 1, c = 6 (7 discordant), 5 concordant pairs: 2 · (1 + 7) / 128 = 0.125
-    first = [True] * 1 + [False] * 6 + [True] * 2 + [False] * 3
-    second = [False] * 1 + [True] * 6 + [True] * 2 + [False] * 3
-    small = mcnemar(first, second)
-    assert (small.n, small.b, small.c, small.first_wins, small.second_wins) == (12, 1, 6, 3, 8)
-    assert (small.test, small.statistic, small.p_value) == (MCNEMAR_EXACT, 1.0, pytest.approx(16 / 128))
-    # chi-square with continuity correction: (|30 − 12| − 1)² / 42 = 289 / 42, P(χ²₁ >= x) = erfc(√(x/2))
-    large = mcnemar([True] * 30 + [False] * 12, [False] * 30 + [True] * 12)
-    assert large.test == MCNEMAR_CHI2 and large.statistic == pytest.approx(289 / 42)
-    assert large.p_value == pytest.approx(math.erfc(math.sqrt(289 / 84)), rel=1e-12)
-    # no discordant pair: no evidence either way
-    assert mcnemar([True, False], [True, False]).p_value == 1.0 and mcnemar([], []).p_value == 1.0
-    assert mcnemar([True] * 5 + [False] * 5, [False] * 5 + [True] * 5).p_value == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("b,c", [(1, 6), (12, 12), (3, 21), (13, 12), (30, 12), (100, 70)])
-def test_mcnemar_against_the_library_and_the_exact_threshold(b, c):
-    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
-
-    result = mcnemar([True] * b + [False] * c + [True] * 4, [False] * b + [True] * c + [True] * 4)
-    exact = b + c < MCNEMAR_EXACT_BELOW
-    library = sm_mcnemar([[4, b], [c, 0]], exact=exact, correction=True)
-    assert result.test == (MCNEMAR_EXACT if exact else MCNEMAR_CHI2)
-    assert (result.statistic, result.p_value) == (pytest.approx(library.statistic), pytest.approx(library.pvalue))
-    if exact:  # the exact test is the two-sided binomial test of b of b + c at 1/2
-        assert result.p_value == pytest.approx(sp.binomtest(b, b + c, 0.5).pvalue, rel=1e-12)
-
-
-def test_mcnemar_needs_paired_outcomes():
-    with pytest.raises(ValueError, match="paired outcomes: 3 for the first system, 2 for the second"):
-        mcnemar([True, False, True], [True, False])
 
 
 def test_win_tie_loss_summary():
