@@ -31,7 +31,7 @@ One stage per evaluated guard, ``guard_eval_<name>``:
    ``report.md``, per-category F1 charts and, for guards that answer with our micro codes, the
    micro-category confusion heatmap (:mod:`pipelines.evaluation.metrics` has the formulas).
 
-Every row sent to the guard is scored (:meth:`GuardEvalStage.scored_rows`): an error row with an
+Every row sent to the guard is scored (:func:`scored_rows`): an error row with an
 unusable answer counts as a wrong prediction (``unparsed`` in the report), so two guards evaluated
 on the same input and level are scored on the same rows, and a guard that writes junk on hard rows
 does not look better for it. Only the input errors (:data:`INPUT_ERRORS`) are not evaluated.
@@ -464,6 +464,29 @@ def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, mo
     return to_table(out, EVAL_COLUMNS)
 
 
+#: columns of :func:`scored_rows`
+SCORED_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
+                           ("pred_label", pa.string()), ("pred_micro", pa.string()), ("score", pa.float64()),
+                           ("pred_raw_label", pa.string()), ("unparsed", pa.string())])
+
+
+def scored_rows(rundir: RunDir, stage: str) -> pa.Table:
+    """Every evaluated row of the evaluation stage ``stage``: the ``ok`` rows, and the ``error`` rows
+    with an unusable answer (every reason but :data:`INPUT_ERRORS`) with ``pred_label`` null, which
+    the metrics count as wrong. ``unparsed`` is such a row's reason, ``""`` on answered rows. Which
+    rows these are depends on the input and the level only, so two guards evaluated on the same
+    input score the same rows."""
+    rows = []
+    answered = ["id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label"]
+    for batch in rundir.iter_batches(stage, OK, answered):
+        rows += [{**row, "unparsed": ""} for row in batch.to_pylist()]
+    for batch in rundir.iter_batches(stage, ERROR, ["id", "label", "micro", "reason"]):
+        rows += [{"id": row["id"], "label": row["label"], "micro": row["micro"], "pred_label": None,
+                  "pred_micro": "", "score": None, "pred_raw_label": None, "unparsed": row["reason"]}
+                 for row in batch.to_pylist() if row["reason"] not in INPUT_ERRORS]
+    return pa.Table.from_pylist(rows, schema=SCORED_SCHEMA)
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 
@@ -703,30 +726,10 @@ class GuardEvalStage(Stage):
         self.write_report(rundir, endpoint, tokens)
 
     # --- report ------------------------------------------------------------------------------
-    #: columns of :meth:`scored_rows`
-    SCORED_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
-                               ("pred_label", pa.string()), ("pred_micro", pa.string()), ("score", pa.float64()),
-                               ("pred_raw_label", pa.string()), ("unparsed", pa.string())])
-
-    def scored_rows(self, rundir: RunDir) -> pa.Table:
-        """Every evaluated row: the ``ok`` rows, and the ``error`` rows with an unusable answer (every
-        reason but :data:`INPUT_ERRORS`) with ``pred_label`` null, which the metrics count as wrong.
-        ``unparsed`` is such a row's reason, ``""`` on answered rows. Which rows these are depends on
-        the input and the level only, so two guards evaluated on the same input score the same rows."""
-        rows = []
-        answered = ["id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label"]
-        for batch in rundir.iter_batches(self.name, OK, answered):
-            rows += [{**row, "unparsed": ""} for row in batch.to_pylist()]
-        for batch in rundir.iter_batches(self.name, ERROR, ["id", "label", "micro", "reason"]):
-            rows += [{"id": row["id"], "label": row["label"], "micro": row["micro"], "pred_label": None,
-                      "pred_micro": "", "score": None, "pred_raw_label": None, "unparsed": row["reason"]}
-                     for row in batch.to_pylist() if row["reason"] not in INPUT_ERRORS]
-        return pa.Table.from_pylist(rows, schema=self.SCORED_SCHEMA)
-
     def metrics(self, rundir: RunDir, endpoint: LLMEndpoint, answer_tokens: dict[str, str] | None) -> dict:
-        """Metrics over every evaluated row (:meth:`scored_rows`: unparsed rows count as wrong), with
+        """Metrics over every evaluated row (:func:`scored_rows`: unparsed rows count as wrong), with
         the settings and row counts they were computed on."""
-        rows = self.scored_rows(rundir)
+        rows = scored_rows(rundir, self.name)
         unparsed = Counter(reason for reason in rows.column("unparsed").to_pylist() if reason)
         errored = rundir.reason_counts(self.name, ERROR)
         reasons = {"unparsed": dict(unparsed),

@@ -13,6 +13,7 @@ engine, places it (a GPU bundle per tensor-parallel worker; with ``engine.cpu`` 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
     ablation (``..._dpo``) only when nothing else is there. The settings are what serving must
     share with training and evaluation: the model folder, the guard prompt, the taxonomy, the
     chat-template arguments, and, from an evaluation stage of the run that scored this model, its
-    engine arguments and decision threshold."""
+    engine arguments and decision threshold; a threshold that a finished ``compare_<name>`` stage
+    calibrated for this model wins over the evaluation's (:func:`calibrated_threshold`)."""
     from pipelines.construction import build_stages, load_recipe
     from pipelines.core.rundir import RECIPE, RunDir
     from pipelines.evaluation.guard_eval import GuardEvalStage
@@ -124,4 +126,24 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
         settings["engine"] = {"engine_kwargs": dict(evaluation.endpoint.engine_kwargs)}
         if evaluation.use_score:
             settings["threshold"] = evaluation.config.threshold
+    calibrated = calibrated_threshold(rundir, stages, manifests, chosen.name)
+    if calibrated is not None:
+        settings["threshold"] = calibrated
     return chosen.name, settings
+
+
+def calibrated_threshold(rundir, stages: list, manifests: dict, model_stage: str) -> float | None:
+    """The decision threshold a finished comparison stage calibrated for the model that training stage
+    ``model_stage`` exported (its overall one; the last such stage in pipeline order), else ``None``."""
+    from pipelines.evaluation.compare import THRESHOLDS_FILE, CompareStage
+    from pipelines.evaluation.guard_eval import REPORT_DIR
+
+    found = None
+    for stage in stages:
+        if not isinstance(stage, CompareStage) or (manifests.get(stage.name) or {}).get("status") != "complete":
+            continue
+        thresholds = json.loads(rundir.read_text(f"{stage.name}/{REPORT_DIR}/{THRESHOLDS_FILE}") or "{}")
+        for system in thresholds.values():
+            if system.get("model_from") == model_stage and system.get("threshold") is not None:
+                found = system["threshold"]
+    return found

@@ -23,7 +23,7 @@ from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.evaluation.guard_eval import (
     MODEL_DIR, ChillGuardAdapter, GuardEvalConfig, GuardEvalError, GuardEvalStage, GuardParseError,
     LlamaGuardAdapter, check_answer_tokens, conversation, decide_by_score, first_tokens, make_adapter,
-    read_guard_answers, to_eval_rows, unsafe_score,
+    read_guard_answers, scored_rows, to_eval_rows, unsafe_score,
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
@@ -334,7 +334,7 @@ def test_two_guards_are_scored_on_the_same_rows_and_junk_counts_as_wrong(tmp_pat
     _write_offline(llama, rundir, batch, {i: a.replace("\nA1", "\nS1").replace("\nB2", "").replace("\nD1", "\nS2")
                                           for i, _, _, a, _ in SAME_INPUT})
 
-    scored = {stage.name: stage.scored_rows(rundir) for stage in (good, junky, llama)}
+    scored = {stage.name: scored_rows(rundir, stage.name) for stage in (good, junky, llama)}
     ids = sorted(i for i, *_ in SAME_INPUT)                      # every row with a gold label; x is not
     assert all(sorted(t.column("id").to_pylist()) == ids for t in scored.values())
     junk = {r["id"]: r for r in scored["guard_eval_junky"].to_pylist()}

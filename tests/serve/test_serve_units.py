@@ -194,7 +194,8 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     run = tmp_path / "run"
     path = tmp_path / "r.yaml"
     path.write_text(LOOP.format(run=run, model=tiny_models["causal-lm"], seeds=seeds))
-    recipe = load_recipe(path, ["stages.loop.systems=[c0,c2,c2_dpo]", "stages.loop.labelling.threshold=0.4"])
+    recipe = load_recipe(path, ["stages.loop.systems=[c0,c2,c2_dpo]", "stages.loop.labelling.threshold=0.4",
+                                "stages.compare.main.systems.C2.test=loop2_eval_c2"])
     rundir = RunDir(str(run))
     rundir.write_text("recipe.yaml", dump_recipe(recipe))
     with pytest.raises(ConfigError, match="no finished guard-training stage"):
@@ -216,6 +217,13 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     assert settings["engine"] == {"engine_kwargs": endpoint.engine_kwargs}  # as loop2_eval_c2 ran it
     assert settings["threshold"] == 0.5 and settings["template"] == recipe.stages.loop.classifier.template
     assert run_guard(str(run), "loop2_train_c2_dpo")[0] == "loop2_train_c2_dpo"
+    # a comparison stage's calibrated threshold for this model wins (only once that stage finished)
+    rundir.write_text("compare_main/report/thresholds.json", json.dumps(
+        {"C2": {"threshold": 0.37, "model_from": "loop2_train_c2"}, "C0": {"threshold": 0.2, "model_from": "loop0_train_c0"}}))
+    assert run_guard(str(run))[1]["threshold"] == 0.5
+    rundir.write_manifest("compare_main", {"stage": "compare_main", "status": "complete"})
+    assert run_guard(str(run))[1]["threshold"] == 0.37
+    assert run_guard(str(run), "loop0_train_c0")[1]["threshold"] == 0.2
     with pytest.raises(ConfigError, match="no finished guard-training stage 'loop9'"):
         run_guard(str(run), "loop9")
     json.dumps(settings)  # plain values: they go into Serve's args

@@ -1,0 +1,581 @@
+"""Guards side by side (CHILLGuard Tables 1 and 2), ``compare_<name>``: one report over several guard
+evaluation stages, with what the paper does not give, uncertainty and paired significance.
+
+The recipe names a grid, ``systems: {system: {benchmark: evaluation stage}}``: each cell is a
+finished ``guard_eval_<key>`` or loop evaluation stage (one guard on one labelled set). The stage
+has no rows of its own; it reads the cells' evaluation rows (:func:`~pipelines.evaluation.guard_eval.
+scored_rows`) and writes ``RUN_DIR/compare_<name>/report/``:
+
+- ``report.md``: Table 2 (systems × benchmarks F1 with a 95 % bootstrap interval, the average of the
+  prompt-level and of the response-level benchmarks and the overall average), Table 1 (systems ×
+  micro categories F1 on the ``categories`` benchmark, the average per macro category, overall),
+  best in **bold** and second best underlined per column; AUPRC / ROC-AUC of the scored systems;
+  per benchmark the McNemar p-value of every pair of systems; calibrated thresholds;
+- ``comparison.json`` (everything), ``table2_f1.csv``, ``table1_micro_f1.csv``, ``mcnemar.csv``;
+- ``table2_f1.png``, ``table1_micro_f1.png`` (heatmaps), ``pr_<benchmark>.png`` / ``roc_<benchmark>.png``
+  (one curve per scored system);
+- ``thresholds.json``: the calibrated thresholds per system (``chillguard serve`` reads the one of
+  the model it serves).
+
+Rows. Within a benchmark the rows are matched by id across systems. The benchmark's rows are the
+union of the ids its cells evaluated (their gold labels must agree); a system is scored on all of
+them: a row it has no usable answer for, or did not evaluate at all (``missing``), is a miss, as in
+guard evaluation (:mod:`pipelines.evaluation.metrics`), and the report says how many.
+
+Uncertainty. Each F1 gets a percentile bootstrap interval over rows (:func:`~pipelines.core.
+statistics.bootstrap_f1`; ``resamples`` resamples, seeded with ``seed``), the cells of Table 1 over
+the rows of their category. Two systems on the same benchmark are compared with McNemar's test on
+per-row correctness (:func:`~pipelines.core.statistics.mcnemar`): paired, since they judged the same
+rows.
+
+Thresholds. A scored system (P(unsafe) from its first answer token) decides ``unsafe iff score >= t``.
+With ``calibrate``, ``t`` is chosen per system on the rows of one benchmark (a validation set: it is
+then left out of the tables) by maximum F1 or as the lowest ``t`` reaching a target precision
+(:func:`~pipelines.evaluation.metrics.calibrate_threshold`), and applied to that system's other
+benchmarks. Per-macro thresholds (``per_macro: true``) are chosen per gold macro category and applied
+by the row's gold macro category: an analysis of per-category operating points (rows without a macro,
+and categories without a threshold, use the overall one); serving uses the overall threshold. A
+system without a score or without a validation cell keeps its evaluation's own decisions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from itertools import combinations
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipelines.core.config import Strict
+from pipelines.core.registry import References, register
+from pipelines.core.rows import SAFE, UNSAFE
+from pipelines.core.rundir import RunDir
+from pipelines.core.stage import Stage
+from pipelines.core.statistics import bootstrap_f1, mcnemar
+from pipelines.core.taxonomy import Taxonomy, load_taxonomy
+from pipelines.evaluation.guard_eval import REPORT_DIR, RESPONSE, fmt, png_bytes, scored_rows
+from pipelines.evaluation.metrics import (
+    calibrate_threshold, confusion, curve_metrics, curves, decision_scores, per_macro_f1, per_micro_confusion,
+    scored_predictions,
+)
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+class CompareError(ValueError):
+    """The evaluations cannot be compared as configured (different gold labels for one id, mixed
+    levels in one benchmark, a missing report)."""
+
+
+class Calibration(Strict):
+    """Choose each scored system's decision threshold on one benchmark (a validation set)."""
+
+    benchmark: str = Field(description="the benchmark of `systems` whose rows choose the thresholds "
+                           "(a validation split); it is left out of the tables")
+    objective: Literal["max_f1", "precision"] = Field(
+        "max_f1", description="max_f1: the threshold with the best F1; precision: the lowest threshold whose "
+        "precision reaches target_precision")
+    target_precision: float | None = Field(None, gt=0, le=1, description="objective precision: the target")
+    per_macro: bool = Field(False, description="also one threshold per gold macro category (applied by the "
+                            "row's gold macro category)")
+
+    @model_validator(mode="after")
+    def _target(self) -> "Calibration":
+        if (self.objective == "precision") != (self.target_precision is not None):
+            raise ValueError("target_precision goes with objective precision, and only with it")
+        return self
+
+
+class CompareConfig(Strict):
+    """Guards side by side (``stages.compare.<name>``, stage ``compare_<name>``): F1 tables with
+    bootstrap intervals, McNemar p-values, curves and calibrated thresholds over guard evaluations."""
+
+    systems: dict[str, dict[str, str]] = Field(
+        min_length=1, description="system -> {benchmark -> evaluation stage (guard_eval_<key>, loop<i>_eval_<c>)}")
+    categories: str | None = Field(
+        None, description="the benchmark of the systems × micro categories table (Table 1); default: the "
+        "first benchmark named")
+    resamples: int = Field(1000, ge=100, description="bootstrap resamples per interval")
+    confidence: float = Field(0.95, gt=0, lt=1, description="of the bootstrap intervals")
+    seed: int = Field(0, description="of the bootstrap resampling: the same seed gives the same intervals")
+    calibrate: Calibration | None = Field(None, description="choose decision thresholds on a validation benchmark")
+
+    @property
+    def benchmarks(self) -> list[str]:
+        """Every benchmark named, in the order first named."""
+        return list(dict.fromkeys(b for cells in self.systems.values() for b in cells))
+
+    @property
+    def table_benchmarks(self) -> list[str]:
+        """The benchmarks of the tables: all but the calibration one."""
+        held = self.calibrate.benchmark if self.calibrate else None
+        return [b for b in self.benchmarks if b != held]
+
+    @property
+    def category_benchmark(self) -> str:
+        return self.categories or self.table_benchmarks[0]
+
+    @model_validator(mode="after")
+    def _benchmarks(self) -> "CompareConfig":
+        empty = [s for s, cells in self.systems.items() if not cells]
+        if empty:
+            raise ValueError(f"systems {empty} name no benchmark")
+        if self.calibrate and self.calibrate.benchmark not in self.benchmarks:
+            raise ValueError(f"calibrate.benchmark {self.calibrate.benchmark!r} is not a benchmark of systems "
+                             f"({', '.join(self.benchmarks)})")
+        if not self.table_benchmarks:
+            raise ValueError("every benchmark is the calibration one: nothing left to compare")
+        if self.categories is not None and self.categories not in self.table_benchmarks:
+            raise ValueError(f"categories {self.categories!r} is not a benchmark of the tables "
+                             f"({', '.join(self.table_benchmarks)})")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------
+# One benchmark's rows, aligned across systems
+
+
+class Cell:
+    """One system on one benchmark, aligned to the benchmark's rows: gold labels (1 = unsafe), the
+    predictions (1 = unsafe; rows without a usable answer or missing count as wrong), decision
+    scores (:func:`decision_scores`), whether any row has a real score, and the counts."""
+
+    def __init__(self, stage: str, settings: dict, ids: list[str], gold: dict[str, tuple[str, str]], rows: dict):
+        self.stage, self.settings = stage, settings
+        labels = [gold[i][0] for i in ids]
+        self.micro = [gold[i][1] for i in ids]
+        pred = [rows[i]["pred_label"] if i in rows else None for i in ids]
+        score = [rows[i]["score"] if i in rows else None for i in ids]
+        self.missing = sum(i not in rows for i in ids)
+        self.unusable = sum(p is None for p in pred) - self.missing
+        self.scored = any(s is not None for s in score)
+        self.gold = np.array([g == UNSAFE for g in labels], dtype=np.int8)
+        self.labels = labels
+        self.pred = np.array([p == UNSAFE for p in scored_predictions(labels, pred)], dtype=np.int8)
+        self.decision = np.array(decision_scores(labels, pred, score))
+        self.threshold: float | None = settings.get("threshold") if self.scored else None
+
+    def apply(self, threshold: float, per_macro: dict[str, float], macro_of: list[str]) -> None:
+        """Decide by the calibrated threshold(s): the row's macro one where there is one."""
+        t = np.array([per_macro.get(m, threshold) for m in macro_of])
+        self.pred = (self.decision >= t).astype(np.int8)
+        self.threshold = threshold
+
+
+def _read_cell_rows(rundir: RunDir, stage: str) -> tuple[dict, dict]:
+    """``(settings, {id: row})`` of one evaluation stage; refuses a stage with a repeated id."""
+    text = rundir.read_text(f"{stage}/{REPORT_DIR}/metrics.json")
+    if text is None:
+        raise CompareError(f"{stage} has no {REPORT_DIR}/metrics.json: is it a guard evaluation stage?")
+    settings = json.loads(text)["settings"]
+    rows: dict[str, dict] = {}
+    for row in scored_rows(rundir, stage).to_pylist():
+        if row["id"] in rows:
+            raise CompareError(f"{stage}: id {row['id']!r} evaluated twice: rows are matched by id")
+        rows[row["id"]] = row
+    return settings, rows
+
+
+def align(benchmark: str, read: dict[str, tuple[str, dict, dict]]) -> tuple[list[str], dict[str, Cell], str]:
+    """The benchmark's rows (the union of its cells' ids, sorted), each system's :class:`Cell` on them,
+    and the level. ``read``: system -> (stage, settings, rows). Gold labels and micro codes must agree
+    across cells, and every cell must judge the same level."""
+    levels = {settings["level"] for _, settings, _ in read.values()}
+    if len(levels) > 1:
+        raise CompareError(f"benchmark {benchmark}: its evaluations judge different levels ({sorted(levels)})")
+    gold: dict[str, tuple[str, str]] = {}
+    for system, (stage, _, rows) in read.items():
+        for i, row in rows.items():
+            mine = (row["label"], row["micro"] or "")
+            if gold.setdefault(i, mine) != mine:
+                raise CompareError(f"benchmark {benchmark}: row {i!r} is {gold[i]} in one evaluation but {mine} "
+                                   f"in {stage}: the cells of a benchmark must evaluate the same labelled rows")
+    ids = sorted(gold)
+    cells = {system: Cell(stage, settings, ids, gold, rows) for system, (stage, settings, rows) in read.items()}
+    return ids, cells, levels.pop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+
+def f1_figures(gold: np.ndarray, pred: np.ndarray, *, resamples: int, confidence: float, seed: int) -> dict:
+    """F1 (with P, R, counts) and its bootstrap interval over these rows."""
+    c = confusion([UNSAFE if g else SAFE for g in gold], [UNSAFE if p else SAFE for p in pred])
+    ci = bootstrap_f1(gold, pred, resamples=resamples, confidence=confidence, seed=seed)
+    return {**c.to_dict(), "ci": [ci.low, ci.high], "ci_undefined_resamples": ci.undefined}
+
+
+def rank_marks(values: dict[str, float | None]) -> dict[str, str]:
+    """``best`` / ``second`` per key: the highest defined value(s), then the next lower one(s)."""
+    distinct = sorted({round(v, 12) for v in values.values() if v is not None}, reverse=True)
+    marks = {}
+    for key, v in values.items():
+        if v is not None and distinct and round(v, 12) == distinct[0]:
+            marks[key] = "best"
+        elif v is not None and len(distinct) > 1 and round(v, 12) == distinct[1]:
+            marks[key] = "second"
+    return marks
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values, ``None`` if any is undefined or there are none (an average over a
+    system's benchmarks is only comparable when it has all of them)."""
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
+    """The whole comparison as a JSON-ready dict (module docstring)."""
+    b_args = {"resamples": config.resamples, "confidence": config.confidence, "seed": config.seed}
+    cells: dict[str, dict[str, Cell]] = {}
+    benchmarks: dict[str, dict] = {}
+    for benchmark in config.benchmarks:
+        read = {system: (stage, *_read_cell_rows(rundir, stage))
+                for system, grid in config.systems.items() if (stage := grid.get(benchmark))}
+        ids, cells[benchmark], level = align(benchmark, read)
+        benchmarks[benchmark] = {"level": level, "rows": len(ids),
+                                 "gold_unsafe": int(next(iter(cells[benchmark].values())).gold.sum()),
+                                 "stages": {s: c.stage for s, c in cells[benchmark].items()}}
+
+    thresholds = calibrate(config, cells, taxonomy) if config.calibrate else {}
+    table2: dict[str, dict] = {}
+    for system in config.systems:
+        row: dict[str, Any] = {}
+        for benchmark in config.table_benchmarks:
+            cell = cells[benchmark].get(system)
+            if cell is None:
+                continue
+            figures = f1_figures(cell.gold, cell.pred, **b_args)
+            row[benchmark] = {**figures, "unusable": cell.unusable, "missing": cell.missing,
+                              "threshold": cell.threshold, "stage": cell.stage,
+                              **(curve_metrics(cell.labels, cell.decision.tolist()) if cell.scored
+                                 else {"auprc": None, "roc_auc": None})}
+        for name, level in (("avg_prompt", "prompt"), ("avg_response", RESPONSE)):
+            names = [b for b in config.table_benchmarks if benchmarks[b]["level"] == level]
+            row[name] = _mean([row.get(b, {}).get("f1") for b in names]) if names else None
+        row["overall_avg"] = _mean([row.get(b, {}).get("f1") for b in config.table_benchmarks])
+        table2[system] = row
+
+    columns2 = [*config.table_benchmarks, "avg_prompt", "avg_response", "overall_avg"]
+    marks2 = {col: rank_marks({s: _f1(table2[s].get(col)) for s in config.systems}) for col in columns2}
+    return {
+        "settings": {"systems": config.systems, "benchmarks": config.table_benchmarks,
+                     "categories": config.category_benchmark, "resamples": config.resamples,
+                     "confidence": config.confidence, "seed": config.seed,
+                     "calibrate": config.calibrate.model_dump() if config.calibrate else None},
+        "benchmarks": benchmarks,
+        "table2": table2, "table2_marks": marks2,
+        "table1": table1(config, cells[config.category_benchmark], taxonomy, b_args),
+        "mcnemar": {b: pairwise_mcnemar(cells[b]) for b in config.table_benchmarks},
+        "thresholds": thresholds,
+        "_curves": {b: {s: curves(c.labels, c.decision.tolist()) for s, c in cells[b].items() if c.scored}
+                    for b in config.table_benchmarks},
+    }
+
+
+def _f1(cell: Any) -> float | None:
+    return cell.get("f1") if isinstance(cell, dict) else cell
+
+
+def table1(config: CompareConfig, cells: dict[str, Cell], taxonomy: Taxonomy, b_args: dict) -> dict:
+    """Systems × micro categories on one benchmark: F1 per micro category (with its interval, over the
+    rows whose gold micro is that category), the mean per macro category of the defined ones, and
+    overall F1; with the best / second marks per column."""
+    codes = taxonomy.micro_codes
+    out: dict[str, dict] = {}
+    for system, cell in cells.items():
+        gold = [UNSAFE if g else SAFE for g in cell.gold]
+        pred = [UNSAFE if p else SAFE for p in cell.pred]
+        micros = per_micro_confusion(gold, pred, cell.micro, codes)
+        micro_rows = {code: [i for i, m in enumerate(cell.micro) if m == code] for code in codes}
+        per_micro = {}
+        for code, c in micros.items():
+            idx = micro_rows[code]
+            ci = bootstrap_f1(cell.gold[idx], cell.pred[idx], **b_args) if idx else None
+            per_micro[code] = {"f1": c.f1, "rows": c.rows, "ci": [ci.low, ci.high] if ci else [None, None]}
+        out[system] = {"per_micro": per_micro,
+                       "per_macro": per_macro_f1({k: v["f1"] for k, v in per_micro.items()}, taxonomy),
+                       "overall": confusion(gold, pred).f1}
+    columns = {**{code: lambda s, code=code: out[s]["per_micro"][code]["f1"] for code in codes},
+               **{f"avg_{m}": lambda s, m=m: out[s]["per_macro"][m] for m in taxonomy.macro_codes},
+               "overall": lambda s: out[s]["overall"]}
+    return {"benchmark": config.category_benchmark, "systems": out,
+            "marks": {col: rank_marks({s: get(s) for s in out}) for col, get in columns.items()}}
+
+
+def pairwise_mcnemar(cells: dict[str, Cell]) -> dict[str, dict]:
+    """McNemar's test on per-row correctness for every pair of systems evaluated on the benchmark."""
+    out = {}
+    for a, b in combinations(cells, 2):
+        test = mcnemar(cells[a].pred == cells[a].gold, cells[b].pred == cells[b].gold)
+        out[f"{a} vs {b}"] = {"first": a, "second": b, **test.as_dict()}
+    return out
+
+
+def calibrate(config: CompareConfig, cells: dict[str, dict[str, Cell]], taxonomy: Taxonomy) -> dict[str, dict]:
+    """Per scored system with a cell on the calibration benchmark: its threshold(s) there
+    (:func:`calibrate_threshold`), applied to its cells on the other benchmarks."""
+    c = config.calibrate
+    macro_of = {code: taxonomy.macro_of(code) for code in taxonomy.micro_codes}
+    out = {}
+    for system, val in cells[c.benchmark].items():
+        if not val.scored:
+            out[system] = {"threshold": None, "reason": "no score: decided by its answers"}
+            continue
+        args = {"objective": c.objective, "target_precision": c.target_precision}
+        overall = calibrate_threshold(val.labels, val.decision.tolist(), **args)
+        per_macro: dict[str, dict] = {}
+        if c.per_macro:
+            macros = [macro_of.get(m, "") for m in val.micro]
+            for macro in taxonomy.macro_codes:
+                idx = [i for i, m in enumerate(macros) if m == macro]
+                if idx:
+                    per_macro[macro] = calibrate_threshold([val.labels[i] for i in idx], val.decision[idx].tolist(), **args)
+        out[system] = {**overall, "stage": val.stage, "model_from": val.settings.get("model_from"),
+                       "model": val.settings.get("model"), "evaluation_threshold": val.settings.get("threshold"),
+                       "per_macro": per_macro}
+        if overall["threshold"] is None:
+            out[system]["reason"] = "target not reached on the validation rows: evaluation thresholds kept"
+            continue
+        by_macro = {m: r["threshold"] for m, r in per_macro.items() if r["threshold"] is not None}
+        for benchmark in config.table_benchmarks:
+            cell = cells[benchmark].get(system)
+            if cell is not None and cell.scored:
+                cell.apply(overall["threshold"], by_macro, [macro_of.get(m, "") for m in cell.micro])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _mark(text: str, mark: str | None) -> str:
+    return f"**{text}**" if mark == "best" else f"<u>{text}</u>" if mark == "second" else text
+
+
+def _ci(ci: list) -> str:
+    return "" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown(report: dict, taxonomy: Taxonomy) -> str:
+    s = report["settings"]
+    benches = s["benchmarks"]
+    t2, m2 = report["table2"], report["table2_marks"]
+    lines = [f"# Guards compared: {', '.join(t2)}", "",
+             "- benchmarks: " + ", ".join(f"{b} ({report['benchmarks'][b]['level']}-level, "
+                                          f"{report['benchmarks'][b]['rows']} rows)" for b in benches),
+             "- F1 with `unsafe` positive; every row of a benchmark is scored for every system (rows are matched "
+             "by id; a row without a usable answer, or not evaluated by that system, is a miss)",
+             f"- intervals: {s['confidence']:.0%} percentile bootstrap over rows, {s['resamples']} resamples, seed "
+             f"{s['seed']}; **bold** best, <u>underlined</u> second per column", "",
+             "## F1 per benchmark (Table 2)", "",
+             "| system | " + " | ".join([*benches, "Avg. prompt", "Avg. response", "Overall Avg."]) + " |",
+             "|---" * (len(benches) + 4) + "|"]
+    for system, row in t2.items():
+        cells = []
+        for b in benches:
+            c = row.get(b)
+            cells.append("—" if c is None else _mark(fmt(c["f1"]), m2[b].get(system)) + _ci(c["ci"]))
+        cells += [_mark(fmt(row[k]), m2[k].get(system)) for k in ("avg_prompt", "avg_response", "overall_avg")]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines += ["", "Rows a system has no usable answer for (unusable) or did not evaluate (missing), scored as misses:", "",
+              "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
+    for system, row in t2.items():
+        lines.append(f"| {system} | " + " | ".join("—" if b not in row else f"{row[b]['unusable']} / {row[b]['missing']}"
+                                                   for b in benches) + " |")
+    scored = [(sy, b) for sy, row in t2.items() for b in benches if b in row and row[b]["auprc"] is not None]
+    if scored:
+        lines += ["", "## Scores: AUPRC / ROC-AUC (systems with P(unsafe))", "",
+                  "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
+        for system, row in t2.items():
+            if any(sy == system for sy, _ in scored):
+                lines.append(f"| {system} | " + " | ".join(
+                    "—" if b not in row or row[b]["auprc"] is None else f"{fmt(row[b]['auprc'])} / {fmt(row[b]['roc_auc'])}"
+                    for b in benches) + " |")
+        lines += ["", *(f"![{b}: precision–recall](pr_{_slug(b)}.png) ![{b}: ROC](roc_{_slug(b)}.png)"
+                        for b in benches if report["_curves"].get(b))]
+    t1 = report["table1"]
+    macros = taxonomy.macro_codes
+    micros_of = {m: [c for c in taxonomy.micro_codes if taxonomy.macro_of(c) == m] for m in macros}
+    header = [*(c for m in macros for c in [*micros_of[m], f"Avg. {m}"]), "Overall"]
+    lines += ["", f"## F1 per micro category on {t1['benchmark']} (Table 1)", "",
+              "| system | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for system, row in t1["systems"].items():
+        cells = []
+        for m in macros:
+            cells += [_mark(fmt(row["per_micro"][c]["f1"], 2), t1["marks"][c].get(system)) for c in micros_of[m]]
+            cells.append(_mark(fmt(row["per_macro"][m], 2), t1["marks"][f"avg_{m}"].get(system)))
+        cells.append(_mark(fmt(row["overall"], 2), t1["marks"]["overall"].get(system)))
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines += ["", "Intervals of every cell: `table1_micro_f1.csv`.", "",
+              "## Paired tests (McNemar on per-row correctness)", ""]
+    for b, pairs in report["mcnemar"].items():
+        if pairs:
+            lines += [f"### {b}", "", "| pair | only first right | only second right | test | p-value |",
+                      "|---|---|---|---|---|",
+                      *(f"| {k} | {p['b']} | {p['c']} | {p['test']} | {p['p_value']:.3g} |" for k, p in pairs.items()), ""]
+    if report["thresholds"]:
+        c = s["calibrate"]
+        target = f", target precision {c['target_precision']}" if c["target_precision"] else ""
+        lines += ["## Calibrated thresholds", "",
+                  f"On {c['benchmark']} ({c['objective']}{target}), applied to the other benchmarks.", "",
+                  "| system | threshold | precision | recall | F1 | evaluation's threshold | note |", "|---|---|---|---|---|---|---|"]
+        for system, t in report["thresholds"].items():
+            lines.append(f"| {system} | {fmt(t.get('threshold'))} | {fmt(t.get('precision'))} | {fmt(t.get('recall'))} | "
+                         f"{fmt(t.get('f1'))} | {fmt(t.get('evaluation_threshold'))} | {t.get('reason', '')} |")
+        lines.append("")
+    lines += ["## Heatmaps", "", "![Table 2](table2_f1.png)", "", "![Table 1](table1_micro_f1.png)", ""]
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
+def heatmap(values: list[list[float | None]], rows: list[str], columns: list[str], title: str) -> bytes:
+    """A PNG heatmap of F1 values (rows × columns), the value in each cell, blank where undefined."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    data = np.array([[np.nan if v is None else v for v in r] for r in values], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * len(columns) + 2.5), 0.45 * len(rows) + 1.8), dpi=110)
+    image = ax.imshow(np.ma.masked_invalid(data), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i, j in zip(*np.nonzero(~np.isnan(data))):
+        ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="F1")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def curve_chart(by_system: dict[str, dict], kind: str, title: str) -> bytes:
+    """Precision–recall (``kind`` ``pr``) or ROC (``roc``) curves, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=110)
+    for system, c in by_system.items():
+        x, y = (c["recall"], c["precision"]) if kind == "pr" else (c["fpr"], c["tpr"])
+        ax.plot(x, y, label=system, drawstyle="steps-post" if kind == "pr" else "default")
+    ax.set_xlabel("recall" if kind == "pr" else "false positive rate")
+    ax.set_ylabel("precision" if kind == "pr" else "true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+class CompareStage(Stage):
+    """``compare_<name>``: the comparison report over finished guard evaluation stages."""
+
+    name = "compare"
+
+    def __init__(self, key: str, config: CompareConfig, taxonomy_path: str):
+        super().__init__(config)
+        self.name = f"compare_{key}"
+        self.requires = tuple(dict.fromkeys(s for grid in config.systems.values() for s in grid.values()))
+        self.taxonomy_path = taxonomy_path
+
+    def write(self, inputs: dict, rundir: RunDir) -> None:
+        taxonomy = load_taxonomy(self.taxonomy_path)
+        report = compare(self.config, rundir, taxonomy)
+        base = f"{self.name}/{REPORT_DIR}"
+        curves_by_benchmark = report.pop("_curves")
+        rundir.write_text(f"{base}/comparison.json", json.dumps(report, indent=2, ensure_ascii=False))
+        report["_curves"] = curves_by_benchmark
+        rundir.write_text(f"{base}/report.md", markdown(report, taxonomy))
+        rundir.write_text(f"{base}/{THRESHOLDS_FILE}", json.dumps(report["thresholds"], indent=2))
+        benches, systems = report["settings"]["benchmarks"], list(report["table2"])
+        rundir.write_text(f"{base}/table2_f1.csv", _csv(
+            [["system", "benchmark", "level", "rows", "f1", "ci_low", "ci_high", "precision", "recall", "unusable",
+              "missing", "threshold", "auprc", "roc_auc"]]
+            + [[s, b, report["benchmarks"][b]["level"], c["rows"], c["f1"], *c["ci"], c["precision"], c["recall"],
+                c["unusable"], c["missing"], c["threshold"], c["auprc"], c["roc_auc"]]
+               for s in systems for b in benches if (c := report["table2"][s].get(b))]))
+        t1 = report["table1"]
+        rundir.write_text(f"{base}/table1_micro_f1.csv", _csv(
+            [["system", "micro", "macro", "rows", "f1", "ci_low", "ci_high"]]
+            + [[s, code, taxonomy.macro_of(code), m["rows"], m["f1"], *m["ci"]]
+               for s, row in t1["systems"].items() for code, m in row["per_micro"].items()]))
+        rundir.write_text(f"{base}/mcnemar.csv", _csv(
+            [["benchmark", "first", "second", "n", "b", "c", "test", "statistic", "p_value"]]
+            + [[b, p["first"], p["second"], p["n"], p["b"], p["c"], p["test"], p["statistic"], p["p_value"]]
+               for b, pairs in report["mcnemar"].items() for p in pairs.values()]))
+        columns2 = [*benches, "avg_prompt", "avg_response", "overall_avg"]
+        rundir.write_bytes(f"{base}/table2_f1.png", heatmap(
+            [[_f1(report["table2"][s].get(c)) for c in columns2] for s in systems], systems, columns2,
+            f"{self.name}: F1 per benchmark"))
+        codes = [*taxonomy.micro_codes, *(f"avg_{m}" for m in taxonomy.macro_codes), "overall"]
+        rows1 = list(t1["systems"])
+        rundir.write_bytes(f"{base}/table1_micro_f1.png", heatmap(
+            [[_table1_value(t1["systems"][s], c) for c in codes] for s in rows1], rows1, codes,
+            f"{self.name}: F1 per micro category on {t1['benchmark']}"))
+        for b, by_system in curves_by_benchmark.items():
+            defined = {s: c for s, c in by_system.items() if c is not None}
+            if defined:
+                rundir.write_bytes(f"{base}/pr_{_slug(b)}.png", curve_chart(defined, "pr", f"{b}: precision–recall"))
+                rundir.write_bytes(f"{base}/roc_{_slug(b)}.png", curve_chart(defined, "roc", f"{b}: ROC"))
+        self._summary = {"f1": {s: {b: _f1(report["table2"][s].get(b)) for b in benches} for s in systems},
+                         "thresholds": {s: t.get("threshold") for s, t in report["thresholds"].items()},
+                         "report": f"{REPORT_DIR}/report.md"}
+        log.info("stage %s: %d systems × %d benchmarks compared", self.name, len(systems), len(benches))
+
+    def summary(self, rundir: RunDir) -> dict[str, Any] | None:
+        return getattr(self, "_summary", None)
+
+
+def _table1_value(row: dict, column: str) -> float | None:
+    if column == "overall":
+        return row["overall"]
+    if column.startswith("avg_"):
+        return row["per_macro"][column[4:]]
+    return row["per_micro"][column]["f1"]
+
+
+def evaluation_stages(recipe: Any) -> list[str]:
+    """The guard evaluation stages a recipe enables: ``guard_eval_<key>`` and the loop's evaluations."""
+    from pipelines.loop.report import eval_stage
+
+    names = [f"guard_eval_{key}" for key in recipe.stages.guard_eval]
+    loop = recipe.stages.loop
+    if loop is not None:
+        names += [eval_stage(system) for system in loop.systems]
+    return names
+
+
+def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, str | None]:
+    known = evaluation_stages(refs.recipe)
+    for key, config in sections.items():
+        for system, grid in config.systems.items():
+            unknown = [s for s in grid.values() if s not in known]
+            if unknown:
+                raise ValueError(f"stages.compare.{key}.systems.{system}: {unknown} are not guard evaluation "
+                                 f"stages of this recipe (those are: {known or 'none'})")
+    return {}
+
+
+register("compare", config=CompareConfig, keyed=True, after="guard_eval", check=_check,
+         build=lambda recipe, sections: [CompareStage(key, config, recipe.taxonomy) for key, config in sections.items()],
+         description="guards side by side: F1 tables, bootstrap intervals, McNemar, curves, calibrated thresholds; "
+         "each is stage compare_<key>")

@@ -1,0 +1,244 @@
+"""Guards side by side (pipelines/evaluation/compare.py), on evaluation rows written here as guard
+evaluation stages write them: every figure recomputed from those rows with scikit-learn, the bold /
+underline placement, unusable and missing rows as misses, McNemar on the same rows, calibrated
+thresholds, and the recipe checks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import f1_score
+
+from pipelines.core.config import CONFIGS
+from pipelines.core.rundir import RunDir
+from pipelines.core.statistics import bootstrap_f1, mcnemar
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.evaluation.compare import CompareConfig, CompareError, CompareStage, rank_marks
+from pipelines.evaluation.metrics import calibrate_threshold
+
+TAXONOMY = str(CONFIGS / "taxonomy.yaml")
+CODES = load_taxonomy(TAXONOMY).micro_codes
+OK_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()), ("pred_label", pa.string()),
+                       ("pred_micro", pa.string()), ("score", pa.float64()), ("pred_raw_label", pa.string())])
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()), ("reason", pa.string())])
+
+
+def gold_rows(n: int, seed: int, prefix: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"{prefix}{i}", "label": "unsafe" if rng.random() < 0.5 else "safe",
+             "micro": CODES[int(rng.integers(0, 6))]} for i in range(n)]
+
+
+def write_eval(rundir: RunDir, stage: str, gold: list[dict], *, skill: float, seed: int, scored: bool,
+               level: str = "prompt", unusable: int = 0, missing: int = 0, model_from: str | None = None) -> None:
+    """A finished evaluation stage: each gold row answered (a score near the truth with probability
+    ``skill`` when ``scored``), the first ``unusable`` rows as unparseable error rows, the last
+    ``missing`` rows not evaluated at all, an input-error row (not evaluated, not scored)."""
+    rng = np.random.default_rng(seed)
+    ok, errors = [], [{"id": f"{stage}-nolabel", "label": "", "micro": "", "reason": "missing_label"}]
+    for i, row in enumerate(gold[:len(gold) - missing]):
+        if i < unusable:
+            errors.append({**row, "reason": "unparseable_output"})
+            continue
+        truth = row["label"] == "unsafe"
+        right = rng.random() < skill
+        p = float(np.clip((0.75 if truth == right else 0.25) + rng.normal(0, 0.2), 0.001, 0.999))
+        label = "unsafe" if p >= 0.5 else "safe"
+        ok.append({**row, "pred_label": label, "pred_micro": row["micro"] if label == "unsafe" else "",
+                   "score": p if scored else None, "pred_raw_label": label})
+    rundir.write_table(stage, "ok", pa.Table.from_pylist(ok, OK_SCHEMA))
+    rundir.write_table(stage, "error", pa.Table.from_pylist(errors, ERROR_SCHEMA))
+    rundir.write_text(f"{stage}/report/metrics.json", json.dumps({"settings": {
+        "stage": stage, "level": level, "threshold": 0.5 if scored else None, "score": scored,
+        "model_from": model_from, "model": f"model-of-{stage}"}}))
+
+
+def expected_pred(rundir: RunDir, stage: str, gold: list[dict]) -> list[str]:
+    """Predictions as the comparison must score them: answered rows as answered, every other gold row
+    (unusable or missing) as the opposite of its gold label."""
+    answered = {r["id"]: r["pred_label"] for b in rundir.iter_batches(stage, "ok", ["id", "pred_label"]) for r in b.to_pylist()}
+    return [answered.get(r["id"], "safe" if r["label"] == "unsafe" else "unsafe") for r in gold]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Three guards (two scored) on a prompt-level test set, a response-level external set and a
+    validation set; ``B`` has unusable and missing rows and no validation cell."""
+    rundir = RunDir(str(tmp_path_factory.mktemp("compare") / "run"))
+    gold = {"test": gold_rows(400, 1, "t"), "ext": gold_rows(150, 2, "e"), "val": gold_rows(300, 3, "v")}
+    specs = {"A": dict(skill=0.9, scored=True), "B": dict(skill=0.75, scored=False), "C": dict(skill=0.8, scored=True)}
+    systems = {}
+    for k, (system, spec) in enumerate(specs.items()):
+        systems[system] = {}
+        for j, (bench, rows) in enumerate(gold.items()):
+            if system == "B" and bench == "val":
+                continue
+            stage = f"guard_eval_{system.lower()}_{bench}"
+            extra = {"unusable": 7, "missing": 5} if system == "B" else {}
+            write_eval(rundir, stage, rows, seed=10 * k + j, level="response" if bench == "ext" else "prompt",
+                       model_from=f"train_{system.lower()}", **spec, **extra)
+            systems[system][bench] = stage
+    return rundir, gold, systems
+
+
+def run_compare(rundir: RunDir, key: str, **config) -> dict:
+    stage = CompareStage(key, CompareConfig.model_validate(config), TAXONOMY)
+    stage.write({}, rundir)
+    return json.loads(rundir.read_text(f"{stage.name}/report/comparison.json"))
+
+
+def test_tables_are_recomputed_from_the_evaluation_rows(grid):
+    rundir, gold, systems = grid
+    report = run_compare(rundir, "plain", systems=systems, resamples=200, seed=3)
+    assert report["settings"]["benchmarks"] == ["test", "ext", "val"]
+    assert report["benchmarks"]["ext"]["level"] == "response" and report["benchmarks"]["test"]["rows"] == 400
+    f1 = {}
+    for system, cells in systems.items():
+        for bench, stage in cells.items():
+            y = [r["label"] for r in gold[bench]]
+            pred = expected_pred(rundir, stage, gold[bench])
+            cell = report["table2"][system][bench]
+            f1[system, bench] = f1_score(y, pred, pos_label="unsafe")
+            assert cell["f1"] == pytest.approx(f1[system, bench]) and cell["rows"] == len(y)
+            assert cell["ci"][0] <= cell["f1"] <= cell["ci"][1]
+            assert (cell["unusable"], cell["missing"]) == ((7, 5) if system == "B" else (0, 0))
+            assert (cell["auprc"] is None) == (system == "B")
+    row = report["table2"]["A"]
+    assert row["avg_prompt"] == pytest.approx((f1["A", "test"] + f1["A", "val"]) / 2)
+    assert row["avg_response"] == pytest.approx(f1["A", "ext"])
+    assert row["overall_avg"] == pytest.approx(np.mean([f1["A", b] for b in ("test", "ext", "val")]))
+    assert report["table2"]["B"]["overall_avg"] is None  # not evaluated on val: no comparable average
+
+    # Table 1 on the first benchmark: per micro category over its gold rows, mean per macro, overall
+    t1 = report["table1"]
+    assert t1["benchmark"] == "test"
+    taxonomy = load_taxonomy(TAXONOMY)
+    pred = expected_pred(rundir, systems["C"]["test"], gold["test"])
+    for code in CODES[:6]:
+        idx = [i for i, r in enumerate(gold["test"]) if r["micro"] == code]
+        y = [gold["test"][i]["label"] for i in idx]
+        assert t1["systems"]["C"]["per_micro"][code]["f1"] == pytest.approx(
+            f1_score(y, [pred[i] for i in idx], pos_label="unsafe"))
+    macro = taxonomy.macro_of(CODES[0])
+    members = [c for c in CODES if taxonomy.macro_of(c) == macro and t1["systems"]["C"]["per_micro"][c]["f1"] is not None]
+    assert t1["systems"]["C"]["per_macro"][macro] == pytest.approx(
+        np.mean([t1["systems"]["C"]["per_micro"][c]["f1"] for c in members]))
+    assert t1["systems"]["C"]["per_micro"][CODES[20]] == {"f1": None, "rows": 0, "ci": [None, None]}
+
+    # McNemar on per-row correctness of the same rows, as the shared test computes it
+    y = [r["label"] for r in gold["test"]]
+    a = [p == g for p, g in zip(expected_pred(rundir, systems["A"]["test"], gold["test"]), y)]
+    b = [p == g for p, g in zip(expected_pred(rundir, systems["B"]["test"], gold["test"]), y)]
+    assert report["mcnemar"]["test"]["A vs B"]["p_value"] == pytest.approx(mcnemar(a, b).p_value)
+    assert set(report["mcnemar"]["ext"]) == {"A vs B", "A vs C", "B vs C"}
+
+    # the same seed gives the same intervals; the interval is bootstrap_f1's on the aligned rows
+    again = run_compare(rundir, "again", systems=systems, resamples=200, seed=3)
+    assert again["table2"] == report["table2"]
+    rows = sorted(gold["test"], key=lambda r: r["id"])  # the comparison's row order: by id
+    gold01 = [r["label"] == "unsafe" for r in rows]
+    pred01 = [p == "unsafe" for p in expected_pred(rundir, systems["A"]["test"], rows)]
+    ci = bootstrap_f1(gold01, pred01, resamples=200, seed=3)
+    assert report["table2"]["A"]["test"]["ci"] == [ci.low, ci.high]
+
+    # the files: CSV with every cell (B has none on val), the heatmaps, curves for the scored systems
+    base = rundir.uri("compare_plain", "report")
+    table2 = list(csv.DictReader(io.StringIO(rundir.read_text("compare_plain/report/table2_f1.csv"))))
+    assert len(table2) == 8 and float(table2[0]["f1"]) == pytest.approx(report["table2"][table2[0]["system"]][table2[0]["benchmark"]]["f1"])
+    assert len(list(csv.DictReader(io.StringIO(rundir.read_text("compare_plain/report/table1_micro_f1.csv"))))) == 3 * len(CODES)
+    for name in ("table2_f1.png", "table1_micro_f1.png", "pr_test.png", "roc_ext.png", "report.md", "mcnemar.csv"):
+        assert rundir.exists("compare_plain", "report", name), f"{base}/{name}"
+
+
+def test_best_bold_second_underlined(grid):
+    assert rank_marks({"a": 0.9, "b": 0.8, "c": 0.9, "d": None, "e": 0.7}) == {"a": "best", "c": "best", "b": "second"}
+    assert rank_marks({"a": None}) == {}
+    rundir, gold, systems = grid
+    report = run_compare(rundir, "marks", systems=systems, resamples=100)
+    f1 = {s: report["table2"][s]["test"]["f1"] for s in systems}
+    best, second = sorted(f1, key=f1.get, reverse=True)[:2]
+    md = rundir.read_text("compare_marks/report/report.md")
+    row = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "[" in line}
+    assert f"**{f1[best]:.3f}** [" in row[best] and f"<u>{f1[second]:.3f}</u> [" in row[second]
+    third = (set(systems) - {best, second}).pop()
+    assert f"| {f1[third]:.3f} [" in row[third]
+
+
+def test_calibrated_thresholds(grid):
+    rundir, gold, systems = grid
+    report = run_compare(rundir, "cal", systems=systems, resamples=100,
+                         calibrate={"benchmark": "val", "objective": "precision", "target_precision": 0.9})
+    assert report["settings"]["benchmarks"] == ["test", "ext"]  # the validation set is not in the tables
+    thresholds = report["thresholds"]
+    assert set(thresholds) == {"A", "C"}  # B has no validation cell
+    a = thresholds["A"]
+    assert a["reached"] and a["precision"] >= 0.9 and a["model_from"] == "train_a"
+    # reached on the validation rows: recomputed there
+    val = {r["id"]: r["score"] for b in rundir.iter_batches(systems["A"]["val"], "ok", ["id", "score"]) for r in b.to_pylist()}
+    y = [r["label"] for r in gold["val"]]
+    pred = ["unsafe" if val[r["id"]] >= a["threshold"] else "safe" for r in gold["val"]]
+    tp = sum(p == g == "unsafe" for p, g in zip(pred, y))
+    assert tp / pred.count("unsafe") == pytest.approx(a["precision"]) and a["precision"] >= 0.9
+    # and applied on test: F1 recomputed with that threshold
+    test = {r["id"]: r["score"] for b in rundir.iter_batches(systems["A"]["test"], "ok", ["id", "score"]) for r in b.to_pylist()}
+    y = [r["label"] for r in gold["test"]]
+    pred = ["unsafe" if test[r["id"]] >= a["threshold"] else "safe" for r in gold["test"]]
+    cell = report["table2"]["A"]["test"]
+    assert cell["threshold"] == a["threshold"] and cell["f1"] == pytest.approx(f1_score(y, pred, pos_label="unsafe"))
+    assert report["table2"]["B"]["test"]["threshold"] is None
+    assert json.loads(rundir.read_text("compare_cal/report/thresholds.json"))["A"]["threshold"] == a["threshold"]
+
+    per_macro = run_compare(rundir, "calm", systems=systems, resamples=100,
+                            calibrate={"benchmark": "val", "per_macro": True})["thresholds"]["A"]
+    assert per_macro["objective"] == "max_f1" and per_macro["per_macro"]
+    assert all(m["rows"] > 0 for m in per_macro["per_macro"].values())
+
+
+def test_calibrate_threshold_on_a_constructed_example():
+    gold = ["safe", "safe", "unsafe", "safe", "unsafe", "unsafe", "unsafe", "safe"]
+    score = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]
+    # at t = 0.6: 3 TP, 1 FP -> precision 0.75; at 0.3: 4 TP, 2 FP (0.667); at 0.7: 2 / 3
+    assert calibrate_threshold(gold, score, objective="precision", target_precision=0.75)["threshold"] == 0.6
+    best = calibrate_threshold(gold, score, objective="max_f1")
+    assert (best["threshold"], best["f1"]) == (0.3, pytest.approx(0.8))  # 4 TP, 2 FP: 8 / 10
+    assert calibrate_threshold(gold, score, objective="precision", target_precision=0.99)["reached"] is False
+    with pytest.raises(ValueError, match="needs target_precision"):
+        calibrate_threshold(gold, score, objective="precision")
+
+
+def test_bad_comparisons_are_refused(grid, tmp_path):
+    rundir, gold, systems = grid
+    write_eval(rundir, "guard_eval_x_test", [{**r, "label": "safe"} for r in gold["test"]], skill=0.9, seed=0, scored=True)
+    with pytest.raises(CompareError, match="must evaluate the same labelled rows"):
+        run_compare(rundir, "bad", systems={"A": {"test": systems["A"]["test"]}, "X": {"test": "guard_eval_x_test"}})
+    with pytest.raises(CompareError, match="different levels"):
+        run_compare(rundir, "bad", systems={"A": {"test": systems["A"]["test"]}, "C": {"test": systems["C"]["ext"]}})
+    with pytest.raises(CompareError, match="no report/metrics.json"):
+        run_compare(rundir, "bad", systems={"A": {"test": "guard_eval_nowhere"}})
+    with pytest.raises(ValueError, match="calibrate.benchmark 'dev' is not a benchmark"):
+        CompareConfig.model_validate({"systems": systems, "calibrate": {"benchmark": "dev"}})
+    with pytest.raises(ValueError, match="target_precision goes with objective precision"):
+        CompareConfig.model_validate({"systems": systems, "calibrate": {"benchmark": "val", "target_precision": 0.9}})
+    with pytest.raises(ValueError, match="nothing left to compare"):
+        CompareConfig.model_validate({"systems": {"A": {"val": "x"}}, "calibrate": {"benchmark": "val"}})
+
+
+def test_the_recipe_names_evaluation_stages(tmp_path):
+    from pipelines.construction import Recipe
+
+    seeds = tmp_path / "s.jsonl"
+    seeds.write_text('{"text": "x", "label": "safe"}\n')
+    recipe = {"name": "c", "run_dir": str(tmp_path / "run"),
+              "models": {"g": {"engine": "http", "model": "m", "url": "http://127.0.0.1:1/v1/chat/completions"}},
+              "stages": {"seeds": {"s": {"paths": [str(seeds)], "columns": {"text": "text", "label": "label"}}},
+                         "guard_eval": {"one": {"inputs": ["seeds_s"], "model": "g", "adapter": "qwen3guard_strict"}},
+                         "compare": {"main": {"systems": {"G": {"s": "guard_eval_one"}}}}}}
+    assert Recipe.model_validate(recipe).stages.compare["main"].category_benchmark == "s"
+    recipe["stages"]["compare"]["main"]["systems"]["H"] = {"s": "guard_eval_two"}
+    with pytest.raises(ValueError, match=r"stages.compare.main.systems.H: \['guard_eval_two'\] are not guard evaluation"):
+        Recipe.model_validate(recipe)
