@@ -12,6 +12,35 @@ config; anything the recipe sets itself wins. Formats as listed in the project's
   ``polyguardmix_zh`` keeps only its Chinese rows.
 - ``wildguardmix``: ``prompt, adversarial, response, prompt_harm_label, ..., subcategory``.
 - ``chinesesafe``: ``text, label`` (违规 / 不违规), ``subject``.
+
+Evaluation sets (a ``*_response`` preset is the response-level twin of a prompt-level one: the label
+comes from the response's column, and a row without a response is an error, ``missing_response``):
+
+- ``beavertails`` (response level): ``prompt, response, category, is_safe``; ``category`` is a record
+  of 14 boolean flags (``animal_abuse``, ``child_abuse``, ``controversial_topics,politics``, ...,
+  ``privacy_violation``, ``self_harm``, ``violence,aiding_and_abetting,incitement``), kept as
+  ``harm_category``: the true flags' names joined by ``"; "`` (the names hold commas), ``""`` for a
+  safe row; ``is_safe`` true -> ``safe``, false -> ``unsafe``.
+- ``safetyprompts`` (thu-coai Safety-Prompts, Chinese): ``prompt, response, type``; ``type`` is the
+  scenario (``Insult``, ``Unfairness_And_Discinimination`` (sic), ``Crimes_And_Illegal_Activities``,
+  ``Physical_Harm``, ``Mental_Health``, ``Privacy_And_Property``, ``Ethics_And_Morality``, and the
+  instruction attacks ``Goal_Hijacking``, ``Prompt_Leaking``, ``Role_Play_Instruction``,
+  ``Unsafe_Instruction_Topic``, ``Inquiry_With_Unsafe_Opinion``, ``Reverse_Exposure``), kept as
+  ``harm_category``. Every prompt is a risky test prompt (``unsafe``); the response is a model's
+  answer, kept as lineage. The topical scenarios map onto our macros; ``Ethics_And_Morality`` and the
+  attacks name a technique or no single risk, so their macro stays ``""``. The release is one JSON
+  object per file, ``{scenario: [records]}``: read it with ``format: json`` (the key becomes ``type``
+  where a record lacks it); JSONL / Parquet rows need nothing more.
+- ``polyguardprompts`` (PolyGuardPrompts, the PolyGuardMix test set): ``prompt, response,
+  prompt_harm_label, response_harm_label, response_refusal_label, prompt_safety_categories,
+  response_safety_categories, language``; ``prompt_safety_categories`` kept as ``harm_category``.
+  ``polyguardprompts_response``: label ``response_harm_label``, category
+  ``response_safety_categories``.
+- ``wildguardtest``: ``prompt, adversarial, response, prompt_harm_label, response_refusal_label,
+  response_harm_label, subcategory``; ``subcategory`` kept as ``harm_category``.
+  ``wildguardtest_response``: label ``response_harm_label`` (rows without one: ``missing_label``).
+
+Labels of the Ai2 / PolyGuard sets are ``harmful`` / ``unharmful``; ``None`` is ``missing_label``.
 """
 
 from __future__ import annotations
@@ -19,6 +48,27 @@ from __future__ import annotations
 from typing import Any
 
 _HARM_LABELS = {"harmful": "unsafe", "unharmful": "safe"}
+
+
+def _response_level(preset: dict[str, Any], **columns: str) -> dict[str, Any]:
+    """The response-level twin of a prompt-level preset: the same mapping with ``columns`` (the
+    response's label and category columns) replaced, and rows without a response made errors
+    instead of prompts judged without the answer they are labelled by."""
+    return {**preset, "columns": {**preset["columns"], **columns}, "require_response": True}
+
+
+_POLYGUARD_PROMPTS = {
+    "columns": {"text": "prompt", "label": "prompt_harm_label", "lang": "language", "response": "response",
+                "category": "prompt_safety_categories"},
+    "label_map": _HARM_LABELS,
+    "source": "external",
+}
+_WILDGUARD_TEST = {
+    "columns": {"text": "prompt", "label": "prompt_harm_label", "response": "response",
+                "category": "subcategory"},
+    "label_map": _HARM_LABELS,
+    "source": "external",
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "do_not_answer": {
@@ -62,4 +112,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lang": "zh",
         "source": "external",
     },
+    "beavertails": {
+        "columns": {"text": "prompt", "label": "is_safe", "response": "response", "category": "category"},
+        "label_map": {"true": "safe", "false": "unsafe"},
+        "require_response": True,
+        "source": "external",
+    },
+    "safetyprompts": {
+        "columns": {"text": "prompt", "response": "response", "macro": "type", "category": "type"},
+        "label": "unsafe",
+        "macro_map": {
+            "Insult": "D",                           # insults infringe reputation and dignity (D3)
+            "Unfairness_And_Discinimination": "B",   # the release's spelling
+            "Unfairness_And_Discrimination": "B",
+            "Crimes_And_Illegal_Activities": "A",    # content the law prohibits (A8)
+            "Physical_Harm": "D",                    # harm to others' physical and mental health (D1)
+            "Mental_Health": "D",
+            "Privacy_And_Property": "D",             # privacy (D5), other lawful rights (D7)
+        },
+        "group_column": "type",
+        "lang": "zh",
+        "source": "external",
+    },
+    "polyguardprompts": _POLYGUARD_PROMPTS,
+    "polyguardprompts_response": _response_level(
+        _POLYGUARD_PROMPTS, label="response_harm_label", category="response_safety_categories"),
+    "wildguardtest": _WILDGUARD_TEST,
+    "wildguardtest_response": _response_level(_WILDGUARD_TEST, label="response_harm_label"),
 }
