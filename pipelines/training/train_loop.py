@@ -528,7 +528,6 @@ class _MetricsWriter:
         self.rows.close()
 
 
-
 def _truncate_after(path: str, step: int, name: str) -> list[dict]:
     """Keep the lines of ``path`` up to ``step``; return the later ones (tagged with ``name``)."""
     if not os.path.exists(path):
