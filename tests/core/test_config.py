@@ -112,14 +112,19 @@ def test_demo_recipe_is_valid(tiny_models):
         f"models.rewriter.model={tiny_models['causal-lm']}", f"stages.embed.model={tiny_models['embedder']}",
         f"models.adjudicator.model={tiny_models['causal-lm']}",
         f"models.guard.model={tiny_models['causal-lm']}",
+        f"models.baseline_guard.model={tiny_models['judge-2']}",
         f"stages.loop.classifier.model={tiny_models['causal-lm']}",
         f"stages.loop.generator_training.model={tiny_models['causal-lm']}",
         *(f"models.judge{i}.model={tiny_models[f'judge-{i}']}" for i in range(1, 5))])
     assert [name for name, cfg in demo.stages if cfg] == [
         "keywords", "ingest", "seeds", "embed", "index", "retrieve", "rag", "pe", "preprocess", "jury",
-        "adjudicate", "assemble", "loop"]  # sections in run order (the registry's)
+        "adjudicate", "assemble", "loop", "guard_eval", "compare"]  # sections in run order (the registry's)
     assert demo.stages.jury.judges == ["judge1", "judge2", "judge3", "judge4"]
     assert demo.stages.loop.systems == ["c0", "c2"] and demo.stages.loop.iterations == 2
+    # our guard vs a baseline adapter on the test split and one external set
+    guards = demo.stages.compare["guards"]
+    assert guards.table_benchmarks == ["CHILLGuardTest", "WildGuardTest"] and len(guards.systems) == 3
+    assert build_stages(demo)[-1].name == "compare_guards"
 
 
 def test_loop_ablation_recipe_is_valid(tmp_path, tiny_models):
@@ -146,6 +151,12 @@ def test_paper_recipe_is_valid_offline():
         "01-ai/Yi-1.5-34B-Chat"]
     assert paper.models[paper.stages.adjudicate.model].engine == "http"
     assert paper.stages.assemble.external == ["seeds_polyguard_zh"]
+    table2 = paper.stages.compare["paper"]  # Table 2's benchmarks, Table 1 on CHILLGuardTest
+    assert table2.table_benchmarks == ["CHILLGuardTest", "PolyG", "WildG", "ChineseS", "DNA", "SafetyP",
+                                       "BeaverTails", "PolyG-R"] and table2.category_benchmark == "CHILLGuardTest"
+    levels = {b: paper.stages.guard_eval[s.removeprefix("guard_eval_")].level
+              for b, s in table2.systems["Llama-Guard-3-8B"].items()}
+    assert [b for b, level in levels.items() if level == "response"] == ["BeaverTails", "PolyG-R"]
     loop = paper.stages.loop       # §4.3, Appendix D
     sft = loop.classifier          # Appendix D.3
     assert (sft.model, sft.learning_rate, sft.lr_scheduler, sft.warmup_ratio, sft.epochs) == (
