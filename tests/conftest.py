@@ -108,12 +108,9 @@ PYTHON = sys.executable
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tiny_models, tmp_path_factory):
-    """One `vllm serve` of the tiny causal LM on 127.0.0.1 for the whole session (an engine start
-    costs ~30 s here: tests on the ``http`` engine share this one), stopped by its own process group
-    at the end. It requires ``Authorization: Bearer <TEST_API_KEY>``, as hosted endpoints do; see
-    :func:`http_endpoint`. Compact JSON for structured outputs: random weights otherwise fill
-    constrained JSON with whitespace runs."""
+def _vllm_serve_process(tiny_models, tmp_path_factory):
+    """The session's `vllm serve` process (see :func:`vllm_server`), started, not yet waited for;
+    stopped by its own process group at the end."""
     port, logs = free_port(), tmp_path_factory.mktemp("vllm-serve")
     log = open(logs / "serve.log", "w")
     proc = subprocess.Popen(
@@ -126,19 +123,43 @@ def vllm_server(tiny_models, tmp_path_factory):
          "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("vllm serve did not start:\n" + (logs / "serve.log").read_text()[-3000:])
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+        yield proc, port, logs / "serve.log"
     finally:
         stop_group(proc)
         log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_vllm_serve_early(request):
+    """When any selected test uses :func:`vllm_server`, start it with the session's first test: the
+    tests that start nothing run first (:func:`pytest_collection_modifyitems`), on one core, while
+    it starts (~30 s) on the other."""
+    if any("vllm_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("_vllm_serve_process")
+
+
+def pytest_collection_modifyitems(config, items):
+    # stable: the tests marked `slow` (engines, Ray, training) after the others, in their own order
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(_vllm_serve_process):
+    """One `vllm serve` of the tiny causal LM on 127.0.0.1 for the whole session (an engine start
+    costs ~30 s here: tests on the ``http`` engine share this one). It requires ``Authorization:
+    Bearer <TEST_API_KEY>``, as hosted endpoints do; see :func:`http_endpoint`. Compact JSON for
+    structured outputs: random weights otherwise fill constrained JSON with whitespace runs."""
+    proc, port, log = _vllm_serve_process
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("vllm serve did not start:\n" + log.read_text()[-3000:])
+            time.sleep(1)
+    return f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 def http_endpoint(url: str, **overrides) -> dict:
