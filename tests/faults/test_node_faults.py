@@ -8,6 +8,7 @@ the same results as an undisturbed run of the same recipe on the same cluster.
   a judge's engine replica, so it is restarted on the new node and its unfinished batches retried;
   the undisturbed run is the same jury in mode sequential (one judge after the other), so the test
   also shows that both modes give the same votes;
+  then the same jury resumed after a (simulated) killed driver judges only the rows it lacks;
 - embed (two embedding actors, one per node): the killed node held one of them.
 
 These tests start their own Ray cluster, so they run in their own pytest process (``make
@@ -16,11 +17,14 @@ test-faults``), not in ``make test``'s session with its local Ray.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
@@ -97,12 +101,32 @@ def test_jury_survives_a_dead_judge_node(tmp_path, tiny_models, cluster):
 
         kill = Kill("VLLM::EngineCore", ready, gpu_node)
         manifests = _run_with_kill(cluster, recipe, "jury", kill)
+        _check_jury(rundir, manifests["jury"], rows, calm)
+
+        # a driver killed mid-jury (its kill is shown on `embed` in test_driver_resume.py; here the
+        # state it leaves is made by hand): no manifest, the `_running` marker with the run key, and
+        # the ok rows of half the input as its finished files (this input is one block: one file).
+        # The rerun keeps that file and judges only the rows it lacks.
+        manifest = manifests["jury"]
+        files = [info.path for info in rundir.parquet_files("jury", OK)]
+        finished = pa.concat_tables([pq.read_table(f) for f in files])
+        for path in files:
+            os.remove(path)
+        rundir.write_table("jury", OK, finished.slice(0, finished.num_rows // 2), name="kept-00000.parquet")
+        kept = {info.path for info in rundir.parquet_files("jury", OK)}
+        (Path(recipe.run_dir) / "jury" / "manifest.json").unlink()
+        rundir.mark_running("jury", run_key=f"{manifest['config_hash']}-{manifest['input_fingerprint']}")
+        resumed = run_stages(build_stages(recipe), rundir)["jury"]
+        assert kept <= {info.path for info in rundir.parquet_files("jury", OK)}  # kept, not rewritten
+        _check_jury(rundir, resumed, rows, calm)
     finally:
         remove_workers(cluster)
 
-    manifest = manifests["jury"]
+
+def _check_jury(rundir: RunDir, manifest: dict, rows: list[dict], calm: Recipe) -> None:
+    """Every row once (ok or error), and the votes of the undisturbed sequential run."""
     assert_balanced(manifest, rundir)
-    assert manifest["rows"]["in"] == len(rows) == calm_manifests["jury"]["rows"]["in"]
+    assert manifest["rows"]["in"] == len(rows)
     columns = ["id", "label", "votes"]
     out = _rows(rundir, "jury", OK, columns) + _rows(rundir, "jury", ERROR, ["id"])
     ids = Counter(r["id"] for r in out)
