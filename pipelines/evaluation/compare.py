@@ -66,6 +66,9 @@ from pipelines.evaluation.metrics import (
 log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
+#: Table 2's averages: key, title, the level of the benchmarks averaged (``None``: all)
+AVERAGES = (("avg_prompt", "Avg. prompt", "prompt"), ("avg_response", "Avg. response", RESPONSE),
+            ("overall_avg", "Overall Avg.", None))
 
 
 class CompareError(ValueError):
@@ -253,17 +256,18 @@ def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
                 continue
             figures = f1_figures(cell.gold, cell.pred, **b_args)
             row[benchmark] = {**figures, "unusable": cell.unusable, "missing": cell.missing,
-                              "threshold": cell.threshold, "stage": cell.stage,
+                              "threshold": cell.threshold, "stage": cell.stage, "scored": cell.scored,
                               **(curve_metrics(cell.labels, cell.decision.tolist()) if cell.scored
                                  else {"auprc": None, "roc_auc": None})}
-        for name, level in (("avg_prompt", "prompt"), ("avg_response", RESPONSE)):
-            names = [b for b in config.table_benchmarks if benchmarks[b]["level"] == level]
+        for name, _, level in AVERAGES:
+            names = [b for b in config.table_benchmarks if level is None or benchmarks[b]["level"] == level]
             row[name] = _mean([row.get(b, {}).get("f1") for b in names]) if names else None
-        row["overall_avg"] = _mean([row.get(b, {}).get("f1") for b in config.table_benchmarks])
         table2[system] = row
 
-    columns2 = [*config.table_benchmarks, "avg_prompt", "avg_response", "overall_avg"]
+    columns2 = [*config.table_benchmarks, *(name for name, _, _ in AVERAGES)]
     marks2 = {col: rank_marks({s: _f1(table2[s].get(col)) for s in config.systems}) for col in columns2}
+    by_benchmark = {b: {s: curves(c.labels, c.decision.tolist()) for s, c in cells[b].items() if c.scored}
+                    for b in config.table_benchmarks}
     return {
         "settings": {"systems": config.systems, "benchmarks": config.table_benchmarks,
                      "categories": config.category_benchmark, "resamples": config.resamples,
@@ -274,13 +278,21 @@ def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
         "table1": table1(config, cells[config.category_benchmark], taxonomy, b_args),
         "mcnemar": {b: pairwise_mcnemar(cells[b]) for b in config.table_benchmarks},
         "thresholds": thresholds,
-        "_curves": {b: {s: curves(c.labels, c.decision.tolist()) for s, c in cells[b].items() if c.scored}
-                    for b in config.table_benchmarks},
+        # curve points for the charts (not in comparison.json); none where a benchmark has one gold class
+        "_curves": {b: {s: c for s, c in by_system.items() if c is not None} for b, by_system in by_benchmark.items()},
     }
 
 
 def _f1(cell: Any) -> float | None:
     return cell.get("f1") if isinstance(cell, dict) else cell
+
+
+def table2_columns(report: dict) -> list[tuple[str, str]]:
+    """Table 2's columns, ``(key, title)``: the benchmarks, then the averages over the prompt-level and
+    the response-level ones where there are such benchmarks, and over all."""
+    levels = {report["benchmarks"][b]["level"] for b in report["settings"]["benchmarks"]}
+    return [*((b, b) for b in report["settings"]["benchmarks"]),
+            *((name, title) for name, title, level in AVERAGES if level is None or level in levels)]
 
 
 def table1(config: CompareConfig, cells: dict[str, Cell], taxonomy: Taxonomy, b_args: dict) -> dict:
@@ -367,6 +379,7 @@ def markdown(report: dict, taxonomy: Taxonomy) -> str:
     s = report["settings"]
     benches = s["benchmarks"]
     t2, m2 = report["table2"], report["table2_marks"]
+    columns = table2_columns(report)
     lines = [f"# Guards compared: {', '.join(t2)}", "",
              "- benchmarks: " + ", ".join(f"{b} ({report['benchmarks'][b]['level']}-level, "
                                           f"{report['benchmarks'][b]['rows']} rows)" for b in benches),
@@ -375,29 +388,30 @@ def markdown(report: dict, taxonomy: Taxonomy) -> str:
              f"- intervals: {s['confidence']:.0%} percentile bootstrap over rows, {s['resamples']} resamples, seed "
              f"{s['seed']}; **bold** best, <u>underlined</u> second per column", "",
              "## F1 per benchmark (Table 2)", "",
-             "| system | " + " | ".join([*benches, "Avg. prompt", "Avg. response", "Overall Avg."]) + " |",
-             "|---" * (len(benches) + 4) + "|"]
+             "| system | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for system, row in t2.items():
         cells = []
-        for b in benches:
-            c = row.get(b)
-            cells.append("—" if c is None else _mark(fmt(c["f1"]), m2[b].get(system)) + _ci(c["ci"]))
-        cells += [_mark(fmt(row[k]), m2[k].get(system)) for k in ("avg_prompt", "avg_response", "overall_avg")]
+        for key, _ in columns:
+            c = row.get(key)
+            if key in benches:
+                cells.append("—" if c is None else _mark(fmt(c["f1"]), m2[key].get(system)) + _ci(c["ci"]))
+            else:
+                cells.append(_mark(fmt(c), m2[key].get(system)))
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines += ["", "Rows a system has no usable answer for (unusable) or did not evaluate (missing), scored as misses:", "",
               "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
     for system, row in t2.items():
         lines.append(f"| {system} | " + " | ".join("—" if b not in row else f"{row[b]['unusable']} / {row[b]['missing']}"
                                                    for b in benches) + " |")
-    scored = [(sy, b) for sy, row in t2.items() for b in benches if b in row and row[b]["auprc"] is not None]
+    scored = [system for system, row in t2.items() if any(c["scored"] for b, c in row.items() if b in benches)]
     if scored:
-        lines += ["", "## Scores: AUPRC / ROC-AUC (systems with P(unsafe))", "",
+        lines += ["", "## Scores: AUPRC / ROC-AUC (systems with P(unsafe); n/a: the benchmark has one gold class)", "",
                   "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
-        for system, row in t2.items():
-            if any(sy == system for sy, _ in scored):
-                lines.append(f"| {system} | " + " | ".join(
-                    "—" if b not in row or row[b]["auprc"] is None else f"{fmt(row[b]['auprc'])} / {fmt(row[b]['roc_auc'])}"
-                    for b in benches) + " |")
+        for system in scored:
+            row = t2[system]
+            lines.append(f"| {system} | " + " | ".join(
+                "—" if b not in row or not row[b]["scored"] else f"{fmt(row[b]['auprc'])} / {fmt(row[b]['roc_auc'])}"
+                for b in benches) + " |")
         lines += ["", *(f"![{b}: precision–recall](pr_{_slug(b)}.png) ![{b}: ROC](roc_{_slug(b)}.png)"
                         for b in benches if report["_curves"].get(b))]
     t1 = report["table1"]
@@ -522,20 +536,19 @@ class CompareStage(Stage):
             [["benchmark", "first", "second", "n", "b", "c", "test", "statistic", "p_value"]]
             + [[b, p["first"], p["second"], p["n"], p["b"], p["c"], p["test"], p["statistic"], p["p_value"]]
                for b, pairs in report["mcnemar"].items() for p in pairs.values()]))
-        columns2 = [*benches, "avg_prompt", "avg_response", "overall_avg"]
+        columns2 = table2_columns(report)
         rundir.write_bytes(f"{base}/table2_f1.png", heatmap(
-            [[_f1(report["table2"][s].get(c)) for c in columns2] for s in systems], systems, columns2,
-            f"{self.name}: F1 per benchmark"))
+            [[_f1(report["table2"][s].get(key)) for key, _ in columns2] for s in systems], systems,
+            [title for _, title in columns2], f"{self.name}: F1 per benchmark"))
         codes = [*taxonomy.micro_codes, *(f"avg_{m}" for m in taxonomy.macro_codes), "overall"]
         rows1 = list(t1["systems"])
         rundir.write_bytes(f"{base}/table1_micro_f1.png", heatmap(
             [[_table1_value(t1["systems"][s], c) for c in codes] for s in rows1], rows1, codes,
             f"{self.name}: F1 per micro category on {t1['benchmark']}"))
         for b, by_system in curves_by_benchmark.items():
-            defined = {s: c for s, c in by_system.items() if c is not None}
-            if defined:
-                rundir.write_bytes(f"{base}/pr_{_slug(b)}.png", curve_chart(defined, "pr", f"{b}: precision–recall"))
-                rundir.write_bytes(f"{base}/roc_{_slug(b)}.png", curve_chart(defined, "roc", f"{b}: ROC"))
+            if by_system:
+                rundir.write_bytes(f"{base}/pr_{_slug(b)}.png", curve_chart(by_system, "pr", f"{b}: precision–recall"))
+                rundir.write_bytes(f"{base}/roc_{_slug(b)}.png", curve_chart(by_system, "roc", f"{b}: ROC"))
         self._summary = {"f1": {s: {b: _f1(report["table2"][s].get(b)) for b in benches} for s in systems},
                          "thresholds": {s: t.get("threshold") for s, t in report["thresholds"].items()},
                          "report": f"{REPORT_DIR}/report.md"}

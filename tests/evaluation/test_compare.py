@@ -242,3 +242,20 @@ def test_the_recipe_names_evaluation_stages(tmp_path):
     recipe["stages"]["compare"]["main"]["systems"]["H"] = {"s": "guard_eval_two"}
     with pytest.raises(ValueError, match=r"stages.compare.main.systems.H: \['guard_eval_two'\] are not guard evaluation"):
         Recipe.model_validate(recipe)
+
+
+def test_columns_and_curves_only_where_defined(grid):
+    """No response-level benchmark: no response average. One gold class: AUPRC n/a and no curve file."""
+    rundir, gold, systems = grid
+    one_class = [{**r, "label": "unsafe"} for r in gold["test"][:40]]
+    for system in ("A", "B"):
+        write_eval(rundir, f"guard_eval_{system}_all_unsafe", one_class, skill=0.8, seed=5, scored=system == "A")
+    report = run_compare(rundir, "narrow", resamples=100, systems={
+        s: {"test": systems[s]["test"], "all_unsafe": f"guard_eval_{s}_all_unsafe"} for s in ("A", "B")})
+    md = rundir.read_text("compare_narrow/report/report.md")
+    header = next(line for line in md.splitlines() if line.startswith("| system | test"))
+    assert header == "| system | test | all_unsafe | Avg. prompt | Overall Avg. |"
+    assert report["table2"]["A"]["all_unsafe"]["auprc"] is None and report["table2"]["A"]["test"]["auprc"] > 0.5
+    assert "| A | " in md.split("## Scores")[1] and "| B | " not in md.split("## Scores")[1].split("##")[0]
+    assert rundir.exists("compare_narrow", "report", "pr_test.png")
+    assert not rundir.exists("compare_narrow", "report", "pr_all_unsafe.png") and "pr_all_unsafe.png" not in md
