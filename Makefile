@@ -52,7 +52,7 @@ demo: install models/tiny/tiny_models.json
 test: install browser
 	$(BIN)/python -m pytest -v -rs --durations=25 -m "not faults" tests
 
-# Dead nodes mid-stage on a multi-node Ray in this machine (ray.cluster_utils.Cluster, ~5 min on 2
+# Dead nodes mid-stage on a multi-node Ray in this machine (ray.cluster_utils.Cluster, ~6 min on 2
 # cores): their own Ray cluster, so their own pytest process.
 test-faults: install
 	$(BIN)/python -m pytest -v -rs --durations=10 -m faults tests/faults
