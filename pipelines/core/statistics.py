@@ -97,9 +97,6 @@ class Interval:
     undefined: int
     confidence: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def bootstrap_f1(gold: Sequence[int], pred: Sequence[int], *, resamples: int = 1000, confidence: float = 0.95,
                  seed: int = 0) -> Interval:

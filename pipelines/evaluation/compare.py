@@ -233,8 +233,9 @@ def _mean(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
-def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
-    """The whole comparison as a JSON-ready dict (module docstring)."""
+def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> tuple[dict, dict]:
+    """The whole comparison as a JSON-ready dict (module docstring), and the curve points for the
+    charts, ``{benchmark: {system: curves}}`` (scored systems, benchmarks with both gold classes)."""
     b_args = {"resamples": config.resamples, "confidence": config.confidence, "seed": config.seed}
     cells: dict[str, dict[str, Cell]] = {}
     benchmarks: dict[str, dict] = {}
@@ -266,9 +267,9 @@ def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
 
     columns2 = [*config.table_benchmarks, *(name for name, _, _ in AVERAGES)]
     marks2 = {col: rank_marks({s: _f1(table2[s].get(col)) for s in config.systems}) for col in columns2}
-    by_benchmark = {b: {s: curves(c.labels, c.decision.tolist()) for s, c in cells[b].items() if c.scored}
-                    for b in config.table_benchmarks}
-    return {
+    points = {b: {s: curves(c.labels, c.decision.tolist()) for s, c in cells[b].items() if c.scored}
+              for b in config.table_benchmarks}
+    report = {
         "settings": {"systems": config.systems, "benchmarks": config.table_benchmarks,
                      "categories": config.category_benchmark, "resamples": config.resamples,
                      "confidence": config.confidence, "seed": config.seed,
@@ -278,9 +279,8 @@ def compare(config: CompareConfig, rundir: RunDir, taxonomy: Taxonomy) -> dict:
         "table1": table1(config, cells[config.category_benchmark], taxonomy, b_args),
         "mcnemar": {b: pairwise_mcnemar(cells[b]) for b in config.table_benchmarks},
         "thresholds": thresholds,
-        # curve points for the charts (not in comparison.json); none where a benchmark has one gold class
-        "_curves": {b: {s: c for s, c in by_system.items() if c is not None} for b, by_system in by_benchmark.items()},
     }
+    return report, {b: {s: c for s, c in by_system.items() if c is not None} for b, by_system in points.items()}
 
 
 def _f1(cell: Any) -> float | None:
@@ -375,7 +375,8 @@ def _ci(ci: list) -> str:
     return "" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def markdown(report: dict, taxonomy: Taxonomy) -> str:
+def markdown(report: dict, taxonomy: Taxonomy, charted: set[str]) -> str:
+    """``report.md``; ``charted``: the benchmarks with curve charts."""
     s = report["settings"]
     benches = s["benchmarks"]
     t2, m2 = report["table2"], report["table2_marks"]
@@ -413,7 +414,7 @@ def markdown(report: dict, taxonomy: Taxonomy) -> str:
                 "—" if b not in row or not row[b]["scored"] else f"{fmt(row[b]['auprc'])} / {fmt(row[b]['roc_auc'])}"
                 for b in benches) + " |")
         lines += ["", *(f"![{b}: precision–recall](pr_{_slug(b)}.png) ![{b}: ROC](roc_{_slug(b)}.png)"
-                        for b in benches if report["_curves"].get(b))]
+                        for b in benches if b in charted)]
     t1 = report["table1"]
     macros = taxonomy.macro_codes
     micros_of = {m: [c for c in taxonomy.micro_codes if taxonomy.macro_of(c) == m] for m in macros}
@@ -513,12 +514,10 @@ class CompareStage(Stage):
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         taxonomy = load_taxonomy(self.taxonomy_path)
-        report = compare(self.config, rundir, taxonomy)
+        report, curves_by_benchmark = compare(self.config, rundir, taxonomy)
         base = f"{self.name}/{REPORT_DIR}"
-        curves_by_benchmark = report.pop("_curves")
         rundir.write_text(f"{base}/comparison.json", json.dumps(report, indent=2, ensure_ascii=False))
-        report["_curves"] = curves_by_benchmark
-        rundir.write_text(f"{base}/report.md", markdown(report, taxonomy))
+        rundir.write_text(f"{base}/report.md", markdown(report, taxonomy, {b for b, c in curves_by_benchmark.items() if c}))
         rundir.write_text(f"{base}/{THRESHOLDS_FILE}", json.dumps(report["thresholds"], indent=2))
         benches, systems = report["settings"]["benchmarks"], list(report["table2"])
         rundir.write_text(f"{base}/table2_f1.csv", _csv(
