@@ -9,6 +9,8 @@ unique codes, every micro code under its macro (``B3`` under ``B``), bilingual k
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -138,6 +140,16 @@ class Taxonomy(BaseModel):
 
     def seed_keywords(self, micro_code: str) -> tuple[Keyword, ...]:
         return self.micro(micro_code).keywords
+
+
+def taxonomy_digest(taxonomy: Taxonomy) -> str:
+    """What a prompt or a report can render of the taxonomy, as a 16-hex digest for stage hashes:
+    sha256 over every macro and micro category's code, Chinese and English name, in file order.
+
+    The seed keywords are left out: only the keyword pool reads them (and hashes them itself), so a
+    new keyword does not regenerate, say, the loop's candidates."""
+    content = [[m.code, m.zh, m.en, [[u.code, u.zh, u.en] for u in m.micros]] for m in taxonomy.macros]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def categories_block(taxonomy: Taxonomy) -> str:

@@ -33,7 +33,7 @@ from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import register
 from pipelines.core.rows import DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage, run_pass
-from pipelines.core.taxonomy import Taxonomy, load_taxonomy
+from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
 from pipelines.core.textnorm import has_cjk, normalize_text
 
 
@@ -235,7 +235,9 @@ class KeywordPoolStage(Stage):
                 "endpoint": semantic_dump(self.endpoint) if self.endpoint else None,
                 "template_digest": self.prompt.digest if self.prompt else None,
                 "seeds": {code: [str(k) for k in self.taxonomy.seed_keywords(code)]
-                          for code in self.taxonomy.micro_codes}}
+                          for code in self.taxonomy.micro_codes},
+                # the expansion prompt names the categories; the seeds-only pool shows no names
+                **({"taxonomy": taxonomy_digest(self.taxonomy)} if self.prompt else {})}
 
     def ask(self, rundir) -> Ask:
         """Each round's requests through the endpoint, as a scratch pass a crashed run reuses."""

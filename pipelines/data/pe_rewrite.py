@@ -33,7 +33,7 @@ from pipelines.core.rows import (
     to_table,
 )
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.data.methods import MethodsError, load_methods
 
 
@@ -146,7 +146,8 @@ class PERewriteStage(Stage):
         catalogue = load_methods(self.config.methods, self.taxonomy_path)
         return {"config": semantic_dump(self.config),
                 "endpoint": semantic_dump(self.endpoint), "seed": self.seed,
-                "template_digest": self.prompt.digest, "methods": catalogue.model_dump(mode="json")}
+                "template_digest": self.prompt.digest, "methods": catalogue.model_dump(mode="json"),
+                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}  # the macro names it renders
 
     def build(self, inputs: dict) -> Any:
         rows = common_rows(inputs, self.inputs)

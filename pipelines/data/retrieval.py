@@ -27,7 +27,7 @@ from pipelines.core.registry import register
 from pipelines.core.rows import ERROR, OK, content_id, keyed_rng, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import Taxonomy, load_taxonomy
+from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
 from pipelines.data.embedding import EmbedConfig
 
 
@@ -143,8 +143,9 @@ class RetrieveStage(Stage):
         self.rundir = RunDir(run_root)
 
     def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config),
-                "embed_model": self.embed_config.model, "seed": self.seed}
+        # the queries (and the rows' macro_label / micro_label the RAG rewriting prompt shows) name the categories
+        return {"config": semantic_dump(self.config), "embed_model": self.embed_config.model, "seed": self.seed,
+                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}
 
     def expected_rows_in(self) -> int:
         return len(load_taxonomy(self.taxonomy_path).micro_codes) * self.config.queries_per_category

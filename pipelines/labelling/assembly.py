@@ -32,7 +32,7 @@ from pipelines.core.rows import (
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
-from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.core.textnorm import normalize_text
 from pipelines.labelling.jury import LABEL_COLUMNS
 from pipelines.labelling.voting import LABELS
@@ -246,7 +246,8 @@ class AssembleStage(Stage):
         self.labelling = labelling  # {"judges": [...], "adjudicator": ...} for the card
 
     def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config), "seed": self.seed, "labelling": self.labelling}
+        return {"config": semantic_dump(self.config), "seed": self.seed, "labelling": self.labelling,
+                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}  # the card lists the categories
 
     def _rows(self, inputs: dict, names: list[str], external: bool):
         return union_all([inputs[n].map_batches(to_dataset_rows, batch_format="pyarrow",

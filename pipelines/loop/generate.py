@@ -35,7 +35,7 @@ from pipelines.core.rows import (
     to_common_schema, to_table,
 )
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 
 GENERATED = "gen"
@@ -64,10 +64,15 @@ class RewritePrompt:
         self.prompts = {UNSAFE: ChatPrompt(unsafe), SAFE: ChatPrompt(safe)}
         taxonomy = load_taxonomy(taxonomy_path)
         self.micro_labels = {code: taxonomy.micro(code).zh for code in taxonomy.micro_codes}
+        self.taxonomy = taxonomy_digest(taxonomy)
 
     @property
     def digests(self) -> dict[str, str]:
         return {label: prompt.digest for label, prompt in self.prompts.items()}
+
+    def hash_payload(self) -> dict[str, Any]:
+        """What the rendered messages depend on: the templates and the category names they show."""
+        return {"templates": self.digests, "taxonomy": self.taxonomy}
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
         return self.prompts[row["label"]].render({"text": row["text"],
@@ -142,7 +147,7 @@ class GenerateStage(Stage):
 
     def hash_payload(self) -> Any:
         return {**self.config, "endpoint": endpoint_payload(self.endpoint, self.model_from),
-                "templates": self.prompt.digests}
+                **self.prompt.hash_payload()}
 
     def write(self, inputs: dict, rundir) -> None:
         # G1 is a folder in the run directory, known when the stage runs

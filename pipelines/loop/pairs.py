@@ -119,7 +119,7 @@ class PairsStage(Stage):
         self.iteration = iteration
 
     def hash_payload(self) -> Any:
-        return {**self.config, "templates": self.prompt.digests}
+        return {**self.config, **self.prompt.hash_payload()}
 
     def write(self, inputs: dict, rundir) -> None:
         import ray
