@@ -6,27 +6,44 @@ import re
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _SEPARATORS = re.compile(r"[;；\n]+")
-# "1.", "1)", "1、", "(1)", "（1）", "①", "-", "*", "•", "Prompt 1:", "提示1："
+# A list marker at the start of a piece, and only a marker: "1. ", "1) ", "- ", "* " need the space
+# after them (so "-3度" and "*args" keep their text); "1." / "1)" / "1:" may be glued to text but
+# never to a digit ("3.5倍", "10:30开会" are numbers, not markers); "1、", "(1)", "（1）", "①",
+# "•", "Prompt 1:", "提示1：" are markers whatever follows.
 _NUMBERING = re.compile(
-    r"^\s*(?:[-*•·]+\s*|\(?（?\d{1,3}[.)、．:：）]\s*|[①-⑳]\s*|"
+    r"^\s*(?:[-*]\s+|[•·]\s*|\d{1,3}[.)．:：）](?!\d)\s*|\d{1,3}、\s*|[(（]\d{1,3}[)）]\s*|[①-⑳]\s*|"
     r"(?:prompt|question|提示词?|问题)\s*\d{0,3}\s*[.:：]\s*)", re.IGNORECASE)
-_QUOTES = "\"'“”‘’「」『』`"
+# Quote pairs that may wrap a whole piece; a quote that opens or closes only part of it is text.
+_QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」", "『": "』", "`": "`"}
 
 
 def strip_thinking(text: str) -> str:
-    """Remove ``<think>...</think>`` blocks; an unclosed ``<think>`` means no answer was given."""
+    """The answer without its reasoning: ``<think>...</think>`` blocks are removed; a lone closing
+    ``</think>`` (a chat template that opened ``<think>`` in the prompt) means everything up to the
+    last one is reasoning; an unclosed ``<think>`` means no answer was given after it."""
     text = _THINK_BLOCK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
     if "<think>" in text:
         text = text.split("<think>", 1)[0]
-    return text.replace("</think>", "").strip()
+    return text.strip()
+
+
+def _unquote(piece: str) -> str:
+    """``piece`` without one pair of quotes that wraps all of it (“躺平”是什么意思？ keeps its quotes)."""
+    if len(piece) >= 2 and _QUOTE_PAIRS.get(piece[0]) == piece[-1]:
+        return piece[1:-1].strip()
+    return piece
 
 
 def clean_piece(piece: str) -> str:
+    """One prompt of a rewriter answer without its list marker (:data:`_NUMBERING`) and without
+    quotes that wrap the whole of it; quotes and numbers that belong to the text stay."""
     piece = piece.strip()
     previous = None
     while previous != piece:  # numbering and quotes can nest: '1. "What ..."'
         previous = piece
-        piece = _NUMBERING.sub("", piece, count=1).strip().strip(_QUOTES).strip()
+        piece = _unquote(_NUMBERING.sub("", piece, count=1).strip())
     return piece
 
 

@@ -26,3 +26,33 @@ def test_min_chars_drops_short_pieces():
 def test_strip_thinking_and_clean_piece():
     assert strip_thinking("<think>x</think> answer ") == "answer"
     assert clean_piece('  2、“引号里的问题”  ') == "引号里的问题"
+
+
+@pytest.mark.parametrize("piece, expected", [
+    # quotes and numbers that belong to the text stay (issue 28: these were corrupted)
+    ("“躺平”是什么意思？", "“躺平”是什么意思？"),
+    ("3.5倍的剂量会怎样…", "3.5倍的剂量会怎样…"),
+    ("10:30开会前怎么准备", "10:30开会前怎么准备"),
+    ("-3度的天气穿什么", "-3度的天气穿什么"),
+    ("“A”和“B”哪个好", "“A”和“B”哪个好"),
+    ("'quoted' word first", "'quoted' word first"),
+    # list markers at the start, and quotes that wrap the whole piece, go
+    ("1. 如何开锁", "如何开锁"), ("1.如何开锁", "如何开锁"), ("2) how to", "how to"),
+    ("- 第一个", "第一个"), ("• 第二个", "第二个"), ("（3）第三个", "第三个"), ("4、第四个", "第四个"),
+    ('5. "What is this?"', "What is this?"), ("「整句都在引号里」", "整句都在引号里"),
+    ("1. 3.5倍是多少", "3.5倍是多少"),
+])
+def test_clean_piece_strips_only_markers_and_wrapping_quotes(piece, expected):
+    assert clean_piece(piece) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>x</think> answer ", "answer"),
+    # a template that opened <think> in the prompt: the answer has only the closing tag
+    ("reasoning about 安全 and 不安全\n</think>\n\n不安全", "不安全"),
+    ("first</think>second</think> final", "final"),
+    ("<think>never closed", ""),
+    ("plain answer", "plain answer"),
+])
+def test_strip_thinking_cases(text, expected):
+    assert strip_thinking(text) == expected
