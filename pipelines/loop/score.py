@@ -14,6 +14,7 @@ P(unsafe)) and ``level``; a failed request or an answer without exactly one scor
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 import pyarrow as pa
@@ -36,16 +37,24 @@ class ScoreParseError(ValueError):
     """A scorer answer without exactly one score in 1–5."""
 
 
+#: a number with its sign: "-3", "−3" (U+2212) and "－4" (full width, NFKC-folded to "-") are negative;
+#: a dash between two numbers is a range ("1-5"), not a sign
+_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])[-−])?\d+(?:\.\d+)?")
+
+
 def parse_quality(answer: str) -> int:
-    """The score in a scorer answer: the only number in it, which must be 1–5 (``"4"``, ``"评分：4分"``).
-    Raises :class:`ScoreParseError` for no number, a number outside 1–5, or different numbers."""
-    numbers = {int(n) for n in re.findall(r"\d+", strip_thinking(answer or ""))}
+    """The score in a scorer answer: the only number in it, which must be an integer in 1–5 (``"4"``,
+    ``"评分：4分"``). Signs are read (``-3`` is -3, not 3) and decimals are kept (``4.5``): neither is
+    a score, and no number is ever rounded or clipped into range. Raises :class:`ScoreParseError`
+    for no number, a number outside 1–5 or not whole, or different numbers."""
+    text = unicodedata.normalize("NFKC", strip_thinking(answer or ""))
+    numbers = {float(n.replace("−", "-")) for n in _NUMBER.findall(text)}
     if len(numbers) != 1:
         raise ScoreParseError(f"expected one score in 1-5, found {sorted(numbers) or 'none'} in {answer!r}")
     (score,) = numbers
-    if not 1 <= score <= 5:
-        raise ScoreParseError(f"score {score} is outside 1-5 in {answer!r}")
-    return score
+    if score not in range(1, 6):
+        raise ScoreParseError(f"score {score:g} is not a whole number in 1-5 in {answer!r}")
+    return int(score)
 
 
 class QualityPrompt:

@@ -78,12 +78,15 @@ def test_parse_candidate(answer, text):
     assert parse_candidate(answer) == text
 
 
-@pytest.mark.parametrize("answer,score", [("4", 4), ("评分：5分", 5), (" 1\n", 1), ("<think>3 or 4</think>2", 2)])
+@pytest.mark.parametrize("answer,score", [("4", 4), ("评分：5分", 5), (" 1\n", 1), ("<think>3 or 4</think>2", 2),
+                                          ("４", 4), ("评分：3.0", 3), ("想了想</think>5", 5)])
 def test_parse_quality(answer, score):
     assert parse_quality(answer) == score
 
 
-@pytest.mark.parametrize("answer", ["", "很好", "6", "0", "3 或 4", "4/5"])
+# signs are read, never dropped (issue 28: "-3" was read as 3); out of range is never guessed
+@pytest.mark.parametrize("answer", ["", "很好", "6", "0", "3 或 4", "4/5", "-3", "−3", "－4", "评分：-2分", "4.5",
+                                    "1-5分：4"])
 def test_unparseable_quality(answer):
     with pytest.raises(ScoreParseError):
         parse_quality(answer)
