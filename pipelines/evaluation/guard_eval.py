@@ -20,9 +20,10 @@ One stage per evaluated guard, ``guard_eval_<name>``:
 
    The two scored adapters (chillguard, llamaguard) also get the first answer token's top
    log-probabilities, and the prediction is ``P(unsafe) >= threshold`` (:func:`unsafe_score`:
-   the probabilities of the exact first tokens of ``safe`` and ``unsafe``, renormalised over the
-   two; the tokens come from the guard's tokenizer, read once in the driver by
-   :meth:`GuardEvalStage.answer_tokens`; neither among the top log-probabilities: no score).
+   the probabilities of the first tokens of every spelling of ``safe`` and ``unsafe`` - ``Safe``,
+   `` SAFE`` ... - renormalised over the two; the tokens come from the guard's tokenizer, read once
+   in the driver by :meth:`GuardEvalStage.answer_tokens`; neither among the top log-probabilities,
+   or none of the answer's own word: no score).
    Without a score the prediction is the answer's label (:func:`decide_by_score`).
 3. Writes one ``ok`` row per answered row (gold ``label`` / ``micro`` as read; ``pred_label``,
    ``pred_micro``, ``pred_categories``, ``score``, the raw answer) and ``error`` rows for failed
@@ -55,7 +56,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import pyarrow as pa
 from ray.data.expressions import col
@@ -180,28 +181,43 @@ class GuardEvalError(RuntimeError):
 # Scores
 
 
-def answer_token_mass(first_logprobs: dict[str, float], token: str) -> float:
+def answer_spellings(word: str) -> list[str]:
+    """The ways an answer may open with ``word``: lower, title and upper case, with and without a
+    leading space (``safe``, ``Safe``, ``SAFE``, `` safe`` ...)."""
+    return sorted({prefix + cased for cased in (word, word.capitalize(), word.upper()) for prefix in ("", " ")})
+
+
+def answer_token_mass(first_logprobs: dict[str, float], tokens: Iterable[str]) -> float:
     """``Σ exp(logprob_t)`` over the top-k tokens ``t`` whose text, surrounding whitespace removed,
-    is exactly ``token``. Whitespace is not part of an answer word (the answer position skips blank
-    tokens and the parsers strip it); any other text, a shorter prefix (``s``, ``un``), a longer
-    word (``safety``) or another case (``Safe``), is a different token and does not count."""
-    return sum(math.exp(logprob) for text, logprob in first_logprobs.items() if text.strip() == token)
+    is one of ``tokens`` (the first tokens of one answer word's spellings, :func:`first_tokens`).
+    Whitespace is not part of an answer word (the answer position skips blank tokens and the parsers
+    strip it); any other text, a shorter prefix (``s``, ``un``) or a longer word (``safety``), is a
+    different token and does not count."""
+    wanted = set(tokens)
+    return sum(math.exp(logprob) for text, logprob in first_logprobs.items() if text.strip() in wanted)
 
 
-def unsafe_score(first_logprobs: dict[str, float], answer_tokens: dict[str, str]) -> float | None:
+def unsafe_score(first_logprobs: dict[str, float], answer_tokens: dict[str, list[str]],
+                 answer_label: str | None = None) -> float | None:
     """``P(unsafe)`` from the first answer token's top-k log-probabilities, renormalised over the
-    two answers: with ``p_u`` = :func:`answer_token_mass` of ``answer_tokens["unsafe"]`` (the
-    tokenizer's first token of ``unsafe``, :func:`first_tokens`) and ``p_s`` that of ``safe``,
+    two answers: with ``p_u`` = :func:`answer_token_mass` of ``answer_tokens["unsafe"]`` (the first
+    tokens of every spelling of ``unsafe``: ``unsafe``, ``Unsafe``, `` UNSAFE`` ...) and ``p_s``
+    that of ``safe``,
 
         ``P(unsafe) = p_u / (p_u + p_s)``.
 
-    A word whose first token is not in the top-k has ``p = 0`` there (it ranks below every returned
-    token), so only ``unsafe``'s token present gives 1.0 and only ``safe``'s 0.0. Neither present:
-    ``None``, no evidence; the decision falls back to the answer's text (:func:`decide_by_score`).
+    A word whose first tokens are not in the top-k has ``p = 0`` there (they rank below every
+    returned token), so only ``unsafe``'s tokens present give 1.0 and only ``safe``'s 0.0. Neither
+    present: ``None``, no evidence; the decision falls back to the answer's text
+    (:func:`decide_by_score`). ``answer_label``: what the answer's first line says, when its parser
+    read it; if none of that word's tokens is in the top-k, the answer began with a spelling the
+    top-k does not show (``**Safe**``, a split token) and the top-k cannot contradict it: ``None``.
+    So a score only disagrees with a readable answer where the threshold says it should.
     """
     p_unsafe = answer_token_mass(first_logprobs, answer_tokens[UNSAFE])
     p_safe = answer_token_mass(first_logprobs, answer_tokens[SAFE])
-    if not p_unsafe and not p_safe:
+    own = {UNSAFE: p_unsafe, SAFE: p_safe}.get(answer_label)
+    if (not p_unsafe and not p_safe) or own == 0:
         return None
     return p_unsafe / (p_unsafe + p_safe)
 
@@ -213,32 +229,37 @@ def decide_by_score(answer_label: str, score: float | None, threshold: float) ->
     return UNSAFE if score >= threshold else SAFE
 
 
-def first_tokens(tokenizer) -> dict[str, str]:
-    """The first token of each answer word (``safe``, ``unsafe``) as the tokenizer writes it at the
-    start of an answer, surrounding whitespace removed: what :func:`unsafe_score` looks for."""
+def first_tokens(tokenizer) -> dict[str, list[str]]:
+    """The first tokens of each answer word (``safe``, ``unsafe``) in every spelling
+    (:func:`answer_spellings`) as the tokenizer writes them at the start of an answer, surrounding
+    whitespace removed; a blank token (a separate space) is skipped, as at the answer position: what
+    :func:`unsafe_score` sums."""
     out = {}
     for word in (SAFE, UNSAFE):
-        ids = tokenizer.encode(word, add_special_tokens=False)
-        out[word] = tokenizer.decode(ids[:1]).strip() if ids else ""
+        found = set()
+        for spelling in answer_spellings(word):
+            pieces = (tokenizer.decode([i]).strip() for i in tokenizer.encode(spelling, add_special_tokens=False))
+            found.add(next((p for p in pieces if p), ""))  # the answer position skips blank tokens too
+        out[word] = sorted(found - {""})
     return out
 
 
-def check_answer_tokens(tokens: dict[str, str], tokenizer_name: str) -> None:
-    """The first-token score needs two distinct first tokens, each beginning its own word:
-    otherwise ``P(first token)`` cannot tell ``safe`` from ``unsafe``. Raises
-    :class:`GuardEvalError` saying why."""
+def check_answer_tokens(tokens: dict[str, list[str]], tokenizer_name: str) -> None:
+    """The first-token score needs, for each word, first tokens that begin that word (in any case)
+    and that the other word does not share: otherwise ``P(first token)`` cannot tell ``safe`` from
+    ``unsafe``. Raises :class:`GuardEvalError` saying why."""
     safe, unsafe = tokens[SAFE], tokens[UNSAFE]
     problem = None
     if not safe or not unsafe:
-        problem = "one of them is empty or whitespace"
-    elif safe == unsafe:
-        problem = "they are the same token"
-    elif not SAFE.startswith(safe) or not UNSAFE.startswith(unsafe):
+        problem = "one of them has none (only whitespace)"
+    elif set(safe) & set(unsafe):
+        problem = f"they share {sorted(set(safe) & set(unsafe))}"
+    elif not all(SAFE.startswith(t.lower()) for t in safe) or not all(UNSAFE.startswith(t.lower()) for t in unsafe):
         problem = "a first token does not begin its own word"
     if problem:
         raise GuardEvalError(
-            f"tokenizer {tokenizer_name}: the first token of {SAFE!r} is {safe!r} and of {UNSAFE!r} "
-            f"{unsafe!r}; {problem}, so the first-token probability cannot separate the answers. "
+            f"tokenizer {tokenizer_name}: the first tokens of {SAFE!r} are {safe} and of {UNSAFE!r} "
+            f"{unsafe}; {problem}, so the first-token probability cannot separate the answers. "
             "Set score: false to decide by the answer's text.")
 
 
@@ -435,7 +456,7 @@ def to_eval_rows(batch: pa.Table, *, split: str | None, level: str) -> pa.Table:
 
 
 def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, model: str, threshold: float,
-                 answer_tokens: dict[str, str] | None) -> pa.Table:
+                 answer_tokens: dict[str, list[str]] | None) -> pa.Table:
     """Guard answers -> prediction rows (``ok``), or ``error`` rows for failed requests
     (``prompt_too_long`` / ``inference_error``) and unreadable answers (``unparseable_output``);
     the report scores both kinds of error row as wrong predictions. ``answer_tokens``: the first
@@ -456,7 +477,7 @@ def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, mo
         except GuardParseError as exc:
             out.append({**row, "status": ERROR, "reason": "unparseable_output", "detail": error_detail(str(exc))})
             continue
-        score = unsafe_score(json.loads(first), answer_tokens) if answer_tokens and first else None
+        score = unsafe_score(json.loads(first), answer_tokens, parsed.label) if answer_tokens and first else None
         out.append({**row, "answer_label": parsed.label, "pred_label": decide_by_score(parsed.label, score, threshold),
                     "pred_micro": parsed.micro, "pred_categories": list(parsed.categories),
                     "pred_raw_label": parsed.raw_label, "pred_refusal": parsed.refusal, "score": score,
@@ -510,9 +531,10 @@ def report_markdown(metrics: dict, taxonomy: Taxonomy) -> str:
     category, answers, reasons."""
     s, o = metrics["settings"], metrics["overall"]
     counts = metrics["rows"]
-    decision = (f"`P(unsafe) >= {s['threshold']}`, P(unsafe) = p(`{s['answer_tokens'][UNSAFE]}`) / "
-                f"(p(`{s['answer_tokens'][UNSAFE]}`) + p(`{s['answer_tokens'][SAFE]}`)) over the first "
-                "tokens of the two answer words at the first answer position, where the top log-probabilities "
+    unsafe_tokens, safe_tokens = (" ".join(f"`{t}`" for t in s["answer_tokens"][w]) for w in (UNSAFE, SAFE))
+    decision = (f"`P(unsafe) >= {s['threshold']}`, P(unsafe) = p({unsafe_tokens}) / "
+                f"(p({unsafe_tokens}) + p({safe_tokens})) over the first tokens of every spelling of the "
+                "two answer words at the first answer position, where the top log-probabilities "
                 f"hold either ({metrics['scores']['rows_with_score']} of {counts['answered']} answered rows), "
                 "else the answer's label"
                 if s["score"] else "the answer's label")
@@ -726,7 +748,7 @@ class GuardEvalStage(Stage):
         self.write_report(rundir, endpoint, tokens)
 
     # --- report ------------------------------------------------------------------------------
-    def metrics(self, rundir: RunDir, endpoint: LLMEndpoint, answer_tokens: dict[str, str] | None) -> dict:
+    def metrics(self, rundir: RunDir, endpoint: LLMEndpoint, answer_tokens: dict[str, list[str]] | None) -> dict:
         """Metrics over every evaluated row (:func:`scored_rows`: unparsed rows count as wrong), with
         the settings and row counts they were computed on."""
         rows = scored_rows(rundir, self.name)
@@ -757,7 +779,7 @@ class GuardEvalStage(Stage):
                        rows.column("pred_micro").to_pylist() if self.adapter.names_micro else None),
         }
 
-    def write_report(self, rundir: RunDir, endpoint: LLMEndpoint, answer_tokens: dict[str, str] | None) -> None:
+    def write_report(self, rundir: RunDir, endpoint: LLMEndpoint, answer_tokens: dict[str, list[str]] | None) -> None:
         metrics = self.metrics(rundir, endpoint, answer_tokens)
         base = f"{self.name}/{REPORT_DIR}"
         rundir.write_text(f"{base}/metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))

@@ -6,8 +6,8 @@ its log-probability and the top alternatives. From that:
 
 - ``score`` = P(unsafe) from the answer's first token, exactly as guard evaluation computes it
   (:func:`pipelines.evaluation.guard_eval.unsafe_score`: the probabilities of the first tokens of
-  ``safe`` and ``unsafe``, renormalised over the two). Without either in the top log-probabilities,
-  1.0 / 0.0 by the answer's first line.
+  every spelling of ``safe`` and ``unsafe``, renormalised over the two). Without either in the top
+  log-probabilities, or without the first line's own word, 1.0 / 0.0 by the answer's first line.
 - ``unsafe`` iff ``score >= threshold``.
 - The category scores (:func:`category_scores`): micro code ``c`` gets ``score × share(c)``, where
   ``share(c)`` is the probability the guard gives to writing ``c`` on the code line
@@ -69,13 +69,15 @@ class Verdict:
         return self.label == UNSAFE
 
 
-def first_token_score(completion: Completion, answer_tokens: dict[str, str]) -> float | None:
-    """P(unsafe) at the answer's first non-blank token (None: neither answer token in its top-k)."""
+def first_token_score(completion: Completion, answer_tokens: dict[str, list[str]],
+                      answer_label: str | None = None) -> float | None:
+    """P(unsafe) at the answer's first non-blank token (:func:`unsafe_score`; None: neither answer
+    word's tokens in its top-k, or none of ``answer_label``'s, the label the first line reads)."""
     position = first_answer_position(completion.tokens)
     if position is None or position >= len(completion.top_logprobs):
         return None
     top = completion.top_logprobs[position] or {}
-    return unsafe_score(logprob_map(list(top.items())), answer_tokens)
+    return unsafe_score(logprob_map(list(top.items())), answer_tokens, answer_label)
 
 
 _CODE_LINE = re.compile(r"^[^\n]*\n\s*([A-Za-z]\d+)", re.DOTALL)
@@ -115,17 +117,17 @@ def code_shares(completion: Completion, micro: str | None, codes: frozenset[str]
     return shares
 
 
-def read_verdict(completion: Completion, answer_tokens: dict[str, str], codes: frozenset[str],
+def read_verdict(completion: Completion, answer_tokens: dict[str, list[str]], codes: frozenset[str],
                  threshold: float) -> Verdict:
     """The verdict of one completion (see the module docstring). Raises :class:`GuardAnswerError`
     when there is neither a first-token score nor a ``safe`` / ``unsafe`` first line."""
-    score = first_token_score(completion, answer_tokens)
     try:
         label, micro = parse_guard_answer(completion.text, codes)
     except GuardFormatError as exc:
-        if score is None:
-            raise GuardAnswerError(f"the guard's answer has no verdict and no score: {exc}") from None
-        label, micro = None, None
+        label, micro, problem = None, None, exc
+    score = first_token_score(completion, answer_tokens, label)
+    if label is None and score is None:
+        raise GuardAnswerError(f"the guard's answer has no verdict and no score: {problem}")
     scored = score is not None
     if score is None:
         score = 1.0 if label == UNSAFE else 0.0

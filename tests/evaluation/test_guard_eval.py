@@ -121,27 +121,40 @@ def test_messages_plain_conversation_and_our_prompt():
 # Scores
 
 
-TOKENS = {SAFE: "safe", UNSAFE: "u"}   # the tiny tokenizer's first tokens of the two answer words
+#: the tiny tokenizer's first tokens of every spelling of the two answer words (safe, Safe, SAFE, " safe" ...)
+TOKENS = {SAFE: ["S", "s", "safe"], UNSAFE: ["U", "Un", "u", "unsafe"]}
 
 
-def test_unsafe_score_from_the_exact_first_tokens():
-    # P(unsafe) = p(u) / (p(u) + p(safe)): renormalised over the two first tokens
+def test_unsafe_score_from_the_first_tokens_of_every_spelling():
+    # P(unsafe) = p(unsafe's tokens) / (p(unsafe's tokens) + p(safe's tokens))
     lp = {"u": math.log(0.6), "safe": math.log(0.2), "I": math.log(0.1)}
     assert unsafe_score(lp, TOKENS) == pytest.approx(0.6 / 0.8)
-    # other tokens that merely share a prefix count for neither word (only the exact first tokens do);
-    # whitespace around a token is not part of the word
-    lp = {"s": math.log(0.3), "sa": math.log(0.1), "un": math.log(0.2), "uns": math.log(0.1),
-          " safe": math.log(0.1), "u": math.log(0.05), "Safe": math.log(0.1)}
-    assert unsafe_score(lp, TOKENS) == pytest.approx(0.05 / 0.15)
-    # a word whose first token is not among the top-k has probability 0 there, for either word alike
+    # every spelling counts: "Safe" (first token "S"), " safe" (" s"), "Unsafe" ("Un"); whitespace is
+    # not part of the word; tokens that are not a spelling's first token ("sa", "uns", "Safety") do not
+    lp = {"S": math.log(0.3), " s": math.log(0.1), "sa": math.log(0.1), "Un": math.log(0.2), "uns": math.log(0.1),
+          " safe": math.log(0.1), "Safety": math.log(0.1)}
+    assert unsafe_score(lp, TOKENS) == pytest.approx(0.2 / 0.7)
+    # a word whose first tokens are not among the top-k has probability 0 there, for either word alike
     assert unsafe_score({"u": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 1.0
     assert unsafe_score({"safe": math.log(0.3), "The": math.log(0.5)}, TOKENS) == 0.0
-    # neither first token in the top-k: no score (the answer's text decides, see read_guard_answers)
-    assert unsafe_score({"The": -0.1, "\n": -3.0, "un": -0.5, "sa": -0.7}, TOKENS) is None
+    # neither word's tokens in the top-k: no score (the answer's text decides, see read_guard_answers)
+    assert unsafe_score({"The": -0.1, "\n": -3.0, "uns": -0.5, "sa": -0.7}, TOKENS) is None
     assert unsafe_score({}, TOKENS) is None
-    # a tokenizer whose first token of 'unsafe' is the whole word
-    assert unsafe_score({"unsafe": math.log(0.2), "u": math.log(0.5), "safe": math.log(0.2)},
-                        {SAFE: "safe", UNSAFE: "unsafe"}) == pytest.approx(0.5)
+
+
+def test_a_score_does_not_contradict_a_readable_answer_unless_the_threshold_says_so():
+    """Issue 28: an answer "Safe" (p = 0.97) used to score 1.0 when lowercase "unsafe" (p = 0.001)
+    was the only token the score looked for."""
+    tokens = {SAFE: ["Safe", "safe"], UNSAFE: ["Unsafe", "unsafe"]}   # a tokenizer with whole-word tokens
+    lp = {"Safe": math.log(0.97), "unsafe": math.log(0.001), "The": math.log(0.01)}
+    score = unsafe_score(lp, tokens, SAFE)
+    assert score == pytest.approx(0.001 / 0.971)
+    assert decide_by_score(SAFE, score, 0.5) == SAFE             # agrees with the answer at 0.5
+    assert decide_by_score(SAFE, score, 0.0005) == UNSAFE        # a threshold this low says otherwise
+    # the answer's own word is not in the top-k (it began "**Safe**" or with a split token): the top-k
+    # says nothing about the answer given, so no score, and the text decides
+    assert unsafe_score({"unsafe": math.log(0.3), "**": math.log(0.6)}, tokens, SAFE) is None
+    assert unsafe_score({"unsafe": math.log(0.3), "**": math.log(0.6)}, tokens) == 1.0
 
 
 def test_decision_by_threshold_or_answer():
@@ -157,7 +170,7 @@ class _Tokenizer:
         self.pieces = pieces
 
     def encode(self, word, add_special_tokens=False):
-        return self.pieces[word]
+        return self.pieces[word.strip().lower()]   # every spelling alike
 
     def decode(self, ids):
         return "".join(ids)
@@ -167,10 +180,10 @@ def test_answer_token_check(tiny_models):
     from transformers import AutoTokenizer
 
     tokens = first_tokens(AutoTokenizer.from_pretrained(tiny_models["causal-lm"]))
-    assert tokens == {SAFE: "safe", UNSAFE: "u"}
+    assert tokens == TOKENS
     check_answer_tokens(tokens, "tiny")
-    for pieces, problem in [({"safe": [" "], "unsafe": [" "]}, "empty"),      # a separate space token
-                            ({"safe": ["x"], "unsafe": ["x"]}, "the same token"),
+    for pieces, problem in [({"safe": [" "], "unsafe": [" "]}, "has none"),   # only a space token
+                            ({"safe": ["x"], "unsafe": ["x"]}, r"share \['x'\]"),
                             ({"safe": ["q"], "unsafe": ["un"]}, "does not begin its own word")]:
         with pytest.raises(GuardEvalError, match=f"tokenizer t: .*{problem}.*score: false"):
             check_answer_tokens(first_tokens(_Tokenizer(pieces)), "t")
@@ -518,7 +531,7 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_l
     assert ok and all(r["guard"] == "chillguard" and r["level"] == "prompt" and r["response"] == "" for r in ok)
     assert any(r["score"] is not None for r in ok)                  # constrained first tokens: safe / unsafe
     assert all(r["pred_micro"] in ("", *TAXONOMY.micro_codes) for r in ok)
-    assert metrics["settings"]["answer_tokens"] == {SAFE: "safe", UNSAFE: "u"}
+    assert metrics["settings"]["answer_tokens"] == TOKENS
     assert metrics["micro_category"]["rows"] == 7                  # the gold-unsafe rows: s0, s2, ..., s10, long
     assert metrics["rows"]["evaluated"] == 13                       # the long row too, as a wrong prediction
     assert rundir.read_bytes("guard_eval_ours/report/micro_confusion.png")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from pipelines.serve.moderation import (
 
 TAXONOMY = load_taxonomy(CONFIGS / "taxonomy.yaml")
 CODES = frozenset(TAXONOMY.micro_codes)
-TOKENS = {"safe": "safe", "unsafe": "unsafe"}
+TOKENS = {"safe": ["SAFE", "Safe", "safe"], "unsafe": ["UNSAFE", "Unsafe", "unsafe"]}
 
 
 def p_unsafe(lp_unsafe: float, lp_safe: float) -> float:
@@ -75,6 +75,22 @@ def test_a_threshold_above_the_answer_drops_its_code():
     verdict = read_verdict(answer, TOKENS, CODES, threshold=0.9)
     assert verdict.label == "safe" and verdict.micro is None
     assert category_scores(verdict, TAXONOMY)["A1"] == pytest.approx(p_unsafe(-0.6, -0.8), abs=1e-6)
+
+
+def test_every_spelling_counts_and_the_score_agrees_with_the_answer():
+    """Issue 28: "Safe" at p = 0.97 with lowercase "unsafe" at p = 0.001 the only token the score read
+    was served as unsafe with score 1.0."""
+    answer = Completion(text="Safe", tokens=["Safe"], token_logprobs=[math.log(0.97)],
+                        top_logprobs=[{"Safe": math.log(0.97), "unsafe": math.log(0.001), "I": math.log(0.01)}])
+    verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
+    assert (verdict.label, verdict.scored) == ("safe", True) and verdict.score == pytest.approx(0.001 / 0.971)
+    assert read_verdict(answer, TOKENS, CODES, threshold=0.001).flagged   # unless the threshold says so
+    # "Unsafe" and " unsafe" both count for unsafe
+    mixed = Completion(text="Unsafe\nB5", tokens=["Unsafe", "\n", "B5"], token_logprobs=[-0.4, 0.0, 0.0],
+                       top_logprobs=[{"Unsafe": -0.4, " unsafe": -2.0, "safe": -1.5}, {"\n": 0.0}, {"B5": 0.0}])
+    verdict = read_verdict(mixed, TOKENS, CODES, threshold=0.5)
+    assert verdict.score == pytest.approx(p_unsafe(math.log(math.exp(-0.4) + math.exp(-2.0)), -1.5))
+    assert verdict.flagged and verdict.micro == "B5"
 
 
 def test_answers_without_a_verdict():
