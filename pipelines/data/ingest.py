@@ -251,8 +251,9 @@ def _missing_response(config: IngestConfig, fields: dict[str, Any]) -> Problem |
     return None
 
 
-def _row_id(raw_id: Any, key: str) -> str:
-    return str(raw_id) if raw_id not in (None, "") else content_id(key)
+def _row_id(raw_id: Any, key: str, *salt: str) -> str:
+    """The dataset's own id, else a content id of ``key`` (and ``salt``)."""
+    return str(raw_id) if raw_id not in (None, "") else content_id(key, *salt)
 
 
 def record_to_row(record: Any, config: IngestConfig, origin: str,
@@ -291,10 +292,13 @@ def record_to_row(record: Any, config: IngestConfig, origin: str,
         problem = ("non_text", error_detail(record))
     elif len(text := normalize_text(text, config.normalize)) < config.min_chars:
         problem = ("empty_text", error_detail(record))
+    # a response-level row is the pair: two responses to one prompt (BeaverTails repeats prompts) are
+    # two rows with their own labels, so their id covers the response too
+    salt = (fields.get("response", ""),) if config.require_response else ()
     if problem is None:
-        return make_row(id=_row_id(raw_id, text), text=text, **fields)
+        return make_row(id=_row_id(raw_id, text, *salt), text=text, **fields)
     key = text if isinstance(text, str) and text else repr(record)
-    return make_row(id=_row_id(raw_id, key), status=ERROR, reason=problem[0], detail=problem[1], **fields)
+    return make_row(id=_row_id(raw_id, key, *salt), status=ERROR, reason=problem[0], detail=problem[1], **fields)
 
 
 def parse_jsonl_batch(batch: pa.Table, *, config: IngestConfig,

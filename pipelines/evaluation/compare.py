@@ -32,10 +32,13 @@ Thresholds. A scored system (P(unsafe) from its first answer token) decides ``un
 With ``calibrate``, ``t`` is chosen per system on the rows of one benchmark (a validation set: it is
 then left out of the tables) by maximum F1 or as the lowest ``t`` reaching a target precision
 (:func:`~pipelines.evaluation.metrics.calibrate_threshold`), and applied to that system's other
-benchmarks. Per-macro thresholds (``per_macro: true``) are chosen per gold macro category and applied
-by the row's gold macro category: an analysis of per-category operating points (rows without a macro,
-and categories without a threshold, use the overall one); serving uses the overall threshold. A
-system without a score or without a validation cell keeps its evaluation's own decisions.
+benchmarks. Per-macro thresholds (``per_macro: true``) follow a rule a deployed guard could apply,
+since a gold label is never known at prediction time: a row's macro category is the one of the code
+its answer names (``pred_micro``); each macro's threshold is calibrated on the validation rows whose
+answer names a code of that macro, and applied to the rows whose answer does; rows whose answer names
+no code (a ``safe`` answer) and macros without a threshold use the overall one. No table depends on a
+gold category except through the gold label it is scored against; serving uses the overall threshold.
+A system without a score or without a validation cell keeps its evaluation's own decisions.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ from pipelines.evaluation.metrics import (
 log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
+#: how per-macro thresholds are chosen and applied (written into the report)
+PER_MACRO_RULE = ("by predicted macro: each macro's threshold is calibrated on the validation rows whose answer "
+                  "names a code of that macro and applied to the rows whose answer does; rows without a code "
+                  "use the overall threshold")
 #: Table 2's averages: key, title, the level of the benchmarks averaged (``None``: all)
 AVERAGES = (("avg_prompt", "Avg. prompt", "prompt"), ("avg_response", "Avg. response", RESPONSE),
             ("overall_avg", "Overall Avg.", None))
@@ -85,8 +92,8 @@ class Calibration(Strict):
         "max_f1", description="max_f1: the threshold with the best F1; precision: the lowest threshold whose "
         "precision reaches target_precision")
     target_precision: float | None = Field(None, gt=0, le=1, description="objective precision: the target")
-    per_macro: bool = Field(False, description="also one threshold per gold macro category (applied by the "
-                            "row's gold macro category)")
+    per_macro: bool = Field(False, description="also one threshold per macro category, by the category of the "
+                            "code the answer names (never the gold one): see the module docstring")
 
     @model_validator(mode="after")
     def _target(self) -> "Calibration":
@@ -153,6 +160,7 @@ class Cell:
         self.stage, self.settings = stage, settings
         labels = [gold[i][0] for i in ids]
         self.micro = [gold[i][1] for i in ids]
+        self.pred_micro = [(rows[i].get("pred_micro") or "") if i in rows else "" for i in ids]
         pred = [rows[i]["pred_label"] if i in rows else None for i in ids]
         score = [rows[i]["score"] if i in rows else None for i in ids]
         self.missing = sum(i not in rows for i in ids)
@@ -164,9 +172,15 @@ class Cell:
         self.decision = np.array(decision_scores(labels, pred, score))
         self.threshold: float | None = settings.get("threshold") if self.scored else None
 
-    def apply(self, threshold: float, per_macro: dict[str, float], macro_of: list[str]) -> None:
-        """Decide by the calibrated threshold(s): the row's macro one where there is one."""
-        t = np.array([per_macro.get(m, threshold) for m in macro_of])
+    def predicted_macros(self, macro_of: dict[str, str]) -> list[str]:
+        """Per row, the macro category of the code its answer names (``""`` without one): what a
+        deployed guard knows when it decides."""
+        return [macro_of.get(m, "") for m in self.pred_micro]
+
+    def apply(self, threshold: float, per_macro: dict[str, float], macro_of: dict[str, str]) -> None:
+        """Decide by the calibrated threshold(s): the one of the row's predicted macro category
+        (:meth:`predicted_macros`) where there is one, else ``threshold``."""
+        t = np.array([per_macro.get(m, threshold) for m in self.predicted_macros(macro_of)])
         self.pred = (self.decision >= t).astype(np.int8)
         self.threshold = threshold
 
@@ -344,14 +358,14 @@ def calibrate(config: CompareConfig, cells: dict[str, dict[str, Cell]], taxonomy
         overall = calibrate_threshold(val.labels, val.decision.tolist(), **args)
         per_macro: dict[str, dict] = {}
         if c.per_macro:
-            macros = [macro_of.get(m, "") for m in val.micro]
+            macros = val.predicted_macros(macro_of)
             for macro in taxonomy.macro_codes:
                 idx = [i for i, m in enumerate(macros) if m == macro]
                 if idx:
                     per_macro[macro] = calibrate_threshold([val.labels[i] for i in idx], val.decision[idx].tolist(), **args)
         out[system] = {**overall, "stage": val.stage, "model_from": val.settings.get("model_from"),
                        "model": val.settings.get("model"), "evaluation_threshold": val.settings.get("threshold"),
-                       "per_macro": per_macro}
+                       "per_macro": per_macro, "per_macro_rule": PER_MACRO_RULE if c.per_macro else None}
         if overall["threshold"] is None:
             out[system]["reason"] = "target not reached on the validation rows: evaluation thresholds kept"
             continue
@@ -359,7 +373,7 @@ def calibrate(config: CompareConfig, cells: dict[str, dict[str, Cell]], taxonomy
         for benchmark in config.table_benchmarks:
             cell = cells[benchmark].get(system)
             if cell is not None and cell.scored:
-                cell.apply(overall["threshold"], by_macro, [macro_of.get(m, "") for m in cell.micro])
+                cell.apply(overall["threshold"], by_macro, macro_of)
     return out
 
 
@@ -439,7 +453,8 @@ def markdown(report: dict, taxonomy: Taxonomy, charted: set[str]) -> str:
         c = s["calibrate"]
         target = f", target precision {c['target_precision']}" if c["target_precision"] else ""
         lines += ["## Calibrated thresholds", "",
-                  f"On {c['benchmark']} ({c['objective']}{target}), applied to the other benchmarks.", "",
+                  f"On {c['benchmark']} ({c['objective']}{target}), applied to the other benchmarks."
+                  + (f" Per-macro thresholds {PER_MACRO_RULE}." if c["per_macro"] else ""), "",
                   "| system | threshold | precision | recall | F1 | evaluation's threshold | note |", "|---|---|---|---|---|---|---|"]
         for system, t in report["thresholds"].items():
             lines.append(f"| {system} | {fmt(t.get('threshold'))} | {fmt(t.get('precision'))} | {fmt(t.get('recall'))} | "
