@@ -5,7 +5,8 @@ hash over Unicode code points (deterministic across processes, unlike Python's `
 is, for each of ``num_perm`` hash functions ``h_k(x) = (a_k * x + b_k) >> 32`` (multiply-shift
 universal hashing on 64-bit words, ``a_k`` odd), the minimum over the document's shingles; the
 fraction of equal positions between two signatures estimates their Jaccard similarity. LSH splits a
-signature into ``bands`` of ``rows``; documents that agree on all rows of any band are candidates.
+signature into ``bands`` of ``rows``; documents that agree on all rows of any band are candidates,
+and with verification every candidate pair is checked (:func:`duplicate_groups`).
 """
 
 from __future__ import annotations
@@ -111,37 +112,79 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
-def duplicate_groups(sigs: np.ndarray, bands: int, rows: int, threshold: float,
-                     verify: bool = True) -> np.ndarray:
-    """Cluster label per document: documents linked by a shared band (and, with ``verify``, an
-    estimated Jaccard >= ``threshold``) share the label, which is the smallest member index.
+def bucket_pairs(keys: np.ndarray, every: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair ``(i, j)``, ``i`` before ``j`` in sort order, of rows with equal ``keys`` (one band's
+    bucket keys): ``s * (s - 1) / 2`` pairs per bucket of ``s`` rows, generated without a Python loop.
+    ``every=False``: only consecutive members (a chain: the same groups when pairs need no check)."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    if not every:
+        return order[:-1][same], order[1:][same]
+    starts = np.flatnonzero(np.r_[True, ~same])
+    ends = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))  # bucket end of each position
+    later = ends - np.arange(n) - 1  # members after each position in its bucket
+    first = np.repeat(np.arange(n), later)
+    offset = np.arange(len(first)) - np.repeat(np.cumsum(later) - later, later) + 1
+    return order[first], order[first + offset]
 
-    Union-find over candidate pairs ``(first member of the bucket, member)`` per band.
+
+def _equal_rows(sigs: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Per row, the first row with the same signature (itself if none before it). Rows are grouped
+    by a hash of their band keys (cheaper than sorting whole signatures) and then compared in full,
+    so a hash collision, or a difference outside the bands, leaves a row on its own."""
+    h = np.zeros(len(keys), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(keys.shape[1]):
+            h = (h ^ keys[:, band]) * np.uint64(0x100000001B3)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    rep = first[inverse.reshape(-1)]
+    copies = np.flatnonzero(rep != np.arange(len(rep)))
+    alone = copies[(sigs[copies] != sigs[rep[copies]]).any(axis=1)]
+    rep[alone] = alone
+    return rep
+
+
+def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Label per row: the smallest row index of its connected component under the edges ``(i, j)``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    smallest = np.full(comp.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, comp, np.arange(n))
+    return smallest[comp]
+
+
+def duplicate_groups(sigs: np.ndarray, bands: int, rows: int, threshold: float,
+                     verify: bool = True, chunk_pairs: int = 1 << 16) -> np.ndarray:
+    """Cluster label per document: the smallest index of its group.
+
+    Two documents are linked when they share a band (an LSH bucket) and, with ``verify``, their
+    estimated Jaccard is >= ``threshold``; groups are the connected components of these links (so a
+    chain of verified links may group two rows that are not similar enough to each other).
+    Every pair of members of a bucket is verified, not only each member against the bucket's first
+    row: a dissimilar first row must not keep two near-identical members apart (a candidate and its
+    test-set twin in decontamination). Rows with equal signatures are linked first and stand in the
+    buckets as one row, so a bucket of many exact copies costs one row, not its square; pairs are
+    deduplicated over bands and verified in chunks of ``chunk_pairs``.
     """
     n = sigs.shape[0]
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
-        return root
-
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     keys = band_keys(sigs, bands, rows)
-    for band in range(bands):
-        order = np.argsort(keys[:, band], kind="stable")
-        sorted_keys = keys[order, band]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sizes = np.diff(np.r_[starts, n])
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            members = order[start:start + size]
-            head = members[0]
-            for m in members[1:]:
-                if verify and np.mean(sigs[head] == sigs[m]) < threshold:
-                    continue
-                ra, rb = find(int(head)), find(int(m))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+    rep = _equal_rows(sigs, keys)
+    first = np.flatnonzero(rep == np.arange(n))  # one row per distinct signature
+    m = len(first)
+    found = [bucket_pairs(keys[first, band], every=verify) for band in range(bands)]
+    codes = np.unique(np.concatenate([np.minimum(a, b) * m + np.maximum(a, b) for a, b in found]))
+    a, b = first[codes // m], first[codes % m]
+    if verify:
+        keep = np.zeros(len(codes), dtype=bool)
+        for lo in range(0, len(codes), chunk_pairs):  # bounded memory: chunk x num_perm comparisons
+            sl = slice(lo, lo + chunk_pairs)
+            keep[sl] = (sigs[a[sl]] == sigs[b[sl]]).mean(axis=1) >= threshold
+        a, b = a[keep], b[keep]
+    return _components(n, np.r_[rep, a], np.r_[np.arange(n), b])
