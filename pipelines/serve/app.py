@@ -77,16 +77,19 @@ def build_app(args: dict[str, Any] | GuardServeConfig):
 # The guard a run trained
 
 
-def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, Any]]:
-    """``(stage name, settings)`` of the guard that run ``run_dir`` trained, to serve.
+def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, Any], list[str]]:
+    """``(stage name, settings, notes)`` of the guard that run ``run_dir`` trained, to serve; ``notes``
+    say where the decision settings came from (printed on start).
 
     The guard is a finished guard-training stage (``guard_sft``, the loop's ``loop<i>_train_c<i>``)
     whose model folder exists: ``stage`` if given, else the last in pipeline order, the loop's DPO
     ablation (``..._dpo``) only when nothing else is there. The settings are what serving must
     share with training and evaluation: the model folder, the guard prompt, the taxonomy, the
     chat-template arguments, and, from an evaluation stage of the run that scored this model, its
-    engine arguments and decision threshold; a threshold that a finished ``compare_<name>`` stage
-    calibrated for this model wins over the evaluation's (:func:`calibrated_threshold`)."""
+    engine arguments, decision threshold and ``constrained`` setting; a threshold that a finished
+    ``compare_<name>`` stage calibrated for this model wins over the evaluation's
+    (:func:`calibrated_threshold`), and then ``constrained`` is that of the evaluation stage the
+    threshold was calibrated on: a threshold is served under the decoding it was chosen under."""
     from pipelines.construction import build_stages, load_recipe
     from pipelines.core.rundir import RECIPE, RunDir
     from pipelines.evaluation.guard_eval import GuardEvalStage
@@ -121,20 +124,30 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
         "taxonomy": recipe.taxonomy,
         "chat_template_kwargs": dict(chosen.config.chat_template_kwargs),
     }
-    evaluation = next((s for s in stages if isinstance(s, GuardEvalStage) and s.config.model_from == chosen.name), None)
+    evaluations = {s.name: s for s in stages if isinstance(s, GuardEvalStage)}
+    evaluation = next((s for s in evaluations.values() if s.config.model_from == chosen.name), None)
+    notes = []
     if evaluation is not None:
         settings["engine"] = {"engine_kwargs": dict(evaluation.endpoint.engine_kwargs)}
+        settings["constrained"] = evaluation.config.constrained
         if evaluation.use_score:
             settings["threshold"] = evaluation.config.threshold
+            notes.append(f"threshold {settings['threshold']} from {evaluation.name}")
+        notes.append(f"constrained: {str(evaluation.config.constrained).lower()} as {evaluation.name} evaluated")
     calibrated = calibrated_threshold(rundir, stages, manifests, chosen.name)
     if calibrated is not None:
-        settings["threshold"] = calibrated
-    return chosen.name, settings
+        settings["threshold"], (compare, on) = calibrated[0], calibrated[1:]
+        notes = [f"threshold {settings['threshold']} calibrated by {compare} on {on}"]
+        if on in evaluations:
+            settings["constrained"] = evaluations[on].config.constrained
+            notes.append(f"constrained: {str(settings['constrained']).lower()} as {on} evaluated")
+    return chosen.name, settings, notes
 
 
-def calibrated_threshold(rundir, stages: list, manifests: dict, model_stage: str) -> float | None:
-    """The decision threshold a finished comparison stage calibrated for the model that training stage
-    ``model_stage`` exported (its overall one; the last such stage in pipeline order), else ``None``."""
+def calibrated_threshold(rundir, stages: list, manifests: dict, model_stage: str) -> tuple[float, str, str] | None:
+    """``(threshold, comparison stage, evaluation stage it was calibrated on)``: the decision threshold
+    a finished comparison stage calibrated for the model that training stage ``model_stage`` exported
+    (its overall one; the last such stage in pipeline order), else ``None``."""
     from pipelines.evaluation.compare import THRESHOLDS_FILE, CompareStage
     from pipelines.evaluation.guard_eval import REPORT_DIR
 
@@ -145,5 +158,5 @@ def calibrated_threshold(rundir, stages: list, manifests: dict, model_stage: str
         thresholds = json.loads(rundir.read_text(f"{stage.name}/{REPORT_DIR}/{THRESHOLDS_FILE}") or "{}")
         for system in thresholds.values():
             if system.get("model_from") == model_stage and system.get("threshold") is not None:
-                found = system["threshold"]
+                found = (system["threshold"], stage.name, system.get("stage"))
     return found

@@ -56,9 +56,9 @@ def serve_settings(args, *, cuda: bool) -> tuple[GuardServeConfig, dict[str, Any
     settings = dict(apps[0]["args"])
     what = f"{settings.get('model')} (from {path})"
     if run_dir:
-        stage, found = run_guard(run_dir, args.stage)
+        stage, found, notes = run_guard(run_dir, args.stage)
         settings = _merge(settings, found)
-        what = f"{found['model']} (stage {stage} of run {run_dir})"
+        what = f"{found['model']} (stage {stage} of run {run_dir}{''.join('; ' + n for n in notes)})"
     elif args.stage:
         raise ConfigError("--stage needs RUN_DIR")
     if args.model:

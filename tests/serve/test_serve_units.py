@@ -211,7 +211,9 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     path = tmp_path / "r.yaml"
     path.write_text(LOOP.format(run=run, model=tiny_models["causal-lm"], seeds=seeds))
     recipe = load_recipe(path, ["stages.loop.systems=[c0,c2,c2_dpo]", "stages.loop.labelling.threshold=0.4",
-                                "stages.compare.main.systems.C2.test=loop2_eval_c2"])
+                                "stages.loop.constrained=true", "stages.compare.main.systems.C2.test=loop2_eval_c2",
+                                "stages.guard_eval.val.inputs=[seeds_real]", "stages.guard_eval.val.model_from=loop2_train_c2",
+                                "stages.guard_eval.val.model=gen", "stages.guard_eval.val.constrained=false"])
     rundir = RunDir(str(run))
     rundir.write_text("recipe.yaml", dump_recipe(recipe))
     with pytest.raises(ConfigError, match="no finished guard-training stage"):
@@ -226,8 +228,12 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     assert run_guard(str(run))[0] == "loop0_train_c0"  # the DPO ablation only when nothing else is there
     trained("loop1_train_c1")
     trained("loop2_train_c2")
-    stage, settings = run_guard(str(run))
+    stage, settings, notes = run_guard(str(run))
     assert stage == "loop2_train_c2"
+    # the threshold is served under the decoding it was chosen under (issue 28: evaluated and
+    # calibrated constrained, served unconstrained), and the start line says so
+    assert settings["constrained"] is True and notes == ["threshold 0.5 from loop2_eval_c2",
+                                                         "constrained: true as loop2_eval_c2 evaluated"]
     assert settings["model"] == str((run / "loop2_train_c2" / "model").resolve())
     endpoint = recipe.models[recipe.stages.loop.classifier_endpoint]
     assert settings["engine"] == {"engine_kwargs": endpoint.engine_kwargs}  # as loop2_eval_c2 ran it
@@ -235,10 +241,14 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     assert run_guard(str(run), "loop2_train_c2_dpo")[0] == "loop2_train_c2_dpo"
     # a comparison stage's calibrated threshold for this model wins (only once that stage finished)
     rundir.write_text("compare_main/report/thresholds.json", json.dumps(
-        {"C2": {"threshold": 0.37, "model_from": "loop2_train_c2"}, "C0": {"threshold": 0.2, "model_from": "loop0_train_c0"}}))
+        {"C2": {"threshold": 0.37, "model_from": "loop2_train_c2", "stage": "guard_eval_val"},
+         "C0": {"threshold": 0.2, "model_from": "loop0_train_c0", "stage": "loop0_eval_c0"}}))
     assert run_guard(str(run))[1]["threshold"] == 0.5
     rundir.write_manifest("compare_main", {"stage": "compare_main", "status": "complete"})
-    assert run_guard(str(run))[1]["threshold"] == 0.37
+    _, settings, notes = run_guard(str(run))
+    assert settings["threshold"] == 0.37 and settings["constrained"] is False   # as guard_eval_val ran
+    assert notes == ["threshold 0.37 calibrated by compare_main on guard_eval_val",
+                     "constrained: false as guard_eval_val evaluated"]
     assert run_guard(str(run), "loop0_train_c0")[1]["threshold"] == 0.2
     with pytest.raises(ConfigError, match="no finished guard-training stage 'loop9'"):
         run_guard(str(run), "loop9")
