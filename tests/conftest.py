@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -199,6 +200,17 @@ def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
     while True:
         text = scrape_metrics()
         if metric_value(text, name, **labels) or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def wait_for_metric_names(names: list[str], timeout: float = 60) -> str:
+    """A scrape in which every metric of ``names`` has appeared (any value, 0 included): metrics of
+    different processes (our ingress, Ray Serve's proxy) reach the export at different report ticks."""
+    deadline = time.time() + timeout
+    while True:
+        text = scrape_metrics()
+        if all(re.search(rf"^{name}[{{ ]", text, re.MULTILINE) for name in names) or time.time() > deadline:
             return text
         time.sleep(1)
 
