@@ -60,7 +60,9 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.statistics import bootstrap_f1, mcnemar
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
-from pipelines.evaluation.guard_eval import REPORT_DIR, RESPONSE, fmt, png_bytes, scored_rows
+from pipelines.evaluation.guard_adapters import RESPONSE
+from pipelines.evaluation.guard_eval import REPORT_DIR, scored_rows
+from pipelines.evaluation.guard_report import fmt, png_bytes
 from pipelines.evaluation.metrics import (
     calibrate_threshold, confusion, curve_metrics, curves, decision_scores, per_macro_f1, per_micro_confusion,
     scored_predictions,

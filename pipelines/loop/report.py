@@ -23,7 +23,7 @@ from typing import Any
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.evaluation.guard_eval import fmt, png_bytes
+from pipelines.evaluation.guard_report import fmt, png_bytes
 from pipelines.training.sft import read_metrics
 
 REPORT_DIR = "report"

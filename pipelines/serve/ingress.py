@@ -123,7 +123,8 @@ class GuardIngress:
     def __init__(self, engine, config: dict[str, Any]):
         from transformers import AutoTokenizer
 
-        from pipelines.evaluation.guard_eval import ChillGuardAdapter, check_answer_tokens, first_tokens
+        from pipelines.evaluation.guard_adapters import ChillGuardAdapter
+        from pipelines.evaluation.guard_scores import check_answer_tokens, first_tokens
 
         self.config = GuardServeConfig.model_validate(config)
         c = self.config

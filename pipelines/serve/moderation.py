@@ -5,7 +5,7 @@ The engine answers each prompt with a completion in the guard format training us
 its log-probability and the top alternatives. From that:
 
 - ``score`` = P(unsafe) from the answer's first token, exactly as guard evaluation computes it
-  (:func:`pipelines.evaluation.guard_eval.unsafe_score`: the probabilities of the first tokens of
+  (:func:`pipelines.evaluation.guard_scores.unsafe_score`: the probabilities of the first tokens of
   every spelling of ``safe`` and ``unsafe``, renormalised over the two). Without either in the top
   log-probabilities, or without the first line's own word, 1.0 / 0.0 by the answer's first line.
 - ``unsafe`` iff ``score >= threshold``.
@@ -25,7 +25,7 @@ from typing import Any
 from actors.llm import first_answer_position, logprob_map
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
-from pipelines.evaluation.guard_eval import unsafe_score
+from pipelines.evaluation.guard_scores import unsafe_score
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 
 

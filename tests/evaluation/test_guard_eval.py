@@ -20,10 +20,14 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.ingest import IngestConfig, IngestStage
+from pipelines.evaluation.guard_adapters import (
+    ChillGuardAdapter, GuardParseError, LlamaGuardAdapter, conversation, make_adapter,
+)
 from pipelines.evaluation.guard_eval import (
-    MODEL_DIR, ChillGuardAdapter, GuardEvalConfig, GuardEvalError, GuardEvalStage, GuardParseError,
-    LlamaGuardAdapter, check_answer_tokens, conversation, decide_by_score, first_tokens, make_adapter,
-    read_guard_answers, scored_rows, to_eval_rows, unsafe_score,
+    MODEL_DIR, GuardEvalConfig, GuardEvalStage, read_guard_answers, scored_rows, to_eval_rows,
+)
+from pipelines.evaluation.guard_scores import (
+    GuardEvalError, check_answer_tokens, decide_by_score, first_tokens, unsafe_score,
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
