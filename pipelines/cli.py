@@ -6,8 +6,9 @@
     chillguard serve [RUN_DIR] [--model PATH_OR_ID] [--config SERVE_YAML] [key=value ...] [--address ADDR]
     chillguard tiny-models OUT_DIR [--seed N]
 
-Exit codes: 0 done; 2 a recipe problem, or a status path that holds no run; 3 training paused
-(``stop_after_steps``; run again to continue); 4 the run directory is in use by another run.
+Exit codes: 0 done; 2 a recipe problem, a status path that holds no run, or a run directory on object
+storage that cannot be used (missing bucket, credentials, endpoint; told before Ray starts); 3 training
+paused (``stop_after_steps``; run again to continue); 4 the run directory is in use by another run.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _setup_logging()
-    from pipelines.core.rundir import RunDirLocked
+    from pipelines.core.rundir import RunDirLocked, RunDirUnavailable
 
     try:
         return args.fn(args)
-    except ConfigError as exc:
+    except (ConfigError, RunDirUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunDirLocked as exc:

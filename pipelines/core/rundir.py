@@ -51,6 +51,34 @@ class NotARunDir(ValueError):
     """A path given as a run directory holds no run."""
 
 
+MISSING_BUCKET = "bucket {bucket} does not exist (a run does not create buckets: create it first)"
+
+
+class RunDirUnavailable(RuntimeError):
+    """A run directory on object storage cannot be used: its bucket, credentials or endpoint."""
+
+
+def storage_problem(uri: str, exc: OSError) -> str:
+    """One line for a failed access to ``uri``: the likely cause, read from pyarrow's message (the
+    AWS SDK's error names; a HEAD request has no body, so a refused key and a missing permission
+    read the same)."""
+    text = str(exc)
+    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not resolve" in text:
+        cause = (f"cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL): "
+                 "nothing answered" if endpoint else "cannot reach the S3 endpoint (network, proxy or DNS)")
+    elif any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "INVALID_ACCESS_KEY",
+                                 "SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN")):
+        cause = ("access denied: no or bad credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                 f"AWS_PROFILE or an instance profile), or no permission on bucket {bucket}")
+    elif ("not found" in text and "Bucket" in text) or "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        cause = MISSING_BUCKET.format(bucket=bucket)
+    else:
+        cause = f"cannot be used: {text.splitlines()[0] if text else type(exc).__name__}"
+    return f"run directory {uri}: {cause}"
+
+
 class RunDir:
     def __init__(self, root: str, *, create: bool = True):
         """``create=False`` for readers (``chillguard status``): a mistyped path is not created."""
@@ -59,8 +87,28 @@ class RunDir:
             self.fs, self._base = pafs.FileSystem.from_uri(self.root)
         else:
             self.fs, self._base = pafs.LocalFileSystem(), os.path.abspath(self.root)
+        if isinstance(self.fs, pafs.S3FileSystem):
+            self._check_bucket()
         if create:
-            self.fs.create_dir(self._base, recursive=True)
+            try:
+                self.fs.create_dir(self._base, recursive=True)
+            except OSError as exc:
+                if not is_uri(self.root):
+                    raise
+                raise RunDirUnavailable(storage_problem(self.root, exc)) from None
+
+    def _check_bucket(self) -> None:
+        """Raise :class:`RunDirUnavailable` with the likely cause unless the bucket exists and answers:
+        one request, before anything else touches the store, so that a missing bucket, refused
+        credentials or a dead endpoint are one line before Ray starts, not an SDK traceback (and
+        the SDK's retries against a dead endpoint are paid once)."""
+        bucket = self._base.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise RunDirUnavailable(storage_problem(self.root, exc)) from None
+        if info.type == pafs.FileType.NotFound:
+            raise RunDirUnavailable(f"run directory {self.root}: {MISSING_BUCKET.format(bucket=bucket)}")
 
     @property
     def name(self) -> str:
@@ -70,7 +118,13 @@ class RunDir:
     def check_is_run_dir(self) -> None:
         """Raise :class:`NotARunDir` unless the path holds a run: ``recipe.yaml`` (written when a
         run starts) or at least one stage manifest."""
-        if self.fs.get_file_info(self._base).type != pafs.FileType.Directory:
+        try:
+            info = self.fs.get_file_info(self._base)
+        except OSError as exc:
+            if not is_uri(self.root):
+                raise
+            raise RunDirUnavailable(storage_problem(self.root, exc)) from None
+        if info.type != pafs.FileType.Directory:
             raise NotARunDir(f"{self.root} does not exist")
         if not self.exists(RECIPE) and not any(m is not None for m in self.manifests().values()):
             raise NotARunDir(f"{self.root} is not a run directory (no {RECIPE} and no stage manifest)")

@@ -13,13 +13,18 @@ same run directory; assembly's local-only Hugging Face export goes through
 :meth:`RunDir.upload`, tested here without Ray, and the rest of it by
 tests/labelling/test_assembly.py on a local run directory.)
 
+A missing bucket, refused credentials and a dead endpoint end `chillguard run` (and `status`) with
+one line and exit 2 before any Ray starts.
+
 Each run is a `chillguard run` process with its own Ray: a Ray the session started earlier
 (``ray_local``) has workers without the server's address in their environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -171,6 +176,50 @@ def test_status_and_folder_copies_on_s3_without_ray(tmp_path, s3, capsys):
     assert rundir.download("assemble/dataset", str(tmp_path / "json"), ".json") == [
         str(tmp_path / "json/hf/dataset_dict.json")]
     assert rundir.download("nothing/here", str(tmp_path / "none")) == []
+
+
+def _unreachable_env() -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # a free port: nothing listens
+
+
+@pytest.mark.parametrize("case, uri, env, cause", [
+    pytest.param("missing bucket", "s3://no-such-bucket/runs/x", lambda: {},
+                 r"bucket no-such-bucket does not exist", id="missing-bucket"),
+    pytest.param("bad credentials", RUN, lambda: {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"},
+                 r"access denied: no or bad credentials", id="bad-credentials"),
+    pytest.param("endpoint unreachable", RUN, _unreachable_env,
+                 r"cannot reach the S3 endpoint http://127\.0\.0\.1:\d+", id="endpoint-unreachable"),
+])
+def test_an_unreachable_run_dir_is_one_line_and_exit_2_before_ray(tmp_path, s3, case, uri, env, cause):
+    """A missing bucket, credentials the server refuses (moto checks them only with IAM
+    authentication on, which applies to the server since it runs in this process) and an endpoint
+    where nothing listens: `chillguard run` exits 2 with one line naming the URI and the cause, and
+    starts no Ray (RAY_ADDRESS points where nothing listens: connecting would fail otherwise)."""
+    from moto.core import enable_iam_authentication
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "unreachable", "run_dir": uri,
+                                    "stages": {"keywords": {"target_per_category": 20}}}))
+    auth = enable_iam_authentication() if case == "bad credentials" else contextlib.nullcontext()
+    with auth:
+        done = subprocess.run([PYTHON, "-m", "pipelines.cli", "run", str(path)], cwd=REPO,
+                              env={**_env(), **env(), "RAY_ADDRESS": f"127.0.0.1:{free_port()}"},
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    # the whole of stderr: no traceback, no Ray log line
+    assert re.fullmatch(rf"error: run directory {re.escape(uri)}: {cause}[^\n]*\n", done.stderr), done.stderr[-3000:]
+
+
+def test_status_with_refused_credentials_is_one_line_and_exit_2(s3, capsys):
+    from moto.core import enable_iam_authentication
+
+    from pipelines.cli import main
+
+    with enable_iam_authentication():  # the server now refuses the fixture's made-up keys
+        assert main(["status", RUN]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: run directory {RUN}: access denied: no or bad credentials (AWS_ACCESS_KEY_ID / "
+        f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance profile), or no permission on bucket {BUCKET}")
 
 
 @pytest.mark.slow
