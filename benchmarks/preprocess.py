@@ -147,8 +147,7 @@ def datasketch_bulk_dedup(texts: list[str], ids: list[str], threshold: float,
 
 def ours_dedup(texts: list[str], ids: list[str], threshold: float, num_perm: int) -> tuple[dict, float]:
     from pipelines.data import minhash
-    from pipelines.core.config import NearDedupConfig
-    from pipelines.data.preprocess import decide_near
+    from pipelines.data.preprocess import NearDedupConfig, decide_near
 
     config = NearDedupConfig(threshold=threshold, num_perm=num_perm)
     t0 = time.perf_counter()
