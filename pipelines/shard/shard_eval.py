@@ -42,9 +42,10 @@ from pipelines.evaluation.model_from import endpoint_payload, trained_model_endp
 from pipelines.shard.pairwise import (
     CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge,
 )
-from pipelines.shard.shard import (
-    ANSWER, SHARD_COLUMNS, AnswerMessages, ShardConfig, judge_constraint, judge_prompts, take_answer,
-)
+from pipelines.shard.answer import AnswerMessages
+from pipelines.shard.config import ANSWER, ShardConfig
+from pipelines.shard.judging import judge_constraint, judge_prompts
+from pipelines.shard.rows import SHARD_COLUMNS, take_answer
 from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
 from pipelines.shard.stats import BINOMIAL_TEST, WIN, win_tie_loss
 

@@ -18,6 +18,7 @@ from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import DROPPED, ERROR, OK, make_row
 from pipelines.core.splits import assign_splits, split_sizes
 from pipelines.data.ingest import IngestConfig, record_to_row
+from pipelines.labelling.jury import RETRY
 from pipelines.shard.pairwise import (
     A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, expand_comparisons,
     judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern,
@@ -25,10 +26,10 @@ from pipelines.shard.pairwise import (
 from pipelines.shard.reframing import (
     FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
 )
-from pipelines.shard.shard import (
-    _RETRY_COLUMNS, RETRY, SHARD_COLUMNS, ShardConfig, prepare_prompts, read_reframings, split_stratum,
-    take_answer,
-)
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.rewriting import _RETRY_COLUMNS, read_reframings
+from pipelines.shard.rows import SHARD_COLUMNS, take_answer
+from pipelines.shard.split import prepare_prompts, split_stratum
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.core.statistics import MCNEMAR_CHI2, MCNEMAR_EXACT
 from pipelines.shard.stats import BINOMIAL_TEST, LOSS, TIE, WIN, win_tie_loss
@@ -607,7 +608,8 @@ def test_config_errors_name_the_key(tmp_path):
 def test_category_examples_are_seeded_train_only_and_cover_uncategorised_rows(tmp_path):
     from pipelines.core.rows import to_table
     from pipelines.core.rundir import RunDir
-    from pipelines.shard.shard import SPLIT, category_examples
+    from pipelines.shard.config import SPLIT
+    from pipelines.shard.rules import category_examples
 
     # rows 0-7 train, 8-9 test (a category only the test split has: Privacy)
     rows = [{**make_row(id=f"r{i}", text=f"prompt {i}"), "harm_category": "Fraud" if i < 6 else "",
@@ -629,7 +631,7 @@ def test_category_examples_are_seeded_train_only_and_cover_uncategorised_rows(tm
 
 def test_rows_without_rules_for_their_category_are_errors():
     from pipelines.core.rows import to_table
-    from pipelines.shard.shard import plan_reframing
+    from pipelines.shard.rewriting import plan_reframing
 
     rows = [{**make_row(id="a", text="q"), "harm_category": "Fraud"},
             {**make_row(id="b", text="q"), "harm_category": "Privacy"},

@@ -1,0 +1,123 @@
+"""SHARD data construction settings (``stages.shard``): the config models, and the names of the
+stages every variant shares.
+
+:class:`ShardConfig` holds the endpoints (target, judge, rules writer), the prompt templates and the
+knobs of every ``shard_*`` data stage and says which stages a recipe gets (:meth:`ShardConfig.row_stages`);
+:class:`ShardVariant` is one supervision variant (``stages.shard.variants.<name>``), :class:`ShardSplits`
+the split shares.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.core.config import CONFIGS, ExistingPath, Strict, names_matching
+from pipelines.shard.pairwise import SELECTION_RULES
+from pipelines.shard.reframing import GUIDELINE_MODES
+
+SPLIT, ANSWER = "shard_split", "shard_answer"
+
+
+class ShardSplits(Strict):
+    """Shares of each stratum (dataset × harm level) per split; SHARD's 72 / 8 / 20."""
+
+    train: float = Field(0.72, ge=0, le=1)
+    val: float = Field(0.08, ge=0, le=1)
+    test: float = Field(0.20, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "ShardSplits":
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class ShardVariant(Strict):
+    """One supervision variant (``stages.shard.variants.<name>``): who writes P2 and O2, whose draft O1
+    it refines and is judged against, and which guidance the reframing prompt carries (the ablations)."""
+
+    reframer: str | None = Field(
+        None, description="endpoint under `models:` that writes P2 and O2; default: the target itself "
+        "(self-reframing, SHARD); a larger model = the teacher-distillation baseline")
+    draft: Literal["own", "target"] = Field(
+        "own", description="whose O1 the reframer refines and O2 is judged against: own = the reframer "
+        "answers the prompts itself first (SHARD's teacher baseline; the same as target for self); "
+        "target = the teacher refines the target's drafts")
+    guidelines: Literal[GUIDELINE_MODES] = Field(
+        "full", description="full: universal guidelines + category rules; universal_only; "
+        "instructions_only: the task instructions alone")
+
+
+class ShardConfig(Strict):
+    """SHARD data construction (``pipelines/shard.py``): split, baseline answers O1, category rules,
+    reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant."""
+
+    inputs: list[str] = Field(min_length=1, description="row stages with the sensitive prompts "
+                              "(seeds_<key>: do_not_answer / linguasafe presets or any mapping)")
+    target: str = Field(description="endpoint under `models:`: the model being improved (answers O1)")
+    judge: str = Field(description="endpoint under `models:`: the pairwise judge")
+    variants: dict[str, ShardVariant] = Field(
+        default_factory=lambda: {"self": ShardVariant()}, min_length=1,
+        description="name -> variant; each gives stages shard_{rules,reframe,refine,judge,select}_<name>")
+    system: str | None = Field(
+        "You are a helpful assistant.", description="system prompt of O1 and of the evaluated answers; "
+        "SFT on shard_select_* must use the same (checked)")
+    splits: ShardSplits = Field(default_factory=ShardSplits)
+    select: Literal[SELECTION_RULES] = Field(
+        "helpfulness", description="which O2 are kept for SFT: helpfulness = O2 wins helpfulness (SHARD); "
+        "helpfulness_and_harm = and does not lose harmfulness")
+    order_seed: int = Field(42, description="seed of the judge's A/B order draws")
+    guidelines: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_guidelines.yaml"), validate_default=True)
+    rules_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rules.yaml"), validate_default=True)
+    reframe_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_reframe.yaml"),
+                                           validate_default=True)
+    refine_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_refine.yaml"), validate_default=True)
+    helpfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_helpfulness.yaml"),
+                                               validate_default=True)
+    harmfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_harmfulness.yaml"),
+                                               validate_default=True)
+    rules_writer: str | None = Field(
+        None, description="endpoint under `models:` that writes the category rules once for every variant "
+        "(SHARD: one strong model); default: the target")
+    rules_examples: int = Field(
+        0, ge=0, description="example prompts of the category shown when writing its rules, from the train "
+        "split only; 0 = the category name alone (SHARD)")
+    retries: int = Field(1, ge=0, description="re-asks after a reframing answer that is not valid JSON P2")
+    rewrite_temperature: float | None = Field(
+        0.3, ge=0, description="sampling temperature of reframing and refinement (SHARD: 0.3), whatever the "
+        "reframer endpoint's; null = the endpoint's")
+    constrained: bool = Field(
+        True, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
+        "judge answers to explanation + verdict")
+    max_field_chars: int = Field(2000, ge=8, description="constrained P2: longest string field")
+    explanation_chars: int = Field(1000, ge=0, description="constrained judge: longest explanation")
+    position_check: int = Field(
+        0, ge=0, description="judge this many judged rows (a seeded sample) again with the answers swapped and "
+        "report the share of outcomes that flip (shard_judge_<v>/position_check.json; 0 = off)")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, ShardVariant]) -> dict[str, ShardVariant]:
+        return names_matching(value, r"[a-z0-9_]+", "variant names are stage-name suffixes")
+
+    def reframer(self, variant: str) -> str:
+        """The endpoint that reframes and refines for ``variant``."""
+        return self.variants[variant].reframer or self.target
+
+    def answer_stage(self, variant: str) -> str:
+        """The stage holding the O1 that ``variant`` refines: ``shard_answer`` (the target's), or
+        ``shard_answer_<v>`` for a teacher that refines its own drafts."""
+        if self.variants[variant].draft == "own" and self.reframer(variant) != self.target:
+            return f"{ANSWER}_{variant}"
+        return ANSWER
+
+    def row_stages(self) -> list[str]:
+        """Its stages whose rows later stages read, in run order (the rules stage's rows are categories)."""
+        names = ["shard_split", "shard_answer"]
+        for v in self.variants:
+            names += [self.answer_stage(v)] if self.answer_stage(v) != ANSWER else []
+            names += [f"shard_{step}_{v}" for step in ("reframe", "refine", "judge", "select")]
+        return names
