@@ -1,6 +1,6 @@
 """Label calibration math: verdict parsing, the jury's decision rule, adjudicator answers, agreement.
 
-Pure functions, unit-tested with hand-computed cases; the jury stages (``pipelines/jury.py``) call
+Pure functions, unit-tested with hand-computed cases; the jury stages (``pipelines/labelling/jury.py``) call
 them on Arrow batches.
 """
 

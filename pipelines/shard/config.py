@@ -52,7 +52,7 @@ class ShardVariant(Strict):
 
 
 class ShardConfig(Strict):
-    """SHARD data construction (``pipelines/shard.py``): split, baseline answers O1, category rules,
+    """SHARD data construction (``pipelines/shard/``): split, baseline answers O1, category rules,
     reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant."""
 
     inputs: list[str] = Field(min_length=1, description="row stages with the sensitive prompts "
