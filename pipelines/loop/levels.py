@@ -25,6 +25,8 @@ Our choices where the paper is silent:
   candidates (:func:`pipelines.core.rows.keyed_rng` of the run seed and the seed row's id), so the
   pairs do not depend on row order and are the same on every run;
 - a candidate without a quality score or without a prediction is ineligible: no level, in no pair.
+  A classifier answer that is unusable is an error row of the labelling stage and never reaches
+  scoring; the pairs stage counts those candidates too (:mod:`pipelines.loop.pairs`, accounting).
 """
 
 from __future__ import annotations

@@ -186,8 +186,9 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         stages.append(evaluation("loop2_label", "loop1_train_c1", [generated], None, config.labelling))
         stages.append(ScoreStage("loop2_score", inputs=("loop2_label",), endpoint=recipe.models[config.scorer or config.generator],
                                  template=config.score_template, threshold=config.quality_threshold))
-        stages.append(PairsStage("loop2_pairs", inputs=seeds, scored="loop2_score", prompt=prompt, seed=recipe.seed,
-                                 max_pairs=config.max_pairs_per_seed, seed_split=config.train_split, iteration=2))
+        stages.append(PairsStage("loop2_pairs", inputs=seeds, scored="loop2_score", labelled="loop2_label", prompt=prompt,
+                                 seed=recipe.seed, max_pairs=config.max_pairs_per_seed, seed_split=config.train_split,
+                                 iteration=2))
         for variant in variants(config):
             training = MDPOConfig.model_validate({
                 **config.generator_training.model_dump(), "dynamic_beta": variant == "mdpo",

@@ -9,12 +9,26 @@ A pair row holds what MDPO trains on: ``system`` and ``prompt`` (the generator's
 seed, rendered with the same templates that generated the candidates), ``chosen`` and ``rejected``
 (the two candidates' texts), and its lineage: ``chosen_id`` / ``rejected_id``, their levels,
 quality scores and the classifier's predictions, and ``pair_type`` (``<L1,L4>``).
+
+Accounting. The candidates are every row the labelling stage read: the scored ones (the score
+stage's ``ok`` rows, with a level), the unscored ones (its ``error`` rows) and those the classifier
+gave no usable answer for (the labelling stage's ``error`` rows, which never reach scoring). Every
+candidate is in exactly one of (:func:`seed_accounting`)::
+
+    candidates = paired + Σ unpaired[level] + Σ ineligible[reason]
+
+``ineligible`` reasons: ``no_score:<score error>``, ``no_prediction:<labelling error>``, ``held_out_seed``
+(a candidate of a held-out row), ``orphan`` (its seed is not among the inputs: it has no seed row to
+be counted on). Every row of a seed (its pairs or its dropped row) carries the seed's accounting as
+JSON in ``accounting``; the totals, orphans included, are ``RUN_DIR/<stage>/accounting.json`` and the
+manifest's summary.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -31,12 +45,19 @@ PAIR_COLUMNS = {
     "rejected": pa.string(), "chosen_id": pa.string(), "rejected_id": pa.string(),
     "chosen_level": pa.string(), "rejected_level": pa.string(), "pair_type": pa.string(),
     "chosen_quality": pa.int32(), "rejected_quality": pa.int32(), "chosen_pred": pa.string(),
-    "rejected_pred": pa.string(), "levels": pa.string(),
+    "rejected_pred": pa.string(), "levels": pa.string(), "accounting": pa.string(),
 }
+ACCOUNTING = "accounting.json"  # the totals, in the stage's folder
 _GROUP = "_seed"  # the seed id a row belongs to, for the groupby
 _KIND = "_kind"   # seed / candidate
+_WHY = "_ineligible"  # why a candidate has no level ("" when it has one)
 _ROLE_COLUMNS = {_GROUP: pa.string(), _KIND: pa.string(), "split": pa.string(), "level": pa.string(),
-                 "quality": pa.int32(), "pred_label": pa.string()}
+                 "quality": pa.int32(), "pred_label": pa.string(), _WHY: pa.string()}
+#: why a candidate is ineligible: the scorer gave no score / the classifier no usable answer (each
+#: prefixes the error's reason), its seed is a held-out row, its seed is not among the inputs
+NO_SCORE, NO_PREDICTION, HELD_OUT_SEED, ORPHAN = "no_score", "no_prediction", "held_out_seed", "orphan"
+# ORPHAN is also the status of an orphan group's row: counted, never written (its parent_id is no
+# input id, so the runner's lineage check would call it invented)
 
 
 def seed_markers(batch: pa.Table) -> pa.Table:
@@ -48,43 +69,94 @@ def seed_markers(batch: pa.Table) -> pa.Table:
     return (common.append_column(_GROUP, common.column("id")).append_column(_KIND, pa.array(["seed"] * n))
             .append_column("split", pa.array(splits, pa.string())).append_column("level", pa.array([""] * n))
             .append_column("quality", pa.array([0] * n, pa.int32()))
-            .append_column("pred_label", pa.array([""] * n, pa.string())))
+            .append_column("pred_label", pa.array([""] * n, pa.string()))
+            .append_column(_WHY, pa.array([""] * n, pa.string())))
 
 
-def candidate_markers(batch: pa.Table, *, status: str) -> pa.Table:
-    """Scored candidates (``ok``: with a level; ``error``: ineligible) -> rows of their seed's group."""
+def candidate_markers(batch: pa.Table, *, ineligible: str = "") -> pa.Table:
+    """Candidates -> rows of their seed's group. ``ineligible=""``: the score stage's ``ok`` rows,
+    with their level (one without a level has no prediction); else error rows of the score stage
+    (:data:`NO_SCORE`) or of the labelling stage (:data:`NO_PREDICTION`), ineligible with
+    ``<ineligible>:<their reason>`` (their ``level`` column, if any, is not a difficulty level)."""
     n = batch.num_rows
     common = to_common_schema(batch)
-    level = batch.column("level") if status == OK else pa.array([""] * n, pa.string())
-    quality = batch.column("quality").cast(pa.int32()) if status == OK else pa.array([0] * n, pa.int32())
+    scored = not ineligible
+    level = batch.column("level") if scored else pa.array([""] * n, pa.string())
+    quality = batch.column("quality").cast(pa.int32()) if scored else pa.array([0] * n, pa.int32())
     pred = batch.column("pred_label") if "pred_label" in batch.column_names else pa.array([""] * n, pa.string())
+    if scored:
+        why = ["" if lv else NO_PREDICTION for lv in level.to_pylist()]
+    else:
+        why = [f"{ineligible}:{reason}" for reason in batch.column("reason").to_pylist()]
     return (common.append_column(_GROUP, common.column("parent_id")).append_column(_KIND, pa.array(["candidate"] * n))
             .append_column("split", pa.array([""] * n, pa.string())).append_column("level", level)
-            .append_column("quality", quality).append_column("pred_label", pred))
+            .append_column("quality", quality).append_column("pred_label", pred)
+            .append_column(_WHY, pa.array(why, pa.string())))
+
+
+def seed_accounting(candidates: Iterable[dict[str, Any]], pairs: list, ineligible: str | None = None) -> dict[str, Any]:
+    """Where one seed's candidate markers went: ``paired`` (2 per pair), ``unpaired`` (eligible ones
+    in no pair, by level), ``ineligible`` (by reason; all of them with reason ``ineligible`` when
+    given: a held-out seed, an orphan group). ``candidates = paired + Σ unpaired + Σ ineligible``."""
+    in_pairs = {cid for p in pairs for cid in (p.chosen, p.rejected)}
+    unpaired: Counter = Counter()
+    why: Counter = Counter()
+    n = 0
+    for c in candidates:
+        n += 1
+        if ineligible or c[_WHY]:
+            why[ineligible or c[_WHY]] += 1
+        elif c["id"] not in in_pairs:
+            unpaired[c["level"]] += 1
+    return {"candidates": n, "paired": len(in_pairs), "unpaired": dict(sorted(unpaired.items())),
+            "ineligible": dict(sorted(why.items()))}
+
+
+def accounting_totals(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The accounting of every seed (and orphan group) summed, from the stage's rows (each with
+    ``parent_id``, ``status`` and ``accounting``; a seed's pair rows repeat it, counted once):
+    ``seeds`` (groups with a seed row), ``candidates``, ``paired``, ``unpaired``, ``ineligible``."""
+    per_group = {r["parent_id"]: (r["status"], json.loads(r["accounting"])) for r in rows}
+    unpaired: Counter = Counter()
+    why: Counter = Counter()
+    for _, acc in per_group.values():
+        unpaired.update(acc["unpaired"])
+        why.update(acc["ineligible"])
+    return {"seeds": sum(status != ORPHAN for status, _ in per_group.values()),
+            "candidates": sum(acc["candidates"] for _, acc in per_group.values()),
+            "paired": sum(acc["paired"] for _, acc in per_group.values()),
+            "unpaired": dict(sorted(unpaired.items())), "ineligible": dict(sorted(why.items()))}
 
 
 def seed_pairs(group: pa.Table, *, seed: int, max_pairs: int | None, split: str | None, iteration: int,
                prompt: RewritePrompt) -> pa.Table:
-    """One seed's group (its marker + its candidates) -> its pair rows or one dropped row."""
+    """One seed's group (its marker + its candidates) -> its pair rows or one dropped row, each with
+    the seed's accounting; a group without a seed (orphans) -> one :data:`ORPHAN` row counting them."""
     rows = group.to_pylist()
     seeds = [r for r in rows if r[_KIND] == "seed"]
-    if not seeds:  # candidates of a row that is not among the inputs: the accounting reports them
-        return to_table([], PAIR_COLUMNS)
+    candidates = {r["id"]: r for r in rows if r[_KIND] == "candidate"}
+    if not seeds:  # candidates of a row that is not among the inputs: counted, not written
+        group_id = rows[0][_GROUP]
+        accounting = json.dumps(seed_accounting(candidates.values(), [], ORPHAN))
+        return to_table([make_row(id=group_id, parent_id=group_id, status=ORPHAN, reason=ORPHAN,
+                                  accounting=accounting)], PAIR_COLUMNS)
     s = seeds[0]
     base = dict(label=s["label"], macro=s["macro"], micro=s["micro"], lang=s["lang"], source=GENERATED,
                 method="loop_pair", parent_id=s["id"], iteration=iteration)
     if split is not None and s["split"] and s["split"] != split:
+        accounting = json.dumps(seed_accounting(candidates.values(), [], HELD_OUT_SEED))
         return to_table([make_row(id=s["id"], text=s["text"], **base, status=DROPPED, reason="held_out_split",
-                                  detail=f"split {s['split']!r}; seeds are {split!r}")], PAIR_COLUMNS)
-    candidates = {r["id"]: r for r in rows if r[_KIND] == "candidate"}
+                                  detail=f"split {s['split']!r}; seeds are {split!r}", accounting=accounting)],
+                        PAIR_COLUMNS)
     levels = [r["level"] or None for r in candidates.values()]
     level_counts = dict(sorted(Counter(level or "ineligible" for level in levels).items()))
     pairs = make_pairs([(cid, r["level"] or None) for cid, r in candidates.items()], max_pairs,
                        keyed_rng(seed, "loop_pairs", s["id"]))
+    accounting = json.dumps(seed_accounting(candidates.values(), pairs))
     if not pairs:
         return to_table([make_row(id=s["id"], text=s["text"], **base, status=DROPPED, reason=no_pair_reason(levels),
-                                  detail=f"candidate levels {level_counts}", levels=str(level_counts))],
-                        PAIR_COLUMNS)
+                                  detail=f"candidate levels {level_counts}", levels=str(level_counts),
+                                  accounting=accounting)], PAIR_COLUMNS)
     messages = prompt({"text": s["text"], "label": s["label"], "micro": s["micro"]})
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = next(m["content"] for m in messages if m["role"] == "user")
@@ -96,7 +168,8 @@ def seed_pairs(group: pa.Table, *, seed: int, max_pairs: int | None, split: str 
             chosen=chosen["text"], rejected=rejected["text"], chosen_id=p.chosen, rejected_id=p.rejected,
             chosen_level=p.chosen_level, rejected_level=p.rejected_level, pair_type=p.type,
             chosen_quality=chosen["quality"], rejected_quality=rejected["quality"],
-            chosen_pred=chosen["pred_label"], rejected_pred=rejected["pred_label"], levels=str(level_counts)))
+            chosen_pred=chosen["pred_label"], rejected_pred=rejected["pred_label"], levels=str(level_counts),
+            accounting=accounting))
     return to_table(out, PAIR_COLUMNS)
 
 
@@ -106,12 +179,13 @@ class PairsStage(Stage):
     fan_out = True
 
     def __init__(self, name: str, *, inputs: tuple[str, ...], scored: str, prompt: RewritePrompt, seed: int,
-                 max_pairs: int | None, seed_split: str | None, iteration: int):
+                 max_pairs: int | None, seed_split: str | None, iteration: int, labelled: str | None = None):
         super().__init__({"max_pairs": max_pairs, "seed": seed, "seed_split": seed_split, "iteration": iteration})
         self.name = name
         self.inputs = inputs
-        self.requires = (scored,)
+        self.requires = (scored, *([labelled] if labelled else []))
         self.scored = scored
+        self.labelled = labelled  # its error rows: candidates without a prediction, which scoring never saw
         self.prompt = prompt
         self.seed = seed
         self.max_pairs = max_pairs
@@ -123,19 +197,22 @@ class PairsStage(Stage):
 
     def write(self, inputs: dict, rundir) -> None:
         import ray
+        from ray.data.expressions import col
 
         parts = [inputs[n].map_batches(seed_markers, batch_format="pyarrow") for n in self.inputs]
-        parts.append(read_ok(rundir, self.scored).map_batches(candidate_markers, batch_format="pyarrow",
-                                                              fn_kwargs={"status": OK}))
-        if rundir.parquet_files(self.scored, ERROR):
-            parts.append(ray.data.read_parquet(rundir.partition_uri(self.scored, ERROR), partitioning=None)
-                         .map_batches(candidate_markers, batch_format="pyarrow", fn_kwargs={"status": ERROR}))
+        parts.append(read_ok(rundir, self.scored).map_batches(candidate_markers, batch_format="pyarrow"))
+        for stage, why in ((self.scored, NO_SCORE), (self.labelled, NO_PREDICTION)):
+            if stage and rundir.parquet_files(stage, ERROR):
+                parts.append(ray.data.read_parquet(rundir.partition_uri(stage, ERROR), partitioning=None)
+                             .map_batches(candidate_markers, batch_format="pyarrow", fn_kwargs={"ineligible": why}))
         rows = union_all(parts).materialize()
-        rows.groupby(_GROUP, num_partitions=shuffle_partitions(rows.count())).map_groups(
+        out = rows.groupby(_GROUP, num_partitions=shuffle_partitions(rows.count())).map_groups(
             seed_pairs, batch_format="pyarrow", fn_kwargs={
                 "seed": self.seed, "max_pairs": self.max_pairs, "split": self.seed_split,
-                "iteration": self.iteration, "prompt": self.prompt}) \
-            .write_parquet(rundir.uri(self.name), partition_cols=["status"])
+                "iteration": self.iteration, "prompt": self.prompt}).materialize()
+        out.filter(expr=col("status") != ORPHAN).write_parquet(rundir.uri(self.name), partition_cols=["status"])
+        totals = accounting_totals(out.select_columns(["parent_id", "status", "accounting"]).iter_rows())
+        rundir.write_text(f"{self.name}/{ACCOUNTING}", json.dumps(totals, indent=2))
 
     def summary(self, rundir) -> dict[str, Any]:
         by_micro: dict[str, Counter] = {}
@@ -146,4 +223,5 @@ class PairsStage(Stage):
                 "pair_types": dict(sorted(Counter(rundir.column_values(self.name, OK, "pair_type")).items())),
                 "seeds_with_pairs": len(set(rundir.column_values(self.name, OK, "parent_id"))),
                 "no_pair": rundir.reason_counts(self.name, DROPPED),
+                "accounting": json.loads(rundir.read_text(f"{self.name}/{ACCOUNTING}") or "null"),
                 "pair_types_by_micro": {m: dict(c) for m, c in sorted(by_micro.items())}}

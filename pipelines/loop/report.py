@@ -24,6 +24,7 @@ from pipelines.core.rows import ERROR, OK
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.evaluation.guard_report import fmt, png_bytes
+from pipelines.loop.pairs import ACCOUNTING
 from pipelines.training.sft import read_metrics
 
 REPORT_DIR = "report"
@@ -46,6 +47,19 @@ def system_metrics(metrics: dict) -> dict[str, Any]:
             "per_macro_f1": {k: m["f1"] for k, m in metrics["per_macro"].items()},
             "per_micro_f1": {k: m["f1"] for k, m in metrics["per_micro"].items() if m["rows"]},
             "model": metrics["settings"]["model"]}
+
+
+def candidate_levels(rundir, scored: str = "loop2_score", labelled: str = "loop2_label") -> list[tuple[str, str]]:
+    """``(micro, level or "ineligible")`` of every candidate the classifier was asked about: the scored
+    ones, the unscored ones (the score stage's errors) and those without a usable answer (the
+    labelling stage's errors, which never reach scoring)."""
+    out = []
+    for stage, status in ((scored, OK), (scored, ERROR), (labelled, ERROR)):
+        micros = rundir.column_values(stage, status, "micro")
+        # an error row's `level` is no difficulty level (the labelling stage's is "prompt")
+        levels = rundir.column_values(stage, OK, "level") if status == OK else [""] * len(micros)
+        out += [(micro, level or "ineligible") for micro, level in zip(micros, levels)]
+    return out
 
 
 def read_curves(rundir, stage: str) -> list[dict[str, float]]:
@@ -85,6 +99,10 @@ def markdown(report: dict, taxonomy) -> str:
         lines.append("| all | " + " | ".join(str(levels["total"].get(c, 0)) for c in cols)
                      + f" | {report['pairs']['total']} | "
                      + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"]) + " |")
+    accounting = report["pairs"].get("accounting")
+    if accounting:
+        lines += ["", f"Per seed (`loop2_pairs`): {accounting['candidates']} candidates = {accounting['paired']} in "
+                  f"pairs + unpaired {accounting['unpaired']} + ineligible {accounting['ineligible']}."]
     for stage, curve in report["generator_training"].items():
         if curve:
             last = curve[-1]
@@ -164,12 +182,9 @@ class LoopReportStage(Stage):
         by_micro: dict[str, Counter] = {}
         total: Counter = Counter()
         if "loop2_score" in self.requires:
-            for status in (OK, ERROR):
-                for micro, level in zip(rundir.column_values("loop2_score", status, "micro"),
-                                        rundir.column_values("loop2_score", status, "level")):
-                    key = level if status == OK and level else "ineligible"
-                    by_micro.setdefault(micro or "-", Counter())[key] += 1
-                    total[key] += 1
+            for micro, key in candidate_levels(rundir):
+                by_micro.setdefault(micro or "-", Counter())[key] += 1
+                total[key] += 1
         pair_micro: dict[str, Counter] = {}
         if "loop2_pairs" in self.requires:
             for micro, kind in zip(rundir.column_values("loop2_pairs", OK, "micro"),
@@ -184,7 +199,8 @@ class LoopReportStage(Stage):
                        "total": dict(total)},
             "pairs": {"by_micro": {m: dict(c) for m, c in sorted(pair_micro.items(), key=lambda kv: order.get(kv[0], 99))},
                       "type_totals": dict(type_totals), "total": sum(type_totals.values()),
-                      "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"]},
+                      "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"],
+                      "accounting": json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null")},
             "generator_training": {s: read_curves(rundir, s) for s in self.requires if s in ("loop2_mdpo", "loop2_dpo")},
             "seconds": {s: manifests[s]["seconds"] for s in self.requires if manifests.get(s)},
         }

@@ -247,6 +247,13 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     assert len(scored) + ineligible == manifests["loop2_label"]["rows"]["out"]
     assert set(scored) | set(rundir.column_values("loop2_score", "error", "id")) == \
         set(rundir.column_values("loop2_label", "ok", "id"))
+    # candidates the classifier gave no usable answer for never reach scoring; the pairs stage and
+    # the report count them as ineligible: every candidate is in a pair, unpaired or ineligible
+    unlabelled = rundir.count_rows("loop2_label", "error")
+    accounting = manifests["loop2_pairs"]["summary"]["accounting"]
+    assert accounting["candidates"] == len(scored) + ineligible + unlabelled
+    assert accounting["candidates"] == accounting["paired"] + sum(accounting["unpaired"].values()) \
+        + sum(accounting["ineligible"].values())
     pairs = [r for b in rundir.iter_batches("loop2_pairs", "ok", ["parent_id", "chosen_id", "rejected_id", "pair_type",
                                                                   "chosen_level", "rejected_level"])
              for r in b.to_pylist()]
@@ -263,6 +270,7 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     assert {s: sorted(v) for s, v in got.items()} == \
         {s: sorted((p.chosen, p.rejected, p.type) for p in ps) for s, ps in expected.items() if ps}
     assert manifests["loop2_mdpo"]["rows"]["in"] == len(pairs)
+    assert accounting["paired"] == 2 * len(pairs)
 
     # 6. the report's numbers match a recomputation from its rows
     from sklearn.metrics import f1_score
@@ -275,8 +283,9 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     f1 = f1_score([r["label"] for r in eval_rows], [r["pred_label"] for r in eval_rows], pos_label="unsafe",
                   zero_division=0.0)
     assert report["systems"]["c2"]["f1"] == pytest.approx(f1) or (report["systems"]["c2"]["f1"] is None and f1 == 0)
-    assert sum(report["levels"]["total"].values()) == len(scored) + ineligible
-    assert report["levels"]["total"].get("ineligible", 0) == ineligible
+    assert sum(report["levels"]["total"].values()) == len(scored) + ineligible + unlabelled
+    assert report["levels"]["total"].get("ineligible", 0) == ineligible + unlabelled
+    assert report["pairs"]["accounting"] == accounting
     assert {k: v for k, v in report["levels"]["total"].items() if k != "ineligible"} == \
         dict(Counter(r["level"] for r in scored.values()))
     assert report["pairs"]["total"] == len(pairs)
