@@ -59,7 +59,7 @@ from pipelines.core.rows import (
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.evaluation.guard_adapters import (
     GUARD_ADAPTERS, RESPONSE, SCORED_ADAPTERS, GuardAdapter, GuardParseError, make_adapter,
 )
@@ -280,7 +280,9 @@ class GuardEvalStage(Stage):
     def hash_payload(self) -> Any:
         return {"config": semantic_dump(self.config),
                 "endpoint": endpoint_payload(self.endpoint, self.config.model_from),
-                "adapter": self.adapter.hash_payload()}
+                "adapter": self.adapter.hash_payload(),
+                # the report's per-category tables and charts name the taxonomy's categories
+                "taxonomy": taxonomy_digest(self.taxonomy)}
 
     # --- the guard ---------------------------------------------------------------------------
     def resolve_endpoint(self, rundir: RunDir) -> LLMEndpoint:

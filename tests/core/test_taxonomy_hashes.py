@@ -92,6 +92,14 @@ def _guard_sft(taxonomy: str):
     return GuardSFTStage(GuardSFTConfig(model="Qwen/Qwen3-0.6B"), taxonomy)
 
 
+def _guard_eval(taxonomy: str):
+    from pipelines.evaluation.guard_eval import GuardEvalConfig, GuardEvalStage
+
+    # an adapter that is not ours: its prompt has no taxonomy, but its report names the categories
+    return GuardEvalStage("x", GuardEvalConfig(inputs=["assemble"], model="g", adapter="qwen3guard_loose",
+                                               score=False), HTTP, taxonomy)
+
+
 #: stages that render taxonomy names: the loop's generator prompt (micro names), the keyword
 #: expansion prompt (macro and micro names), PE rewriting (macro names), retrieval queries (macro
 #: and micro names, and through the rows' labels the RAG rewriting prompt), the dataset card (all
@@ -99,6 +107,7 @@ def _guard_sft(taxonomy: str):
 STAGES: dict[str, Callable[[str], object]] = {
     "loop_generate": _generate, "loop_pairs": _pairs, "keywords": _keywords, "pe": _pe, "retrieve": _retrieve,
     "assemble": _assemble, "jury": _jury, "adjudicate": _adjudicate, "guard_sft": _guard_sft,
+    "guard_eval": _guard_eval,
 }
 #: prompts with the Chinese names only (categories_block): an English name is not in them
 ZH_ONLY = {"jury", "adjudicate"}

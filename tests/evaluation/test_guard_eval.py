@@ -346,6 +346,11 @@ def test_two_guards_are_scored_on_the_same_rows_and_junk_counts_as_wrong(tmp_pat
     good, junky = (GuardEvalStage(name, config, endpoint, str(TAXONOMY_PATH)) for name in ("good", "junky"))
     llama = GuardEvalStage("llama", config.model_copy(update={"adapter": "llamaguard"}), endpoint, str(TAXONOMY_PATH))
     rundir = RunDir(str(tmp_path / "run"))
+    # a guard decided by its answers (score: false, as the loop labels candidates): the report
+    # names no answer tokens (its report once crashed reading them)
+    unscored = GuardEvalStage("unscored", config.model_copy(update={"score": False}), endpoint, str(TAXONOMY_PATH))
+    _write_offline(unscored, rundir, batch, {i: a for i, _, _, a, _ in SAME_INPUT})
+    assert "- prediction: the answer's label\n" in rundir.read_text("guard_eval_unscored/report/report.md")
     _write_offline(good, rundir, batch, {i: a for i, _, _, a, _ in SAME_INPUT})
     _write_offline(junky, rundir, batch, {i: j for i, _, _, _, j in SAME_INPUT})
     _write_offline(llama, rundir, batch, {i: a.replace("\nA1", "\nS1").replace("\nB2", "").replace("\nD1", "\nS2")
