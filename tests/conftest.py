@@ -193,26 +193,32 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
-    """A scrape in which ``name`` (with ``labels``) has appeared: Ray exports every 10 s (a shorter
-    ``RAY_metrics_report_interval_ms`` costs every Ray process of the session CPU)."""
+def has_metric(text: str, name: str) -> bool:
+    """Whether a Prometheus scrape has a sample of metric ``name`` (any value, 0 included)."""
+    return bool(re.search(rf"^{name}[{{ ]", text, re.MULTILINE))
+
+
+def _wait_for_scrape(ready, timeout: float) -> str:
+    """The first scrape for which ``ready(text)`` holds, or the last one after ``timeout`` seconds:
+    Ray exports every 10 s (a shorter ``RAY_metrics_report_interval_ms`` costs every Ray process of
+    the session CPU)."""
     deadline = time.time() + timeout
     while True:
         text = scrape_metrics()
-        if metric_value(text, name, **labels) or time.time() > deadline:
+        if ready(text) or time.time() > deadline:
             return text
         time.sleep(1)
+
+
+def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
+    """A scrape in which ``name`` (with ``labels``) has a non-zero value."""
+    return _wait_for_scrape(lambda text: metric_value(text, name, **labels), timeout)
 
 
 def wait_for_metric_names(names: list[str], timeout: float = 60) -> str:
-    """A scrape in which every metric of ``names`` has appeared (any value, 0 included): metrics of
-    different processes (our ingress, Ray Serve's proxy) reach the export at different report ticks."""
-    deadline = time.time() + timeout
-    while True:
-        text = scrape_metrics()
-        if all(re.search(rf"^{name}[{{ ]", text, re.MULTILINE) for name in names) or time.time() > deadline:
-            return text
-        time.sleep(1)
+    """A scrape in which every metric of ``names`` has appeared: metrics of different processes (our
+    ingress, Ray Serve's proxy) reach the export at different report ticks."""
+    return _wait_for_scrape(lambda text: all(has_metric(text, name) for name in names), timeout)
 
 
 class MetricsWatcher:

@@ -177,7 +177,7 @@ def _about_word(label: str, value: str) -> str | None:
 
 def _json_value(key: str, value: object) -> str | None:
     """One JSON entry's verdict: a verdict key's string value as a statement, a verdict-word key's
-    yes/no answer (``{"harmful": false}``, ``{"有害": "否"}``)."""
+    yes/no answer (``{"harmful": false}``, ``{"有害": "否"}``); ``None`` for any other key."""
     word = _word_key(key)
     if word is not None:
         if isinstance(value, bool):
@@ -196,8 +196,7 @@ def _from_json(answer: str) -> tuple[bool, str | None]:
         return False, None
     if not isinstance(obj, dict):
         return False, None
-    found = [_json_value(str(k), v) for k, v in obj.items() if _word_key(str(k)) or _is_verdict_key(str(k))]
-    return True, _settle(found or [None])
+    return True, _settle([_json_value(str(k), v) for k, v in obj.items()] or [None])
 
 
 def parse_verdict(text: str) -> str | None:

@@ -136,7 +136,7 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
         notes.append(f"constrained: {str(evaluation.config.constrained).lower()} as {evaluation.name} evaluated")
     calibrated = calibrated_threshold(rundir, stages, manifests, chosen.name)
     if calibrated is not None:
-        settings["threshold"], (compare, on) = calibrated[0], calibrated[1:]
+        settings["threshold"], compare, on = calibrated
         notes = [f"threshold {settings['threshold']} calibrated by {compare} on {on}"]
         if on in evaluations:
             settings["constrained"] = evaluations[on].config.constrained
