@@ -35,6 +35,8 @@ from pydantic import (
 )
 from pydantic_core import to_jsonable_python
 
+from pipelines.core.chat_templates import check_chat_template, resolve_chat_template
+
 
 class ConfigError(ValueError):
     """A recipe problem, reported with the recipe file and the dotted key."""
@@ -96,6 +98,8 @@ def _model_ref(value: str) -> str:
 
 
 ExistingPath = Annotated[str, AfterValidator(_existing_path)]
+#: held as the template's text once validated (see pipelines.core.chat_templates)
+ChatTemplate = Annotated[str, AfterValidator(resolve_chat_template)]
 OutputPath = Annotated[str, AfterValidator(_output_path)]
 ModelRef = Annotated[str, AfterValidator(_model_ref)]
 
@@ -244,6 +248,10 @@ class LLMEndpoint(Strict):
                                     json_schema_extra=OPERATIONAL)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    chat_template: ChatTemplate | None = Field(
+        None, description="vllm only: for a model without one (a base model): a named format "
+        "(configs/chat_templates/), a .jinja file or inline Jinja; wins over the model's own",
+        json_schema_extra=ADDED)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     # operational: how many engines, how rows are batched to them, where and how fast they run
     concurrency: int | tuple[int, int] = Field(1, json_schema_extra=OPERATIONAL)
@@ -273,6 +281,9 @@ class LLMEndpoint(Strict):
                 raise ValueError("url is only for engine: http")
             if self.api_key_env is not None:
                 raise ValueError("api_key_env is only for engine: http")
+            check_chat_template(self.model, self.chat_template)
+        elif self.chat_template is not None:
+            raise ValueError("chat_template is only for engine: vllm (an http server applies its own)")
         else:
             if not self.url or not re.match(r"^https?://", self.url):
                 raise ValueError("engine: http needs url: http(s)://HOST:PORT/v1/chat/completions")
@@ -333,6 +344,10 @@ class TrainingConfig(Strict):
     stop_after_steps: int | None = Field(
         None, ge=1, description="end this invocation after N optimizer steps (checkpointed); "
         "rerunning continues from there. For time-boxed or preemptible slots", json_schema_extra=OPERATIONAL)
+    chat_template: ChatTemplate | None = Field(
+        None, description="for a model without one (a base model): a named format "
+        "(configs/chat_templates/), a .jinja file or inline Jinja; saved with the trained model",
+        json_schema_extra=ADDED)
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to the chat template (Qwen3: enable_thinking: false)")
     on_bad_rows: Literal["error", "skip"] = Field(
@@ -346,6 +361,11 @@ class TrainingConfig(Strict):
         if value in ("zero2", "zero3"):
             return value
         return _existing_path(value)
+
+    @model_validator(mode="after")
+    def _check_template(self) -> "TrainingConfig":
+        check_chat_template(self.model, self.chat_template)
+        return self
 
     @model_validator(mode="after")
     def _check_batches(self) -> "TrainingConfig":
@@ -460,10 +480,38 @@ def validate_settings(model: type[BaseModel], data: Any, source: str, overrides:
         raise ConfigError(f"{source} must be a mapping at the top level")
     data = apply_overrides(data, list(overrides or []))
     source = source + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    data = expand_env(data, source)
     try:
         return model.model_validate(data, context={RESOLVED: resolved})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, source: str, key: str = "") -> Any:
+    """``${NAME}`` and ``${NAME:-default}`` in every string value replaced from the environment of
+    the process that reads the recipe (``model: ${REAL_MODELS:-models/real}/gemma-3-270m``); an
+    unset variable without a default is a :class:`ConfigError` naming it and the key. The run's
+    ``recipe.yaml`` holds the values as expanded."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, source, f"{key}.{i}") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"invalid {source}:\n  {key}: environment variable {name} is not set "
+                              f"(write ${{{name}:-default}} for a default)")
+        return default
+
+    return _ENV_REF.sub(value, data)
 
 
 def dump_recipe(recipe: BaseModel) -> str:

@@ -67,6 +67,38 @@ def split_prompts(text: str, *, min_chars: int = 1) -> list[str]:
     return out
 
 
+# How instruct models open a refusal, in English and Chinese. Only the opening counts: a refusal
+# phrase inside a text (a translated apology, a quoted "I can't") is content.
+_REFUSAL_OPENING = re.compile(
+    r"^\W{0,3}(?:i(?:'m| am)? sorry|sorry,|i (?:can(?:no|')t|won't|will not|am unable|'m unable|must decline)|"
+    r"as an ai|i apologi[sz]e|unfortunately,? i|"
+    r"(?:很|非常)?抱歉|对不起|我(?:不能|无法|不会|拒绝)|作为(?:一个)?(?:ai|人工智能|语言模型|AI助手)|"
+    r"(?:本|该)?(?:内容|请求|问题)(?:涉及|包含)[^，。]{0,20}(?:无法|不能|不便))", re.IGNORECASE)
+
+
+def looks_like_refusal(answer: str) -> bool:
+    """Whether an answer opens as a refusal ("I'm sorry, I can't…", "抱歉，我无法…", "作为AI…")."""
+    return bool(_REFUSAL_OPENING.match(strip_thinking(answer)))
+
+
+# A label an instruct model puts before its translation: "Translation:", "译文：", "翻译如下："
+_TRANSLATION_LABEL = re.compile(r"^\s*(?:translation|translated text|译文|翻译|中文翻译|翻译结果)(?:如下)?\s*[:：]\s*",
+                                re.IGNORECASE)
+
+
+def parse_translation(answer: str, source: str) -> tuple[str | None, str]:
+    """An LLM's translation answer -> (translation, "") or (None, reason): ``empty_answer`` or
+    ``refused`` (an answer that opens as a refusal when the source text itself does not). The
+    reasoning, a leading "Translation:"/"译文：" label and quotes wrapping the whole answer go."""
+    text = strip_thinking(answer)
+    text = _unquote(_TRANSLATION_LABEL.sub("", text, count=1).strip())
+    if not text:
+        return None, "empty_answer"
+    if looks_like_refusal(text) and not looks_like_refusal(source):
+        return None, "refused"
+    return text, ""
+
+
 def classify_llm_error(message: str) -> str:
     """Short reason code for a failed request (``prompt_too_long`` or ``inference_error``)."""
     lowered = message.lower()

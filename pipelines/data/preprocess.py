@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from pipelines.core.config import OPERATIONAL, ModelRef, Strict
+from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, ModelRef, Strict, semantic_dump
+from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, OK, common_rows, fixed_list_to_numpy
 from pipelines.core.stage import Stage
@@ -45,10 +46,22 @@ class LangIdConfig(Strict):
     min_confidence: float = Field(0.0, ge=0, le=1, description="below it the language is 'und'")
 
 
-class TranslateConfig(Strict):
-    """MarianMT (or any seq2seq) translation of rows in ``source_langs`` in an actor pool."""
+#: target_lang -> the language's name in translation prompts
+LANGUAGE_NAMES = {"zh": "简体中文", "en": "英文 (English)", "ja": "日文", "ko": "韩文", "fr": "法文", "de": "德文",
+                  "es": "西班牙文", "ru": "俄文", "ar": "阿拉伯文"}
 
-    model: ModelRef = Field(description="Helsinki-NLP/opus-mt-en-zh in the paper recipe")
+
+class TranslateConfig(Strict):
+    """Translation of rows in ``source_langs``: a seq2seq model (MarianMT) in an actor pool, or an
+    LLM endpoint under ``models:`` asked with a translation prompt (answers that are empty or open
+    as a refusal become error rows with that reason)."""
+
+    model: ModelRef | None = Field(None, description="seq2seq: Helsinki-NLP/opus-mt-en-zh in the paper recipe")
+    endpoint: str | None = Field(None, description="instead of model: an LLM endpoint under `models:`",
+                                 json_schema_extra=ADDED)
+    template: ExistingPath = Field(str(CONFIGS / "prompts" / "translate.yaml"), validate_default=True,
+                                   description="endpoint: the translation prompt (variables text, target_language)",
+                                   json_schema_extra=ADDED)
     source_langs: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
     target_lang: str = "zh"
     batch_size: int = Field(64, ge=1, json_schema_extra=OPERATIONAL)
@@ -59,6 +72,15 @@ class TranslateConfig(Strict):
     max_input_tokens: int = Field(512, ge=8, description="longer inputs are truncated")
     max_new_tokens: int = Field(512, ge=1)
     num_beams: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_translator(self) -> "TranslateConfig":
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("translate needs exactly one of model (seq2seq) or endpoint (an LLM under models:)")
+        if self.endpoint is not None and self.target_lang not in LANGUAGE_NAMES:
+            raise ValueError(f"target_lang {self.target_lang!r}: the translation prompt names "
+                             f"{sorted(LANGUAGE_NAMES)}; add it to LANGUAGE_NAMES")
+        return self
 
 
 class LengthFilterConfig(Strict):
@@ -227,11 +249,27 @@ class LangIdStage(PreprocessStage):
 
 
 class TranslateStage(PreprocessStage):
-    """Translation of rows in ``source_langs`` (the previous stage must be ``langid``)."""
+    """Translation of rows in ``source_langs`` (the previous stage must be ``langid``), by a seq2seq
+    model or an LLM endpoint."""
 
     name = "translate"
 
+    def __init__(self, config: TranslateConfig, inputs: tuple[str, ...], endpoint: LLMEndpoint | None = None):
+        super().__init__(config, inputs)
+        if (config.endpoint is None) != (endpoint is None):
+            raise ValueError("translate: an endpoint is given exactly when the config names one")
+        self.endpoint = endpoint
+        self.prompt = ChatPrompt(config.template) if endpoint is not None else None
+
+    def hash_payload(self) -> Any:
+        if self.endpoint is None:
+            return self.config
+        return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
+                "template_digest": self.prompt.digest}
+
     def build(self, inputs: dict) -> Any:
+        if self.endpoint is not None:
+            return self._build_llm(inputs)
         import ray
 
         from actors.embedder import resolve_device
@@ -244,6 +282,19 @@ class TranslateStage(PreprocessStage):
             batch_size=cfg.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), num_cpus=cfg.num_cpus,
             num_gpus=1 if device == "cuda" else 0)
+
+    def _build_llm(self, inputs: dict) -> Any:
+        from actors.llm import chat
+        from actors.translator import llm_translation_batch, untranslated_batch
+
+        cfg = self.config
+        rows = self.union(inputs)
+        source = set(cfg.source_langs)
+        todo = rows.filter(lambda r: r["lang"] in source)
+        rest = rows.filter(lambda r: r["lang"] not in source).map_batches(untranslated_batch, batch_format="pyarrow")
+        answers = chat(todo, self.endpoint, RenderRow(self.prompt, {"target_language": LANGUAGE_NAMES[cfg.target_lang]}))
+        return answers.map_batches(llm_translation_batch, batch_format="pyarrow",
+                                   fn_kwargs={"target_lang": cfg.target_lang}).union(rest)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,13 +436,19 @@ def _steps(config: PreprocessSteps) -> list[str]:
     return [step for step in PreprocessSteps.STEPS if getattr(config, step) is not None]
 
 
-def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], prefix: str = "") -> list[Stage]:
+def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], models: dict[str, LLMEndpoint],
+                prefix: str = "") -> list[Stage]:
     """One stage per enabled step, each reading the one before (the first: the union of ``inputs``),
-    named ``<prefix><step>`` (the loop preprocesses its candidates as ``loop1_normalize``, ...)."""
+    named ``<prefix><step>`` (the loop preprocesses its candidates as ``loop1_normalize``, ...);
+    ``models``: the recipe's endpoints (an LLM translation names one)."""
     stages: list[Stage] = []
     upstream = tuple(inputs)
     for step in _steps(config):
-        stage = STEP_STAGES[step](getattr(config, step), upstream)
+        step_config = getattr(config, step)
+        if step == "translate" and step_config.endpoint is not None:
+            stage = TranslateStage(step_config, upstream, models[step_config.endpoint])
+        else:
+            stage = STEP_STAGES[step](step_config, upstream)
         stage.name = f"{prefix}{stage.name}"
         stages.append(stage)
         upstream = (stage.name,)
@@ -401,9 +458,16 @@ def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], prefix: str = 
 def _check(config: PreprocessConfig, refs: References) -> dict[str, str | None]:
     steps = _steps(config)
     refs.check_inputs("stages.preprocess.inputs", config.inputs, refs.before(steps[0] if steps else None))
-    return {}
+    return translation_endpoint(config, "stages.preprocess")
+
+
+def translation_endpoint(config: PreprocessSteps, key: str) -> dict[str, str]:
+    """``{key.translate.endpoint: name}`` when translation names an endpoint (checked under models:)."""
+    if config.translate is None or config.translate.endpoint is None:
+        return {}
+    return {f"{key}.translate.endpoint": config.translate.endpoint}
 
 
 register("preprocess", config=PreprocessConfig, after="pe", provides="rows", names=_steps,
-         build=lambda recipe, config: build_steps(config, tuple(config.inputs)),
+         build=lambda recipe, config: build_steps(config, tuple(config.inputs), recipe.models),
          check=_check)

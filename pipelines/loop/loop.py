@@ -36,7 +36,7 @@ from pydantic import Field, ValidationInfo, model_validator
 from pipelines.core.config import CONFIGS, ExistingPath, Strict, as_written
 from pipelines.core.registry import References, register
 from pipelines.core.stage import Stage
-from pipelines.data.preprocess import PreprocessSteps, build_steps
+from pipelines.data.preprocess import PreprocessSteps, build_steps, translation_endpoint
 from pipelines.evaluation.guard_eval import GuardEvalConfig, GuardEvalStage
 from pipelines.loop.decontaminate import DecontaminateStage
 from pipelines.loop.generate import GenerateStage, RewritePrompt
@@ -171,7 +171,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         generate = GenerateStage(f"{prefix}_generate", inputs=seeds, endpoint=recipe.models[endpoint],
                                  prompt=prompt, k=config.k, iteration=iteration, generator=generator,
                                  seed_split=config.train_split, model_from=model_from)
-        cleaned = build_steps(steps, (generate.name,), prefix=f"{prefix}_")
+        cleaned = build_steps(steps, (generate.name,), recipe.models, prefix=f"{prefix}_")
         decontaminate = DecontaminateStage(f"{prefix}_decontaminate", inputs=((cleaned or [generate])[-1].name,),
                                            reference=seeds, test_split=config.test_split, near=steps.near_dedup)
         stages.extend([generate, *cleaned, decontaminate])
@@ -227,6 +227,8 @@ def _check(config: LoopConfig, refs: References) -> dict[str, str | None]:
             raise ValueError(f"stages.loop.{key}: {what} are folders of this run that only engine vllm loads; "
                              f"endpoint {name!r} is engine {endpoint.engine}"
                              + ("" if key == "classifier_endpoint" else " (set trained_generator: <an engine: vllm endpoint>)"))
+    if config.preprocess is not None:
+        models.update(translation_endpoint(config.preprocess, "stages.loop.preprocess"))
     return {k: v for k, v in models.items() if v is not None}
 
 

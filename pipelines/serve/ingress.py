@@ -121,8 +121,7 @@ class GuardIngress:
     """Routes + prompt rendering + batching + answer reading, in front of the vLLM replicas."""
 
     def __init__(self, engine, config: dict[str, Any]):
-        from transformers import AutoTokenizer
-
+        from pipelines.core.chat_templates import load_tokenizer
         from pipelines.evaluation.guard_adapters import ChillGuardAdapter
         from pipelines.evaluation.guard_scores import check_answer_tokens, first_tokens
 
@@ -134,7 +133,7 @@ class GuardIngress:
         self.codes = adapter.codes
         self.prompt = adapter.prompt
         self.structured = {"regex": adapter.answer_pattern("prompt")} if c.constrained else None
-        self.tokenizer = AutoTokenizer.from_pretrained(c.model)
+        self.tokenizer = load_tokenizer(c.model)  # a trained folder carries its template
         self.answer_tokens = first_tokens(self.tokenizer)
         check_answer_tokens(self.answer_tokens, c.model)
         self.context = c.max_model_len or _model_context(c.model)

@@ -33,7 +33,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import ADDED, ExistingPath, ModelRef, Strict, TrainingConfig
+from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
@@ -64,7 +66,8 @@ class MDPOSettings(TrainingConfig):
         "model", description="model: a frozen reference under DeepSpeed beside the policy; "
         "precomputed: reference log-probs computed once in Ray Data before training")
     reference_model: ModelRef | None = Field(None, description="default: the policy's start model")
-    chat_template: bool = Field(True, description="wrap the prompt in the model's chat template")
+    apply_chat_template: bool = Field(True, description="wrap the prompt in the chat template (the "
+                                      "model's, or chat_template's); false: the prompt column is raw text")
 
     @model_validator(mode="after")
     def _check_keep(self) -> "MDPOSettings":
@@ -195,12 +198,12 @@ class TokenizePairs:
         if chosen == rejected:
             return {**out, "status": ERROR, "reason": "identical_pair", "detail": "chosen == rejected"}
         tok = self.tok
-        if self.config.chat_template:
+        if self.config.apply_chat_template:
             system = r.get(cols.system) if cols.system else None
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **self.config.chat_template_kwargs)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            prompt_ids = prompt_token_ids(tok, messages, self.config.chat_template_kwargs)
+        else:
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         chosen_ids = prompt_ids + tok(chosen, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rejected_ids = prompt_ids + tok(rejected, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         longest = max(len(chosen_ids), len(rejected_ids))
@@ -212,9 +215,7 @@ class TokenizePairs:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.tok is None:
-            from transformers import AutoTokenizer
-
-            self.tok = AutoTokenizer.from_pretrained(self.config.model)
+            self.tok = load_tokenizer(self.config.model, self.config.chat_template)
         return pa.Table.from_pylist([self.row(r) for r in batch.to_pylist()], schema=pa.schema(PAIRS))
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
@@ -112,9 +113,7 @@ class TokenizeExamples:
         self.tok = None
 
     def setup(self) -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(self.config.model)
+        self.tok = load_tokenizer(self.config.model, self.config.chat_template)
         if self.tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {self.config.model} has no eos token to end the answer")
 

@@ -41,6 +41,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import CONFIGS, TrainingConfig
 from pipelines.core.metrics import record_training, stage_tags
 
@@ -216,9 +217,8 @@ class Method(ABC):
                                safe_serialization=True)
 
     def export_tokenizer(self, out_dir: str) -> None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(self.config.model).save_pretrained(out_dir)
+        # with the template it was trained with: evaluating or serving the folder needs no setting
+        load_tokenizer(self.config.model, self.config.chat_template).save_pretrained(out_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -235,3 +235,22 @@ def test_resolved_recipe_reads_back(tmp_path):
     assert load_recipe(path, resolved=True).model_dump() == paper.model_dump()
     with pytest.raises(ConfigError, match="the loop sets each classifier's inputs"):
         load_recipe(path)  # as if an author had written classifier.inputs
+
+
+def test_environment_variables_in_recipe_values(tmp_path, tiny_models, monkeypatch):
+    """``${NAME}`` / ``${NAME:-default}`` come from the environment; an unset one without a default
+    is named with its key."""
+    folder = Path(tiny_models["causal-lm"])
+    path = _recipe(tmp_path, tiny_models)
+    data = yaml.safe_load(path.read_text())
+    data["models"]["rw"]["model"] = "${MODELS_DIR:-" + str(folder.parent) + "}/" + folder.name
+    data["run_dir"] = "${RUNS}/demo"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"run_dir: environment variable RUNS is not set"):
+        load_recipe(path)
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    recipe = load_recipe(path)
+    assert recipe.run_dir == str(tmp_path / "runs" / "demo") and recipe.models["rw"].model == str(folder)
+    monkeypatch.setenv("MODELS_DIR", "/no/such/dir")
+    with pytest.raises(ConfigError, match="models.rw.model: model path does not exist: /no/such/dir/causal-lm"):
+        load_recipe(path)

@@ -158,3 +158,72 @@ def test_langid_and_translation_on_local_ray(tmp_path, tiny_models, ray_local):
         row = translated[rid]
         assert row["lang"] == "zh" and row["original_text"] == normalize_text(records[int(rid[1])]["text"], "nfkc")
         assert row["text"] and row["text"] != row["original_text"]
+
+
+@pytest.mark.slow
+def test_translation_by_an_llm_endpoint(tmp_path, ray_local, vllm_server):
+    """`translate: {endpoint: ...}` on the session's `vllm serve` (the tiny model's junk is its
+    "translation"): rows in a source language get an answer, the rest pass through, none is lost."""
+    from tests.conftest import SERVED_MODEL, http_endpoint
+
+    records = [{"id": "z1", "text": "今天的天气非常好，我们一起去公园散步吧"},
+               {"id": "e1", "text": "The weather is lovely today, let us walk in the park"},
+               {"id": "e2", "text": "Someone is spreading false health claims on social media"}]
+    recipe = Recipe.model_validate({
+        "name": "llm-mt", "run_dir": str(tmp_path / "run"),
+        "models": {"mt": http_endpoint(vllm_server, sampling={"temperature": 0.0, "max_tokens": 8})},
+        "stages": {"ingest": {"paths": [str(write_jsonl(tmp_path / "mixed.jsonl", records))],
+                              "columns": {"text": "text", "id": "id"}},
+                   "preprocess": {"inputs": ["ingest"], "translate": {"endpoint": "mt"},
+                                  "length_filter": None, "dedup": None, "near_dedup": None}},
+    })
+    rundir = RunDir(recipe.run_dir)
+    manifest = run_stages(build_stages(recipe), rundir)["translate"]
+    assert manifest["rows"]["in"] == 3 == manifest["rows"]["out"] + manifest["rows"]["errored"]
+    ok = {r["id"]: r for r in _rows(rundir, "translate", OK)}
+    assert ok["z1"]["original_text"] == "" and ok["z1"]["lang"] == "zh"  # not a source language
+    for rid in ("e1", "e2"):
+        if rid in ok:  # the answer became the text; the English is kept
+            assert ok[rid]["lang"] == "zh" and ok[rid]["original_text"] == records[int(rid[1])]["text"]
+    errors = _rows(rundir, "translate", ERROR)
+    assert all(r["reason"] in ("empty_answer", "refused", "inference_error") and r["detail"] for r in errors)
+    # two requests (z1 is not asked), their answers counted before parsing
+    answers = manifest["answers"][SERVED_MODEL]
+    assert answers["requests"] == 2 and answers["empty"] + answers["refusals"] + answers["failed"] == len(errors)
+
+
+def test_llm_translation_answers_become_rows_or_errors_with_reasons():
+    from actors.translator import llm_translation_batch
+
+    batch = pa.Table.from_pylist([
+        {"id": "a", "text": "How do I bake bread?", "lang": "en", "llm_output": "译文：“我怎样烤面包？”", "llm_error": ""},
+        {"id": "b", "text": "How to pick a lock", "lang": "en", "llm_output": "抱歉，我无法翻译这段内容。", "llm_error": ""},
+        {"id": "c", "text": "I'm sorry, I can't come", "lang": "en", "llm_output": "对不起，我来不了", "llm_error": ""},
+        {"id": "d", "text": "Hello", "lang": "en", "llm_output": "<think>easy</think>  ", "llm_error": ""},
+        {"id": "e", "text": "Hi", "lang": "en", "llm_output": "", "llm_error": "prompt is longer than the maximum"},
+    ])
+    rows = {r["id"]: r for r in llm_translation_batch(batch, target_lang="zh").to_pylist()}
+    assert (rows["a"]["status"], rows["a"]["text"], rows["a"]["lang"], rows["a"]["original_text"]) == \
+        (OK, "我怎样烤面包？", "zh", "How do I bake bread?")
+    assert (rows["b"]["status"], rows["b"]["reason"], rows["b"]["text"]) == (ERROR, "refused", "How to pick a lock")
+    assert "抱歉" in rows["b"]["detail"]
+    assert rows["c"]["status"] == OK  # an apology that translates an apology is a translation
+    assert (rows["d"]["status"], rows["d"]["reason"]) == (ERROR, "empty_answer")
+    assert (rows["e"]["status"], rows["e"]["reason"]) == (ERROR, "prompt_too_long")
+    assert not {"llm_output", "llm_error"} & set(rows["a"])
+
+
+def test_translate_names_one_translator_and_an_existing_endpoint(tmp_path):
+    from pydantic import ValidationError
+
+    from pipelines.data.preprocess import TranslateConfig
+
+    with pytest.raises(ValidationError, match="exactly one of model"):
+        TranslateConfig()
+    with pytest.raises(ValidationError, match="exactly one of model"):
+        TranslateConfig(model="Helsinki-NLP/opus-mt-en-zh", endpoint="mt")
+    with pytest.raises(ValueError, match="stages.preprocess.translate.endpoint.*not defined under models"):
+        build_stages(Recipe.model_validate({
+            "name": "x", "run_dir": str(tmp_path / "run"),
+            "stages": {"ingest": {"paths": [str(write_jsonl(tmp_path / "a.jsonl", [{"text": "hi"}]))]},
+                       "preprocess": {"inputs": ["ingest"], "translate": {"endpoint": "missing"}}}}))
