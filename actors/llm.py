@@ -41,6 +41,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from pipelines.core.answers import answer_log, batch_answer_stats, write_batch_stats
+from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.metrics import record_tokens, stage_tags
 from pipelines.core.prompts import prompt_token_ids
@@ -88,11 +90,9 @@ def structured_params(endpoint: LLMEndpoint, constraint: Constraint, row: dict[s
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model: str):
-    """One tokenizer per worker process and model (Ray reuses task workers)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model)
+def _tokenizer(model: str, chat_template: str | None):
+    """One tokenizer per worker process, model and template (Ray reuses task workers)."""
+    return load_tokenizer(model, chat_template)
 
 
 class _VLLMPreprocess:
@@ -107,7 +107,8 @@ class _VLLMPreprocess:
         self.render = render
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        ids = prompt_token_ids(_tokenizer(self.model), self.render(row), self.chat_kwargs)
+        tokenizer = _tokenizer(self.model, self.endpoint.chat_template)
+        ids = prompt_token_ids(tokenizer, self.render(row), self.chat_kwargs)
         return {"tokenized_prompt": ids, "sampling_params": {
             **self.sampling, **structured_params(self.endpoint, self.constraint, row)}}
 
@@ -292,14 +293,19 @@ def _repeat_rows(batch: pa.Table, samples: int) -> pa.Table:
 
 
 def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1,
-              metric_tags: dict[str, str] | None = None, model: str = "") -> pa.Table:
+              metric_tags: dict[str, str] | None = None, model: str = "", answer_log: str = "",
+              role: str = "") -> pa.Table:
     """Give every batch the same LLM columns; rows that failed inside the engine bypass our
     postprocess and arrive with ``__inference_error__`` set and the engine's keys still present.
     With http ``samples > 1``, each row's choices become rows (:func:`split_samples`). Counts the
-    batch's tokens (:func:`pipelines.core.metrics.record_tokens`)."""
+    batch's tokens (:func:`pipelines.core.metrics.record_tokens`) and, in a run, writes the
+    answers' figures (:mod:`pipelines.core.answers`) under ``answer_log``."""
     out = _finalize_columns(batch, first_logprobs, samples)
     record_tokens(metric_tags or {}, model, sum(out.column("llm_prompt_tokens").to_pylist()),
                   sum(out.column("llm_output_tokens").to_pylist()))
+    if answer_log and out.num_rows:
+        write_batch_stats(answer_log, role or model, batch_answer_stats(
+            out.column("llm_output").to_pylist(), out.column("llm_error").to_pylist()))
     return out
 
 
@@ -383,11 +389,12 @@ def with_logprobs(endpoint: LLMEndpoint) -> LLMEndpoint:
 
 
 def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None, *,
-         first_logprobs: bool = False, samples: int = 1):
+         first_logprobs: bool = False, samples: int = 1, role: str | None = None):
     """Run every row of ``dataset`` through ``endpoint``; returns the rows plus ``LLM_COLUMNS``
     (and ``llm_first_logprobs`` with ``first_logprobs=True``, top-k from the endpoint's
     ``sampling.logprobs``, default :data:`DEFAULT_TOP_LOGPROBS`). ``samples=k``: k answers per
-    row, one row each, numbered in ``llm_sample`` (see the module docstring)."""
+    row, one row each, numbered in ``llm_sample`` (see the module docstring). ``role`` names the
+    answers in the stage's answer figures (default: the model)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if first_logprobs:
@@ -399,4 +406,5 @@ def chat(dataset, endpoint: LLMEndpoint, render: Renderer, constraint: Constrain
     return processor(dataset).map_batches(_finalize, batch_format="pyarrow", batch_size=None,
                                           fn_kwargs={"first_logprobs": first_logprobs,
                                                      "samples": samples if endpoint.engine == "http" else 1,
-                                                     "metric_tags": stage_tags(), "model": endpoint.model})
+                                                     "metric_tags": stage_tags(), "model": endpoint.model,
+                                                     "answer_log": answer_log(), "role": role or endpoint.model})

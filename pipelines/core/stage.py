@@ -35,6 +35,7 @@ import time
 from abc import ABC
 from typing import Any, Callable, ClassVar
 
+from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
 from pipelines.core.config import semantic_dump
 from pipelines.core.metrics import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 WORK = "_work"  # scratch space of multi-pass stages, never a stage
 DONE = "_DONE"  # marks a finished pass in the scratch space
+ANSWERS = "answers"  # the scratch folder of an LLM stage's answer figures (pipelines.core.answers)
 
 
 class AccountingError(RuntimeError):
@@ -196,6 +198,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
     log.info("stage %-10s running (config %s, input %s)", stage.name, config_hash, input_fp)
 
     set_stage(rundir.name, stage.name)
+    set_answer_log(stage.work_uri(rundir, ANSWERS))
     if stage.inputs and rows_in_upstream == 0 and stage.needs_rows:
         raise ValueError(f"stage {stage.name}: its inputs produced no rows ({', '.join(stage.inputs)})")
     if stage.inputs and rows_in_upstream == 0:
@@ -226,6 +229,9 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
         "seconds": round(time.perf_counter() - t0, 3),
         "version": VERSION,
     }
+    answers = read_answer_stats(stage.work_uri(rundir, ANSWERS))  # an LLM stage's answers, before parsing
+    if answers:
+        manifest["answers"] = answers
     rundir.write_manifest(stage.name, manifest)
     rundir.clear_running(stage.name)
     rundir.clear_stage(f"{WORK}/{stage.name}")
@@ -345,6 +351,11 @@ def status_table(rundir: RunDir) -> str:
             r = m["rows"]
             lines.append(f"{name:<{width}}{m['status']:<12}{r['in']:>9}{r['out']:>9}{r['dropped']:>9}"
                          f"{r['errored']:>9}{m['seconds']:>10.1f}  {m['finished_at']}")
+            for role, stats in (m.get("answers") or {}).items():
+                lines.append(f"{'':<{width}}  answers of {answer_quality_line(role, stats)}")
+            if m.get("answers") and (errored := m["reasons"]["errored"]):
+                lines.append(f"{'':<{width}}  errored by reason: "
+                             + ", ".join(f"{k} {v}" for k, v in sorted(errored.items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
 
 

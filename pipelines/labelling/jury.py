@@ -31,7 +31,7 @@ from ray.data.expressions import col
 from pydantic import Field, ValidationInfo, field_validator
 
 from actors.llm import LLM_COLUMNS, chat
-from pipelines.core.config import CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
@@ -57,6 +57,9 @@ class JuryConfig(Strict):
         "(needs a GPU per judge replica at once); sequential: one judge after another (scarce GPUs); "
         "both give the same votes", json_schema_extra=OPERATIONAL)
     template: ExistingPath = Field(str(CONFIGS / "prompts" / "judge.yaml"), validate_default=True)
+    templates: dict[str, ExistingPath] = Field(
+        default_factory=dict, description="a judge's own prompt file instead of template (judge name -> "
+        "file): judges that share one model differ by their instructions", json_schema_extra=ADDED)
     constrained: bool = Field(
         True, description="restrict answers to the verdict words on endpoints that accept "
         "structured outputs (fewer abstentions); false lets judges answer freely")
@@ -70,6 +73,14 @@ class JuryConfig(Strict):
     def _unique_judges(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError(f"judges must be distinct endpoints, got {value}")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_name_judges(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        judges = info.data.get("judges")
+        if judges is not None and (unknown := sorted(set(value) - set(judges))):
+            raise ValueError(f"templates name {unknown}, which are not judges ({judges})")
         return value
 
     @field_validator("min_valid_votes")
@@ -186,7 +197,7 @@ class JuryStage(Stage):
         self.inputs = tuple(config.inputs)
         self.endpoints = {judge: with_room_for_answer(endpoints[judge], config.constrained)
                           for judge in config.judges}
-        self.prompt = ChatPrompt(config.template)
+        self.prompts = {judge: ChatPrompt(config.templates.get(judge, config.template)) for judge in config.judges}
         self.categories = categories_block(load_taxonomy(taxonomy_path))
         # concurrent: one streaming pass writing a row per input row, so an interrupted run keeps what
         # it wrote; sequential resumes per finished judge pass instead (run_pass)
@@ -196,12 +207,17 @@ class JuryStage(Stage):
         # the mode is operational (same votes): switching it does not recompute the stage
         return {"config": semantic_dump(self.config),
                 "endpoints": {j: semantic_dump(e) for j, e in self.endpoints.items()},
-                "template_digest": self.prompt.digest, "categories": self.categories}
+                "template_digest": self._template_digest(), "categories": self.categories}
+
+    def _template_digest(self) -> str | dict[str, str]:
+        digests = {judge: prompt.digest for judge, prompt in self.prompts.items()}
+        # one shared template: the digest as it always was (runs made before per-judge prompts keep their hash)
+        return next(iter(digests.values())) if len(set(digests.values())) == 1 else digests
 
     def _vote(self, dataset, index: int, judge: str):
         constraint = {"choice": list(VERDICT_CHOICES)} if self.config.constrained else None
-        render = RenderRow(self.prompt, {"categories": self.categories})
-        answers = chat(dataset, self.endpoints[judge], render, constraint)
+        render = RenderRow(self.prompts[judge], {"categories": self.categories})
+        answers = chat(dataset, self.endpoints[judge], render, constraint, role=judge)
         return answers.map_batches(collect_vote, batch_format="pyarrow", fn_kwargs={"index": index})
 
     def _check_resources(self) -> None:

@@ -9,11 +9,11 @@ import pytest
 from actors.llm import BearerSession, build_processor
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import run_stages
+from pipelines.core.stage import run_stages, status_table
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.data.rewrite import RewriteConfig, RewriteStage
 from tests.conftest import (
-    REPO, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, metric_value, wait_for_metric, write_jsonl,
+    REPO, SERVED_MODEL, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, metric_value, wait_for_metric, write_jsonl,
 )
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")
@@ -57,6 +57,15 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     assert rewrite["rows"]["out_parents"] + rewrite["reasons"]["errored"].get("unparseable_output", 0) == 6
     ok_ids = rundir.column_values("rewrite", "ok", "id")
     assert len(ok_ids) == len(set(ok_ids)) and all(t for t in rundir.column_values("rewrite", "ok", "text"))
+    # the answers before parsing: 7 requests, the over-long one failed, the rest answered
+    answers = rewrite["answers"][SERVED_MODEL]
+    assert (answers["requests"], answers["failed"]) == (7, 1)
+    # every input that gave a prompt had a non-empty answer
+    assert answers["requests"] - answers["failed"] - answers["empty"] >= rewrite["rows"]["out_parents"]
+    table = status_table(rundir)
+    assert f"answers of {SERVED_MODEL}: 7 requests, 1 failed" in table
+    assert "errored by reason: " in table and "prompt_too_long 1" in table
+    assert "answers" not in manifests["ingest"]  # no LLM asked
 
     # the counts are on the node's Prometheus export, tagged by run and stage, with the tokens the
     # workers counted as answers arrived

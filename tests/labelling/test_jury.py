@@ -13,7 +13,7 @@ from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK, UNSAFE
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
 from pipelines.labelling.voting import ADJUDICATED, LABELS, MAJORITY, decide
 from tests.conftest import SERVED_MODEL, assert_balanced, http_endpoint, long_context_endpoint, write_jsonl
 
@@ -176,3 +176,29 @@ def test_constrained_answers_get_room_for_the_longest_verdict(tiny_models):
     assert with_room_for_answer(http, True).sampling.max_tokens == 4   # not constrained there
     long = short.model_copy(update={"sampling": short.sampling.model_copy(update={"max_tokens": 64})})
     assert with_room_for_answer(long, True) is long
+
+
+def test_judges_sharing_one_model_differ_by_their_own_prompts(tiny_models, tmp_path):
+    """One instruct model as four judges: each may have its own prompt file; a prompt for a name
+    that is not a judge is refused."""
+    from pydantic import ValidationError
+
+    from pipelines.core.config import LLMEndpoint
+    from pipelines.core.prompts import ChatPrompt
+    from pipelines.labelling.jury import JuryConfig, JuryStage
+
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("system: 严格审核。{{ categories }}\nuser: '{{ text }}'\n")
+    endpoint = LLMEndpoint.model_validate(_judge(tiny_models["judge-1"]))
+    endpoints = {"j1": endpoint, "j2": endpoint}
+    shared = JuryStage(JuryConfig(inputs=["x"], judges=["j1", "j2"]), endpoints, str(DEFAULT_TAXONOMY))
+    own = JuryStage(JuryConfig(inputs=["x"], judges=["j1", "j2"], templates={"j2": str(strict)}), endpoints,
+                    str(DEFAULT_TAXONOMY))
+    assert own.prompts["j2"].digest == ChatPrompt(strict).digest != own.prompts["j1"].digest
+    assert shared.prompts["j1"].digest == shared.prompts["j2"].digest == own.prompts["j1"].digest
+    assert own.config_hash() != shared.config_hash()
+    # a jury without per-judge prompts hashes as it did before they existed
+    assert shared.hash_payload()["template_digest"] == shared.prompts["j1"].digest
+    assert "templates" not in shared.hash_payload()["config"]
+    with pytest.raises(ValidationError, match=r"templates name \['j3'\], which are not judges"):
+        JuryConfig(inputs=["x"], judges=["j1", "j2"], templates={"j3": str(strict)})
