@@ -76,8 +76,9 @@ class IngestConfig(Strict):
     macro_map: dict[str, str] = Field(default_factory=dict, description="raw category -> macro code")
     micro_map: dict[str, str] = Field(
         default_factory=dict, json_schema_extra=ADDED,
-        description="raw micro value (columns.micro) -> micro code of the taxonomy; other non-empty "
-        "values are errors (unmapped_micro); an empty macro becomes the micro code's")
+        description="raw micro value (columns.micro) -> micro code of the taxonomy, or \"\" for a value "
+        "that names no category (a safe row, untargeted abuse); other non-empty values are errors "
+        "(unmapped_micro); an empty macro becomes the micro code's")
     lang: str | None = Field(None, description="one language code for every row")
     keep: dict[str, list[str]] = Field(
         default_factory=dict, description="keep rows whose column value is listed; others dropped")
@@ -191,14 +192,14 @@ def category_codes(config: IngestConfig, taxonomy: str | Path = DEFAULT_TAXONOMY
     tax = load_taxonomy(taxonomy)
     for setting, targets, known in (("macro_map", config.macro_map, tax.macro_codes),
                                     ("micro_map", config.micro_map, tax.micro_codes)):
-        bad = {raw: code for raw, code in targets.items() if code not in known}
+        bad = {raw: code for raw, code in targets.items() if code not in known and not (code == "" and setting == "micro_map")}
         if bad:
             raw, code = next(iter(bad.items()))
             kind = setting.removesuffix("_map")
             raise ConfigError(f"{where}.{setting}: {code!r} (for {raw!r}) is not a {kind} code of the taxonomy "
                               f"{taxonomy} ({kind} codes: {', '.join(known)})"
                               + (f"; also bad: {sorted(set(bad.values()) - {code})}" if len(bad) > 1 else ""))
-    return {code: tax.macro_of(code) for code in config.micro_map.values()}
+    return {code: tax.macro_of(code) for code in config.micro_map.values() if code}
 
 
 def _map_label(record: dict[str, Any], config: IngestConfig, fields: dict[str, Any]) -> Problem | None:
@@ -232,6 +233,8 @@ def _map_categories(config: IngestConfig, fields: dict[str, Any],
     if raw not in config.micro_map:
         return "unmapped_micro", f"micro value {raw!r} is not a key of micro_map"
     code = config.micro_map[raw]
+    if code == "":  # mapped to no category on purpose
+        return None
     if micro_macros is None or code not in micro_macros:
         raise ValueError(f"micro_map maps to {code!r}, but its macro was not given: pass "
                          "micro_macros=category_codes(config, taxonomy)")

@@ -13,6 +13,17 @@ config; anything the recipe sets itself wins. Formats as listed in the project's
 - ``wildguardmix``: ``prompt, adversarial, response, prompt_harm_label, ..., subcategory``.
 - ``chinesesafe``: ``text, label`` (违规 / 不违规), ``subject``.
 
+Human-labelled Chinese sets (``../shared/data/``; their micro maps are the proposals in each folder's
+``micro_map.json``, written out here):
+
+- ``toxicn`` (ToxiCN): ``content, toxic`` (0 / 1), ``target`` (6 flags: LGBTQ, region, sexism,
+  racism, others, non-hate). ``toxic`` is the label; the micro code is the first flagged target among
+  the first five (LGBTQ B9, region B4, sexism B5, racism B1, others B9; a post with several targets
+  gets the first's, where the proposal gives every one); untargeted toxic posts and safe ones get none.
+  The files hold no split column: read ``train.jsonl`` and ``test.jsonl`` as two sets.
+- ``chineseharm_bench`` (ChineseHarm-Bench): ``文本, 标签`` (不违规 safe; 低俗色情 A6, 博彩 A8, 欺诈 A8,
+  谩骂引战 D3, 黑产广告 C5 unsafe).
+
 Evaluation sets (a ``*_response`` preset is the response-level twin of a prompt-level one: the label
 comes from the response's column, and a row without a response is an error, ``missing_response``):
 
@@ -69,6 +80,21 @@ _WILDGUARD_TEST = {
     "label_map": _HARM_LABELS,
     "source": "external",
 }
+
+#: ToxiCN's target flags (in order) -> micro code; the sixth flag is "non-hate"
+_TOXICN_TARGETS = ("B9", "B4", "B5", "B1", "B9")
+
+
+def _toxicn_micro_map() -> dict[str, str]:
+    """Every 6-flag ``target`` value (as ingestion writes a list: ``"0; 0; 1; 0; 0; 0"``) -> the code of
+    its first flagged target, or ``""`` when none of the first five is set."""
+    out = {}
+    for bits in range(64):
+        flags = [(bits >> (5 - i)) & 1 for i in range(6)]
+        first = next((i for i, flag in enumerate(flags[:5]) if flag), None)
+        out["; ".join(map(str, flags))] = "" if first is None else _TOXICN_TARGETS[first]
+    return out
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "do_not_answer": {
@@ -139,4 +165,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         _POLYGUARD_PROMPTS, label="response_harm_label", category="response_safety_categories"),
     "wildguardtest": _WILDGUARD_TEST,
     "wildguardtest_response": _response_level(_WILDGUARD_TEST, label="response_harm_label"),
+    "toxicn": {
+        "columns": {"text": "content", "label": "toxic", "micro": "target", "category": "topic"},
+        "label_map": {"0": "safe", "1": "unsafe"},
+        "micro_map": _toxicn_micro_map(),
+        "lang": "zh",
+        "source": "external",
+    },
+    "chineseharm_bench": {
+        "columns": {"text": "文本", "label": "标签", "micro": "标签", "category": "标签"},
+        "label_map": {"不违规": "safe", "低俗色情": "unsafe", "博彩": "unsafe", "欺诈": "unsafe", "谩骂引战": "unsafe",
+                      "黑产广告": "unsafe"},
+        "micro_map": {"不违规": "", "低俗色情": "A6", "博彩": "A8", "欺诈": "A8", "谩骂引战": "D3", "黑产广告": "C5"},
+        "lang": "zh",
+        "source": "external",
+    },
 }

@@ -373,3 +373,32 @@ def test_micro_map_needs_a_micro_column(tmp_path):
 
     with pytest.raises(MissingColumnError, match=r"columns.micro: input .* has no column 'cat'"):
         _read(IngestConfig(paths=[str(path)], columns={"micro": "cat"}, micro_map={"a": "A1"}))
+
+
+def test_toxicn_label_and_first_targeted_group(tmp_path):
+    """ToxiCN rows as its files hold them: ``toxic`` 0/1, ``target`` six flags (the last: non-hate)."""
+    def post(text: str, toxic: int, target: list[int]) -> dict:
+        return {"platform": "zhihu", "topic": "gender", "content": text, "toxic": toxic, "target": target}
+
+    rows = _read(IngestConfig(paths=[str(write_jsonl(tmp_path / "t.jsonl", [
+        post("地图炮帖子", 1, [0, 1, 0, 0, 0, 0]),        # region -> B4
+        post("性别加地域", 1, [0, 0, 1, 1, 0, 0]),        # sexism and racism: the first, B5
+        post("只是骂人", 1, [0, 0, 0, 0, 0, 1]),          # toxic, no group targeted: no micro
+        post("正常讨论", 0, [0, 0, 0, 0, 0, 1]),          # safe
+        post("标注有误", 2, [0, 0, 0, 0, 0, 1]),          # a label outside the set
+    ]))], preset="toxicn"))
+    assert all(r["lang"] == "zh" and r["source"] == "external" for r in rows)
+    assert [(r["status"], r["label"], r["micro"], r["macro"]) for r in rows[:4]] == [
+        (OK, "unsafe", "B4", "B"), (OK, "unsafe", "B5", "B"), (OK, "unsafe", "", ""), (OK, "safe", "", "")]
+    assert (rows[4]["status"], rows[4]["reason"]) == (ERROR, "unknown_label")
+    assert rows[0]["harm_category"] == "gender"
+
+
+def test_chineseharm_bench_classes_map_to_micro_codes(tmp_path):
+    rows = _read(IngestConfig(paths=[str(write_jsonl(tmp_path / "b.jsonl", [
+        {"文本": "加我微信日结", "标签": "黑产广告"}, {"文本": "今天天气不错", "标签": "不违规"},
+        {"文本": "你个蠢货", "标签": "谩骂引战"}, {"文本": "某段文字", "标签": "其他"},
+    ]))], preset="chineseharm_bench"))
+    assert [(r["status"], r["label"], r["micro"], r["macro"], r["harm_category"]) for r in rows[:3]] == [
+        (OK, "unsafe", "C5", "C", "黑产广告"), (OK, "safe", "", "", "不违规"), (OK, "unsafe", "D3", "D", "谩骂引战")]
+    assert (rows[3]["status"], rows[3]["reason"]) == (ERROR, "unknown_label")
