@@ -21,6 +21,7 @@ built (:func:`category_codes`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -82,6 +83,12 @@ class IngestConfig(Strict):
     lang: str | None = Field(None, description="one language code for every row")
     keep: dict[str, list[str]] = Field(
         default_factory=dict, description="keep rows whose column value is listed; others dropped")
+    sample: float | None = Field(
+        None, gt=0, le=1, json_schema_extra=ADDED,
+        description="keep this share of the rows, drawn by a hash of each row's id and sample_seed (the "
+        "same rows on every run and machine, whatever the file order); the others are dropped "
+        "(not_sampled). For a quick run over a public set")
+    sample_seed: int = Field(0, json_schema_extra=ADDED)
     require_response: bool = Field(
         False, json_schema_extra=ADDED,
         description="response-level sets: a row without a response is an error (missing_response)")
@@ -259,13 +266,21 @@ def _row_id(raw_id: Any, key: str, *salt: str) -> str:
     return str(raw_id) if raw_id not in (None, "") else content_id(key, *salt)
 
 
+def sampled(row_id: str, share: float, seed: int) -> bool:
+    """Whether a row is in a ``share`` sample: ``u < share`` for ``u``, the first 8 bytes of
+    sha256(seed, id) read as a fraction of 2^64 (uniform, independent of the row's position)."""
+    digest = hashlib.sha256(f"{seed}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def record_to_row(record: Any, config: IngestConfig, origin: str,
                   micro_macros: Mapping[str, str] | None = None) -> dict[str, Any]:
     """One input record (dict) -> one row with normalised text and mapped label/macro/micro.
 
     Problems become an error row with a reason (``not_an_object``, ``missing_text``, ``non_text``,
     ``empty_text``, ``missing_label``, ``unknown_label``, ``unmapped_micro``, ``macro_micro_mismatch``,
-    ``missing_response``); rows outside ``keep`` are dropped (``filtered_out``). ``micro_macros``:
+    ``missing_response``); rows outside ``keep`` are dropped (``filtered_out``), good rows outside
+    ``sample`` too (``not_sampled``; error rows are kept: they are the set's own). ``micro_macros``:
     :func:`category_codes` of the config, needed when it has a ``micro_map``.
     """
     columns = config.columns
@@ -299,7 +314,11 @@ def record_to_row(record: Any, config: IngestConfig, origin: str,
     # two rows with their own labels, so their id covers the response too
     salt = (fields.get("response", ""),) if config.require_response else ()
     if problem is None:
-        return make_row(id=_row_id(raw_id, text, *salt), text=text, **fields)
+        row_id = _row_id(raw_id, text, *salt)
+        if config.sample is not None and not sampled(row_id, config.sample, config.sample_seed):
+            return make_row(id=row_id, text=text, status=DROPPED, reason="not_sampled",
+                            detail=f"sample {config.sample} (seed {config.sample_seed})", **fields)
+        return make_row(id=row_id, text=text, **fields)
     key = text if isinstance(text, str) and text else repr(record)
     return make_row(id=_row_id(raw_id, key, *salt), status=ERROR, reason=problem[0], detail=problem[1], **fields)
 

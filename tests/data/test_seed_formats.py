@@ -402,3 +402,19 @@ def test_chineseharm_bench_classes_map_to_micro_codes(tmp_path):
     assert [(r["status"], r["label"], r["micro"], r["macro"], r["harm_category"]) for r in rows[:3]] == [
         (OK, "unsafe", "C5", "C", "黑产广告"), (OK, "safe", "", "", "不违规"), (OK, "unsafe", "D3", "D", "谩骂引战")]
     assert (rows[3]["status"], rows[3]["reason"]) == (ERROR, "unknown_label")
+
+
+def test_a_sample_keeps_the_same_rows_whatever_their_order(tmp_path):
+    from pipelines.data.ingest import sampled
+
+    records = [{"q": f"问题{i}"} for i in range(400)]
+    config = IngestConfig(paths=[str(write_jsonl(tmp_path / "a.jsonl", records))], columns={"text": "q"},
+                          sample=0.25, sample_seed=3)
+    rows = _read(config)
+    kept = {r["id"] for r in rows if r["status"] == OK}
+    assert 60 <= len(kept) <= 140  # Binomial(400, 0.25): mean 100, sd 8.7
+    assert {r["reason"] for r in rows if r["status"] == DROPPED} == {"not_sampled"} and len(rows) == 400
+    reversed_rows = _read(config.model_copy(update={"paths": [str(write_jsonl(tmp_path / "b.jsonl", records[::-1]))]}))
+    assert {r["id"] for r in reversed_rows if r["status"] == OK} == kept
+    assert {r["id"] for r in _read(config.model_copy(update={"sample_seed": 4})) if r["status"] == OK} != kept
+    assert all(sampled(i, 0.25, 3) for i in kept)
