@@ -39,7 +39,10 @@ from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
-from pipelines.training.sft import TrainingStage, check_rows, finish_training, pad_right, train_dir
+from pipelines.training.sft import (
+    LoRASettings, TrainingStage, check_lora, check_rows, export_merged, finish_training, pad_right, train_dir,
+    with_lora,
+)
 from pipelines.training.train_loop import Method, fit, partitioned_loading
 
 
@@ -68,6 +71,14 @@ class MDPOSettings(TrainingConfig):
     reference_model: ModelRef | None = Field(None, description="default: the policy's start model")
     apply_chat_template: bool = Field(True, description="wrap the prompt in the chat template (the "
                                       "model's, or chat_template's); false: the prompt column is raw text")
+    lora: LoRASettings | None = Field(
+        None, json_schema_extra=ADDED, description="train LoRA adapters instead of every weight (merged "
+        "into the exported model); with reference: model the frozen reference is a second copy of the base")
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "MDPOSettings":
+        check_lora(self.lora, self.deepspeed)
+        return self
 
     @model_validator(mode="after")
     def _check_keep(self) -> "MDPOSettings":
@@ -291,7 +302,13 @@ class MDPO(Method):
     def build_model(self, dtype):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
+        return with_lora(AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype), self.config.lora)
+
+    def export_module(self, module, state: dict | None, out_dir: str) -> None:
+        if self.config.lora is not None:
+            export_merged(module, out_dir)
+            return
+        super().export_module(module, state, out_dir)
 
     def setup(self, engine, ds_config: dict, dtype) -> None:
         if self.config.reference != "model":

@@ -65,6 +65,31 @@ class LoRASettings(Strict):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+def with_lora(model, lora: LoRASettings | None):
+    """``model`` with trainable LoRA adapters (peft) on ``lora.target_modules``, or as it is."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def export_merged(module, out_dir: str) -> None:
+    """A LoRA model saved as a plain model (adapters merged), which vLLM loads by path. Merged on a
+    copy: ``merge_and_unload()`` strips the adapters from the module it is called on, and training
+    may go on after an epoch's export (validation picks the best epoch)."""
+    import copy
+
+    copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+
+
+def check_lora(lora: LoRASettings | None, deepspeed: str) -> None:
+    if lora is not None and deepspeed == "zero3":
+        raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
+                         "would shard the frozen base weights it must merge them into)")
+
+
 class ChatSFTConfig(TrainingConfig):
     """SFT of a chat model on (prompt -> completion) rows of earlier stages (SHARD's P1 -> O2):
     the prompt as the user turn (after an optional system prompt), loss on the completion only."""
@@ -81,9 +106,7 @@ class ChatSFTConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check_lora(self) -> "ChatSFTConfig":
-        if self.lora is not None and self.deepspeed == "zero3":
-            raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
-                             "would shard the frozen base weights it must merge them into)")
+        check_lora(self.lora, self.deepspeed)
         return self
 
 log = logging.getLogger(__name__)
@@ -209,22 +232,12 @@ class SFT(Method):
     def build_model(self, dtype):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
-        lora = getattr(self.config, "lora", None)
-        if lora is None:
-            return model
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return with_lora(AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype),
+                         getattr(self.config, "lora", None))
 
     def export_module(self, module, state: dict | None, out_dir: str) -> None:
-        if getattr(self.config, "lora", None) is not None:  # a plain model that vLLM loads by path
-            import copy
-
-            # merged on a copy: merge_and_unload() strips the adapters from the module it is called
-            # on, and training goes on after an epoch's export (validation picks the best epoch)
-            copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+        if getattr(self.config, "lora", None) is not None:
+            export_merged(module, out_dir)
             return
         super().export_module(module, state, out_dir)
 
