@@ -10,6 +10,9 @@ ENGINE ?= cpu
 
 .PHONY: install browser demo demo-real test test-faults test-real test-fast bench clean
 
+# the three real model folders (.venv/bin/python ../shared/models/fetch_real_models.py DIR builds them)
+REAL_MODELS ?= models/real
+
 install: $(VENV)/.installed-$(ENGINE)
 ifeq ($(ENGINE),cpu)
 install: $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
@@ -49,6 +52,14 @@ browser:
 demo: install models/tiny/tiny_models.json
 	$(BIN)/chillguard run configs/recipes/demo.yaml
 
+# The demo's chain on real pretrained weights and samples of the human-labelled Chinese sets (~1 h on
+# 2 cores once the models are built): configs/recipes/real_small.yaml.
+demo-real: install
+	@test -f "$(REAL_MODELS)/qwen2.5-coder-1.5b-instruct/config.json" -a -f "$(REAL_MODELS)/gemma-3-270m/config.json" \
+	  -a -f "$(REAL_MODELS)/embeddinggemma-300m/config.json" || { echo "error: no real models in $(REAL_MODELS): \
+	build them with \`$(BIN)/python ../shared/models/fetch_real_models.py $(REAL_MODELS)\` (or set REAL_MODELS=DIR)" >&2; exit 2; }
+	REAL_MODELS=$(abspath $(REAL_MODELS)) $(BIN)/chillguard run configs/recipes/real_small.yaml
+
 test: install browser
 	$(BIN)/python -m pytest -v -rs --durations=25 -m "not faults and not real" tests
 
@@ -60,7 +71,6 @@ test-faults: install
 
 # Real pretrained models on the human-labelled Chinese sets (~15 min on 2 cores); skipped, naming the
 # build command, where REAL_MODELS (default models/real) does not hold the three folders.
-REAL_MODELS ?= models/real
 test-real: install
 	REAL_MODELS=$(REAL_MODELS) $(BIN)/python -m pytest -v -rs -s --durations=10 -m real tests/real
 

@@ -81,6 +81,8 @@ class IngestConfig(Strict):
         "that names no category (a safe row, untargeted abuse); other non-empty values are errors "
         "(unmapped_micro); an empty macro becomes the micro code's")
     lang: str | None = Field(None, description="one language code for every row")
+    split: str | None = Field(None, json_schema_extra=ADDED,
+                              description="one split for every row (a set shipped as train/test files)")
     keep: dict[str, list[str]] = Field(
         default_factory=dict, description="keep rows whose column value is listed; others dropped")
     sample: float | None = Field(
@@ -297,6 +299,8 @@ def record_to_row(record: Any, config: IngestConfig, origin: str,
             fields[field] = as_text(lookup(record, column))
     if config.lang:
         fields["lang"] = config.lang
+    if config.split:
+        fields["split"] = config.split
     label_problem = _map_label(record, config, fields)
     category_problem = _map_categories(config, fields, micro_macros)  # also for error rows: shows the reading
     problem = label_problem or category_problem or _missing_response(config, fields)

@@ -387,7 +387,9 @@ def test_toxicn_label_and_first_targeted_group(tmp_path):
         post("正常讨论", 0, [0, 0, 0, 0, 0, 1]),          # safe
         post("标注有误", 2, [0, 0, 0, 0, 0, 1]),          # a label outside the set
     ]))], preset="toxicn"))
-    assert all(r["lang"] == "zh" and r["source"] == "external" for r in rows)
+    assert all(r["lang"] == "zh" and r["source"] == "external" and r["split"] == "" for r in rows)
+    test_file = IngestConfig(paths=[str(tmp_path / "t.jsonl")], preset="toxicn", split="test")
+    assert {r["split"] for r in _read(test_file)} == {"test"}  # a set shipped as train/test files
     assert [(r["status"], r["label"], r["micro"], r["macro"]) for r in rows[:4]] == [
         (OK, "unsafe", "B4", "B"), (OK, "unsafe", "B5", "B"), (OK, "unsafe", "", ""), (OK, "safe", "", "")]
     assert (rows[4]["status"], rows[4]["reason"]) == (ERROR, "unknown_label")
