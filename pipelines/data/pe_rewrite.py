@@ -25,7 +25,7 @@ from pydantic import Field
 
 from actors.llm import chat
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
-from pipelines.core.parsing import classify_llm_error, split_prompts
+from pipelines.core.parsing import classify_llm_error, clean_piece, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
@@ -99,11 +99,21 @@ def make_groups(group: pa.Table, *, group_size: int, taxonomy_path: str, methods
     return pa.Table.from_pylist(requests)
 
 
+def rewrites_in(answer: str, expected: int, min_chars: int) -> list[str]:
+    """The rewrites in a PE answer: split at semicolons and newlines when several were asked for; the
+    whole answer when one was (real posts hold semicolons: Qwen2.5 rewrote a ToxiCN post as
+    ``“这家店真难吃；服务也差；再也不来了；”``, which a split cut to its first clause)."""
+    if expected > 1:
+        return split_prompts(answer, min_chars=min_chars)
+    whole = clean_piece(strip_thinking(answer)).rstrip(";；").strip()
+    return [whole] if len(whole) >= min_chars else []
+
+
 def answers_to_rewrites(batch: pa.Table, *, config: PEConfig, model: str) -> pa.Table:
     out = []
     for req in batch.to_pylist():
         expected = len(req["parent_ids"])
-        pieces = [] if req["llm_error"] else split_prompts(req["llm_output"], min_chars=config.min_chars)
+        pieces = [] if req["llm_error"] else rewrites_in(req["llm_output"], expected, config.min_chars)
         common = dict(label=req["label"], macro=req["macro"], method=req["method"], source="pe",
                       group_id=req["id"], parent_ids=req["parent_ids"], outputs_expected=expected,
                       outputs_parsed=len(pieces), model=model, raw_output=req["llm_output"])

@@ -317,8 +317,9 @@ def _final(row: dict, *, label: str, micro: str, decision: str, adjudicator: str
 
 
 def finish_majority(batch: pa.Table) -> pa.Table:
-    """Rows the jury settled as safe: final as they are."""
-    rows = [_final(r, label=r["label"], micro="", decision=MAJORITY, adjudicator="")
+    """Rows the jury settled as safe: final as they are, ``ok`` (the jury's rows come without their
+    status: it is the partition they were read from)."""
+    rows = [{**_final(r, label=r["label"], micro="", decision=MAJORITY, adjudicator=""), "status": OK}
             for r in batch.to_pylist()]
     return to_table(rows, {**LABEL_COLUMNS, **_ADJ})
 

@@ -83,3 +83,14 @@ def test_answers_to_rewrites(config, output, error, ok, reasons):
         assert (r["source"], r["label"], r["macro"], r["micro"], r["model"]) == ("pe", "unsafe", "D", "D5", "gen")
         assert r["parent_ids"] == ["a", "b", "c"] and r["outputs_expected"] == 3
     assert all(r["outputs_parsed"] == len([p for p in output.split("；") if p]) for r in rows)
+
+
+@pytest.mark.parametrize("output, text", [
+    # Qwen2.5-Coder-1.5B on a ToxiCN post with semicolons: one rewrite asked, one given
+    ("“这家店真难吃；服务也差；再也不来了；”", "这家店真难吃；服务也差；再也不来了"),
+    ("<think>一条</think>\n1. 这个人说话真难听；还不讲理。", "这个人说话真难听；还不讲理。"),
+])
+def test_a_one_seed_answer_is_one_rewrite_whatever_its_semicolons(config, output, text):
+    rows = answers_to_rewrites(pa.Table.from_pylist([_request(output, parents=("a",))]), config=config,
+                               model="gen").to_pylist()
+    assert [(r["status"], r["text"], r["outputs_parsed"]) for r in rows] == [(OK, text, 1)]

@@ -202,3 +202,19 @@ def test_judges_sharing_one_model_differ_by_their_own_prompts(tiny_models, tmp_p
     assert "templates" not in shared.hash_payload()["config"]
     with pytest.raises(ValidationError, match=r"templates name \['j3'\], which are not judges"):
         JuryConfig(inputs=["x"], judges=["j1", "j2"], templates={"j3": str(strict)})
+
+
+def test_rows_the_jury_settled_as_safe_are_written_ok():
+    """The adjudicator reads the jury's ok rows without their status (it is the partition they were
+    read from): those it need not ask must still be written ``ok``. Found on the real 1.5B model, whose
+    judges agreed on safe; the tiny judges' votes never had such a majority in the stage tests."""
+    import pyarrow as pa
+
+    from pipelines.labelling.jury import finish_majority, plan_adjudication
+
+    votes = [{"judge": "j1", "model": "m", "raw": "安全", "verdict": "safe"},
+             {"judge": "j2", "model": "m", "raw": "安全", "verdict": "safe"}]
+    jury_rows = pa.Table.from_pylist([{"id": "a", "text": "今天天气不错", "label": "safe", "source_label": "safe",
+                                       "micro": "", "macro": "", "votes": votes, "decision": MAJORITY}])
+    rows = finish_majority(plan_adjudication(jury_rows)).to_pylist()
+    assert [(r["id"], r["status"], r["label"], r["decision"]) for r in rows] == [("a", OK, "safe", MAJORITY)]

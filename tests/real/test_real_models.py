@@ -49,7 +49,7 @@ def test_llm_stages_parse_the_instruct_models_answers(tmp_path, real_models, sha
                    "judge_a": _engine(real_models["instruct"], max_tokens=8),
                    "judge_b": _engine(real_models["instruct"], max_tokens=8),
                    "adjudicator": _engine(real_models["instruct"], max_tokens=24)},
-        "stages": {"seeds": {"toxicn": _toxicn(shared_data, "train", 0.0025)},
+        "stages": {"seeds": {"toxicn": _toxicn(shared_data, "train", 0.004)},
                    "pe": {"model": "rewriter", "inputs": ["seeds_toxicn"], "keep_original": {"safe": 0.3}},
                    "jury": {"inputs": ["pe"], "judges": ["judge_a", "judge_b"], "mode": "sequential",
                             "constrained": False, "templates": {"judge_b": str(PROMPTS / "judge_intent.yaml")}},
