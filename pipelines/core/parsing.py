@@ -52,9 +52,18 @@ def split_prompts(text: str, *, min_chars: int = 1) -> list[str]:
 
     Separators are ASCII and full-width semicolons and newlines; numbering, bullets and quotes are
     removed; a leading preamble ("Here are the prompts:", "以下是改写：") and pieces shorter than
-    ``min_chars`` are dropped. Order is kept; duplicates within one answer are removed.
+    ``min_chars`` are dropped. Order is kept; duplicates within one answer are removed. An answer
+    written as a list (every line after an optional preamble starts with a marker: ``1.``, ``-``,
+    ``①`` ...) is split at its lines only: semicolons inside an item are its text (Qwen2.5 numbers its
+    rewrites of ToxiCN posts, which hold semicolons of their own).
     """
-    pieces = [clean_piece(p) for p in _SEPARATORS.split(strip_thinking(text))]
+    body = strip_thinking(text)
+    lines = [line for line in body.splitlines() if line.strip()]
+    items = lines[1:] if lines and lines[0].rstrip().endswith((":", "：")) else lines
+    if len(items) >= 2 and all(_NUMBERING.match(line) for line in items):
+        pieces = [clean_piece(line) for line in lines]
+    else:
+        pieces = [clean_piece(p) for p in _SEPARATORS.split(body)]
     pieces = [p for p in pieces if p]
     if pieces and pieces[0].endswith((":", "：")):
         pieces = pieces[1:]

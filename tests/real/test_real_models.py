@@ -76,7 +76,10 @@ def test_llm_stages_parse_the_instruct_models_answers(tmp_path, real_models, sha
     print("real LLM stages:", json.dumps(figures, ensure_ascii=False, indent=1))
     (answers,) = pe["answers"].values()  # one model: the instruct model's answers
     assert groups >= 5 and answers["failed"] == 0 and answers["refusals"] <= 0.05 * answers["requests"]
-    assert exact / groups >= 0.95, figures["pe"]            # the answer has as many prompts as asked
+    # parsed: the answer yields rewrites (unparseable_output: none at all); how many groups got exactly
+    # as many rewrites as seeds is the model following the instruction, reported, not asserted
+    unparseable_groups = len({r["group_id"] for r in _rows(rundir, "pe", ERROR) if r["reason"] == "unparseable_output"})
+    assert unparseable_groups <= 0.05 * groups, figures["pe"]
     for judge, v in jury.items():
         assert votes[judge] >= 20 and v["valid_votes"] / votes[judge] >= 0.95, (judge, v)
     assert adjudicated["errored"] <= 0.05 * max(adjudicated["in"], 1), figures["adjudicate"]
@@ -152,6 +155,10 @@ def test_the_instruct_model_as_a_zero_shot_guard_is_above_chance(tmp_path, real_
           f"AUROC {auroc:.3f} (one-sided Mann-Whitney p = {p:.2g})")
     assert len(scored) >= 0.95 * (len(rows) + errors) and len(scored) >= 60
     assert p < 0.05 and auroc > 0.5
+
+
+def _rows(rundir: RunDir, stage: str, status: str) -> list[dict]:
+    return [r for f in rundir.parquet_files(stage, status) for r in _read(f.path)]
 
 
 def _read(path: str) -> list[dict]:
