@@ -51,6 +51,22 @@ def ray_local():
     ray.shutdown()
 
 
+def answer_loss(model, examples: list[dict]) -> float:
+    """Mean negative log-likelihood per answer token of tokenized training rows (``input_ids``,
+    ``prompt_len``: the loss trainers minimise), recomputed with ``model`` outside training."""
+    import torch
+
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]])
+            labels = ids.clone()
+            labels[0, :e["prompt_len"]] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            nll, tokens = nll + float(model(input_ids=ids, labels=labels).loss) * n, tokens + n
+    return nll / tokens
+
+
 def assert_balanced(manifest: dict, rundir=None) -> None:
     """A stage's manifest agrees with itself and, given its ``RunDir``, with the files on disk.
 

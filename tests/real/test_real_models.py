@@ -22,7 +22,7 @@ from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from tests.conftest import REPO, assert_balanced
+from tests.conftest import REPO, answer_loss, assert_balanced
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
 
@@ -113,16 +113,7 @@ def test_guard_sft_from_the_pretrained_base_lowers_held_out_loss(tmp_path, real_
     examples = [e for e in examples if e["status"] == OK]
 
     def loss(model_dir: str) -> float:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for e in examples:
-                ids = torch.tensor([e["input_ids"]])
-                labels = ids.clone()
-                labels[0, :e["prompt_len"]] = -100
-                n = int((labels[0, 1:] != -100).sum())
-                total, tokens = total + float(model(input_ids=ids, labels=labels).loss) * n, tokens + n
-        return total / tokens
+        return answer_loss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), examples)
 
     before, after = loss(backbone), loss(str(Path(recipe.run_dir) / "guard_sft" / "model"))
     steps = sft["summary"]["final_metrics"]

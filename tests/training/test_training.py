@@ -18,7 +18,7 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
 from pipelines.training.train_loop import make_plan
-from tests.conftest import MetricsWatcher, metric_value, wait_for_metric, write_jsonl
+from tests.conftest import MetricsWatcher, answer_loss, metric_value, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
 # category the guard must name.
@@ -153,15 +153,7 @@ def test_chat_sft_with_lora(tmp_path, tiny_models, ray_local):
     val_rows = [r for r in pq.read_table(RunDir(recipe.run_dir).partition_uri("sft_shard", OK)).to_pylist()
                 if r["part"] == "val"]
     exported = AutoModelForCausalLM.from_pretrained(Path(recipe.run_dir) / "sft_shard" / "model").eval()
-    nll, tokens = 0.0, 0
-    with torch.no_grad():
-        for r in val_rows:
-            ids = torch.tensor([r["input_ids"]])
-            labels = ids.clone()
-            labels[0, :r["prompt_len"]] = -100
-            n = int((labels[0, 1:] != -100).sum())
-            nll, tokens = nll + float(exported(input_ids=ids, labels=labels).loss) * n, tokens + n
-    assert nll / tokens == pytest.approx(best["val_loss"], rel=1e-3)
+    assert answer_loss(exported, val_rows) == pytest.approx(best["val_loss"], rel=1e-3)
     model_dir = Path(recipe.run_dir) / "sft_shard" / "model"
     assert not (model_dir / "adapter_config.json").exists()          # merged: a plain model
     tuned = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
