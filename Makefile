@@ -69,7 +69,7 @@ test: install browser
 test-faults: install
 	$(BIN)/python -m pytest -v -rs --durations=10 -m faults tests/faults
 
-# Real pretrained models on the human-labelled Chinese sets (~15 min on 2 cores); skipped, naming the
+# Real pretrained models on the human-labelled Chinese sets (~18 min on 2 cores); skipped, naming the
 # build command, where REAL_MODELS (default models/real) does not hold the three folders.
 test-real: install
 	REAL_MODELS=$(REAL_MODELS) $(BIN)/python -m pytest -v -rs -s --durations=10 -m real tests/real

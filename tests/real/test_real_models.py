@@ -1,4 +1,4 @@
-"""Real weights, real labels, small samples (`make test-real`, ~15 min on 2 cores):
+"""Real weights, real labels, small samples (`make test-real`, ~18 min on 2 cores):
 
 - the LLM stages on the 1.5B instruct model (PE rewriting, a two-judge jury whose judges share the
   model and differ by prompt, the adjudicator) parse at least 95 % of its answers;
