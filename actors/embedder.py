@@ -72,10 +72,16 @@ class Embedder:
         self.encode_batch_size = config.encode_batch_size
         self.text_column = text_column
         self.corpus = corpus
+        # asymmetric models (EmbeddingGemma, E5) embed documents and queries with different prefixes
+        self.prompt_name = config.document_prompt if corpus else config.query_prompt
+        if self.prompt_name is not None and self.prompt_name not in self.model.prompts:
+            raise ValueError(f"embedding model {config.model} has no prompt {self.prompt_name!r} "
+                             f"(its prompts: {sorted(self.model.prompts) or 'none'})")
 
     def encode(self, texts: list[str]) -> np.ndarray:
         vectors = self.model.encode(texts, batch_size=self.encode_batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+                                    normalize_embeddings=True, show_progress_bar=False,
+                                    prompt_name=self.prompt_name)
         return np.asarray(vectors, dtype=np.float32)
 
     def _encode_rows(self, texts: list[str]) -> tuple[np.ndarray, list[str], list[str]]:

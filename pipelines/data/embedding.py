@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from actors.embedder import embed
-from pipelines.core.config import OPERATIONAL, ModelRef, Strict, semantic_dump
+from pipelines.core.config import ADDED, OPERATIONAL, ModelRef, Strict, semantic_dump
 from pipelines.core.registry import register
 from pipelines.core.stage import Stage
 
@@ -28,6 +28,12 @@ class EmbedConfig(Strict):
         None, ge=1, description="intra-op threads per CPU actor; default: its num_cpus",
         json_schema_extra=OPERATIONAL)
     max_seq_length: int | None = Field(None, ge=8, description="default: the model's own")
+    document_prompt: str | None = Field(
+        None, json_schema_extra=ADDED, description="name of the model's sentence-transformers prompt for "
+        "corpus documents (EmbeddingGemma: document); default none")
+    query_prompt: str | None = Field(
+        None, json_schema_extra=ADDED, description="name of its prompt for retrieval queries (EmbeddingGemma: "
+        "query); default none")
 
 
 class EmbedStage(Stage):
