@@ -263,7 +263,7 @@ class TranslateStage(PreprocessStage):
 
     def hash_payload(self) -> Any:
         if self.endpoint is None:
-            return self.config
+            return super().hash_payload()
         return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
                 "template_digest": self.prompt.digest}
 
