@@ -101,8 +101,8 @@ def make_groups(group: pa.Table, *, group_size: int, taxonomy_path: str, methods
 
 def rewrites_in(answer: str, expected: int, min_chars: int) -> list[str]:
     """The rewrites in a PE answer: split at semicolons and newlines when several were asked for; the
-    whole answer when one was (real posts hold semicolons: Qwen2.5 rewrote a ToxiCN post as
-    ``“这家店真难吃；服务也差；再也不来了；”``, which a split cut to its first clause)."""
+    whole answer when one was (real posts hold semicolons: Qwen2.5 rewrote a ToxiCN post of three
+    clauses joined by ``；`` in quotes, and a split kept only the first clause)."""
     if expected > 1:
         return split_prompts(answer, min_chars=min_chars)
     whole = clean_piece(strip_thinking(answer)).rstrip(";；").strip()

@@ -14,8 +14,8 @@ from pipelines.core.parsing import clean_piece, split_prompts, strip_thinking
     ("<think>never finished; thinking", []),
     ("   ；;\n  ", []),
     ("提示1：怎样做；提示2：为何", ["怎样做", "为何"]),
-    # a numbered list is split at its lines: the items' own semicolons are text (Qwen2.5-Coder-1.5B
-    # rewriting ToxiCN posts, shortened)
+    # a numbered list is split at its lines: the items' own semicolons are text (the shape of
+    # Qwen2.5-Coder-1.5B's rewrites of ToxiCN posts; the text is written here)
     ("1. 今天下雨了；出门记得带伞。\n2. 这部电影很长；但是值得一看。",
      ["今天下雨了；出门记得带伞。", "这部电影很长；但是值得一看。"]),
     ("以下是改写：\n1. 甲；乙\n2. 丙", ["甲；乙", "丙"]),

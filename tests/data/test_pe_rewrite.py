@@ -86,7 +86,8 @@ def test_answers_to_rewrites(config, output, error, ok, reasons):
 
 
 @pytest.mark.parametrize("output, text", [
-    # Qwen2.5-Coder-1.5B on a ToxiCN post with semicolons: one rewrite asked, one given
+    # the shape of Qwen2.5-Coder-1.5B's answer for a ToxiCN post with semicolons (text written here):
+    # one rewrite asked, one given, quoted, clauses joined by ；
     ("“这家店真难吃；服务也差；再也不来了；”", "这家店真难吃；服务也差；再也不来了"),
     ("<think>一条</think>\n1. 这个人说话真难听；还不讲理。", "这个人说话真难听；还不讲理。"),
 ])
