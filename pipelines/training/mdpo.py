@@ -40,8 +40,7 @@ from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
 from pipelines.training.sft import (
-    LoRASettings, TrainingStage, check_lora, check_rows, export_merged, finish_training, pad_right, train_dir,
-    with_lora,
+    LoRASettings, TrainingStage, check_lora, check_rows, finish_training, pad_right, train_dir,
 )
 from pipelines.training.train_loop import Method, fit, partitioned_loading
 
@@ -300,15 +299,7 @@ class MDPO(Method):
         self.reference = None
 
     def build_model(self, dtype):
-        from transformers import AutoModelForCausalLM
-
-        return with_lora(AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype), self.config.lora)
-
-    def export_module(self, module, state: dict | None, out_dir: str) -> None:
-        if self.config.lora is not None:
-            export_merged(module, out_dir)
-            return
-        super().export_module(module, state, out_dir)
+        return self.causal_lm(dtype)
 
     def setup(self, engine, ds_config: dict, dtype) -> None:
         if self.config.reference != "model":

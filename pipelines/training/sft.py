@@ -65,25 +65,6 @@ class LoRASettings(Strict):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def with_lora(model, lora: LoRASettings | None):
-    """``model`` with trainable LoRA adapters (peft) on ``lora.target_modules``, or as it is."""
-    if lora is None:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-
-
-def export_merged(module, out_dir: str) -> None:
-    """A LoRA model saved as a plain model (adapters merged), which vLLM loads by path. Merged on a
-    copy: ``merge_and_unload()`` strips the adapters from the module it is called on, and training
-    may go on after an epoch's export (validation picks the best epoch)."""
-    import copy
-
-    copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
-
-
 def check_lora(lora: LoRASettings | None, deepspeed: str) -> None:
     if lora is not None and deepspeed == "zero3":
         raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
@@ -230,16 +211,7 @@ class SFT(Method):
         self.config = config
 
     def build_model(self, dtype):
-        from transformers import AutoModelForCausalLM
-
-        return with_lora(AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype),
-                         getattr(self.config, "lora", None))
-
-    def export_module(self, module, state: dict | None, out_dir: str) -> None:
-        if getattr(self.config, "lora", None) is not None:
-            export_merged(module, out_dir)
-            return
-        super().export_module(module, state, out_dir)
+        return self.causal_lm(dtype)
 
     def collate(self, batch: dict[str, Any], device) -> dict[str, Any]:
         import torch

@@ -211,8 +211,29 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def causal_lm(self, dtype):
+        """The config's model, with trainable LoRA adapters (peft) when the config has ``lora``."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
+        lora = getattr(self.config, "lora", None)
+        if lora is None:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
     def export_module(self, module, state: dict | None, out_dir: str) -> None:
-        """Write the trained model (``state``: gathered ZeRO-3 weights, or None for the module's own)."""
+        """Write the trained model (``state``: gathered ZeRO-3 weights, or None for the module's own).
+        A LoRA model is saved merged, a plain model that vLLM loads by path; merged on a copy, since
+        ``merge_and_unload()`` strips the adapters from the module it is called on and training may
+        go on after an epoch's export (validation picks the best epoch)."""
+        if getattr(self.config, "lora", None) is not None:
+            import copy
+
+            copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            return
         module.save_pretrained(out_dir, state_dict=state if state is not None else module.state_dict(),
                                safe_serialization=True)
 
