@@ -61,7 +61,7 @@ demo-real: install
 	REAL_MODELS=$(abspath $(REAL_MODELS)) $(BIN)/chillguard run configs/recipes/real_small.yaml
 
 test: install browser
-	$(BIN)/python -m pytest -v -rs --durations=25 -m "not faults and not real" tests
+	$(BIN)/python -m pytest -v -rfEs --durations=25 -m "not faults and not real" tests
 
 # Dead nodes mid-stage on a multi-node Ray in this machine (ray.cluster_utils.Cluster, ~6 min on 2
 # cores): their own Ray cluster, so their own pytest process. Also a killed driver resumed, and MDPO
