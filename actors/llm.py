@@ -342,27 +342,36 @@ def _llm_columns(batch: pa.Table, first_logprobs: bool) -> pa.Table:
     return out
 
 
+def engine_config(endpoint: LLMEndpoint):
+    """The ``ray.data.llm`` settings of an ``engine: vllm`` endpoint (prompts arrive rendered and
+    tokenized by our preprocess, so its own template/tokenize stages are off)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    return vLLMEngineProcessorConfig(
+        model_source=endpoint.model,
+        engine_kwargs=dict(endpoint.engine_kwargs),
+        batch_size=endpoint.batch_size,
+        concurrency=endpoint.concurrency,
+        max_concurrent_batches=endpoint.max_concurrent_batches,
+        accelerator_type=endpoint.accelerator_type,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        log_engine_metrics=endpoint.log_engine_metrics,
+        runtime_env={"env_vars": dict(endpoint.env)} if endpoint.env else None,
+    )
+
+
 def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constraint = None,
                     first_logprobs: bool = False, samples: int = 1):
     """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring); ``constraint``
     restricts answers where the endpoint accepts structured outputs; ``first_logprobs`` adds
     ``llm_first_logprobs`` (the endpoint's ``sampling.logprobs`` must be set)."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build, vLLMEngineProcessorConfig
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build
 
     if endpoint.engine == "vllm":
-        config = vLLMEngineProcessorConfig(
-            model_source=endpoint.model,
-            engine_kwargs=dict(endpoint.engine_kwargs),
-            batch_size=endpoint.batch_size,
-            concurrency=endpoint.concurrency,
-            max_concurrent_batches=endpoint.max_concurrent_batches,
-            accelerator_type=endpoint.accelerator_type,
-            chat_template_stage=False,
-            tokenize_stage=False,
-            detokenize_stage=False,
-            should_continue_on_error=True,
-            log_engine_metrics=endpoint.log_engine_metrics,
-        )
+        config = engine_config(endpoint)
         return _build(config, preprocess=_VLLMPreprocess(endpoint, render, constraint),
                       postprocess=functools.partial(_vllm_postprocess, first_logprobs=first_logprobs))
     config = HttpRequestProcessorConfig(

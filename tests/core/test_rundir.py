@@ -56,8 +56,18 @@ def test_operational_endpoint_settings_leave_an_llm_stage_hash_unchanged():
     base = _rewrite_hash()
     for change in ({"concurrency": 8}, {"concurrency": (1, 16)}, {"batch_size": 256},
                    {"max_concurrent_batches": 16}, {"accelerator_type": "H100"},
-                   {"log_engine_metrics": True}):
+                   {"log_engine_metrics": True}, {"env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}):
         assert _rewrite_hash(**change) == base, change
+
+
+def test_engine_env_reaches_the_engine_actors_and_only_vllm_takes_it():
+    from actors.llm import engine_config
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert engine_config(_endpoint(env=env)).runtime_env == {"env_vars": env}
+    assert engine_config(_endpoint()).runtime_env is None
+    with pytest.raises(ValueError, match="env is only for engine: vllm"):
+        LLMEndpoint(engine="http", model="m", url="http://127.0.0.1:1/v1/chat/completions", env=env)
     http = {"engine": "http", "model": "deepseek-chat", "url": "https://api.example.com/v1/chat/completions",
             "engine_kwargs": {}}
     base_http = _rewrite_hash(**http)
