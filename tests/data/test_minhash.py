@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -50,21 +49,18 @@ def test_verified_links_chain_and_label_the_smallest_member():
     assert (labels[5:] == 1).all()
 
 
-def test_many_small_buckets_stay_fast():
+def test_many_small_buckets_are_grouped_in_bulk():
     """Candidate pairs are generated and verified in bulk, not in a Python loop per bucket: 200,000
-    rows in 50,000 buckets of four near twins, plus 2,000 exact copies (one row in the buckets), in
-    about 0.3 s (2 s for the loop it replaced); the bound is loose for a shared machine."""
+    rows in 50,000 buckets of four near twins, plus 2,000 exact copies (one row in the buckets), each
+    in the right group. (Its speed is `benchmarks/preprocess.py`'s near-dedup figure, not a test.)"""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**32, size=(50_000, 20), dtype=np.uint32)
     twins = np.repeat(base, 4, axis=0)
     twins[np.arange(len(twins)), 10 + np.arange(len(twins)) % 4] += 1  # one position apart, band 1
     sigs = np.vstack([twins, np.repeat(base[:1] ^ 1, 2_000, axis=0)])
-    t0 = time.perf_counter()
     labels = minhash.duplicate_groups(sigs, BANDS, ROWS, 0.8)
-    elapsed = time.perf_counter() - t0
     assert (labels[:200_000] == np.repeat(np.arange(0, 200_000, 4), 4)).all()
     assert (labels[200_000:] == 200_000).all()
-    assert elapsed < 10, elapsed
 
 
 def test_decontamination_catches_a_candidate_behind_a_dissimilar_bucket_head(monkeypatch):
