@@ -187,9 +187,13 @@ def test_translation_by_an_llm_endpoint(tmp_path, ray_local, vllm_server):
             assert ok[rid]["lang"] == "zh" and ok[rid]["original_text"] == records[int(rid[1])]["text"]
     errors = _rows(rundir, "translate", ERROR)
     assert all(r["reason"] in ("empty_answer", "refused", "inference_error") and r["detail"] for r in errors)
-    # two requests (z1 is not asked), their answers counted before parsing
+    # two requests (z1 is not asked), their answers counted before parsing: a failed request is an
+    # error row of its own; an answer empty before parsing is empty after it (parsing also drops a
+    # "译文：" label and wrapping quotes, so junk can be empty only after it: no equality)
     answers = manifest["answers"][SERVED_MODEL]
-    assert answers["requests"] == 2 and answers["empty"] + answers["refusals"] + answers["failed"] == len(errors)
+    assert answers["requests"] == 2
+    assert answers["failed"] == sum(r["reason"] == "inference_error" for r in errors)
+    assert answers["empty"] <= sum(r["reason"] == "empty_answer" for r in errors)
 
 
 def test_llm_translation_answers_become_rows_or_errors_with_reasons():
