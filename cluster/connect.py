@@ -35,6 +35,23 @@ def is_embedded() -> bool:
     return _EMBEDDED
 
 
+def require_resources(needed: dict[str, float], what: str, remedy: str) -> None:
+    """Check that the cluster has ``needed`` (e.g. ``{"CPU": 3}``) at once for ``what``. Short of it
+    the work would wait: for the autoscaler on a cluster (warned), forever on the embedded Ray, whose
+    resources are fixed (a ``RuntimeError`` naming ``remedy``)."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in needed.items() if have.get(k, 0) < v}
+    if not short:
+        return
+    message = (f"{what} needs {({k: n for k, (n, _) in short.items()})} at once; "
+               f"the cluster has {({k: h for k, (_, h) in short.items()})}")
+    if is_embedded():
+        raise RuntimeError(f"{message}, and an embedded Ray does not grow: {remedy}")
+    log.warning("%s now, so it waits for the autoscaler (on a fixed cluster: %s)", message, remedy)
+
+
 def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
     """Initialise Ray once for this process; return the cluster's resources.
 

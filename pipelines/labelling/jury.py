@@ -224,24 +224,13 @@ class JuryStage(Stage):
         """Concurrent judges hold their resources at once: each vLLM replica reserves its GPUs and
         one CPU (Ray Data's default for actors), and the rows' map tasks need a CPU beside them.
         Short of that the pools wait (for an autoscaler, or forever on a fixed cluster): say so."""
-        import ray
+        from cluster.connect import require_resources
 
         replicas = [(max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,)),
                      gpus_per_replica(e)) for e in self.endpoints.values() if e.engine == "vllm"]
         needed = {"GPU": sum(n * g for n, g in replicas), "CPU": sum(n for n, _ in replicas) + 1}
-        from cluster.connect import is_embedded
-
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0)) for k, v in needed.items() if have.get(k, 0) < v}
-        if not short:
-            return
-        message = (f"jury mode concurrent needs {({k: n for k, (n, _) in short.items()})} at once for its "
-                   f"vLLM judges; the cluster has {({k: h for k, (_, h) in short.items()})}")
-        if is_embedded():
-            raise RuntimeError(f"{message}, and an embedded Ray does not grow: set stages.jury.mode=sequential, "
-                               "or raise cluster.num_cpus / cluster.logical_gpus")
-        log.warning("%s now, so the judges wait for the autoscaler (on a fixed cluster use "
-                    "stages.jury.mode=sequential)", message)
+        require_resources(needed, "jury mode concurrent (its vLLM judges)",
+                          "set stages.jury.mode=sequential, or raise cluster.num_cpus / cluster.logical_gpus")
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rows = common_rows(inputs, self.inputs)

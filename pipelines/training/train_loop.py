@@ -614,6 +614,14 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
              "left out as a partial global batch", config.model, rows, config.num_workers,
              "GPU" if use_gpu else "CPU", plan.total_steps, plan.steps_per_epoch,
              plan.rows_untrained_per_epoch)
+    from cluster.connect import require_resources
+
+    # the workers' bundles at once, and a CPU beside them for Ray Data to feed them (without it the
+    # data never reaches the workers: the run hangs, idle)
+    require_resources({"CPU": config.num_workers * config.cpus_per_worker + 1,
+                       **({"GPU": config.num_workers} if use_gpu else {})},
+                      f"training {run_name} ({config.num_workers} workers x {config.cpus_per_worker} CPUs, "
+                      "and one CPU for its data)", "lower num_workers / cpus_per_worker, or raise cluster.num_cpus")
     validate = val_dataset is not None
     datasets = {"train": dataset, **({VAL: val_dataset} if validate else {})}
     score = {"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"} if validate else {}

@@ -221,3 +221,27 @@ def test_training_config_errors(tiny_models, tmp_path):
         GuardSFTConfig(model=model, deepspeed="zero4.json")
     with pytest.raises(ValueError, match="model path does not exist"):
         GuardSFTConfig(model="./no/such/model")
+
+
+def test_training_that_cannot_get_a_cpu_for_its_data_fails_fast_on_an_embedded_ray(monkeypatch, caplog):
+    """Workers holding every CPU leave none for Ray Data to feed them: the run would hang, idle
+    (found with one worker x 2 CPUs on a 2-CPU embedded Ray). Embedded: one error naming the fix,
+    before Ray Train starts; a cluster that may autoscale: a warning."""
+    import ray
+
+    import cluster.connect
+    from pipelines.training.sft import SFT
+    from pipelines.training.train_loop import fit
+
+    method = SFT(GuardSFTConfig(model="Qwen/Qwen3-0.6B", num_workers=1, cpus_per_worker=2,
+                                global_batch_size=4, micro_batch_size=4, use_gpu=False))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(cluster.connect, "_EMBEDDED", True)
+    with pytest.raises(RuntimeError, match=r"training t \(1 workers x 2 CPUs, and one CPU for its data\) needs "
+                                           r"\{'CPU': 3\} at once; the cluster has \{'CPU': 2.0\}, and an embedded "
+                                           r"Ray does not grow: lower num_workers / cpus_per_worker"):
+        fit(method, None, rows=8, storage_path="/nonexistent", run_name="t", log_dir="/nonexistent")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    monkeypatch.setattr("ray.train.torch.TorchTrainer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
+    with pytest.raises(RuntimeError, match="started"):  # enough: it goes on to Ray Train
+        fit(method, None, rows=8, storage_path="/nonexistent", run_name="t", log_dir="/nonexistent")
