@@ -274,6 +274,15 @@ def main() -> None:
     from cluster.connect import cuda_device_count
 
     results: dict[str, dict] = {}
+
+    def save() -> None:  # after every part, so that a run stopped later keeps what it measured
+        report = {"benchmark": "real_models", "models": str(root), "prompts": args.prompts,
+                  "max_tokens": args.max_tokens, "train_steps": args.train_steps,
+                  "machine": {"cpus": cores, "platform": platform.platform(), "gpu": cuda_device_count()},
+                  "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
     chat_model = str(root / CHAT)
     for role in [r for r in ROLES if r in args.only]:
         chats = role_messages(role, args.prompts)
@@ -285,19 +294,20 @@ def main() -> None:
         ours["ratio_to_bare_end_to_end"] = (ours["end_to_end_generated_tok_per_s"]
                                             / bare["end_to_end_generated_tok_per_s"])
         results[role] = {"bare_vllm": bare, "chillguard_stage": ours}
+        save()
         print(f"{role}: bare {bare['generated_tok_per_s']:.1f} gen tok/s (start {bare['startup_s']:.0f} s), "
               f"ours {ours['end_to_end_generated_tok_per_s']:.1f} end to end", flush=True)
 
     base = str(root / BASE)
-    rows = training_rows(96)
     batch, max_length, lr = 8, 128, 1e-5
+    rows = training_rows(args.train_steps * batch)  # one epoch = --train-steps optimizer steps
     import torch
 
     # bf16 where the CPU computes it (AMX / AVX-512 BF16), as the bare steps below
     common = {"model": base, "chat_template": "gemma", "deepspeed": "zero2", "num_workers": 1,
               "bf16": bool(torch.cpu._is_avx512_bf16_supported()),
               "cpus_per_worker": cores, "global_batch_size": batch, "micro_batch_size": batch,
-              "learning_rate": lr, "max_length": max_length, "stop_after_steps": args.train_steps}
+              "learning_rate": lr, "max_length": max_length}
     with tempfile.TemporaryDirectory(prefix="real-bench-") as tmp:
         work = Path(tmp)
         data = work / "rows.jsonl"
@@ -317,6 +327,7 @@ def main() -> None:
             ours["ratio_to_bare"] = (ours["tok_per_s"] / bare["tok_per_s"]
                                      if ours["tok_per_s"] and bare["tok_per_s"] else None)
             results["sft"] = {"bare_transformers": bare, "chillguard_stage": ours}
+            save()
             print(f"sft: ours {ours['tok_per_s']} tok/s, bare {bare['tok_per_s']} tok/s", flush=True)
         if "mdpo" in args.only:
             ray.init(address="local", num_cpus=cores + 1, include_dashboard=False)  # +1: the data feed
@@ -326,15 +337,11 @@ def main() -> None:
             bare = bare_dpo_steps(base, rows, args.train_steps, batch, max_length, lr)
             ours["ratio_to_bare"] = bare["step_s"] / ours["step_s"] if ours["step_s"] and bare["step_s"] else None
             results["mdpo"] = {"bare_transformers": bare, "chillguard_stage": ours}
+            save()
             print(f"mdpo: ours {ours['step_s']} s/step, bare DPO {bare['step_s']} s/step", flush=True)
 
-    report = {"benchmark": "real_models", "models": str(root), "prompts": args.prompts, "max_tokens": args.max_tokens,
-              "train_steps": args.train_steps,
-              "machine": {"cpus": cores, "platform": platform.platform(), "gpu": cuda_device_count()},
-              "results": results}
+    save()
     print_table(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written: {args.out}")
 
 
@@ -358,7 +365,7 @@ def print_table(results: dict) -> None:
             ours, bare = results[name]["chillguard_stage"], results[name]["bare_transformers"]
             print(f"{name:<11}{'our stage':<20} step {cell(ours['step_s'], '.2f')} s, "
                   f"{cell(ours.get('tok_per_s'), '.0f')} tok/s"
-                  + (f"; bare step {cell(bare['step_s'], '.2f')} s, {cell(bare['tok_per_s'], '.0f')} tok/s, "
+                  + (f"; bare step {cell(bare['step_s'], '.2f')} s, {cell(bare.get('tok_per_s'), '.0f')} tok/s, "
                      f"speed ratio ours/bare {cell(ours.get('ratio_to_bare'), '.2f')}"))
 
 
