@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, start_vllm_serve, stop_group, wait_until_served
+from tests.conftest import REPO
 
 FOLDERS = {"instruct": "qwen2.5-coder-1.5b-instruct", "backbone": "gemma-3-270m", "embedder": "embeddinggemma-300m"}
 
@@ -36,16 +36,3 @@ def shared_data() -> Path:
     if not (root / "toxicn" / "train.jsonl").is_file():
         pytest.skip(f"no ToxiCN in {root}/toxicn: set CHILLGUARD_SHARED_DATA to the folder holding toxicn/")
     return root
-
-
-@pytest.fixture(scope="session")
-def instruct_server(real_models, tmp_path_factory) -> str:
-    """One `vllm serve` of the instruct model for the lane (bf16; an engine start of the 1.5B costs
-    ~45 s here): every LLM role of these tests is an ``http`` endpoint on it, served as ``instruct``."""
-    proc, port, log = start_vllm_serve(
-        real_models["instruct"], "instruct", tmp_path_factory.mktemp("instruct-serve"), "--dtype", "bfloat16",
-        "--max-model-len", "4096", "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes", str(1 << 30))
-    try:
-        yield wait_until_served(proc, port, log, timeout=600)
-    finally:
-        stop_group(proc)

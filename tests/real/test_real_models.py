@@ -1,5 +1,4 @@
-"""Real weights, real labels, small samples (`make test-real` on 2 cores; the LLM roles share one
-`vllm serve` of the instruct model, :func:`tests.real.conftest.instruct_server`):
+"""Real weights, real labels, small samples (`make test-real`, ~18 min on 2 cores):
 
 - the LLM stages on the 1.5B instruct model (PE rewriting, a two-judge jury whose judges share the
   model and differ by prompt, the adjudicator) parse at least 95 % of its answers;
@@ -23,17 +22,18 @@ from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from tests.conftest import REPO, answer_loss, assert_balanced, http_endpoint
+from tests.conftest import REPO, answer_loss, assert_balanced
 
 pytestmark = [pytest.mark.slow, pytest.mark.real]
 
 PROMPTS = REPO / "configs" / "prompts"
 
 
-def _served(url: str, **sampling) -> dict:
-    """An LLM role on the lane's `vllm serve` of the instruct model (:func:`instruct_server`)."""
-    return http_endpoint(url, model="instruct", batch_size=16,
-                         sampling={"temperature": 0.0, "max_tokens": 16, **sampling})
+def _engine(model: str, **sampling) -> dict:
+    return {"engine": "vllm", "model": model, "batch_size": 16,
+            "engine_kwargs": {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
+                              "kv_cache_memory_bytes": 1 << 30, "seed": 0},
+            "sampling": {"temperature": 0.0, "max_tokens": 16, **sampling}}
 
 
 def _toxicn(data: Path, split: str, share: float) -> dict:
@@ -41,14 +41,14 @@ def _toxicn(data: Path, split: str, share: float) -> dict:
             "sample_seed": 1}
 
 
-def test_llm_stages_parse_the_instruct_models_answers(tmp_path, instruct_server, shared_data, ray_local):
+def test_llm_stages_parse_the_instruct_models_answers(tmp_path, real_models, shared_data, ray_local):
     recipe = Recipe.model_validate({
         "name": "real-llm", "run_dir": str(tmp_path / "run"),
-        "models": {"rewriter": _served(instruct_server, temperature=0.7, max_tokens=200),
+        "models": {"rewriter": _engine(real_models["instruct"], temperature=0.7, max_tokens=200),
                    # one model, two judges: they differ by their instructions
-                   "judge_a": _served(instruct_server, max_tokens=8),
-                   "judge_b": _served(instruct_server, max_tokens=8),
-                   "adjudicator": _served(instruct_server, max_tokens=24)},
+                   "judge_a": _engine(real_models["instruct"], max_tokens=8),
+                   "judge_b": _engine(real_models["instruct"], max_tokens=8),
+                   "adjudicator": _engine(real_models["instruct"], max_tokens=24)},
         "stages": {"seeds": {"toxicn": _toxicn(shared_data, "train", 0.004)},
                    "pe": {"model": "rewriter", "inputs": ["seeds_toxicn"], "keep_original": {"safe": 0.3}},
                    "jury": {"inputs": ["pe"], "judges": ["judge_a", "judge_b"], "mode": "sequential",
@@ -122,13 +122,13 @@ def test_guard_sft_from_the_pretrained_base_lowers_held_out_loss(tmp_path, real_
     assert len(examples) >= 30 and after < before
 
 
-def test_the_instruct_model_as_a_zero_shot_guard_is_above_chance(tmp_path, instruct_server, shared_data, ray_local):
+def test_the_instruct_model_as_a_zero_shot_guard_is_above_chance(tmp_path, real_models, shared_data, ray_local):
     from scipy.stats import mannwhitneyu
     from sklearn.metrics import roc_auc_score
 
     recipe = Recipe.model_validate({
         "name": "real-zero-shot", "run_dir": str(tmp_path / "run"),
-        "models": {"guard": _served(instruct_server, max_tokens=8, logprobs=5)},
+        "models": {"guard": _engine(real_models["instruct"], max_tokens=8, logprobs=5)},
         "stages": {"seeds": {"test": _toxicn(shared_data, "test", 0.04)},
                    "guard_eval": {"zero_shot": {"inputs": ["seeds_test"], "split": None, "model": "guard",
                                                 "score": True}}},
