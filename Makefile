@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE := 1
 ENGINE ?= cpu
 
-.PHONY: install browser demo demo-real test test-faults test-real test-fast bench clean
+.PHONY: install browser demo demo-real test test-e2e test-faults test-real test-fast bench clean
 
 # the three real model folders (.venv/bin/python ../shared/models/fetch_real_models.py DIR builds them)
 REAL_MODELS ?= models/real
@@ -61,7 +61,12 @@ demo-real: install
 	REAL_MODELS=$(abspath $(REAL_MODELS)) $(BIN)/chillguard run configs/recipes/real_small.yaml
 
 test: install browser
-	$(BIN)/python -m pytest -v -rfEs --durations=25 -m "not faults and not real" tests
+	$(BIN)/python -m pytest -v -rfEs --durations=25 -m "not e2e and not faults and not real" tests
+
+# Whole recipes as users run them, each in its own Ray (~10 min on 2 cores): `chillguard run` of the
+# generator-classifier loop killed in iteration 2 and resumed, and the data chain as a `ray job submit`.
+test-e2e: install
+	$(BIN)/python -m pytest -v -rfEs --durations=10 -m e2e tests
 
 # Dead nodes mid-stage on a multi-node Ray in this machine (ray.cluster_utils.Cluster, ~6 min on 2
 # cores): their own Ray cluster, so their own pytest process. Also a killed driver resumed, and MDPO

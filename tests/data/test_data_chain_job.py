@@ -258,6 +258,7 @@ def _check_seed_chain(rundir: RunDir, manifests: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_ray_job_submit_runs_the_data_chain(tmp_path, tiny_models, vllm_server, request):
     recipe_path = _recipe(tmp_path, tiny_models, vllm_server)
     recipe = load_recipe(recipe_path)

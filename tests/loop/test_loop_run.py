@@ -28,7 +28,7 @@ import yaml
 
 from tests.conftest import PYTHON, REPO, assert_balanced, http_endpoint, vllm_endpoint, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 K = 4
 MICROS = ["A6", "B5", "C1", "D1", "D5", "E1"]
