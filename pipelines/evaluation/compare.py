@@ -63,6 +63,7 @@ from pipelines.core.taxonomy import Taxonomy, load_taxonomy
 from pipelines.evaluation.guard_adapters import RESPONSE
 from pipelines.evaluation.guard_eval import REPORT_DIR, scored_rows
 from pipelines.evaluation.guard_report import fmt, png_bytes
+from pipelines.evaluation.label_cells import is_label_cell, label_cell_refs, label_cell_rows, split_ref
 from pipelines.evaluation.metrics import (
     calibrate_threshold, confusion, curve_metrics, curves, decision_scores, per_macro_f1, per_micro_confusion,
     scored_predictions,
@@ -188,7 +189,13 @@ class Cell:
 
 
 def _read_cell_rows(rundir: RunDir, stage: str) -> tuple[dict, dict]:
-    """``(settings, {id: row})`` of one evaluation stage; refuses a stage with a repeated id."""
+    """``(settings, {id: row})`` of one evaluation stage (or label cell: :mod:`~pipelines.evaluation.
+    label_cells`); refuses a stage with a repeated id."""
+    if is_label_cell(stage):
+        try:
+            return label_cell_rows(rundir, stage)
+        except ValueError as exc:
+            raise CompareError(str(exc)) from None
     text = rundir.read_text(f"{stage}/{REPORT_DIR}/metrics.json")
     if text is None:
         raise CompareError(f"{stage} has no {REPORT_DIR}/metrics.json: is it a guard evaluation stage?")
@@ -228,7 +235,20 @@ def f1_figures(gold: np.ndarray, pred: np.ndarray, *, resamples: int, confidence
     """F1 (with P, R, counts) and its bootstrap interval over these rows."""
     c = confusion([UNSAFE if g else SAFE for g in gold], [UNSAFE if p else SAFE for p in pred])
     ci = bootstrap_f1(gold, pred, resamples=resamples, confidence=confidence, seed=seed)
-    return {**c.to_dict(), "ci": [ci.low, ci.high], "ci_undefined_resamples": ci.undefined}
+    return {**c.to_dict(), "kappa": cohen_kappa(gold, pred), "ci": [ci.low, ci.high],
+            "ci_undefined_resamples": ci.undefined}
+
+
+def cohen_kappa(gold: np.ndarray, pred: np.ndarray) -> float | None:
+    """Cohen's κ of the predictions with the gold labels, κ = (p_o − p_e) / (1 − p_e) with p_o the
+    observed agreement and p_e the agreement expected from the two label distributions (scikit-learn);
+    ``None`` where p_e = 1 (both give one and the same class throughout)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
+    if len(gold) == 0 or (len(set(gold.tolist())) == 1 and set(gold.tolist()) == set(pred.tolist())):
+        return None
+    return float(cohen_kappa_score(gold, pred, labels=[0, 1]))
 
 
 def rank_marks(values: dict[str, float | None]) -> dict[str, str]:
@@ -415,6 +435,11 @@ def markdown(report: dict, taxonomy: Taxonomy, charted: set[str]) -> str:
             else:
                 cells.append(_mark(fmt(c), m2[key].get(system)))
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines += ["", "Agreement with the gold labels, accuracy / Cohen's κ (misses count as disagreements):", "",
+              "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
+    for system, row in t2.items():
+        lines.append(f"| {system} | " + " | ".join("—" if b not in row else f"{fmt(row[b]['accuracy'])} / {fmt(row[b]['kappa'])}"
+                                                   for b in benches) + " |")
     lines += ["", "Rows a system has no usable answer for (unusable) or did not evaluate (missing), scored as misses:", "",
               "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
     for system, row in t2.items():
@@ -526,7 +551,8 @@ class CompareStage(Stage):
     def __init__(self, key: str, config: CompareConfig, taxonomy_path: str):
         super().__init__(config)
         self.name = f"compare_{key}"
-        self.requires = tuple(dict.fromkeys(s for grid in config.systems.values() for s in grid.values()))
+        # a label cell (`adjudicate:judge2`) requires its stage
+        self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values() for s in grid.values()))
         self.taxonomy_path = taxonomy_path
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
@@ -538,10 +564,10 @@ class CompareStage(Stage):
         rundir.write_text(f"{base}/{THRESHOLDS_FILE}", json.dumps(report["thresholds"], indent=2))
         benches, systems = report["settings"]["benchmarks"], list(report["table2"])
         rundir.write_text(f"{base}/table2_f1.csv", _csv(
-            [["system", "benchmark", "level", "rows", "f1", "ci_low", "ci_high", "precision", "recall", "unusable",
-              "missing", "threshold", "auprc", "roc_auc"]]
+            [["system", "benchmark", "level", "rows", "f1", "ci_low", "ci_high", "precision", "recall", "accuracy",
+              "kappa", "unusable", "missing", "threshold", "auprc", "roc_auc"]]
             + [[s, b, report["benchmarks"][b]["level"], c["rows"], c["f1"], *c["ci"], c["precision"], c["recall"],
-                c["unusable"], c["missing"], c["threshold"], c["auprc"], c["roc_auc"]]
+                c["accuracy"], c["kappa"], c["unusable"], c["missing"], c["threshold"], c["auprc"], c["roc_auc"]]
                for s in systems for b in benches if (c := report["table2"][s].get(b))]))
         t1 = report["table1"]
         rundir.write_text(f"{base}/table1_micro_f1.csv", _csv(
@@ -583,14 +609,16 @@ def _table1_value(row: dict, column: str) -> float | None:
 
 
 def evaluation_stages(recipe: Any) -> list[str]:
-    """The guard evaluation stages a recipe enables: ``guard_eval_<key>`` and the loop's evaluations."""
+    """What a comparison cell may name in a recipe: its guard evaluation stages (``guard_eval_<key>``,
+    the loop's evaluations), its TF-IDF baselines (``baseline_<key>``) and its jury's label cells."""
     from pipelines.loop.report import eval_stage
 
     names = [f"guard_eval_{key}" for key in recipe.stages.guard_eval]
+    names += [f"baseline_{key}" for key in recipe.stages.baseline]
     loop = recipe.stages.loop
     if loop is not None:
         names += [eval_stage(system) for system in loop.systems]
-    return names
+    return names + label_cell_refs(recipe)
 
 
 def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, str | None]:
@@ -604,7 +632,7 @@ def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, st
     return {}
 
 
-register("compare", config=CompareConfig, keyed=True, after="guard_eval", check=_check,
+register("compare", config=CompareConfig, keyed=True, after="baseline", check=_check,
          build=lambda recipe, sections: [CompareStage(key, config, recipe.taxonomy) for key, config in sections.items()],
          description="guards side by side: F1 tables, bootstrap intervals, McNemar, curves, calibrated thresholds; "
          "each is stage compare_<key>")

@@ -317,3 +317,73 @@ def test_response_level_rows_with_a_repeated_prompt_are_compared(tmp_path):
         write_eval(rundir, f"guard_eval_{system}_bt", gold, skill=0.9, seed=k, scored=True, level="response")
     report = run_compare(rundir, "bt", systems={s: {"bt": f"guard_eval_{s}_bt"} for s in ("x", "y")}, resamples=100)
     assert report["benchmarks"]["bt"]["rows"] == 3 and report["benchmarks"]["bt"]["level"] == "response"
+
+
+def _judged_rows(n: int, seed: int) -> list[dict]:
+    """Adjudicated rows as the jury writes them: human source labels, three judges' votes (judge3
+    abstains on every fifth row), the final label; two generated rows without a source label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        gold = "unsafe" if rng.random() < 0.5 else "safe"
+        flip = {"judge1": 0.1, "judge2": 0.3, "judge3": 0.2}
+        votes = [{"judge": j, "model": "m", "raw": "x",
+                  "verdict": "" if j == "judge3" and i % 5 == 0 else
+                  (gold if rng.random() > p else ("safe" if gold == "unsafe" else "unsafe"))}
+                 for j, p in flip.items()]
+        final = gold if rng.random() > 0.15 else ("safe" if gold == "unsafe" else "unsafe")
+        rows.append({"id": f"j{i}", "text": f"t{i}", "source_label": gold, "source_micro": "B5" if gold == "unsafe" else "",
+                     "label": final, "micro": "B4" if final == "unsafe" else "", "votes": votes})
+    rows += [{"id": f"gen{i}", "text": "g", "source_label": "", "source_micro": "", "label": "unsafe", "micro": "A1",
+              "votes": []} for i in range(2)]
+    return rows
+
+
+def test_judges_and_the_jury_are_scored_against_the_source_labels(tmp_path):
+    """Label cells: each judge's votes and the jury's final label against the rows' human labels,
+    with accuracy and Cohen's κ recomputed here by scikit-learn; an abstention and an adjudicator
+    failure are misses; rows without a source label are not scored."""
+    from sklearn.metrics import cohen_kappa_score
+
+    vote = pa.struct([("judge", pa.string()), ("model", pa.string()), ("raw", pa.string()), ("verdict", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("source_label", pa.string()),
+                        ("source_micro", pa.string()), ("label", pa.string()), ("micro", pa.string()),
+                        ("votes", pa.list_(vote))])
+    rows = _judged_rows(300, 5)
+    failed = rows[:10]  # the adjudicator gave no usable answer: error rows
+    rundir = RunDir(str(tmp_path / "run"))
+    rundir.write_table("adjudicate", "ok", pa.Table.from_pylist(rows[10:], schema))
+    rundir.write_table("adjudicate", "error", pa.Table.from_pylist(failed, schema))
+    systems = {"judge1": {"toxicn": "adjudicate:judge1"}, "judge3": {"toxicn": "adjudicate:judge3"},
+               "jury": {"toxicn": "adjudicate"}}
+    report = run_compare(rundir, "jury", systems=systems, resamples=200)
+    scored = sorted((r for r in rows if r["source_label"]), key=lambda r: r["id"])
+    gold = [r["source_label"] for r in scored]
+    miss = {"safe": "unsafe", "unsafe": "safe"}
+    expected = {
+        "judge1": [next(v["verdict"] for v in r["votes"] if v["judge"] == "judge1") for r in scored],
+        "judge3": [next(v["verdict"] for v in r["votes"] if v["judge"] == "judge3") or miss[r["source_label"]]
+                   for r in scored],
+        "jury": [miss[r["source_label"]] if r in failed else r["label"] for r in scored],
+    }
+    assert report["benchmarks"]["toxicn"]["rows"] == 300
+    for system, pred in expected.items():
+        cell = report["table2"][system]["toxicn"]
+        assert cell["f1"] == pytest.approx(f1_score(gold, pred, pos_label="unsafe"))
+        assert cell["accuracy"] == pytest.approx(np.mean([p == g for p, g in zip(pred, gold)]))
+        assert cell["kappa"] == pytest.approx(cohen_kappa_score(gold, pred))
+    assert report["table2"]["judge3"]["toxicn"]["unusable"] == 60 and report["table2"]["jury"]["toxicn"]["unusable"] == 10
+    assert report["table2"]["judge1"]["toxicn"]["unusable"] == 0
+    # the gold micro is the source's: Table 1's B5 cell holds every human-unsafe row
+    assert report["table1"]["systems"]["jury"]["per_micro"]["B5"]["rows"] == gold.count("unsafe")
+    assert set(report["mcnemar"]["toxicn"]) == {"judge1 vs judge3", "judge1 vs jury", "judge3 vs jury"}
+    assert "accuracy / Cohen's κ" in rundir.read_text("compare_jury/report/report.md")
+    assert CompareStage("x", CompareConfig.model_validate({"systems": systems}), TAXONOMY).requires == ("adjudicate",)
+
+
+def test_cohen_kappa_is_undefined_only_without_disagreement_information():
+    from pipelines.evaluation.compare import cohen_kappa
+
+    assert cohen_kappa(np.array([1, 1, 1]), np.array([1, 1, 1])) is None
+    assert cohen_kappa(np.array([1, 0, 1, 0]), np.array([1, 0, 1, 0])) == pytest.approx(1.0)
+    assert cohen_kappa(np.array([1, 1, 1, 1]), np.array([1, 0, 1, 0])) == pytest.approx(0.0)
