@@ -21,7 +21,6 @@ import json
 import logging
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
