@@ -8,8 +8,9 @@ evaluations, so it gets the same F1 interval and McNemar tests on the same rows.
 Rows. Training rows are the ``train`` stages' rows of ``train_split`` with a gold label; evaluated
 rows are the ``inputs`` stages' rows of ``split``, read by guard evaluation's own rule
 (:func:`~pipelines.evaluation.guard_eval.to_eval_rows`: other splits dropped, rows without a gold
-label as input errors), so the same input gives the same evaluated rows as a guard's. A row id in
-both is refused: a floor trained on its test rows is no floor.
+label as input errors), so the same input gives the same evaluated rows as a guard's; the rows of a
+stage read only for training are ``dropped`` (``training_input``). A row id in both is refused: a floor
+trained on its test rows is no floor.
 
 Score. ``score`` is the regression's P(unsafe); a row is predicted unsafe iff ``score >= threshold``.
 Character n-grams need no word segmentation, which Chinese text would otherwise need.
@@ -26,7 +27,7 @@ from pydantic import Field, model_validator
 
 from pipelines.core.config import Strict
 from pipelines.core.registry import References, register
-from pipelines.core.rows import ERROR, OK, UNSAFE, SAFE, to_table, union_all
+from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, UNSAFE, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
@@ -121,8 +122,12 @@ class TfidfBaselineStage(Stage):
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         c: TfidfBaselineConfig = self.config
-        train = _eval_rows([inputs[n] for n in c.train], c.train_split).to_pylist()
-        train = [r for r in train if r["status"] == OK]
+        fitted = {n: _eval_rows([inputs[n]], c.train_split).to_pylist() for n in c.train}
+        train = [r for rows in fitted.values() for r in rows if r["status"] == OK]
+        # rows of a stage that is only read for training leave as dropped: every input row is accounted for
+        train_only = [{**r, "status": DROPPED, "reason": "training_input",
+                       "detail": f"a row of {n}, read to fit the baseline (labelled rows of split {c.train_split})"}
+                      for n, rows in fitted.items() if n not in c.inputs for r in rows]
         rows = _eval_rows([inputs[n] for n in c.inputs], c.split).to_pylist()
         pending = [r for r in rows if r["status"] == OK]
         leaked = sorted({r["id"] for r in train} & {r["id"] for r in pending})
@@ -132,7 +137,7 @@ class TfidfBaselineStage(Stage):
         model = fit_tfidf_lr([r["text"] for r in train], [r["label"] for r in train], c)
         log.info("stage %s: fitted on %d rows (%d unsafe), %d n-grams", self.name, len(train),
                  sum(r["label"] == UNSAFE for r in train), len(model[0].vocabulary_))
-        out = [r for r in rows if r["status"] != OK] + predict_rows(pending, model, c.threshold)
+        out = [r for r in rows if r["status"] != OK] + train_only + predict_rows(pending, model, c.threshold)
         rundir.write_table(self.name, OK, to_table([r for r in out if r["status"] == OK], EVAL_COLUMNS))
         for status in sorted({r["status"] for r in out} - {OK}):
             rundir.write_table(self.name, status, to_table([r for r in out if r["status"] == status], EVAL_COLUMNS))

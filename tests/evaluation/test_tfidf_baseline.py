@@ -31,13 +31,18 @@ def labelled(n: int, seed: int, split: str) -> list[dict]:
     return rows
 
 
-def recipe(tmp_path, rows: list[dict], **baseline) -> Recipe:
-    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+def recipe(tmp_path, rows: list[dict], train_rows: list[dict] | None = None, **baseline) -> Recipe:
+    """Seeds ``lab`` (and ``train``, a stage read only for training, when ``train_rows`` is given)."""
+    columns = {"text": "text", "id": "id", "label": "label", "split": "split"}
+    seeds = {"lab": {"paths": [str(write_jsonl(tmp_path / "rows.jsonl", rows))], "source": "real", "columns": columns}}
+    if train_rows is not None:
+        seeds["train"] = {"paths": [str(write_jsonl(tmp_path / "train.jsonl", train_rows))], "source": "real",
+                          "columns": columns}
     return Recipe.model_validate({
         "name": "floor", "run_dir": str(tmp_path / "run"),
-        "stages": {"seeds": {"lab": {"paths": [str(data)], "source": "real",
-                                     "columns": {"text": "text", "id": "id", "label": "label", "split": "split"}}},
-                   "baseline": {"tfidf": {"train": ["seeds_lab"], "inputs": ["seeds_lab"], **baseline}},
+        "stages": {"seeds": seeds,
+                   "baseline": {"tfidf": {"train": ["seeds_train" if train_rows else "seeds_lab"],
+                                          "inputs": ["seeds_lab"], **baseline}},
                    "compare": {"floor": {"systems": {"tfidf": {"test": "baseline_tfidf"}}, "resamples": 200}}}})
 
 
@@ -68,6 +73,16 @@ def test_the_floor_fits_on_train_and_is_compared_on_test(tmp_path, ray_local):
     assert comparison["table2"]["tfidf"]["test"]["f1"] == pytest.approx(f1_score(gold, pred, pos_label="unsafe"))
     assert comparison["table2"]["tfidf"]["test"]["f1"] > 0.9  # the words decide the label: the floor learns them
     assert comparison["table2"]["tfidf"]["test"]["auprc"] is not None  # scored: curves and AUPRC
+
+
+@pytest.mark.slow
+def test_a_stage_read_only_for_training_is_accounted_for(tmp_path, ray_local):
+    """Training rows from their own stage (ToxiCN's train file beside its test file): every one of
+    them leaves the baseline as dropped, so its rows in = out + dropped + errored."""
+    r = recipe(tmp_path, labelled(30, 1, "test"), train_rows=labelled(80, 0, "train") + labelled(5, 2, "val"))
+    m = run_stages(build_stages(r), RunDir(r.run_dir))["baseline_tfidf"]
+    assert m["rows"]["in"] == 115 and m["rows"]["out"] == 30 and m["reasons"]["dropped"] == {"training_input": 85}
+    assert m["summary"]["trained_rows"] == 80  # the train split of that stage only
 
 
 @pytest.mark.slow
