@@ -156,3 +156,20 @@ def _read(path: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+@pytest.mark.parametrize("name", ["real_small", "real_eval"])
+def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_data, monkeypatch):
+    """Both real-model recipes validate and build their stages against the folders and data here (the
+    runs themselves take about an hour each: `make demo-real`, README "Quality against people")."""
+    from pipelines.construction import load_recipe
+
+    monkeypatch.setenv("REAL_MODELS", str(Path(real_models["instruct"]).parent))
+    monkeypatch.setenv("CHILLGUARD_SHARED_DATA", str(shared_data))
+    monkeypatch.chdir(REPO)
+    stages = {s.name for s in build_stages(load_recipe(REPO / "configs" / "recipes" / f"{name}.yaml"))}
+    expected = {"real_small": {"rag", "pe", "translate", "jury", "adjudicate", "assemble", "loop2_mdpo", "loop2_eval_c2",
+                               "guard_eval_zero_shot"},
+                "real_eval": {"jury", "adjudicate", "loop0_eval_c0", "guard_sft", "baseline_same_rows", "compare_guards",
+                              "compare_jury"}}
+    assert expected[name] <= stages, expected[name] - stages
