@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipelines.core.rows import ERROR, OK, SAFE, UNSAFE
 from pipelines.core.rundir import RunDir
 
@@ -69,11 +67,10 @@ def label_cell_rows(rundir: RunDir, ref: str) -> tuple[dict, dict]:
     stage, judge = split_ref(ref)
     gold_micro = "source_micro" if stage == "adjudicate" else "micro"
     rows: dict[str, dict] = {}
+    columns = list(dict.fromkeys(["id", "source_label", gold_micro, "label", "micro", "votes"]))
     for status in (OK, ERROR):
-        for info in rundir.parquet_files(stage, status):
-            with rundir.fs.open_input_file(info.path) as f:
-                table = pq.read_table(f)
-            for row in table.to_pylist():
+        for batch in rundir.iter_batches(stage, status, columns):
+            for row in batch.to_pylist():
                 if row.get("source_label") not in LABELS:
                     continue
                 if judge is not None:
