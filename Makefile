@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE := 1
 ENGINE ?= cpu
 
-.PHONY: install browser demo demo-real test test-e2e test-faults test-real test-fast bench clean
+.PHONY: install browser demo demo-real lint test test-e2e test-faults test-real test-fast bench clean
 
 # the three real model folders (.venv/bin/python ../shared/models/fetch_real_models.py DIR builds them)
 REAL_MODELS ?= models/real
@@ -59,6 +59,10 @@ demo-real: install
 	  -a -f "$(REAL_MODELS)/embeddinggemma-300m/config.json" || { echo "error: no real models in $(REAL_MODELS): \
 	build them with \`$(BIN)/python ../shared/models/fetch_real_models.py $(REAL_MODELS)\` (or set REAL_MODELS=DIR)" >&2; exit 2; }
 	REAL_MODELS=$(abspath $(REAL_MODELS)) $(BIN)/chillguard run configs/recipes/real_small.yaml
+
+# the house rules: ruff (settings in pyproject.toml); CI runs it before the tests
+lint: install
+	$(BIN)/ruff check .
 
 test: install browser
 	$(BIN)/python -m pytest -v -rfEs --durations=25 -m "not e2e and not faults and not real" tests

@@ -87,14 +87,14 @@ class Embedder:
     def _encode_rows(self, texts: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
         try:
             return self.encode(texts), [""] * len(texts), [""] * len(texts)
-        except Exception as exc:  # noqa: BLE001 - isolate the failing rows instead of failing the job
+        except Exception as exc:
             log.warning("embedding batch of %d failed (%s); retrying row by row", len(texts), exc)
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         reasons, details = [""] * len(texts), [""] * len(texts)
         for i, text in enumerate(texts):
             try:
                 vectors[i] = self.encode([text])[0]
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 reasons[i], details[i] = "embedding_error", error_detail(f"{type(exc).__name__}: {exc}")
         return vectors, reasons, details
 

@@ -37,7 +37,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
@@ -368,7 +369,8 @@ def build_processor(endpoint: LLMEndpoint, render: Renderer, constraint: Constra
     """The ``ray.data.llm`` processor for ``endpoint`` (see module docstring); ``constraint``
     restricts answers where the endpoint accepts structured outputs; ``first_logprobs`` adds
     ``llm_first_logprobs`` (the endpoint's ``sampling.logprobs`` must be set)."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build
+    from ray.data.llm import HttpRequestProcessorConfig
+    from ray.data.llm import build_processor as _build
 
     if endpoint.engine == "vllm":
         config = engine_config(endpoint)

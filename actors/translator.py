@@ -50,14 +50,14 @@ class Translator:
     def _translate_rows(self, texts: list[str]) -> tuple[list[str], list[str]]:
         try:
             return self.translate(texts), [""] * len(texts)
-        except Exception as exc:  # noqa: BLE001 - isolate the failing rows
+        except Exception as exc:
             log.warning("translation batch of %d failed (%s); retrying row by row", len(texts), exc)
         out, errors = [], []
         for text in texts:
             try:
                 out.append(self.translate([text])[0])
                 errors.append("")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 out.append(text)
                 errors.append(f"{type(exc).__name__}: {exc}")
         return out, errors

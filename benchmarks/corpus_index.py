@@ -29,12 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.report import add_output_args, finish  # noqa: E402
-
-from pipelines.core.taxonomy import load_taxonomy  # noqa: E402
-from pipelines.core.textnorm import has_cjk  # noqa: E402
+from benchmarks.report import add_output_args, finish
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.textnorm import has_cjk
 
 TARGETS = {"embed_ratio_min": 0.8, "total_minutes_max": 30, "driver_rss_gib_max": 3.0,
            "query_seconds_max": 10.0, "recall_min": 0.95}
@@ -188,9 +187,8 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.construction import Recipe
+    from pipelines.construction import Recipe, build_stages, run_recipe
     from pipelines.core.config import ClusterConfig
-    from pipelines.construction import build_stages, run_recipe
 
     cores = os.cpu_count() or 1
     recipe = Recipe.model_validate({
@@ -216,8 +214,8 @@ def main() -> None:
 
     # --- measurements of our own (after the RSS reading) ---
     from actors.embedder import EMBEDDING, Embedder, arrow_to_vectors
-    from pipelines.data.retrieval import plan_queries, read_keyword_pools
     from pipelines.core.rundir import RunDir
+    from pipelines.data.retrieval import plan_queries, read_keyword_pools
     from pipelines.data.vector_index import VectorIndex, build_faiss
 
     rundir = RunDir(recipe.run_dir)

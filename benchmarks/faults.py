@@ -42,11 +42,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # every node's processes report their metrics every 250 ms (Ray's default: 10 s), so a node's last
 # figures before it dies are recent
-os.environ["RAY_metrics_report_interval_ms"] = "250"
+os.environ["RAY_metrics_report_interval_ms"] = "250"  # noqa: SIM112  (Ray's own flag name is lowercase)
 
-from benchmarks.jury import generate  # noqa: E402
-from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
-from cluster.node_faults import Kill, add_workers, run_with_kill, start_cluster, stop_cluster  # noqa: E402
+from benchmarks.jury import generate
+from benchmarks.report import add_output_args, finish, fresh_dir
+from cluster.node_faults import Kill, add_workers, run_with_kill, start_cluster, stop_cluster
 
 REQUESTS = "ray_vllm_request_success_total"
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1}
@@ -225,7 +225,8 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     pairs = work / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"请谈谈话题{i}", "chosen": f"关于话题{rng.randint(0, 99)}，这是有帮助的回答。",
+    pairs.write_text("".join(json.dumps({"prompt": f"请谈谈话题{i}",
+                                         "chosen": f"关于话题{rng.randint(0, 99)}，这是有帮助的回答。",
                                          "rejected": "我拒绝回答。"}, ensure_ascii=False) + "\n"
                              for i in range(args.pairs)))
     t_calm = training_run(mdpo_recipe(work, "train_calm", models["causal-lm"], pairs), None)

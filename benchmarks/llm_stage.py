@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.report import steady_rate  # noqa: E402
-from pipelines.core.config import LLMEndpoint  # noqa: E402
+from benchmarks.report import steady_rate
+from pipelines.core.config import LLMEndpoint
 
 DOCS = ["网络上有人散布关于健康的虚假信息，请把它改写成用户的提问。", "A user asks how to report a scam website.",
         "某公司利用算法优势排挤竞争对手。", "Please summarise the privacy policy in two sentences."]

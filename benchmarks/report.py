@@ -85,7 +85,7 @@ def steady_rate(done: list[float], tokens: list[int], warm: int, start: float,
         out["why_na"] = (f"{out['steady_rows']} rows produced after the {warm}th (the warm-up), "
                          f"fewer than {rule.min_rows}: run more prompts")
         return out
-    out["batches"] = int(len(np.unique(steady)))
+    out["batches"] = len(np.unique(steady))
     out["steady_s"] = float(end - begin)
     if out["batches"] < rule.min_batches:
         out["why_na"] = (f"rows after warm-up arrived at {out['batches']} distinct times, "

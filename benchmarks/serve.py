@@ -17,8 +17,8 @@ prefix, the text is not). Two deployments of the same app:
 
 The ceiling is offline vLLM (``vllm.LLM.generate``) on the same prompts, as token ids rendered the
 way the ingress renders them, with the same sampling (greedy, 4 tokens, the served config's top
-log-probabilities, the same answer regex): prompts/s of one ``generate`` call, after a warm-up call. It runs after Serve
-is shut down, alone on the machine.
+log-probabilities, the same answer regex): prompts/s of one ``generate`` call, after a warm-up call. It runs after
+Serve is shut down, alone on the machine.
 
 Each level is warmed up with ``c`` requests first (not timed). A level that did not finish its
 requests inside the time limit reports the rate of what it did finish, marked ``partial``; a level
@@ -42,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
-from cluster.processes import free_port  # noqa: E402
+from benchmarks.report import add_output_args, finish, fresh_dir
+from cluster.processes import free_port
 
 MIN_ANSWERS = 20
 TARGET_BATCHING, TARGET_CEILING = 3.0, 0.6
-WORDS = ("请问 如何 制作 一个 网站 today weather market 安全 攻击 银行 password story 医院 学校 "
-         "travel recipe 法律 投资 game music 朋友 工作 history science").split()
+WORDS = ["请问", "如何", "制作", "一个", "网站", "today", "weather", "market", "安全", "攻击", "银行", "password",
+         "story", "医院", "学校", "travel", "recipe", "法律", "投资", "game", "music", "朋友", "工作", "history",
+         "science"]
 
 
 def texts(n: int, seed: int) -> list[str]:
@@ -123,7 +124,8 @@ def serve_variant(model: str, port: int, batched: bool, args) -> dict[int, dict]
         rate = "n/a" if run["rps"] is None else f"{run['rps']:.1f}"
         lat = "" if run["rps"] is None else f"  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms"
         print(f"  concurrency {c:>3}: {run['answered']} answered in {run['wall_s']:.1f} s -> {rate} req/s{lat}"
-              f"{'  (partial: time limit)' if run['partial'] else ''}{'  failed ' + str(run['failed']) if run['failed'] else ''}",
+              f"{'  (partial: time limit)' if run['partial'] else ''}"
+              f"{'  failed ' + str(run['failed']) if run['failed'] else ''}",
               flush=True)
     serve.delete(APP_NAME)
     return results

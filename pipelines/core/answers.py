@@ -106,7 +106,8 @@ def read_answer_stats(folder: str) -> dict[str, dict[str, Any]] | None:
 
 
 def answer_quality_line(role: str, stats: dict[str, Any]) -> str:
-    """One line for ``chillguard status``: ``role: 300 requests, 0 failed, 1 empty, 2 refused, zh 97%, median 14 chars``."""
+    """One line for ``chillguard status``:
+    ``role: 300 requests, 0 failed, 1 empty, 2 refused, zh 97%, median 14 chars``."""
     languages = ", ".join(f"{k} {v:.0%}" for k, v in sorted(stats["languages"].items(), key=lambda kv: -kv[1]))
     median = "n/a" if stats["median_chars"] is None else f"{stats['median_chars']:g}"
     return (f"{role}: {stats['requests']} requests, {stats['failed']} failed, {stats['empty']} empty, "

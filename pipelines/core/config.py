@@ -280,7 +280,7 @@ class LLMEndpoint(Strict):
         return _model_ref(value) if info.data.get("engine") == "vllm" else value
 
     @model_validator(mode="after")
-    def _check_engine(self) -> "LLMEndpoint":
+    def _check_engine(self) -> LLMEndpoint:
         if self.engine == "vllm":
             if self.url is not None:
                 raise ValueError("url is only for engine: http")
@@ -370,12 +370,12 @@ class TrainingConfig(Strict):
         return _existing_path(value)
 
     @model_validator(mode="after")
-    def _check_template(self) -> "TrainingConfig":
+    def _check_template(self) -> TrainingConfig:
         check_chat_template(self.model, self.chat_template)
         return self
 
     @model_validator(mode="after")
-    def _check_batches(self) -> "TrainingConfig":
+    def _check_batches(self) -> TrainingConfig:
         per_step = self.micro_batch_size * self.num_workers
         if self.global_batch_size % per_step:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "

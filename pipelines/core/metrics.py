@@ -46,7 +46,7 @@ def _ray_up() -> bool:
     return ray.is_initialized()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...]):
     from ray.util import metrics
 

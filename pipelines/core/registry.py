@@ -15,8 +15,9 @@ Stage objects (``preprocess`` -> one stage per enabled step; ``shard`` -> its pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import Field, create_model, model_validator
 
@@ -43,7 +44,7 @@ class StageEntry:
     names: Callable[[Any], list[str]] | None = None
     #: ``(section, refs) -> {recipe key: endpoint name}``: raises on a bad reference, returns the
     #: endpoints under ``models:`` it names (checked after every section's own references)
-    check: Callable[[Any, "References"], dict[str, str | None]] | None = None
+    check: Callable[[Any, References], dict[str, str | None]] | None = None
     #: the field description of its section in the recipe model
     description: str | None = None
 
@@ -164,7 +165,7 @@ class RecipeRoot(Strict):
     models: dict[str, LLMEndpoint] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check_references(self) -> "RecipeRoot":
+    def _check_references(self) -> RecipeRoot:
         check_references(self)
         return self
 

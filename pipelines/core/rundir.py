@@ -23,7 +23,8 @@ import os
 import socket
 import uuid
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -484,7 +485,7 @@ class MarkerLock:
                 self._read().get("token") == self.token:
             self.fs.delete_file(self.path)
 
-    def __enter__(self) -> "MarkerLock":
+    def __enter__(self) -> MarkerLock:
         self.acquire()
         return self
 

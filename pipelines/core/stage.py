@@ -33,7 +33,8 @@ import json
 import logging
 import time
 from abc import ABC
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
 from pipelines.core.config import semantic_dump

@@ -34,7 +34,7 @@ class Keyword(BaseModel):
     en: str
 
     @classmethod
-    def parse(cls, text: str) -> "Keyword":
+    def parse(cls, text: str) -> Keyword:
         """``"人肉搜索 | doxxing"`` -> Keyword(zh="人肉搜索", en="doxxing")."""
         parts = [p.strip() for p in str(text).split("|")]
         if len(parts) != 2 or not all(parts):
@@ -81,7 +81,7 @@ class Macro(Category):
     micros: tuple[Micro, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _micros_under_macro(self) -> "Macro":
+    def _micros_under_macro(self) -> Macro:
         for micro in self.micros:
             if not (micro.code.startswith(self.code) and micro.code[len(self.code):].isdigit()):
                 raise ValueError(f"micro code {micro.code!r} is not under macro {self.code!r}")
@@ -94,7 +94,7 @@ class Taxonomy(BaseModel):
     macros: tuple[Macro, ...]
 
     @model_validator(mode="after")
-    def _shape(self) -> "Taxonomy":
+    def _shape(self) -> Taxonomy:
         codes = [m.code for m in self.macros] + [u.code for m in self.macros for u in m.micros]
         duplicates = sorted({c for c in codes if codes.count(c) > 1})
         if duplicates:

@@ -1,6 +1,7 @@
 """The embedding stage: every ingested document -> one normalised vector, keyed by the row id."""
 
 from __future__ import annotations
+
 from typing import Any, Literal
 
 from pydantic import Field

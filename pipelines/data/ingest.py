@@ -2,7 +2,8 @@
 
 JSONL is read as text lines and parsed per row, so a malformed line becomes an ``error`` row
 (``invalid_json``) instead of failing the read. Rows whose text is missing, not a string, or empty go
-to ``error`` with a reason. Text is normalised (Unicode form, control characters, whitespace runs). The corpus is never materialised in the driver: this is a lazy Ray
+to ``error`` with a reason. Text is normalised (Unicode form, control characters, whitespace
+runs). The corpus is never materialised in the driver: this is a lazy Ray
 Dataset that the runner streams to Parquet. The mapping is checked against each input's head in the
 driver when the stage is built (:func:`check_columns`), before Ray starts.
 
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
@@ -122,7 +124,7 @@ class IngestConfig(Strict):
         return merged
 
     @model_validator(mode="after")
-    def _infer_format(self) -> "IngestConfig":
+    def _infer_format(self) -> IngestConfig:
         if self.format is None:
             suffix = Path(self.paths[0]).suffix.lower()
             by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -132,7 +134,7 @@ class IngestConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _columns_for_settings(self) -> "IngestConfig":
+    def _columns_for_settings(self) -> IngestConfig:
         """Settings that read a column need it mapped: without one they would silently do nothing."""
         if self.micro_map and not self.columns.micro:
             raise ValueError("micro_map maps the values of columns.micro: set columns.micro")
@@ -201,7 +203,8 @@ def category_codes(config: IngestConfig, taxonomy: str | Path = DEFAULT_TAXONOMY
     tax = load_taxonomy(taxonomy)
     for setting, targets, known in (("macro_map", config.macro_map, tax.macro_codes),
                                     ("micro_map", config.micro_map, tax.micro_codes)):
-        bad = {raw: code for raw, code in targets.items() if code not in known and not (code == "" and setting == "micro_map")}
+        bad = {raw: code for raw, code in targets.items()
+               if code not in known and not (code == "" and setting == "micro_map")}
         if bad:
             raw, code = next(iter(bad.items()))
             kind = setting.removesuffix("_map")

@@ -49,7 +49,7 @@ class MethodCatalogue(BaseModel):
     unsafe: dict[str, tuple[Method, ...]]
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "MethodCatalogue":
+    def _unique_names(self) -> MethodCatalogue:
         names = [m.name for m in self.all()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

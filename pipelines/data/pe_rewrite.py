@@ -29,7 +29,15 @@ from pipelines.core.parsing import classify_llm_error, clean_piece, split_prompt
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    ERROR, LINEAGE, OK, common_rows, content_id, error_detail, keyed_rng, make_row, shuffle_partitions,
+    ERROR,
+    LINEAGE,
+    OK,
+    common_rows,
+    content_id,
+    error_detail,
+    keyed_rng,
+    make_row,
+    shuffle_partitions,
     to_table,
 )
 from pipelines.core.stage import Stage

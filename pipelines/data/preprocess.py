@@ -21,7 +21,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, ModelRef, Strict, semantic_dump
+from pipelines.core.config import (
+    ADDED,
+    CONFIGS,
+    OPERATIONAL,
+    ExistingPath,
+    LLMEndpoint,
+    ModelRef,
+    Strict,
+    semantic_dump,
+)
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, OK, common_rows, fixed_list_to_numpy
@@ -74,7 +83,7 @@ class TranslateConfig(Strict):
     num_beams: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _one_translator(self) -> "TranslateConfig":
+    def _one_translator(self) -> TranslateConfig:
         if (self.model is None) == (self.endpoint is None):
             raise ValueError("translate needs exactly one of model (seq2seq) or endpoint (an LLM under models:)")
         if self.endpoint is not None and self.target_lang not in LANGUAGE_NAMES:
@@ -88,7 +97,7 @@ class LengthFilterConfig(Strict):
     max_chars: int = Field(2000, ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "LengthFilterConfig":
+    def _ordered(self) -> LengthFilterConfig:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
         return self
@@ -109,7 +118,7 @@ class NearDedupConfig(Strict):
     seed: int = 1
 
     @model_validator(mode="after")
-    def _bands_fit(self) -> "NearDedupConfig":
+    def _bands_fit(self) -> NearDedupConfig:
         if self.bands is not None and self.bands > self.num_perm:
             raise ValueError(f"bands ({self.bands}) > num_perm ({self.num_perm})")
         return self
@@ -130,7 +139,7 @@ class PreprocessSteps(Strict):
                                         "near_dedup")
 
     @model_validator(mode="after")
-    def _translate_needs_langid(self) -> "PreprocessSteps":
+    def _translate_needs_langid(self) -> PreprocessSteps:
         if self.translate is not None and self.langid is None:
             raise ValueError("translate needs langid (it translates rows by detected language)")
         return self
@@ -292,7 +301,8 @@ class TranslateStage(PreprocessStage):
         source = set(cfg.source_langs)
         todo = rows.filter(lambda r: r["lang"] in source)
         rest = rows.filter(lambda r: r["lang"] not in source).map_batches(untranslated_batch, batch_format="pyarrow")
-        answers = chat(todo, self.endpoint, RenderRow(self.prompt, {"target_language": LANGUAGE_NAMES[cfg.target_lang]}))
+        answers = chat(todo, self.endpoint,
+                       RenderRow(self.prompt, {"target_language": LANGUAGE_NAMES[cfg.target_lang]}))
         return answers.map_batches(llm_translation_batch, batch_format="pyarrow",
                                    fn_kwargs={"target_lang": cfg.target_lang}).union(rest)
 

@@ -44,7 +44,7 @@ class RetrieveConfig(Strict):
     max_text_chars: int = Field(1500, ge=16, description="retrieved texts are cut to this length")
 
     @model_validator(mode="after")
-    def _sample_within_top_k(self) -> "RetrieveConfig":
+    def _sample_within_top_k(self) -> RetrieveConfig:
         if self.sample > self.top_k:
             raise ValueError(f"sample ({self.sample}) must not exceed top_k ({self.top_k})")
         return self

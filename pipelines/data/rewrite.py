@@ -7,8 +7,8 @@ whose prompt is too long, whose request failed, or whose answer yields no prompt
 """
 
 from __future__ import annotations
-from typing import Any, Literal
 
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -92,7 +92,7 @@ class RewriteStage(Stage):
     name = "rewrite"
     inputs = ("ingest",)
     fan_out = True
-    carry: dict[str, tuple[str, pa.DataType]] = {}
+    carry: ClassVar[dict[str, tuple[str, pa.DataType]]] = {}
 
     def __init__(self, config: RewriteConfig, endpoint: LLMEndpoint):
         super().__init__(config)
@@ -118,8 +118,9 @@ class RagRewriteStage(RewriteStage):
 
     name = "rag"
     inputs = ("retrieve",)
-    carry = {"query": ("text", pa.string()), "keywords": ("keywords", pa.list_(pa.string())),
-             "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}
+    carry: ClassVar[dict[str, tuple[str, pa.DataType]]] = {
+        "query": ("text", pa.string()), "keywords": ("keywords", pa.list_(pa.string())),
+        "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}
 
 
 register("rag", config=RagConfig, after="retrieve", needs=("retrieve",), provides="rows",

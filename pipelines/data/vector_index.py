@@ -198,7 +198,7 @@ class VectorIndex:
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, run_root: str, stage: str = "index", config: IndexConfig | None = None) -> "VectorIndex":
+    def load(cls, run_root: str, stage: str = "index", config: IndexConfig | None = None) -> VectorIndex:
         """Open the index a run wrote (``run_root`` is that run's directory, local or URI)."""
         import faiss
 

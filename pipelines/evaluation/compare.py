@@ -65,7 +65,13 @@ from pipelines.evaluation.guard_eval import REPORT_DIR, scored_rows
 from pipelines.evaluation.guard_report import fmt, png_bytes
 from pipelines.evaluation.label_cells import is_label_cell, label_cell_refs, label_cell_rows, split_ref
 from pipelines.evaluation.metrics import (
-    calibrate_threshold, confusion, curve_metrics, curves, decision_scores, per_macro_f1, per_micro_confusion,
+    calibrate_threshold,
+    confusion,
+    curve_metrics,
+    curves,
+    decision_scores,
+    per_macro_f1,
+    per_micro_confusion,
     scored_predictions,
 )
 
@@ -99,7 +105,7 @@ class Calibration(Strict):
                             "code the answer names (never the gold one): see the module docstring")
 
     @model_validator(mode="after")
-    def _target(self) -> "Calibration":
+    def _target(self) -> Calibration:
         if (self.objective == "precision") != (self.target_precision is not None):
             raise ValueError("target_precision goes with objective precision, and only with it")
         return self
@@ -135,7 +141,7 @@ class CompareConfig(Strict):
         return self.categories or self.table_benchmarks[0]
 
     @model_validator(mode="after")
-    def _benchmarks(self) -> "CompareConfig":
+    def _benchmarks(self) -> CompareConfig:
         empty = [s for s, cells in self.systems.items() if not cells]
         if empty:
             raise ValueError(f"systems {empty} name no benchmark")
@@ -216,7 +222,7 @@ def align(benchmark: str, read: dict[str, tuple[str, dict, dict]]) -> tuple[list
     if len(levels) > 1:
         raise CompareError(f"benchmark {benchmark}: its evaluations judge different levels ({sorted(levels)})")
     gold: dict[str, tuple[str, str]] = {}
-    for system, (stage, _, rows) in read.items():
+    for stage, _, rows in read.values():
         for i, row in rows.items():
             mine = (row["label"], row["micro"] or "")
             if gold.setdefault(i, mine) != mine:
@@ -384,7 +390,8 @@ def calibrate(config: CompareConfig, cells: dict[str, dict[str, Cell]], taxonomy
             for macro in taxonomy.macro_codes:
                 idx = [i for i, m in enumerate(macros) if m == macro]
                 if idx:
-                    per_macro[macro] = calibrate_threshold([val.labels[i] for i in idx], val.decision[idx].tolist(), **args)
+                    per_macro[macro] = calibrate_threshold([val.labels[i] for i in idx], val.decision[idx].tolist(),
+                                                           **args)
         out[system] = {**overall, "stage": val.stage, "model_from": val.settings.get("model_from"),
                        "model": val.settings.get("model"), "evaluation_threshold": val.settings.get("threshold"),
                        "per_macro": per_macro, "per_macro_rule": PER_MACRO_RULE if c.per_macro else None}
@@ -438,13 +445,14 @@ def markdown(report: dict, taxonomy: Taxonomy, charted: set[str]) -> str:
     lines += ["", "Agreement with the gold labels, accuracy / Cohen's κ (misses count as disagreements):", "",
               "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
     for system, row in t2.items():
-        lines.append(f"| {system} | " + " | ".join("—" if b not in row else f"{fmt(row[b]['accuracy'])} / {fmt(row[b]['kappa'])}"
-                                                   for b in benches) + " |")
-    lines += ["", "Rows a system has no usable answer for (unusable) or did not evaluate (missing), scored as misses:", "",
-              "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
+        lines.append(f"| {system} | " + " | ".join(
+            "—" if b not in row else f"{fmt(row[b]['accuracy'])} / {fmt(row[b]['kappa'])}" for b in benches) + " |")
+    lines += ["",
+              "Rows a system has no usable answer for (unusable) or did not evaluate (missing), scored as misses:",
+              "", "| system | " + " | ".join(benches) + " |", "|---" * (len(benches) + 1) + "|"]
     for system, row in t2.items():
-        lines.append(f"| {system} | " + " | ".join("—" if b not in row else f"{row[b]['unusable']} / {row[b]['missing']}"
-                                                   for b in benches) + " |")
+        lines.append(f"| {system} | " + " | ".join(
+            "—" if b not in row else f"{row[b]['unusable']} / {row[b]['missing']}" for b in benches) + " |")
     scored = [system for system, row in t2.items() if any(c["scored"] for b, c in row.items() if b in benches)]
     if scored:
         lines += ["", "## Scores: AUPRC / ROC-AUC (systems with P(unsafe); n/a: the benchmark has one gold class)", "",
@@ -475,17 +483,20 @@ def markdown(report: dict, taxonomy: Taxonomy, charted: set[str]) -> str:
         if pairs:
             lines += [f"### {b}", "", "| pair | only first right | only second right | test | p-value |",
                       "|---|---|---|---|---|",
-                      *(f"| {k} | {p['b']} | {p['c']} | {p['test']} | {p['p_value']:.3g} |" for k, p in pairs.items()), ""]
+                      *(f"| {k} | {p['b']} | {p['c']} | {p['test']} | {p['p_value']:.3g} |"
+                        for k, p in pairs.items()), ""]
     if report["thresholds"]:
         c = s["calibrate"]
         target = f", target precision {c['target_precision']}" if c["target_precision"] else ""
         lines += ["## Calibrated thresholds", "",
                   f"On {c['benchmark']} ({c['objective']}{target}), applied to the other benchmarks."
                   + (f" Per-macro thresholds {PER_MACRO_RULE}." if c["per_macro"] else ""), "",
-                  "| system | threshold | precision | recall | F1 | evaluation's threshold | note |", "|---|---|---|---|---|---|---|"]
+                  "| system | threshold | precision | recall | F1 | evaluation's threshold | note |",
+                  "|---|---|---|---|---|---|---|"]
         for system, t in report["thresholds"].items():
-            lines.append(f"| {system} | {fmt(t.get('threshold'))} | {fmt(t.get('precision'))} | {fmt(t.get('recall'))} | "
-                         f"{fmt(t.get('f1'))} | {fmt(t.get('evaluation_threshold'))} | {t.get('reason', '')} |")
+            lines.append(f"| {system} | {fmt(t.get('threshold'))} | {fmt(t.get('precision'))} | "
+                         f"{fmt(t.get('recall'))} | {fmt(t.get('f1'))} | {fmt(t.get('evaluation_threshold'))} | "
+                         f"{t.get('reason', '')} |")
         lines.append("")
     lines += ["## Heatmaps", "", "![Table 2](table2_f1.png)", "", "![Table 1](table1_micro_f1.png)", ""]
     return "\n".join(lines)
@@ -552,7 +563,8 @@ class CompareStage(Stage):
         super().__init__(config)
         self.name = f"compare_{key}"
         # a label cell (`adjudicate:judge2`) requires its stage
-        self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values() for s in grid.values()))
+        self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values()
+                                            for s in grid.values()))
         self.taxonomy_path = taxonomy_path
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
@@ -560,7 +572,8 @@ class CompareStage(Stage):
         report, curves_by_benchmark = compare(self.config, rundir, taxonomy)
         base = f"{self.name}/{REPORT_DIR}"
         rundir.write_text(f"{base}/comparison.json", json.dumps(report, indent=2, ensure_ascii=False))
-        rundir.write_text(f"{base}/report.md", markdown(report, taxonomy, {b for b, c in curves_by_benchmark.items() if c}))
+        rundir.write_text(f"{base}/report.md",
+                          markdown(report, taxonomy, {b for b, c in curves_by_benchmark.items() if c}))
         rundir.write_text(f"{base}/{THRESHOLDS_FILE}", json.dumps(report["thresholds"], indent=2))
         benches, systems = report["settings"]["benchmarks"], list(report["table2"])
         rundir.write_text(f"{base}/table2_f1.csv", _csv(
@@ -633,6 +646,7 @@ def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, st
 
 
 register("compare", config=CompareConfig, keyed=True, after="baseline", check=_check,
-         build=lambda recipe, sections: [CompareStage(key, config, recipe.taxonomy) for key, config in sections.items()],
+         build=lambda recipe, sections: [CompareStage(key, config, recipe.taxonomy)
+                                         for key, config in sections.items()],
          description="guards side by side: F1 tables, bootstrap intervals, McNemar, curves, calibrated thresholds; "
          "each is stage compare_<key>")

@@ -27,7 +27,6 @@ from pipelines.core.taxonomy import Taxonomy
 from pipelines.evaluation.metrics import LABELS
 from pipelines.training.guard_format import GuardFormatError, GuardPrompt, parse_guard_answer
 
-
 GUARD_ADAPTERS = ("chillguard", "llamaguard", "qwen3guard_strict", "qwen3guard_loose")
 
 

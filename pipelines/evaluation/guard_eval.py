@@ -46,26 +46,44 @@ from collections import Counter
 from typing import Any, Literal
 
 import pyarrow as pa
-from ray.data.expressions import col
 from pydantic import Field, ValidationInfo, model_validator
+from ray.data.expressions import col
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, SAFE, UNSAFE, column_or_lineage, error_detail, to_common_schema,
-    to_table, union_all,
+    DROPPED,
+    ERROR,
+    LINEAGE,
+    OK,
+    SAFE,
+    UNSAFE,
+    column_or_lineage,
+    error_detail,
+    to_common_schema,
+    to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.evaluation.guard_adapters import (
-    GUARD_ADAPTERS, RESPONSE, SCORED_ADAPTERS, GuardAdapter, GuardParseError, make_adapter,
+    GUARD_ADAPTERS,
+    RESPONSE,
+    SCORED_ADAPTERS,
+    GuardAdapter,
+    GuardParseError,
+    make_adapter,
 )
 from pipelines.evaluation.guard_report import f1_chart, fmt, micro_confusion_chart, report_markdown
 from pipelines.evaluation.guard_scores import (
-    GuardEvalError, check_answer_tokens, decide_by_score, first_tokens, unsafe_score,
+    GuardEvalError,
+    check_answer_tokens,
+    decide_by_score,
+    first_tokens,
+    unsafe_score,
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
@@ -114,7 +132,7 @@ class GuardEvalConfig(Strict):
         "outputs where the endpoint accepts them (weak or untrained guards); off: judge what it writes")
 
     @model_validator(mode="after")
-    def _adapter_options(self, info: ValidationInfo) -> "GuardEvalConfig":
+    def _adapter_options(self, info: ValidationInfo) -> GuardEvalConfig:
         given = self.model_fields_set if as_written(info) else set()
         if self.adapter != "chillguard" and "template" in given:
             raise ValueError(f"template is only for adapter chillguard ({self.adapter} answers the plain "

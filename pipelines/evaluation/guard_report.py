@@ -35,7 +35,8 @@ def report_markdown(metrics: dict, taxonomy: Taxonomy) -> str:
     s, o = metrics["settings"], metrics["overall"]
     counts = metrics["rows"]
     # no answer tokens without a score (score: false, or an adapter that is not scored)
-    unsafe_tokens, safe_tokens = (" ".join(f"`{t}`" for t in (s["answer_tokens"] or {}).get(w, [])) for w in (UNSAFE, SAFE))
+    unsafe_tokens, safe_tokens = (" ".join(f"`{t}`" for t in (s["answer_tokens"] or {}).get(w, []))
+                                  for w in (UNSAFE, SAFE))
     decision = (f"`P(unsafe) >= {s['threshold']}`, P(unsafe) = p({unsafe_tokens}) / "
                 f"(p({unsafe_tokens}) + p({safe_tokens})) over the first tokens of every spelling of the "
                 "two answer words at the first answer position, where the top log-probabilities "

@@ -14,7 +14,7 @@ prediction is the answer's label (:func:`decide_by_score`).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from pipelines.core.rows import SAFE, UNSAFE
 

@@ -36,8 +36,8 @@ macro F1 = the unweighted mean over the gold codes present of the per-code F1
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -90,7 +90,7 @@ class Confusion:
         """``(tp + tn) / rows``."""
         return ratio(self.tp + self.tn, self.rows)
 
-    def __add__(self, other: "Confusion") -> "Confusion":
+    def __add__(self, other: Confusion) -> Confusion:
         return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
     def to_dict(self) -> dict:

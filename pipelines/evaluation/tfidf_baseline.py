@@ -58,7 +58,7 @@ class TfidfBaselineConfig(Strict):
     seed: int = Field(0, description="of the regression's solver")
 
     @model_validator(mode="after")
-    def _ngrams(self) -> "TfidfBaselineConfig":
+    def _ngrams(self) -> TfidfBaselineConfig:
         low, high = self.ngram_range
         if not 1 <= low <= high:
             raise ValueError(f"ngram_range {list(self.ngram_range)}: need 1 <= shortest <= longest")
@@ -102,7 +102,8 @@ def predict_rows(rows: list[dict], model, threshold: float) -> list[dict]:
 
 
 def _eval_rows(datasets: list, split: str | None) -> pa.Table:
-    rows = union_all([d.map_batches(to_eval_rows, batch_format="pyarrow", fn_kwargs={"split": split, "level": "prompt"})
+    rows = union_all([d.map_batches(to_eval_rows, batch_format="pyarrow",
+                                    fn_kwargs={"split": split, "level": "prompt"})
                       for d in datasets])
     tables = [t for t in rows.iter_batches(batch_format="pyarrow", batch_size=None)]
     return pa.concat_tables(tables, promote_options="default") if tables else to_table([], EVAL_COLUMNS)

@@ -21,13 +21,22 @@ from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
-from ray.data.expressions import col
 from pydantic import Field
+from ray.data.expressions import col
 
 from pipelines.core.config import Strict, semantic_dump
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, SAFE, SCHEMA_FIELDS, UNSAFE, shuffle_partitions, to_common_schema, to_table,
+    DROPPED,
+    ERROR,
+    LINEAGE,
+    OK,
+    SAFE,
+    SCHEMA_FIELDS,
+    UNSAFE,
+    shuffle_partitions,
+    to_common_schema,
+    to_table,
     union_all,
 )
 from pipelines.core.rundir import RunDir
@@ -140,7 +149,9 @@ def statistics(rundir: RunDir, stage: str) -> dict[str, Any]:
             by_source[source][split][label] += 1
             by_micro[micro or "-"][split][label] += 1
             splits[split] += 1
-    plain = (lambda d: {k: {s: dict(v) for s, v in sorted(inner.items())} for k, inner in sorted(d.items())})
+    def plain(d):
+        return {k: {s: dict(v) for s, v in sorted(inner.items())} for k, inner in sorted(d.items())}
+
     return {"rows": splits, "by_source": plain(by_source), "by_micro": plain(by_micro),
             "dropped": rundir.reason_counts(stage, DROPPED), "errored": rundir.reason_counts(stage, ERROR)}
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import pyarrow as pa
-from ray.data.expressions import col
 from pydantic import Field, ValidationInfo, field_validator
+from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
@@ -36,14 +37,29 @@ from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    ERROR, LINEAGE, OK, SAFE, UNSAFE, common_rows, error_detail, to_table, union_all,
+    ERROR,
+    LINEAGE,
+    OK,
+    SAFE,
+    UNSAFE,
+    common_rows,
+    error_detail,
+    to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
-    ADJUDICATED, MAJORITY, VERDICT_CHOICES, AgreementReport, agreement_markdown, decide,
-    parse_adjudication, parse_verdict, strict_majority,
+    ADJUDICATED,
+    MAJORITY,
+    VERDICT_CHOICES,
+    AgreementReport,
+    agreement_markdown,
+    decide,
+    parse_adjudication,
+    parse_verdict,
+    strict_majority,
 )
 
 
@@ -363,7 +379,7 @@ class AdjudicateStage(Stage):
                 "template_digest": self.prompt.digest, "categories": self.categories,
                 "min_valid_votes": self.min_valid_votes}
 
-    def constraint(self) -> "AdjudicationConstraint | None":
+    def constraint(self) -> AdjudicationConstraint | None:
         return AdjudicationConstraint(self.codes) if self.config.constrained else None
 
     def write(self, inputs: dict, rundir: RunDir) -> None:

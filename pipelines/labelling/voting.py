@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from pipelines.core.parsing import strip_thinking
 from pipelines.core.rows import SAFE, UNSAFE
@@ -95,8 +95,8 @@ _WORD_KEYS = re.compile("|".join(
 _YES_NO = re.compile(rf"(?:(?P<yes>yes|true|是的?|有)|(?P<no>no|false|none|否|无|没有|不是))"
                      rf"(?![A-Za-z0-9{_CJK}])", re.IGNORECASE)
 # Values that hedge: with a verdict-word key they leave the question open.
-_HEDGES = re.compile(rf"(?:maybe|perhaps|possibly|partially|partly|unclear|unknown|uncertain|unsure|n/?a|"
-                     rf"borderline|controversial|可能|也许|部分|不确定|不清楚|未知|无法判断|难以判断|存疑|争议)",
+_HEDGES = re.compile(r"(?:maybe|perhaps|possibly|partially|partly|unclear|unknown|uncertain|unsure|n/?a|"
+                     r"borderline|controversial|可能|也许|部分|不确定|不清楚|未知|无法判断|难以判断|存疑|争议)",
                      re.IGNORECASE)
 _KEY_JUNK = re.compile(r"[\s\"'“”‘’「」『』【】\[\]()（）{}*_#>`-]+")
 _MARKUP = re.compile(r"^\s*(?:#{1,6}\s*|>\s*|[-*•·]\s+|\d{1,2}[.)、]\s+)+")
@@ -422,7 +422,9 @@ class AgreementReport:
                 self.flips[key][value] += 1
 
     def result(self) -> dict:
-        rate = (lambda x, n: round(x / n, 4) if n else None)
+        def rate(x, n):
+            return round(x / n, 4) if n else None
+
         return {
             "rows": self.rows,
             "judges": {j: {"valid_votes": self.valid[j], "abstentions": self.abstain[j],

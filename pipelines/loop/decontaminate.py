@@ -25,7 +25,7 @@ from pipelines.core.rows import DROPPED, LINEAGE, OK, column_or_lineage
 from pipelines.core.stage import Stage, read_ok
 from pipelines.core.textnorm import normalize_text
 from pipelines.data import minhash
-from pipelines.data.preprocess import NearDedupConfig, with_status, exact_key
+from pipelines.data.preprocess import NearDedupConfig, exact_key, with_status
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,18 @@ from pipelines.core.config import LLMEndpoint
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, SAFE, UNSAFE, column_or_lineage, content_id, error_detail, make_row,
-    to_common_schema, to_table,
+    DROPPED,
+    ERROR,
+    LINEAGE,
+    OK,
+    SAFE,
+    UNSAFE,
+    column_or_lineage,
+    content_id,
+    error_detail,
+    make_row,
+    to_common_schema,
+    to_table,
 )
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest

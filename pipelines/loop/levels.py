@@ -31,8 +31,8 @@ Our choices where the paper is silent:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 L1, L2, L3, L4 = "L1", "L2", "L3", "L4"
 LEVELS = (L1, L2, L3, L4)

@@ -111,7 +111,7 @@ class LoopConfig(Strict):
         "compared in the report: c0, c1, c2 (MDPO), c2_dpo (G1 trained with DPO)")
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "LoopConfig":
+    def _check(self, info: ValidationInfo) -> LoopConfig:
         if "inputs" in self.classifier.model_fields_set and as_written(info):
             raise ValueError("classifier.inputs: the loop sets each classifier's inputs (seeds + its D_gen)")
         late = [s for s in self.systems if _ITERATION[s] > self.iterations]
@@ -184,11 +184,12 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         classifier(1, "c1", generated)
     if config.iterations == 2:
         stages.append(evaluation("loop2_label", "loop1_train_c1", [generated], None, config.labelling))
-        stages.append(ScoreStage("loop2_score", inputs=("loop2_label",), endpoint=recipe.models[config.scorer or config.generator],
+        stages.append(ScoreStage("loop2_score", inputs=("loop2_label",),
+                                 endpoint=recipe.models[config.scorer or config.generator],
                                  template=config.score_template, threshold=config.quality_threshold))
-        stages.append(PairsStage("loop2_pairs", inputs=seeds, scored="loop2_score", labelled="loop2_label", prompt=prompt,
-                                 seed=recipe.seed, max_pairs=config.max_pairs_per_seed, seed_split=config.train_split,
-                                 iteration=2))
+        stages.append(PairsStage("loop2_pairs", inputs=seeds, scored="loop2_score", labelled="loop2_label",
+                                 prompt=prompt, seed=recipe.seed, max_pairs=config.max_pairs_per_seed,
+                                 seed_split=config.train_split, iteration=2))
         for variant in variants(config):
             training = MDPOConfig.model_validate({
                 **config.generator_training.model_dump(), "dynamic_beta": variant == "mdpo",
@@ -226,7 +227,8 @@ def _check(config: LoopConfig, refs: References) -> dict[str, str | None]:
             what = "the classifiers" if key == "classifier_endpoint" else "G1"
             raise ValueError(f"stages.loop.{key}: {what} are folders of this run that only engine vllm loads; "
                              f"endpoint {name!r} is engine {endpoint.engine}"
-                             + ("" if key == "classifier_endpoint" else " (set trained_generator: <an engine: vllm endpoint>)"))
+                             + ("" if key == "classifier_endpoint"
+                                else " (set trained_generator: <an engine: vllm endpoint>)"))
     if config.preprocess is not None:
         models.update(translation_endpoint(config.preprocess, "stages.loop.preprocess"))
     return {k: v for k, v in models.items() if v is not None}

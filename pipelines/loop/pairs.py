@@ -28,13 +28,24 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, column_or_lineage, content_id, keyed_rng, make_row, shuffle_partitions,
-    to_common_schema, to_table, union_all,
+    DROPPED,
+    ERROR,
+    LINEAGE,
+    OK,
+    column_or_lineage,
+    content_id,
+    keyed_rng,
+    make_row,
+    shuffle_partitions,
+    to_common_schema,
+    to_table,
+    union_all,
 )
 from pipelines.core.stage import Stage, read_ok
 from pipelines.loop.generate import GENERATED, RewritePrompt
@@ -94,7 +105,8 @@ def candidate_markers(batch: pa.Table, *, ineligible: str = "") -> pa.Table:
             .append_column(_WHY, pa.array(why, pa.string())))
 
 
-def seed_accounting(candidates: Iterable[dict[str, Any]], pairs: list, ineligible: str | None = None) -> dict[str, Any]:
+def seed_accounting(candidates: Iterable[dict[str, Any]], pairs: list,
+                    ineligible: str | None = None) -> dict[str, Any]:
     """Where one seed's candidate markers went: ``paired`` (2 per pair), ``unpaired`` (eligible ones
     in no pair, by level), ``ineligible`` (by reason; all of them with reason ``ineligible`` when
     given: a held-out seed, an orphan group). ``candidates = paired + Σ unpaired + Σ ineligible``."""

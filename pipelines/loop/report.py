@@ -94,11 +94,12 @@ def markdown(report: dict, taxonomy) -> str:
         for code, counts in levels["by_micro"].items():
             pairs = report["pairs"]["by_micro"].get(code, {})
             lines.append(f"| {code} | " + " | ".join(str(counts.get(c, 0)) for c in cols)
-                         + f" | {sum(pairs.values())} | " + " | ".join(str(pairs.get(t, 0)) for t in report["pairs"]["types"])
-                         + " |")
+                         + f" | {sum(pairs.values())} | "
+                         + " | ".join(str(pairs.get(t, 0)) for t in report["pairs"]["types"]) + " |")
         lines.append("| all | " + " | ".join(str(levels["total"].get(c, 0)) for c in cols)
                      + f" | {report['pairs']['total']} | "
-                     + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"]) + " |")
+                     + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"])
+                     + " |")
     accounting = report["pairs"].get("accounting")
     if accounting:
         lines += ["", f"Per seed (`loop2_pairs`): {accounting['candidates']} candidates = {accounting['paired']} in "
@@ -195,13 +196,16 @@ class LoopReportStage(Stage):
         manifests = rundir.manifests()
         return {
             "systems": systems,
-            "levels": {"by_micro": {m: dict(c) for m, c in sorted(by_micro.items(), key=lambda kv: order.get(kv[0], 99))},
+            "levels": {"by_micro": {m: dict(c)
+                                    for m, c in sorted(by_micro.items(), key=lambda kv: order.get(kv[0], 99))},
                        "total": dict(total)},
-            "pairs": {"by_micro": {m: dict(c) for m, c in sorted(pair_micro.items(), key=lambda kv: order.get(kv[0], 99))},
+            "pairs": {"by_micro": {m: dict(c)
+                                   for m, c in sorted(pair_micro.items(), key=lambda kv: order.get(kv[0], 99))},
                       "type_totals": dict(type_totals), "total": sum(type_totals.values()),
                       "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"],
                       "accounting": json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null")},
-            "generator_training": {s: read_curves(rundir, s) for s in self.requires if s in ("loop2_mdpo", "loop2_dpo")},
+            "generator_training": {s: read_curves(rundir, s) for s in self.requires
+                                   if s in ("loop2_mdpo", "loop2_dpo")},
             "seconds": {s: manifests[s]["seconds"] for s in self.requires if manifests.get(s)},
         }
 

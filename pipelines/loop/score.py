@@ -93,7 +93,8 @@ def answers_to_levels(batch: pa.Table, *, threshold: int) -> pa.Table:
             out.append({**r, "quality": 0, "level": "", "status": ERROR, "reason": reason,
                         "detail": error_detail(str(exc))})
             continue
-        out.append({**r, "quality": quality, "level": level_of(r["label"], r["pred_label"] or None, quality, threshold),
+        out.append({**r, "quality": quality,
+                    "level": level_of(r["label"], r["pred_label"] or None, quality, threshold),
                     "status": OK, "reason": "", "detail": ""})
     table = to_table(out, SCORE_COLUMNS)
     # a missing classifier score stays null (to_table would make it 0)

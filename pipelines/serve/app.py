@@ -61,7 +61,8 @@ def build_app(args: dict[str, Any] | GuardServeConfig):
 
     from pipelines.serve.ingress import GuardIngress
 
-    config = args if isinstance(args, GuardServeConfig) else validate_settings(GuardServeConfig, dict(args), "serve args")
+    config = (args if isinstance(args, GuardServeConfig)
+              else validate_settings(GuardServeConfig, dict(args), "serve args"))
     ingress = config.ingress
     max_ongoing = ingress.max_ongoing_requests
     return GuardIngress.options(

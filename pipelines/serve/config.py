@@ -15,15 +15,15 @@ from pipelines.core.config import CONFIGS, ExistingPath, ModelRef, Strict
 
 
 class AutoscalingConfig(Strict):
-    """Ray Serve's ``autoscaling_config`` (the same keys): replicas between ``min_replicas`` and ``max_replicas``, added
-    when the ongoing requests per replica exceed ``target_ongoing_requests``."""
+    """Ray Serve's ``autoscaling_config`` (the same keys): replicas between ``min_replicas`` and ``max_replicas``,
+    added when the ongoing requests per replica exceed ``target_ongoing_requests``."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingConfig":
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         return self

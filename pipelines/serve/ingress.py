@@ -39,7 +39,12 @@ from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.config import GuardServeConfig
 from pipelines.serve.metrics import ServeMetrics
 from pipelines.serve.moderation import (
-    Completion, GuardAnswerError, Verdict, guard_result, moderation_result, read_verdict,
+    Completion,
+    GuardAnswerError,
+    Verdict,
+    guard_result,
+    moderation_result,
+    read_verdict,
 )
 
 log = logging.getLogger(__name__)
@@ -98,7 +103,8 @@ def _texts(value: Any, param: str, *, allow_list: bool, max_inputs: int) -> list
     for i, text in enumerate(value):
         where = param if len(value) == 1 else f"{param}[{i}]"
         if not isinstance(text, str):
-            raise ApiError(400, "invalid_request_error", f"`{where}` must be a string, got {type(text).__name__}", where)
+            raise ApiError(400, "invalid_request_error",
+                           f"`{where}` must be a string, got {type(text).__name__}", where)
         if not text.strip():
             raise ApiError(400, "invalid_request_error", f"`{where}` is empty", where)
     return value
@@ -159,7 +165,7 @@ class GuardIngress:
         request = CompletionRequest(model=c.name, prompt=prompts, max_tokens=c.max_tokens, temperature=0.0,
                                     logprobs=c.top_logprobs, stream=False, structured_outputs=self.structured)
         answer = None
-        async for answer in self.engine.completions.remote(request):
+        async for answer in self.engine.completions.remote(request):  # noqa: B007  (keeps the first answer)
             break
         choices = getattr(answer, "choices", None)
         if choices is None:  # vLLM's ErrorResponse (or nothing)

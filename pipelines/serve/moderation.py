@@ -44,7 +44,7 @@ class Completion:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
 
     @classmethod
-    def from_choice(cls, choice: Any) -> "Completion":
+    def from_choice(cls, choice: Any) -> Completion:
         """From a completions choice: vLLM's object (read by attribute: no copy of the whole
         response) or its JSON dict."""
         get = (lambda obj, key: obj.get(key)) if isinstance(choice, dict) else getattr

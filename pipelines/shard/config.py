@@ -28,7 +28,7 @@ class ShardSplits(Strict):
     test: float = Field(0.20, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "ShardSplits":
+    def _sum_to_one(self) -> ShardSplits:
         total = self.train + self.val + self.test
         if abs(total - 1) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")

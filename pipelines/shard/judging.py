@@ -22,7 +22,14 @@ from pipelines.core.splits import hash_rank
 from pipelines.core.stage import Stage
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.pairwise import (
-    HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, Recheck, combine_judgements, judge, position_bias, verdict_pattern,
+    HARMFULNESS,
+    HELPFULNESS,
+    JUDGED_COLUMNS,
+    Recheck,
+    combine_judgements,
+    judge,
+    position_bias,
+    verdict_pattern,
 )
 from pipelines.shard.rows import SHARD_COLUMNS
 from pipelines.shard.stats import OUTCOMES, win_tie_loss
@@ -104,7 +111,8 @@ class ShardJudgeStage(Stage):
         for batch in rundir.iter_batches(self.name, OK, ["id", "judgements"]):
             for rid, judgements in zip(batch.column("id").to_pylist(), batch.column("judgements").to_pylist()):
                 first[rid] = {j["criterion"]: j for j in judgements}
-        sample = set(sorted(first, key=lambda rid: hash_rank(self.config.order_seed, rid))[:self.config.position_check])
+        sample = set(sorted(first,
+                            key=lambda rid: hash_rank(self.config.order_seed, rid))[:self.config.position_check])
         if not sample:
             return {"rows": 0, **position_bias([])}
         rows = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None) \

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import yaml
 
-
 from pipelines.core.parsing import strip_thinking
-
 
 GUIDELINE_MODES = ("full", "universal_only", "instructions_only")
 

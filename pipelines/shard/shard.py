@@ -34,7 +34,7 @@ from pipelines.core.stage import Stage
 from pipelines.shard.answer import ShardAnswerStage
 from pipelines.shard.config import ANSWER, ShardConfig
 from pipelines.shard.judging import ShardJudgeStage
-from pipelines.shard.rewriting import ShardReframeStage, ShardRefineStage, rewriting_endpoint
+from pipelines.shard.rewriting import ShardRefineStage, ShardReframeStage, rewriting_endpoint
 from pipelines.shard.rules import ShardRulesStage
 from pipelines.shard.selection import ShardSelectStage
 from pipelines.shard.split import ShardSplitStage

@@ -27,26 +27,39 @@ import logging
 from typing import Any
 
 import pyarrow as pa
-from ray.data.expressions import col
 from pydantic import Field, field_validator
+from ray.data.expressions import col
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
-    DROPPED, ERROR, OK, SCHEMA_FIELDS, error_detail, shuffle_partitions, to_table, union_all,
+    DROPPED,
+    ERROR,
+    OK,
+    SCHEMA_FIELDS,
+    error_detail,
+    shuffle_partitions,
+    to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_pass
+from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
 from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
-from pipelines.shard.pairwise import (
-    CRITERIA, HARMFULNESS, HELPFULNESS, JUDGED_COLUMNS, JUDGEMENT, combine_judgements, judge,
-)
 from pipelines.shard.answer import AnswerMessages
 from pipelines.shard.config import ANSWER, ShardConfig
 from pipelines.shard.judging import judge_constraint, judge_prompts
+from pipelines.shard.pairwise import (
+    CRITERIA,
+    HARMFULNESS,
+    HELPFULNESS,
+    JUDGED_COLUMNS,
+    JUDGEMENT,
+    combine_judgements,
+    judge,
+)
 from pipelines.shard.rows import SHARD_COLUMNS, take_answer
-from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
 from pipelines.shard.stats import BINOMIAL_TEST, WIN, win_tie_loss
 
 
@@ -331,7 +344,8 @@ class ShardEvalStage(Stage):
         self.write_report(rundir)
 
     def metrics(self, rundir: RunDir) -> dict[str, Any]:
-        rows = [compact_row(r) for batch in rundir.iter_batches(self.name, OK, ["dataset", "results", "baseline_model"])
+        rows = [compact_row(r)
+                for batch in rundir.iter_batches(self.name, OK, ["dataset", "results", "baseline_model"])
                 for r in batch.to_pylist()]
         reasons = {"errored": rundir.reason_counts(self.name, ERROR),
                    "dropped": rundir.reason_counts(self.name, DROPPED)}

@@ -16,7 +16,15 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.core.rows import (
-    DROPPED, ERROR, LINEAGE, OK, content_id, shuffle_partitions, to_common_schema, to_table, union_all,
+    DROPPED,
+    ERROR,
+    LINEAGE,
+    OK,
+    content_id,
+    shuffle_partitions,
+    to_common_schema,
+    to_table,
+    union_all,
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import assign_splits

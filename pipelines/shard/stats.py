@@ -11,8 +11,8 @@ for the candidate. Over ``n`` prompts with ``W`` wins, ``T`` ties and ``L`` loss
 - the **exact binomial test** (:data:`BINOMIAL_TEST`) asks whether ``W`` of ``W + L`` decisive
   comparisons is compatible with a coin flip, ``p = 0.5``, two-sided (``scipy.stats.binomtest``).
 
-Two systems judged on the **same** prompts are a paired sample: :func:`pipelines.core.statistics.mcnemar` compares them with
-McNemar's test on the per-prompt win indicators (``statsmodels``). An unpaired test (such as the
+Two systems judged on the **same** prompts are a paired sample: :func:`pipelines.core.statistics.mcnemar` compares
+them with McNemar's test on the per-prompt win indicators (``statsmodels``). An unpaired test (such as the
 two-proportion z-test) would treat the two systems' outcomes as independent samples, which they are
 not, so none is offered.
 
@@ -21,7 +21,6 @@ and every p-value comes with the name of its test.
 """
 
 from __future__ import annotations
-
 
 # SciPy and statsmodels are imported inside the functions: the outcome names below are imported by
 # every Ray Data worker that reads verdicts (pipelines.shard.pairwise), which never computes a test.

@@ -40,7 +40,13 @@ from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
 from pipelines.training.sft import (
-    LoRASettings, TrainingStage, check_lora, check_rows, finish_training, pad_right, train_dir,
+    LoRASettings,
+    TrainingStage,
+    check_lora,
+    check_rows,
+    finish_training,
+    pad_right,
+    train_dir,
 )
 from pipelines.training.train_loop import Method, fit, partitioned_loading
 
@@ -75,12 +81,12 @@ class MDPOSettings(TrainingConfig):
         "into the exported model); with reference: model the frozen reference is a second copy of the base")
 
     @model_validator(mode="after")
-    def _check_lora(self) -> "MDPOSettings":
+    def _check_lora(self) -> MDPOSettings:
         check_lora(self.lora, self.deepspeed)
         return self
 
     @model_validator(mode="after")
-    def _check_keep(self) -> "MDPOSettings":
+    def _check_keep(self) -> MDPOSettings:
         if self.keep is not None and self.keep > self.global_batch_size:
             raise ValueError(f"keep (K={self.keep}) exceeds global_batch_size {self.global_batch_size}")
         if self.dynamic_beta and self.accumulation_steps != 1:
@@ -101,7 +107,7 @@ class MDPOConfig(MDPOSettings):
     columns: PairColumns = Field(default_factory=PairColumns)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "MDPOConfig":
+    def _one_source(self) -> MDPOConfig:
         if bool(self.paths) == bool(self.inputs):
             raise ValueError("give the pairs as paths (files) or inputs (row stages), one of the two")
         return self
@@ -210,7 +216,8 @@ class TokenizePairs:
         tok = self.tok
         if self.config.apply_chat_template:
             system = r.get(cols.system) if cols.system else None
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = (([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": prompt}])
             prompt_ids = prompt_token_ids(tok, messages, self.config.chat_template_kwargs)
         else:
             prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]

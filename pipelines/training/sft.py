@@ -24,7 +24,7 @@ Each stage:
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -86,7 +86,7 @@ class ChatSFTConfig(TrainingConfig):
     lora: LoRASettings | None = None
 
     @model_validator(mode="after")
-    def _check_lora(self) -> "ChatSFTConfig":
+    def _check_lora(self) -> ChatSFTConfig:
         check_lora(self.lora, self.deepspeed)
         return self
 
@@ -154,7 +154,7 @@ class TokenizeExamples:
 class TokenizeGuardRows(TokenizeExamples):
     """Labelled rows -> the guard prompt and ``safe`` / ``unsafe\n<micro>``."""
 
-    COLUMNS = {n: n for n in ("id", "text", "label", "micro", "split", "response")}
+    COLUMNS: ClassVar[dict[str, str]] = {n: n for n in ("id", "text", "label", "micro", "split", "response")}
 
     def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
         super().__init__(config)
@@ -297,7 +297,6 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
     """Tokenize ``rows`` into the stage's partitions, refuse bad rows, train :class:`SFT` on the
     ``ok`` ones and export the model (shared by the guard and chat SFT stages)."""
     import ray
-
     from ray.data.expressions import col
 
     rows.map_batches(tokenize, batch_format="pyarrow").write_parquet(rundir.uri(stage.name),

@@ -182,7 +182,7 @@ class Method(ABC):
         """The trainable model (inside ZeRO-3's ``HfDeepSpeedConfig`` scope, so that a big model
         is loaded already partitioned)."""
 
-    def setup(self, engine, ds_config: dict, dtype) -> None:
+    def setup(self, engine, ds_config: dict, dtype) -> None:  # noqa: B027  (optional hook: no-op by default)
         """After the policy engine exists (MDPO builds its frozen reference here)."""
 
     @abstractmethod
@@ -202,13 +202,13 @@ class Method(ABC):
         by default; SFT weighs by predicted tokens, so the validation loss is the mean over tokens."""
         return int(batch["input_ids"].shape[0])
 
-    def after_step(self, metrics: dict[str, float]) -> None:
+    def after_step(self, metrics: dict[str, float]) -> None:  # noqa: B027  (optional hook: no-op by default)
         """Called once per optimizer step with the step's metrics."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  (optional hook: no-op by default)
         pass
 
     def causal_lm(self, dtype):
@@ -528,8 +528,8 @@ class _MetricsWriter:
             with open(os.path.join(log_dir, REDONE_FILE), "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in redone)
         self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(log_dir, METRICS_FILE), "a", encoding="utf-8")
-        self.rows = open(os.path.join(log_dir, ROWS_FILE), "a", encoding="utf-8")
+        self.jsonl = open(os.path.join(log_dir, METRICS_FILE), "a", encoding="utf-8")  # noqa: SIM115  (see close())
+        self.rows = open(os.path.join(log_dir, ROWS_FILE), "a", encoding="utf-8")  # noqa: SIM115  (see close())
 
     def write(self, metrics: dict[str, float], rows_by_rank: list[list[str]]) -> None:
         step = int(metrics["step"])
@@ -648,5 +648,6 @@ def fit(method: Method, dataset, *, rows: int, storage_path: str, run_name: str,
     if validate and metrics.get("final"):
         checkpoint = result.get_best_checkpoint("val_loss", "min")
         best = next(m for c, m in result.best_checkpoints if c.path == checkpoint.path)
-        metrics = {**metrics, "best_epoch": best["epoch"], "best_step": best["step"], "best_val_loss": best["val_loss"]}
+        metrics = {**metrics, "best_epoch": best["epoch"], "best_step": best["step"],
+                   "best_val_loss": best["val_loss"]}
     return FitResult(checkpoint_path=checkpoint.path, metrics=metrics, plan=plan, final=bool(metrics.get("final")))

@@ -13,7 +13,15 @@ from pipelines.core.stage import run_stages, status_table
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.data.rewrite import RewriteConfig, RewriteStage
 from tests.conftest import (
-    REPO, SERVED_MODEL, TEST_API_KEY, TEST_API_KEY_ENV, assert_balanced, http_endpoint, metric_value, wait_for_metric, write_jsonl,
+    REPO,
+    SERVED_MODEL,
+    TEST_API_KEY,
+    TEST_API_KEY_ENV,
+    assert_balanced,
+    http_endpoint,
+    metric_value,
+    wait_for_metric,
+    write_jsonl,
 )
 
 TEMPLATE = str(REPO / "configs/prompts/rewrite_to_prompts.yaml")

@@ -3,7 +3,11 @@
 import pytest
 
 from pipelines.core.answers import (
-    answer_language, answer_quality_line, batch_answer_stats, merge_answer_stats, read_answer_stats,
+    answer_language,
+    answer_quality_line,
+    batch_answer_stats,
+    merge_answer_stats,
+    read_answer_stats,
     write_batch_stats,
 )
 

@@ -3,7 +3,6 @@ line naming the key and the model before Ray starts; training saves the template
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -78,7 +77,8 @@ def test_the_recipe_error_is_one_line_before_ray(base_model, tmp_path):
     recipe = {"name": "t", "run_dir": str(tmp_path / "run"),
               "models": {"rw": {"engine": "vllm", "model": base_model}},
               "stages": {"ingest": {"paths": [str(corpus)]},
-                         "rewrite": {"model": "rw", "template": str(REPO / "configs/prompts/rewrite_to_prompts.yaml")}}}
+                         "rewrite": {"model": "rw",
+                                     "template": str(REPO / "configs/prompts/rewrite_to_prompts.yaml")}}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match="models.rw"):
@@ -105,7 +105,8 @@ def test_training_uses_the_recipe_template_and_saves_it(base_model, tmp_path):
     prompt = tokenize.tok.decode(row["input_ids"][:row["prompt_len"]])
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
     assert row["input_ids"][:row["prompt_len"]] == prompt_token_ids(
-        load_tokenizer(base_model, config.chat_template), tokenize.render({"text": "怎么做蛋糕？", "response": ""}), {})
+        load_tokenizer(base_model, config.chat_template),
+        tokenize.render({"text": "怎么做蛋糕？", "response": ""}), {})
 
     SFT(config).export_tokenizer(str(tmp_path / "trained"))
     assert folder_has_chat_template(tmp_path / "trained")  # a trained guard evaluates with no setting

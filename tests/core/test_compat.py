@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from pipelines.core import stage as stage_module
 from pipelines.construction import build_stages, load_recipe, run_recipe
+from pipelines.core import stage as stage_module
 from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "compat"

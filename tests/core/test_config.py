@@ -152,8 +152,9 @@ def test_paper_recipe_is_valid_offline():
     assert paper.models[paper.stages.adjudicate.model].engine == "http"
     assert paper.stages.assemble.external == ["seeds_polyguard_zh"]
     table2 = paper.stages.compare["paper"]  # Table 2's benchmarks, Table 1 on CHILLGuardTest
-    assert table2.table_benchmarks == ["CHILLGuardTest", "PolyG", "WildG", "ChineseS", "DNA", "SafetyP",
-                                       "BeaverTails", "PolyG-R", "RXP_LX"] and table2.category_benchmark == "CHILLGuardTest"
+    assert (table2.table_benchmarks == ["CHILLGuardTest", "PolyG", "WildG", "ChineseS", "DNA", "SafetyP",
+                                        "BeaverTails", "PolyG-R", "RXP_LX"]
+            and table2.category_benchmark == "CHILLGuardTest")
     levels = {b: paper.stages.guard_eval[s.removeprefix("guard_eval_")].level
               for b, s in table2.systems["Llama-Guard-3-8B"].items()}
     assert [b for b, level in levels.items() if level == "response"] == ["BeaverTails", "PolyG-R", "RXP_LX"]

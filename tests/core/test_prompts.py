@@ -46,9 +46,9 @@ def test_every_shipped_template_renders_in_the_sandbox(tmp_path):
     """The repository's prompts use nothing the sandbox refuses (rendered with any variable set)."""
     from pathlib import Path
 
-    from tests.conftest import REPO
-
     import yaml
+
+    from tests.conftest import REPO
 
     for path in sorted(Path(REPO / "configs/prompts").glob("*.yaml")):
         if "user" not in yaml.safe_load(path.read_text(encoding="utf-8")):

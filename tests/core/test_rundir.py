@@ -85,10 +85,10 @@ def test_settings_that_change_answers_change_an_llm_stage_hash():
 
 def test_operational_stage_settings_leave_the_hash_unchanged(tmp_path):
     from pipelines.data.embedding import EmbedStage
-    from pipelines.labelling.jury import JuryStage
     from pipelines.data.preprocess import TranslateStage
     from pipelines.data.retrieval import RetrieveStage
     from pipelines.data.vector_index import IndexStage
+    from pipelines.labelling.jury import JuryStage
 
     embed = EmbedConfig(model="BAAI/bge-m3")
     assert EmbedStage(embed).config_hash() == EmbedStage(embed.model_copy(update={
@@ -166,7 +166,7 @@ class FixedNameIndex(Stage):
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rundir.write_bytes("index/index.faiss", b"\0" * 64)
-        rundir.write_text("index/params.json", '{"nprobe": %3d}' % self.config.nprobe)  # same size
+        rundir.write_text("index/params.json", f'{{"nprobe": {self.config.nprobe:3d}}}')  # same size
 
 
 class Searcher(Stage):
@@ -208,8 +208,8 @@ def test_scaling_a_finished_run_recomputes_nothing(tmp_path):
 def test_index_to_retrieve_fingerprint_with_the_real_stages(tmp_path):
     """nprobe 32 -> 64: the index rewrites the same files with the same sizes; retrieve must still see
     a different input fingerprint (it includes the index's config hash)."""
-    from pipelines.data.retrieval import RetrieveStage
     from pipelines.core.stage import input_fingerprint
+    from pipelines.data.retrieval import RetrieveStage
     from pipelines.data.vector_index import IndexStage
 
     old, new = IndexStage(IndexConfig(kind="ivf", nprobe=32), 0), IndexStage(IndexConfig(kind="ivf", nprobe=64), 0)
@@ -217,7 +217,8 @@ def test_index_to_retrieve_fingerprint_with_the_real_stages(tmp_path):
     retrieve = RetrieveStage(RetrieveConfig(), EmbedConfig(model="BAAI/bge-m3"), TAXONOMY, 0, str(tmp_path))
     upstream = {name: {"config_hash": f"{name}-hash", "input_fingerprint": f"{name}-in",
                        "output_fingerprint": f"{name}-out"} for name in retrieve.requires}
-    before = input_fingerprint(retrieve, {**upstream, "index": {**upstream["index"], "config_hash": old.config_hash()}})
+    before = input_fingerprint(retrieve, {**upstream,
+                                          "index": {**upstream["index"], "config_hash": old.config_hash()}})
     after = input_fingerprint(retrieve, {**upstream, "index": {**upstream["index"], "config_hash": new.config_hash()}})
     assert before != after
 
@@ -455,17 +456,16 @@ def test_a_second_run_on_the_same_run_dir_is_refused_until_the_first_ends(tmp_pa
     run_dir = tmp_path / "run"
     holder = _holder(run_dir)
     try:
-        with pytest.raises(RunDirLocked) as caught:
-            with RunDir(str(run_dir)).lock():
-                pass
+        with pytest.raises(RunDirLocked) as caught, RunDir(str(run_dir)).lock():
+            pass
         message = str(caught.value)
         assert f"pid {holder.pid}" in message and socket.gethostname() in message and str(run_dir) in message
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # a crash: the kernel releases the lock
         holder.wait(30)
-    with RunDir(str(run_dir)).lock():
-        with RunDir(str(run_dir)).lock():  # the same process may nest (the CLI, then run_recipe)
-            pass
+    # the same process may nest (the CLI, then run_recipe)
+    with RunDir(str(run_dir)).lock(), RunDir(str(run_dir)).lock():
+        pass
 
 
 def test_chillguard_run_refuses_a_run_dir_in_use(tmp_path, capsys):

@@ -4,7 +4,7 @@ instead of keeping rows made with the old names. No Ray, no engine: hashes only.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import yaml

@@ -39,8 +39,16 @@ from pipelines.construction import build_stages, load_recipe
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.taxonomy import load_taxonomy
-from tests.conftest import (PYTHON, REPO, SERVED_MODEL, assert_balanced, free_port, http_endpoint, stop_group,
-                            write_jsonl)
+from tests.conftest import (
+    PYTHON,
+    REPO,
+    SERVED_MODEL,
+    assert_balanced,
+    free_port,
+    http_endpoint,
+    stop_group,
+    write_jsonl,
+)
 
 BIN = Path(PYTHON).parent
 
@@ -64,7 +72,8 @@ def _corpus(path: Path) -> Path:
 
 def _chinesesafe(path: Path) -> Path:
     return write_jsonl(path, [
-        *({"text": f"这是一条普通的提问，关于第{i}个生活话题", "label": "不违规", "subject": "生活"} for i in range(8)),
+        *({"text": f"这是一条普通的提问，关于第{i}个生活话题", "label": "不违规", "subject": "生活"}
+          for i in range(8)),
         *({"text": f"这是一条需要审核的内容，编号{i}", "label": "违规", "subject": "x"} for i in range(4)),
         {"text": "标签写错了", "label": "可能"},   # unknown_label
         {"label": "违规"},                        # missing_text
@@ -123,7 +132,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180
             return  # the server answers (auth may refuse anonymous requests)
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("Ray head did not start:\n" + log.read_text()[-3000:])
+                raise RuntimeError("Ray head did not start:\n" + log.read_text()[-3000:]) from None
             time.sleep(1)
 
 

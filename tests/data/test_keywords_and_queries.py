@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
-
 import pyarrow.parquet as pq
+import pytest
 from pydantic import ValidationError
 
 from pipelines.core.rows import DROPPED, ERROR, OK, to_table
@@ -15,8 +14,15 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
 from pipelines.core.textnorm import normalize_text
 from pipelines.data.keywords import (
-    LINEAGE, KeywordPoolStage, KeywordsConfig, expand_pool, expansion_requests, normalize_keyword,
-    parse_keyword_answer, seed_rows, select_keywords,
+    LINEAGE,
+    KeywordPoolStage,
+    KeywordsConfig,
+    expand_pool,
+    expansion_requests,
+    normalize_keyword,
+    parse_keyword_answer,
+    seed_rows,
+    select_keywords,
 )
 from pipelines.data.retrieval import RetrieveConfig, plan_queries, sample_neighbours
 

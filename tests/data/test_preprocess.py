@@ -17,7 +17,11 @@ from pipelines.core.stage import run_stages
 from pipelines.core.textnorm import normalize_text
 from pipelines.data import minhash
 from pipelines.data.preprocess import (
-    NearDedupConfig, decide_exact, decide_near, length_batch, normalize_batch,
+    NearDedupConfig,
+    decide_exact,
+    decide_near,
+    length_batch,
+    normalize_batch,
 )
 from tests.conftest import write_jsonl
 
@@ -49,7 +53,8 @@ def test_minhash_estimates_jaccard_and_groups_near_duplicates():
 
 
 def test_decide_near_is_order_independent():
-    texts = {"b": "有人在论坛上散布关于疫苗的谣言并号召大家转发出去", "a": "有人在论坛上散布关于疫苗的谣言并号召大家转发出来",
+    texts = {"b": "有人在论坛上散布关于疫苗的谣言并号召大家转发出去",
+             "a": "有人在论坛上散布关于疫苗的谣言并号召大家转发出来",
              "c": "这家餐厅的菜很好吃服务也很周到价格也非常合理"}
     config = NearDedupConfig(threshold=0.6)
     a, b = minhash.permutations(config.num_perm, config.seed)
@@ -200,9 +205,12 @@ def test_llm_translation_answers_become_rows_or_errors_with_reasons():
     from actors.translator import llm_translation_batch
 
     batch = pa.Table.from_pylist([
-        {"id": "a", "text": "How do I bake bread?", "lang": "en", "llm_output": "译文：“我怎样烤面包？”", "llm_error": ""},
-        {"id": "b", "text": "How to pick a lock", "lang": "en", "llm_output": "抱歉，我无法翻译这段内容。", "llm_error": ""},
-        {"id": "c", "text": "I'm sorry, I can't come", "lang": "en", "llm_output": "对不起，我来不了", "llm_error": ""},
+        {"id": "a", "text": "How do I bake bread?", "lang": "en", "llm_output": "译文：“我怎样烤面包？”",
+         "llm_error": ""},
+        {"id": "b", "text": "How to pick a lock", "lang": "en", "llm_output": "抱歉，我无法翻译这段内容。",
+         "llm_error": ""},
+        {"id": "c", "text": "I'm sorry, I can't come", "lang": "en", "llm_output": "对不起，我来不了",
+         "llm_error": ""},
         {"id": "d", "text": "Hello", "lang": "en", "llm_output": "<think>easy</think>  ", "llm_error": ""},
         {"id": "e", "text": "Hi", "lang": "en", "llm_output": "", "llm_error": "prompt is longer than the maximum"},
     ])

@@ -63,7 +63,8 @@ def test_unknown_preset_is_a_config_error(tmp_path):
     path = tmp_path / "r.yaml"
     seeds = tmp_path / "s.jsonl"
     seeds.write_text("{}\n")
-    path.write_text(f"name: x\nrun_dir: {tmp_path}/run\nstages:\n  seeds:\n    a: {{paths: [{seeds}], preset: nope}}\n")
+    path.write_text(f"name: x\nrun_dir: {tmp_path}/run\nstages:\n"
+                    f"  seeds:\n    a: {{paths: [{seeds}], preset: nope}}\n")
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_recipe(path)
 

@@ -23,9 +23,11 @@ from pipelines.evaluation.metrics import calibrate_threshold
 
 TAXONOMY = str(CONFIGS / "taxonomy.yaml")
 CODES = load_taxonomy(TAXONOMY).micro_codes
-OK_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()), ("pred_label", pa.string()),
-                       ("pred_micro", pa.string()), ("score", pa.float64()), ("pred_raw_label", pa.string())])
-ERROR_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()), ("reason", pa.string())])
+OK_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
+                       ("pred_label", pa.string()), ("pred_micro", pa.string()), ("score", pa.float64()),
+                       ("pred_raw_label", pa.string())])
+ERROR_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
+                          ("reason", pa.string())])
 
 
 def gold_rows(n: int, seed: int, prefix: str) -> list[dict]:
@@ -61,7 +63,8 @@ def write_eval(rundir: RunDir, stage: str, gold: list[dict], *, skill: float, se
 def expected_pred(rundir: RunDir, stage: str, gold: list[dict]) -> list[str]:
     """Predictions as the comparison must score them: answered rows as answered, every other gold row
     (unusable or missing) as the opposite of its gold label."""
-    answered = {r["id"]: r["pred_label"] for b in rundir.iter_batches(stage, "ok", ["id", "pred_label"]) for r in b.to_pylist()}
+    answered = {r["id"]: r["pred_label"]
+                for b in rundir.iter_batches(stage, "ok", ["id", "pred_label"]) for r in b.to_pylist()}
     return [answered.get(r["id"], "safe" if r["label"] == "unsafe" else "unsafe") for r in gold]
 
 
@@ -125,7 +128,8 @@ def test_tables_are_recomputed_from_the_evaluation_rows(grid):
         assert t1["systems"]["C"]["per_micro"][code]["f1"] == pytest.approx(
             f1_score(y, [pred[i] for i in idx], pos_label="unsafe"))
     macro = taxonomy.macro_of(CODES[0])
-    members = [c for c in CODES if taxonomy.macro_of(c) == macro and t1["systems"]["C"]["per_micro"][c]["f1"] is not None]
+    members = [c for c in CODES
+               if taxonomy.macro_of(c) == macro and t1["systems"]["C"]["per_micro"][c]["f1"] is not None]
     assert t1["systems"]["C"]["per_macro"][macro] == pytest.approx(
         np.mean([t1["systems"]["C"]["per_micro"][c]["f1"] for c in members]))
     assert t1["systems"]["C"]["per_micro"][CODES[20]] == {"f1": None, "rows": 0, "ci": [None, None]}
@@ -149,8 +153,10 @@ def test_tables_are_recomputed_from_the_evaluation_rows(grid):
     # the files: CSV with every cell (B has none on val), the heatmaps, curves for the scored systems
     base = rundir.uri("compare_plain", "report")
     table2 = list(csv.DictReader(io.StringIO(rundir.read_text("compare_plain/report/table2_f1.csv"))))
-    assert len(table2) == 8 and float(table2[0]["f1"]) == pytest.approx(report["table2"][table2[0]["system"]][table2[0]["benchmark"]]["f1"])
-    assert len(list(csv.DictReader(io.StringIO(rundir.read_text("compare_plain/report/table1_micro_f1.csv"))))) == 3 * len(CODES)
+    assert len(table2) == 8 and float(table2[0]["f1"]) == pytest.approx(
+        report["table2"][table2[0]["system"]][table2[0]["benchmark"]]["f1"])
+    assert len(list(csv.DictReader(io.StringIO(
+        rundir.read_text("compare_plain/report/table1_micro_f1.csv"))))) == 3 * len(CODES)
     for name in ("table2_f1.png", "table1_micro_f1.png", "pr_test.png", "roc_ext.png", "report.md", "mcnemar.csv"):
         assert rundir.exists("compare_plain", "report", name), f"{base}/{name}"
 
@@ -158,7 +164,7 @@ def test_tables_are_recomputed_from_the_evaluation_rows(grid):
 def test_best_bold_second_underlined(grid):
     assert rank_marks({"a": 0.9, "b": 0.8, "c": 0.9, "d": None, "e": 0.7}) == {"a": "best", "c": "best", "b": "second"}
     assert rank_marks({"a": None}) == {}
-    rundir, gold, systems = grid
+    rundir, _, systems = grid
     report = run_compare(rundir, "marks", systems=systems, resamples=100)
     f1 = {s: report["table2"][s]["test"]["f1"] for s in systems}
     best, second = sorted(f1, key=f1.get, reverse=True)[:2]
@@ -179,13 +185,15 @@ def test_calibrated_thresholds(grid):
     a = thresholds["A"]
     assert a["reached"] and a["precision"] >= 0.9 and a["model_from"] == "train_a"
     # reached on the validation rows: recomputed there
-    val = {r["id"]: r["score"] for b in rundir.iter_batches(systems["A"]["val"], "ok", ["id", "score"]) for r in b.to_pylist()}
+    val = {r["id"]: r["score"]
+           for b in rundir.iter_batches(systems["A"]["val"], "ok", ["id", "score"]) for r in b.to_pylist()}
     y = [r["label"] for r in gold["val"]]
     pred = ["unsafe" if val[r["id"]] >= a["threshold"] else "safe" for r in gold["val"]]
     tp = sum(p == g == "unsafe" for p, g in zip(pred, y))
     assert tp / pred.count("unsafe") == pytest.approx(a["precision"]) and a["precision"] >= 0.9
     # and applied on test: F1 recomputed with that threshold
-    test = {r["id"]: r["score"] for b in rundir.iter_batches(systems["A"]["test"], "ok", ["id", "score"]) for r in b.to_pylist()}
+    test = {r["id"]: r["score"]
+            for b in rundir.iter_batches(systems["A"]["test"], "ok", ["id", "score"]) for r in b.to_pylist()}
     y = [r["label"] for r in gold["test"]]
     pred = ["unsafe" if test[r["id"]] >= a["threshold"] else "safe" for r in gold["test"]]
     cell = report["table2"]["A"]["test"]
@@ -213,7 +221,8 @@ def test_calibrate_threshold_on_a_constructed_example():
 
 def test_bad_comparisons_are_refused(grid, tmp_path):
     rundir, gold, systems = grid
-    write_eval(rundir, "guard_eval_x_test", [{**r, "label": "safe"} for r in gold["test"]], skill=0.9, seed=0, scored=True)
+    write_eval(rundir, "guard_eval_x_test", [{**r, "label": "safe"} for r in gold["test"]],
+               skill=0.9, seed=0, scored=True)
     with pytest.raises(CompareError, match="must evaluate the same labelled rows"):
         run_compare(rundir, "bad", systems={"A": {"test": systems["A"]["test"]}, "X": {"test": "guard_eval_x_test"}})
     with pytest.raises(CompareError, match="different levels"):
@@ -240,7 +249,8 @@ def test_the_recipe_names_evaluation_stages(tmp_path):
                          "compare": {"main": {"systems": {"G": {"s": "guard_eval_one"}}}}}}
     assert Recipe.model_validate(recipe).stages.compare["main"].category_benchmark == "s"
     recipe["stages"]["compare"]["main"]["systems"]["H"] = {"s": "guard_eval_two"}
-    with pytest.raises(ValueError, match=r"stages.compare.main.systems.H: \['guard_eval_two'\] are not guard evaluation"):
+    with pytest.raises(ValueError,
+                       match=r"stages.compare.main.systems.H: \['guard_eval_two'\] are not guard evaluation"):
         Recipe.model_validate(recipe)
 
 
@@ -266,7 +276,7 @@ def test_per_macro_thresholds_never_read_the_gold_category(tmp_path):
     predictions because their gold macro categories differed. The rule now uses the macro category
     of the code the answer names, known at prediction time."""
     rundir = RunDir(str(tmp_path / "run"))
-    a, b = [c for c in CODES if c.startswith("A")][0], [c for c in CODES if c.startswith("B")][0]
+    a, b = next(c for c in CODES if c.startswith("A")), next(c for c in CODES if c.startswith("B"))
 
     def write(stage: str, rows: list[dict]) -> None:
         rundir.write_table(stage, "ok", pa.Table.from_pylist(
@@ -332,7 +342,8 @@ def _judged_rows(n: int, seed: int) -> list[dict]:
                   (gold if rng.random() > p else ("safe" if gold == "unsafe" else "unsafe"))}
                  for j, p in flip.items()]
         final = gold if rng.random() > 0.15 else ("safe" if gold == "unsafe" else "unsafe")
-        rows.append({"id": f"j{i}", "text": f"t{i}", "source_label": gold, "source_micro": "B5" if gold == "unsafe" else "",
+        rows.append({"id": f"j{i}", "text": f"t{i}", "source_label": gold,
+                     "source_micro": "B5" if gold == "unsafe" else "",
                      "label": final, "micro": "B4" if final == "unsafe" else "", "votes": votes})
     rows += [{"id": f"gen{i}", "text": "g", "source_label": "", "source_micro": "", "label": "unsafe", "micro": "A1",
               "votes": []} for i in range(2)]
@@ -372,7 +383,8 @@ def test_judges_and_the_jury_are_scored_against_the_source_labels(tmp_path):
         assert cell["f1"] == pytest.approx(f1_score(gold, pred, pos_label="unsafe"))
         assert cell["accuracy"] == pytest.approx(np.mean([p == g for p, g in zip(pred, gold)]))
         assert cell["kappa"] == pytest.approx(cohen_kappa_score(gold, pred))
-    assert report["table2"]["judge3"]["toxicn"]["unusable"] == 60 and report["table2"]["jury"]["toxicn"]["unusable"] == 10
+    assert (report["table2"]["judge3"]["toxicn"]["unusable"] == 60
+            and report["table2"]["jury"]["toxicn"]["unusable"] == 10)
     assert report["table2"]["judge1"]["toxicn"]["unusable"] == 0
     # the gold micro is the source's: Table 1's B5 cell holds every human-unsafe row
     assert report["table1"]["systems"]["jury"]["per_micro"]["B5"]["rows"] == gold.count("unsafe")

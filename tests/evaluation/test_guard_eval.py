@@ -21,13 +21,26 @@ from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.ingest import IngestConfig, IngestStage
 from pipelines.evaluation.guard_adapters import (
-    ChillGuardAdapter, GuardParseError, LlamaGuardAdapter, conversation, make_adapter,
+    ChillGuardAdapter,
+    GuardParseError,
+    LlamaGuardAdapter,
+    conversation,
+    make_adapter,
 )
 from pipelines.evaluation.guard_eval import (
-    MODEL_DIR, GuardEvalConfig, GuardEvalStage, read_guard_answers, scored_rows, to_eval_rows,
+    MODEL_DIR,
+    GuardEvalConfig,
+    GuardEvalStage,
+    read_guard_answers,
+    scored_rows,
+    to_eval_rows,
 )
 from pipelines.evaluation.guard_scores import (
-    GuardEvalError, check_answer_tokens, decide_by_score, first_tokens, unsafe_score,
+    GuardEvalError,
+    check_answer_tokens,
+    decide_by_score,
+    first_tokens,
+    unsafe_score,
 )
 from pipelines.evaluation.metrics import LABELS, evaluate
 from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
@@ -207,7 +220,8 @@ def test_first_answer_logprobs_from_vllm_and_http_outputs():
     assert set(got) == {"un", "safe"}
     assert got["safe"] == pytest.approx(math.log(math.exp(-1.0) + math.exp(-2.0)))
     assert vllm_first_logprobs({"generated_tokens": [1], "logprobs": None}) == ""
-    assert vllm_first_logprobs({"generated_tokens": [1], "logprobs": [{1: {"logprob": -1, "decoded_token": " "}}]}) == ""
+    assert vllm_first_logprobs(
+        {"generated_tokens": [1], "logprobs": [{1: {"logprob": -1, "decoded_token": " "}}]}) == ""
     # OpenAI chat completions: the sampled token is among its top_logprobs, or joins them
     choice = {"message": {"content": "unsafe\nS1"}, "logprobs": {"content": [
         {"token": "unsafe", "logprob": -0.2, "top_logprobs": [{"token": "unsafe", "logprob": -0.2},
@@ -288,8 +302,10 @@ def test_read_answers_predictions_and_error_rows():
     ok = out["ok"]
     assert ok["status"] == OK and ok["answer_label"] == SAFE and ok["score"] == pytest.approx(0.75)
     assert ok["pred_label"] == UNSAFE and ok["label"] == UNSAFE and ok["micro"] == "A1"     # gold kept
-    assert (out["noscore"]["score"], out["noscore"]["pred_label"], out["noscore"]["pred_micro"]) == (None, UNSAFE, "B2")
-    assert (out["junk"]["status"], out["junk"]["reason"], out["junk"]["raw_output"]) == (ERROR, "unparseable_output", "blah")
+    assert (out["noscore"]["score"], out["noscore"]["pred_label"], out["noscore"]["pred_micro"]) == \
+        (None, UNSAFE, "B2")
+    assert (out["junk"]["status"], out["junk"]["reason"], out["junk"]["raw_output"]) == \
+        (ERROR, "unparseable_output", "blah")
     assert (out["neither"]["status"], out["neither"]["score"], out["neither"]["pred_label"]) == (OK, None, UNSAFE)
     assert (out["long"]["status"], out["long"]["reason"]) == (ERROR, "prompt_too_long")
     assert not [c for c in out["ok"] if c.startswith("llm_")]

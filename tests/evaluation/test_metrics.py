@@ -12,8 +12,17 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.evaluation.metrics import (
-    NO_CODE, UNPARSED, Confusion, confusion, evaluate, mean_defined, micro_category, per_macro_f1,
-    per_micro_confusion, predicted_category, scored_predictions,
+    NO_CODE,
+    UNPARSED,
+    Confusion,
+    confusion,
+    evaluate,
+    mean_defined,
+    micro_category,
+    per_macro_f1,
+    per_micro_confusion,
+    predicted_category,
+    scored_predictions,
 )
 
 TAXONOMY = load_taxonomy()
@@ -24,7 +33,9 @@ def _sklearn(gold, pred):
     p, r, f, _ = precision_recall_fscore_support(gold, pred, pos_label=UNSAFE, average="binary",
                                                  zero_division=np.nan)
     tn, fp, fn, tp = confusion_matrix(gold, pred, labels=[SAFE, UNSAFE]).ravel()
-    as_none = (lambda v: None if math.isnan(v) else float(v))
+    def as_none(v):
+        return None if math.isnan(v) else float(v)
+
     return {"precision": as_none(p), "recall": as_none(r), "f1": as_none(f),
             "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)}
 

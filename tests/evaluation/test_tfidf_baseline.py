@@ -62,7 +62,8 @@ def test_the_floor_fits_on_train_and_is_compared_on_test(tmp_path, ray_local):
     scored = {row["id"]: row for row in pq.read_table(rundir.partition_uri("baseline_tfidf", "ok")).to_pylist()}
     # the same fit here gives the same P(unsafe) on every test row
     model = fit_tfidf_lr([x["text"] for x in rows if x["split"] == "train"],
-                         [x["label"] for x in rows if x["split"] == "train"], TfidfBaselineConfig(train=["a"], inputs=["a"]))
+                         [x["label"] for x in rows if x["split"] == "train"],
+                         TfidfBaselineConfig(train=["a"], inputs=["a"]))
     test = [x for x in rows if x["split"] == "test" and x["label"]]
     for x, p in zip(test, model.predict_proba([x["text"] for x in test])[:, 1]):
         assert scored[x["id"]]["score"] == pytest.approx(p)
@@ -111,7 +112,8 @@ def test_a_recipe_names_the_floor_and_the_jury_cells_in_a_comparison(tmp_path):
     grid = {"floor": {"t": "baseline_tfidf"}, "judge": {"t": "adjudicate:j"}, "jury": {"t": "adjudicate"}}
     ok = Recipe.model_validate({**base, "stages": {**base["stages"], "compare": {"x": {"systems": grid}}}})
     names = [s.name for s in build_stages(ok)]
-    assert names.index("baseline_tfidf") < names.index("compare_x") and names.index("adjudicate") < names.index("compare_x")
+    assert (names.index("baseline_tfidf") < names.index("compare_x")
+            and names.index("adjudicate") < names.index("compare_x"))
     bad = {**grid, "other": {"t": "adjudicate:nobody"}}
     with pytest.raises(ValueError, match=r"systems.other: \['adjudicate:nobody'\] are not guard evaluation"):
         Recipe.model_validate({**base, "stages": {**base["stages"], "compare": {"x": {"systems": bad}}}})

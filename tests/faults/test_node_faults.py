@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
+from cluster.node_faults import Kill, add_workers, remove_workers, run_with_kill, start_cluster, stop_cluster
 from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from cluster.node_faults import Kill, add_workers, remove_workers, run_with_kill, start_cluster, stop_cluster
 from tests.conftest import assert_balanced, long_context_endpoint, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -78,7 +78,8 @@ def _jury_recipe(tmp_path: Path, name: str, tiny_models, seeds: Path, mode: str)
 
 
 def test_jury_survives_a_dead_judge_node(tmp_path, tiny_models, cluster):
-    rows = [{"id": f"p{i}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}（{i}）", "label": "unsafe" if i % 2 == 0 else "safe",
+    rows = [{"id": f"p{i}", "prompt": f"{PROMPTS[i % len(PROMPTS)]}（{i}）",
+             "label": "unsafe" if i % 2 == 0 else "safe",
              "micro": "D1" if i % 2 == 0 else "", "macro": "D" if i % 2 == 0 else ""} for i in range(800)]
     seeds = write_jsonl(tmp_path / "seeds.jsonl", rows)
     gpu_node = {"num_cpus": 2, "num_gpus": 1}

@@ -7,6 +7,7 @@ the kill and the redone steps (~4 min here). MDPO itself runs in `make test` ins
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import threading
@@ -29,9 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 def reward_accuracy(policy_dir: str, reference_dir: str, recipe: Recipe, pairs: list[dict]) -> float:
     """Share of held-out pairs whose implicit reward ranks chosen over rejected."""
-    from transformers import AutoModelForCausalLM
-
     import pyarrow as pa
+    from transformers import AutoModelForCausalLM
 
     tokenize = TokenizePairs(recipe.stages.mdpo)
     table = tokenize(pa.Table.from_pylist(pairs)).to_pydict()
@@ -54,7 +54,7 @@ def assert_mdpo_learns(recipe: Recipe, manifests: dict, base_model: str) -> list
     first = history[0]
     assert first["beta_m"] == pytest.approx(0.1) and first["running_mean"] == 0.0   # step 1 is DPO
     assert all(h["kept"] == 12 for h in history)
-    for before, after in zip(history, history[1:]):   # R̄ ← γ R̄ + (1 − γ) m_B between steps
+    for before, after in itertools.pairwise(history):   # R̄ ← γ R̄ + (1 − γ) m_B between steps
         assert after["running_mean"] == pytest.approx(0.9 * before["running_mean"] + 0.1 * before["batch_mean"])
     assert history[-1]["reward_accuracy"] > 0.9
     held_out = preference_pairs(48, seed=1)

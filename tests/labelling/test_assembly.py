@@ -15,7 +15,13 @@ from pipelines.core.rows import OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.labelling.assembly import (
-    ROWS_PER_SPLIT_PARTITION, TEST, TRAIN, assign_split, enforce_disjoint, split_partitions, text_key,
+    ROWS_PER_SPLIT_PARTITION,
+    TEST,
+    TRAIN,
+    assign_split,
+    enforce_disjoint,
+    split_partitions,
+    text_key,
     to_dataset_rows,
 )
 from tests.conftest import write_jsonl
@@ -52,8 +58,10 @@ def test_the_stratum_shuffle_has_no_more_partitions_than_rows_or_strata_need():
 
 
 def test_enforce_disjoint_drops_train_rows_that_overlap_test():
-    rows = [make_row(id="a", text="x", label="safe", split=TRAIN), make_row(id="b", text="Y", label="safe", split=TRAIN),
-            make_row(id="c", text="z", label="safe", split=TRAIN), make_row(id="t", text="y", label="safe", split=TEST)]
+    rows = [make_row(id="a", text="x", label="safe", split=TRAIN),
+            make_row(id="b", text="Y", label="safe", split=TRAIN),
+            make_row(id="c", text="z", label="safe", split=TRAIN),
+            make_row(id="t", text="y", label="safe", split=TEST)]
     table = to_table([{**r, "text_key": text_key(r["text"])} for r in rows],
                      {"split": pa.string(), "text_key": pa.string()})
     out = enforce_disjoint(table, test_ids=frozenset({"t", "a"}), test_keys=frozenset({text_key("y")}))

@@ -157,7 +157,8 @@ def test_concurrent_jury_that_cannot_fit_an_embedded_ray_fails_fast(tmp_path, ti
         recipe.models[name].concurrency = 2
     stage = JuryStage(recipe.stages.jury, recipe.models, recipe.taxonomy)
     monkeypatch.setattr(cluster.connect, "_EMBEDDED", True)
-    with pytest.raises(RuntimeError, match=r"needs \{'GPU': 8, 'CPU': 9\}.*embedded Ray does not grow.*mode=sequential"):
+    with pytest.raises(RuntimeError,
+                       match=r"needs \{'GPU': 8, 'CPU': 9\}.*embedded Ray does not grow.*mode=sequential"):
         stage._check_resources()
     monkeypatch.setattr(cluster.connect, "_EMBEDDED", False)
     stage._check_resources()  # a cluster that may autoscale: a warning, no error

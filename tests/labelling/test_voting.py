@@ -12,7 +12,12 @@ from pipelines.core.config import ConfigError
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.labelling.voting import (
-    AgreementReport, agreement_markdown, decide, fleiss_kappa, parse_adjudication, parse_code,
+    AgreementReport,
+    agreement_markdown,
+    decide,
+    fleiss_kappa,
+    parse_adjudication,
+    parse_code,
     parse_verdict,
 )
 
@@ -258,8 +263,7 @@ def test_agreement_report_default_quorum_is_a_strict_majority_of_the_judges():
 
 
 def test_the_adjudicate_stage_reports_against_the_jurys_quorum(tmp_path):
-    from pipelines.construction import Recipe
-    from pipelines.construction import build_stages
+    from pipelines.construction import Recipe, build_stages
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"id": "a", "text": "你好", "label": "safe"}\n', encoding="utf-8")

@@ -131,7 +131,8 @@ def test_the_report_counts_classifier_errors_as_ineligible(tmp_path):
     _write(rundir, "loop2_score", OK, _scored_ok())
     _write(rundir, "loop2_score", ERROR, _scored_error())
     _write(rundir, "loop2_label", ERROR, _label_error())
-    stage = LoopReportStage(["loop2_label", "loop2_score", "loop2_pairs"], systems=[], taxonomy_path=str(DEFAULT_TAXONOMY))
+    stage = LoopReportStage(["loop2_label", "loop2_score", "loop2_pairs"], systems=[],
+                            taxonomy_path=str(DEFAULT_TAXONOMY))
     levels = stage.report(rundir)["levels"]
     # 1 unscored + 3 without a prediction; the scored ones by level (L1: c1, c9, c10)
     assert levels["total"] == {L1: 3, L2: 1, L3: 1, L4: 2, "ineligible": 4}
@@ -156,7 +157,7 @@ def test_the_report_shows_the_pairs_accounting(tmp_path):
 from tests.loop.test_loop_units import loop_recipe  # noqa: E402,F401  (the fixture)
 
 
-def test_the_pairs_stage_reads_the_labelling_errors(loop_recipe):
+def test_the_pairs_stage_reads_the_labelling_errors(loop_recipe):  # noqa: F811  (the fixture imported above)
     from pipelines.construction import build_stages, load_recipe
 
     stages = {s.name: s for s in build_stages(load_recipe(loop_recipe))}

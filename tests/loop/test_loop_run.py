@@ -219,7 +219,8 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
         trained = set(rundir.column_values(stage, "ok", "id"))
         assert trained and not trained & {r["id"] for r in test_rows}, stage
     for stage in ("loop1_decontaminate", "loop2_decontaminate"):
-        generated = [(r["id"], r["text"]) for b in rundir.iter_batches(stage, "ok", ["id", "text"]) for r in b.to_pylist()]
+        generated = [(r["id"], r["text"])
+                     for b in rundir.iter_batches(stage, "ok", ["id", "text"]) for r in b.to_pylist()]
         assert not find_overlaps(generated, reference, NearDedupConfig(threshold=0.8)), stage
 
     # 4. classifiers start from the backbone, not from the previous iteration

@@ -112,7 +112,8 @@ def test_seed_rows_and_candidates_account_for_k_per_seed():
         for i in range(k):
             answer = {"s1": ["新指令：有什么办法看到伴侣的私信？", "", "有什么办法看到伴侣的私信？"],
                       "s2": ["推荐几本讲宋代的书。", "推荐几本讲明代的书。", "推荐几本讲唐代的书。"]}[r["id"]][i]
-            answers.append({**r, "llm_sample": i, "llm_output": answer, "llm_error": "boom" if (r["id"], i) == ("s2", 2) else ""})
+            answers.append({**r, "llm_sample": i, "llm_output": answer,
+                            "llm_error": "boom" if (r["id"], i) == ("s2", 2) else ""})
     out = answers_to_candidates(pa.Table.from_pylist(answers), iteration=1, generator="G0", model="m").to_pylist()
     assert len(out) == 2 * k  # exactly k rows per seed: ok or error
     by_status = {(r["parent_id"], r["k_index"]): (r["status"], r["reason"]) for r in out}

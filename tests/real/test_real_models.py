@@ -1,4 +1,4 @@
-"""Real weights, real labels, small samples (`make test-real`, ~18 min on 2 cores):
+"""Real weights, real labels, small samples (`make test-real`, under 15 min on 2 cores):
 
 - the LLM stages on the 1.5B instruct model (PE rewriting, a two-judge jury whose judges share the
   model and differ by prompt, the adjudicator) parse at least 95 % of its answers;
@@ -33,6 +33,8 @@ def _engine(model: str, **sampling) -> dict:
     return {"engine": "vllm", "model": model, "batch_size": 16,
             "engine_kwargs": {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                               "kv_cache_memory_bytes": 1 << 30, "seed": 0},
+            # one process less per engine start (~13 s each here; README "LLM endpoints")
+            "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
             "sampling": {"temperature": 0.0, "max_tokens": 16, **sampling}}
 
 
@@ -49,7 +51,7 @@ def test_llm_stages_parse_the_instruct_models_answers(tmp_path, real_models, sha
                    "judge_a": _engine(real_models["instruct"], max_tokens=8),
                    "judge_b": _engine(real_models["instruct"], max_tokens=8),
                    "adjudicator": _engine(real_models["instruct"], max_tokens=24)},
-        "stages": {"seeds": {"toxicn": _toxicn(shared_data, "train", 0.004)},
+        "stages": {"seeds": {"toxicn": _toxicn(shared_data, "train", 0.003)},
                    "pe": {"model": "rewriter", "inputs": ["seeds_toxicn"], "keep_original": {"safe": 0.3}},
                    "jury": {"inputs": ["pe"], "judges": ["judge_a", "judge_b"], "mode": "sequential",
                             "constrained": False, "templates": {"judge_b": str(PROMPTS / "judge_intent.yaml")}},
@@ -78,7 +80,8 @@ def test_llm_stages_parse_the_instruct_models_answers(tmp_path, real_models, sha
     assert groups >= 5 and answers["failed"] == 0 and answers["refusals"] <= 0.05 * answers["requests"]
     # parsed: the answer yields rewrites (unparseable_output: none at all); how many groups got exactly
     # as many rewrites as seeds is the model following the instruction, reported, not asserted
-    unparseable_groups = len({r["group_id"] for r in _rows(rundir, "pe", ERROR) if r["reason"] == "unparseable_output"})
+    unparseable_groups = len({r["group_id"] for r in _rows(rundir, "pe", ERROR)
+                              if r["reason"] == "unparseable_output"})
     assert unparseable_groups <= 0.05 * groups, figures["pe"]
     for judge, v in jury.items():
         assert votes[judge] >= 20 and v["valid_votes"] / votes[judge] >= 0.95, (judge, v)
@@ -95,7 +98,8 @@ def test_guard_sft_from_the_pretrained_base_lowers_held_out_loss(tmp_path, real_
     backbone = real_models["backbone"]
     recipe = Recipe.model_validate({
         "name": "real-sft", "run_dir": str(tmp_path / "run"),
-        "stages": {"seeds": {"train": _toxicn(shared_data, "train", 0.012), "held": _toxicn(shared_data, "test", 0.02)},
+        "stages": {"seeds": {"train": _toxicn(shared_data, "train", 0.008),
+                             "held": _toxicn(shared_data, "test", 0.016)},
                    "guard_sft": {"model": backbone, "chat_template": "gemma", "inputs": ["seeds_train"], "split": None,
                                  "template": str(PROMPTS / "guard_compact.yaml"), "deepspeed": "zero2",
                                  "num_workers": 1, "cpus_per_worker": 2, "global_batch_size": 8,
@@ -104,7 +108,7 @@ def test_guard_sft_from_the_pretrained_base_lowers_held_out_loss(tmp_path, real_
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(build_stages(recipe), rundir)
     sft = manifests["guard_sft"]
-    assert sft["rows"]["out"] >= 80
+    assert sft["rows"]["out"] >= 60
 
     held = [r for f in rundir.parquet_files("seeds_held", OK) for r in _read(f.path)]
     tokenize = TokenizeGuardRows(recipe.stages.guard_sft, str(DEFAULT_TAXONOMY))
@@ -129,7 +133,7 @@ def test_the_instruct_model_as_a_zero_shot_guard_is_above_chance(tmp_path, real_
     recipe = Recipe.model_validate({
         "name": "real-zero-shot", "run_dir": str(tmp_path / "run"),
         "models": {"guard": _engine(real_models["instruct"], max_tokens=8, logprobs=5)},
-        "stages": {"seeds": {"test": _toxicn(shared_data, "test", 0.04)},
+        "stages": {"seeds": {"test": _toxicn(shared_data, "test", 0.03)},
                    "guard_eval": {"zero_shot": {"inputs": ["seeds_test"], "split": None, "model": "guard",
                                                 "score": True}}},
     })
@@ -168,8 +172,8 @@ def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_d
     monkeypatch.setenv("CHILLGUARD_SHARED_DATA", str(shared_data))
     monkeypatch.chdir(REPO)
     stages = {s.name for s in build_stages(load_recipe(REPO / "configs" / "recipes" / f"{name}.yaml"))}
-    expected = {"real_small": {"rag", "pe", "translate", "jury", "adjudicate", "assemble", "loop2_mdpo", "loop2_eval_c2",
-                               "guard_eval_zero_shot"},
-                "real_eval": {"jury", "adjudicate", "loop0_eval_c0", "guard_sft", "baseline_same_rows", "compare_guards",
-                              "compare_jury"}}
+    expected = {"real_small": {"rag", "pe", "translate", "jury", "adjudicate", "assemble", "loop2_mdpo",
+                               "loop2_eval_c2", "guard_eval_zero_shot"},
+                "real_eval": {"jury", "adjudicate", "loop0_eval_c0", "guard_sft", "baseline_same_rows",
+                              "compare_guards", "compare_harm", "compare_jury"}}
     assert expected[name] <= stages, expected[name] - stages

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    TEST_API_KEY, TEST_API_KEY_ENV, free_port, has_metric, metric_value, scrape_metrics, wait_for_metric,
+    TEST_API_KEY,
+    TEST_API_KEY_ENV,
+    free_port,
+    has_metric,
+    metric_value,
+    scrape_metrics,
+    wait_for_metric,
     wait_for_metric_names,
 )
 
@@ -35,7 +41,8 @@ def guard_app(ray_local, tiny_models):
     from pipelines.serve.cli import serve_settings
     from tests.serve.test_serve_units import serve_args
 
-    config, _, _ = serve_settings(serve_args(config=str(CONFIGS / "serve" / "cpu.yaml"), model=tiny_models["causal-lm"],
+    config, _, _ = serve_settings(serve_args(config=str(CONFIGS / "serve" / "cpu.yaml"),
+                                             model=tiny_models["causal-lm"],
                                              overrides=["constrained=true", f"api_key_env={TEST_API_KEY_ENV}",
                                                         f"max_inputs={MAX_INPUTS}", "max_tokens=4",
                                                         f"ingress.max_ongoing_requests={MAX_ONGOING}"]), cuda=False)
@@ -148,7 +155,7 @@ def test_concurrent_callers_get_their_own_answers(guard_app):
         t.start()
     for t in threads:
         t.join()
-    for i, text in enumerate(texts):
+    for i in range(len(texts)):
         status, body, _ = together[i]
         assert status == 200
         assert body["prompt_tokens"] == alone[i]["prompt_tokens"]  # its own prompt, not a neighbour's

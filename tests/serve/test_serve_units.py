@@ -14,7 +14,13 @@ import yaml
 from pipelines.core.config import CONFIGS, ConfigError
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.moderation import (
-    Completion, GuardAnswerError, category_scores, code_shares, guard_result, moderation_result, read_verdict,
+    Completion,
+    GuardAnswerError,
+    category_scores,
+    code_shares,
+    guard_result,
+    moderation_result,
+    read_verdict,
 )
 
 TAXONOMY = load_taxonomy(CONFIGS / "taxonomy.yaml")
@@ -198,12 +204,11 @@ def test_engine_placement():
 def test_the_guard_a_run_trained(tmp_path, tiny_models):
     """The last finished guard-training stage with a model folder; its prompt, engine arguments and
     threshold from the run's recipe."""
-    from tests.loop.test_loop_units import LOOP
-
     from pipelines.construction import load_recipe
     from pipelines.core.config import dump_recipe
     from pipelines.core.rundir import RunDir
     from pipelines.serve.app import run_guard
+    from tests.loop.test_loop_units import LOOP
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"text": "x", "label": "safe"}\n')
@@ -212,7 +217,8 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     path.write_text(LOOP.format(run=run, model=tiny_models["causal-lm"], seeds=seeds))
     recipe = load_recipe(path, ["stages.loop.systems=[c0,c2,c2_dpo]", "stages.loop.labelling.threshold=0.4",
                                 "stages.loop.constrained=true", "stages.compare.main.systems.C2.test=loop2_eval_c2",
-                                "stages.guard_eval.val.inputs=[seeds_real]", "stages.guard_eval.val.model_from=loop2_train_c2",
+                                "stages.guard_eval.val.inputs=[seeds_real]",
+                                "stages.guard_eval.val.model_from=loop2_train_c2",
                                 "stages.guard_eval.val.model=gen", "stages.guard_eval.val.constrained=false"])
     rundir = RunDir(str(run))
     rundir.write_text("recipe.yaml", dump_recipe(recipe))

@@ -39,7 +39,8 @@ def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
 
 
 def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
-    sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"], "system": "You are a helpful assistant.",
+    sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"],
+           "system": "You are a helpful assistant.",
            "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
            "num_workers": 1, "global_batch_size": 1, "micro_batch_size": 1, "learning_rate": 1e-4,
            "epochs": 1, "max_length": 1024}

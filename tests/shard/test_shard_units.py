@@ -17,21 +17,39 @@ from pipelines.core.config import ConfigError
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import DROPPED, ERROR, OK, make_row
 from pipelines.core.splits import assign_splits, split_sizes
+from pipelines.core.statistics import MCNEMAR_CHI2, MCNEMAR_EXACT
 from pipelines.data.ingest import IngestConfig, record_to_row
 from pipelines.labelling.jury import RETRY
+from pipelines.shard.config import ShardConfig
 from pipelines.shard.pairwise import (
-    A, B, C, CRITERIA, RenderJudge, candidate_position, combine_judgements, expand_comparisons,
-    judge_variables, outcome, parse_verdict, read_verdicts, select, verdict_pattern,
+    CRITERIA,
+    A,
+    B,
+    C,
+    RenderJudge,
+    candidate_position,
+    combine_judgements,
+    expand_comparisons,
+    judge_variables,
+    outcome,
+    parse_verdict,
+    read_verdicts,
+    select,
+    verdict_pattern,
 )
 from pipelines.shard.reframing import (
-    FIELDS, RESPONSE_MODES, ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema,
+    FIELDS,
+    RESPONSE_MODES,
+    ReframingError,
+    guidance,
+    load_guidelines,
+    parse_reframing,
+    reframing_schema,
 )
-from pipelines.shard.config import ShardConfig
 from pipelines.shard.rewriting import _RETRY_COLUMNS, read_reframings
 from pipelines.shard.rows import SHARD_COLUMNS, take_answer
-from pipelines.shard.split import prepare_prompts, split_stratum
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
-from pipelines.core.statistics import MCNEMAR_CHI2, MCNEMAR_EXACT
+from pipelines.shard.split import prepare_prompts, split_stratum
 from pipelines.shard.stats import BINOMIAL_TEST, LOSS, TIE, WIN, win_tie_loss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,8 +349,8 @@ def test_assign_splits_is_seeded_and_order_free():
 
 def _seed_rows(records: list[dict]) -> pa.Table:
     """Rows as a seeds stage writes them (harm category / level as columns)."""
-    from pipelines.data.ingest import ORIGIN
     from pipelines.core.rows import to_table
+    from pipelines.data.ingest import ORIGIN
 
     return to_table([make_row(**r) for r in records], ORIGIN)
 
@@ -530,7 +548,8 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     names = [s.name for s in stages]
     expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules"]  # rules: once
     expected += [f"shard_{step}_self" for step in ("reframe", "refine", "judge", "select")]
-    expected += ["shard_answer_teacher"] + [f"shard_{step}_teacher" for step in ("reframe", "refine", "judge", "select")]
+    expected += ["shard_answer_teacher"] + [f"shard_{step}_teacher"
+                                            for step in ("reframe", "refine", "judge", "select")]
     assert names == expected + ["sft_self", "sft_teacher", "shard_eval"]
     # SHARD's teacher baseline: the teacher answers first, refines its own O1 and is judged against it
     by_name = {s.name: s for s in stages}

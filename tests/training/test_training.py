@@ -125,7 +125,8 @@ def test_chat_sft_with_lora(tmp_path, tiny_models, ray_local):
     validation loss on the held-out split (SHARD's checkpoint choice)."""
     from transformers import AutoModelForCausalLM
 
-    rows = [{"text": f"请用一句话介绍{w}{i}", "answer": f"{w}是一个常见的话题。", "split": "val" if i % 5 == 0 else "train"}
+    rows = [{"text": f"请用一句话介绍{w}{i}", "answer": f"{w}是一个常见的话题。",
+             "split": "val" if i % 5 == 0 else "train"}
             for i, w in enumerate(WORDS * 8)]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     base = tiny_models["causal-lm"]
