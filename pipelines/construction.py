@@ -2,8 +2,9 @@
 it enables in run order, and running them with resume.
 
 Stage modules register themselves (:func:`pipelines.core.registry.register`) when imported; this
-module imports every module of the feature packages (every subpackage of ``pipelines`` but ``core``),
-so a new stage module is found without being listed anywhere.
+module imports every module of the feature packages (every subpackage of ``pipelines`` but ``core`` and
+``serve``, which registers no stage and imports Ray Serve and FastAPI), so a new stage module is found
+without being listed anywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _import_stage_modules() -> None:
     for package in pkgutil.iter_modules(pipelines.__path__):
-        if package.ispkg and package.name != "core":
+        if package.ispkg and package.name not in ("core", "serve"):
             path = [str(Path(pipelines.__path__[0]) / package.name)]
             for module in pkgutil.walk_packages(path, f"pipelines.{package.name}."):
                 importlib.import_module(module.name)

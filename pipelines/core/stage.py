@@ -133,6 +133,14 @@ def input_fingerprint(stage: Stage, manifests: dict[str, dict]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def col(name: str):
+    """Ray Data's column expression (``ray.data.expressions.col``), imported on first use: importing
+    ``ray.data`` takes about half a second, and validating a recipe (``chillguard config``) needs none of it."""
+    from ray.data.expressions import col as ray_col
+
+    return ray_col(name)
+
+
 def read_ok(rundir: RunDir, stage: str):
     """The ``ok`` rows of an upstream stage as a Ray Dataset; empty (with the stage's schema where
     any of its partitions has a file) when it produced no ok rows."""

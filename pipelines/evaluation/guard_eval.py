@@ -47,7 +47,6 @@ from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, model_validator
-from ray.data.expressions import col
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
@@ -67,7 +66,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.evaluation.guard_adapters import (
     GUARD_ADAPTERS,

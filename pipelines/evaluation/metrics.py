@@ -39,8 +39,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
 
@@ -189,6 +187,9 @@ def micro_category(gold: Sequence[str], pred: Sequence[str | None], micro: Seque
     With no such row, ``accuracy`` and ``macro_f1`` are ``None`` (undefined) and ``per_code`` empty.
     ``untagged_unsafe_rows``: gold-unsafe rows whose gold micro is not a code (not scored here).
     """
+    # imported here: scikit-learn takes about a second to import, and validating a recipe imports this module
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
     if not len(gold) == len(pred) == len(micro) == len(pred_micro):
         raise ValueError(f"{len(gold)} gold labels, {len(pred)} predictions, {len(micro)} gold micro codes, "
                          f"{len(pred_micro)} predicted micro codes")

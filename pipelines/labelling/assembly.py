@@ -22,7 +22,6 @@ from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
-from ray.data.expressions import col
 
 from pipelines.core.config import Strict, semantic_dump
 from pipelines.core.registry import References, register
@@ -40,7 +39,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, run_pass
+from pipelines.core.stage import Stage, col, run_pass
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.core.textnorm import normalize_text
 from pipelines.labelling.jury import LABEL_COLUMNS

@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
-from ray.data.expressions import col
 
 from actors.llm import LLM_COLUMNS, chat
 from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
@@ -48,7 +47,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, run_pass
+from pipelines.core.stage import Stage, col, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
     ADJUDICATED,

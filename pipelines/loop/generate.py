@@ -44,7 +44,7 @@ from pipelines.core.rows import (
     to_common_schema,
     to_table,
 )
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
 from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 
@@ -165,7 +165,6 @@ class GenerateStage(Stage):
         self.candidates(inputs, endpoint).write_parquet(rundir.uri(self.name), partition_cols=["status"])
 
     def candidates(self, inputs: dict, endpoint: LLMEndpoint) -> Any:
-        from ray.data.expressions import col
 
         from pipelines.core.rows import union_all
 

@@ -47,7 +47,7 @@ from pipelines.core.rows import (
     to_table,
     union_all,
 )
-from pipelines.core.stage import Stage, read_ok
+from pipelines.core.stage import Stage, col, read_ok
 from pipelines.loop.generate import GENERATED, RewritePrompt
 from pipelines.loop.levels import make_pairs, no_pair_reason
 
@@ -209,7 +209,6 @@ class PairsStage(Stage):
 
     def write(self, inputs: dict, rundir) -> None:
         import ray
-        from ray.data.expressions import col
 
         parts = [inputs[n].map_batches(seed_markers, batch_format="pyarrow") for n in self.inputs]
         parts.append(read_ok(rundir, self.scored).map_batches(candidate_markers, batch_format="pyarrow"))

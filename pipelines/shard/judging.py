@@ -12,14 +12,13 @@ import json
 from typing import Any
 
 import pyarrow as pa
-from ray.data.expressions import col
 
 from pipelines.core.config import LLMEndpoint, semantic_dump
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, shuffle_partitions, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import hash_rank
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, col
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.pairwise import (
     HARMFULNESS,

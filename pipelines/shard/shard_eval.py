@@ -28,7 +28,6 @@ from typing import Any
 
 import pyarrow as pa
 from pydantic import Field, field_validator
-from ray.data.expressions import col
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
@@ -44,7 +43,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, run_pass
+from pipelines.core.stage import Stage, col, run_pass
 from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
 from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 from pipelines.shard.answer import AnswerMessages

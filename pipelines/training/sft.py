@@ -36,7 +36,7 @@ from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage
+from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.training.guard_format import GuardPrompt, guard_answer
 from pipelines.training.train_loop import HF_EXPORT, MODEL_DIR, FitResult, Method, TrainingPaused, fit
@@ -297,7 +297,6 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
     """Tokenize ``rows`` into the stage's partitions, refuse bad rows, train :class:`SFT` on the
     ``ok`` ones and export the model (shared by the guard and chat SFT stages)."""
     import ray
-    from ray.data.expressions import col
 
     rows.map_batches(tokenize, batch_format="pyarrow").write_parquet(rundir.uri(stage.name),
                                                                     partition_cols=["status"])
