@@ -58,7 +58,7 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
 
 
 def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
-    """SHARD references: inputs that run before it, and the same system prompt for SFT on its rows as
+    """SHARD references: inputs that name enabled row stages, and the same system prompt for SFT on its rows as
     for the answers it compares (and not on the split that shard_eval evaluates). Returns the
     endpoints it names."""
     refs.check_inputs("stages.shard.inputs", shard.inputs)
