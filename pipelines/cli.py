@@ -1,7 +1,8 @@
 """The ``chillguard`` command line.
 
     chillguard run RECIPE [key=value ...] [--address ADDR] [--force]
-    chillguard config RECIPE [key=value ...]
+    chillguard config RECIPE [key=value ...] [--graph]
+    chillguard graph RECIPE [key=value ...] [--dot] [--png OUT.png]
     chillguard status RUN_DIR
     chillguard serve [RUN_DIR] [--model PATH_OR_ID] [--config SERVE_YAML] [key=value ...] [--address ADDR]
     chillguard tiny-models OUT_DIR [--seed N]
@@ -50,7 +51,31 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.graph:
+        from pipelines.construction import build_stages
+        from pipelines.core.graph import graph_text
+
+        print(graph_text(build_stages(recipe)), end="")
+    else:
+        print(dump_recipe(recipe), end="")
+    return 0
+
+
+def _cmd_graph(args) -> int:
+    """The recipe's stages as a graph: text (run order, each with what it reads), DOT, PNG."""
+    from pipelines.construction import build_stages
+    from pipelines.core.graph import graph_dot, graph_text, write_graph_png
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = build_stages(recipe)
+    if args.png:
+        write_graph_png(stages, args.png, title=f"{recipe.name}: {len(stages)} stages in run order")
+        print(f"wrote {args.png}", file=sys.stderr)
+    if args.dot:
+        print(graph_dot(stages, title=recipe.name), end="")
+    elif not args.png:
+        print(graph_text(stages), end="")
     return 0
 
 
@@ -97,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="print the fully resolved recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--graph", action="store_true",
+                   help="print the stages in run order with what each reads and requires instead")
     p.set_defaults(fn=_cmd_config)
+
+    p = sub.add_parser("graph", help="the stages' graph of declared inputs: text, Graphviz DOT or PNG")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of text")
+    p.add_argument("--png", metavar="OUT.png", help="draw the graph (layers by depth) into this PNG file")
+    p.set_defaults(fn=_cmd_graph)
 
     p = sub.add_parser("status", help="table of stages and row counts of a run directory")
     p.add_argument("run_dir")

@@ -1,5 +1,5 @@
 """The recipe -> stages driver: the recipe model of every registered stage, its loading, the stages
-it enables in run order, and running them with resume.
+it enables in run order (the graph of their declared inputs), and running them with resume.
 
 Stage modules register themselves (:func:`pipelines.core.registry.register`) when imported; this
 module imports every module of the feature packages (every subpackage of ``pipelines`` but ``core`` and
@@ -15,8 +15,9 @@ import pkgutil
 from pathlib import Path
 
 import pipelines
-from pipelines.core.config import dump_recipe, read_recipe
-from pipelines.core.registry import entries, recipe_model
+from pipelines.core.config import ConfigError, dump_recipe, read_recipe
+from pipelines.core.graph import GraphError, cycle_text, order_nodes
+from pipelines.core.registry import listed_entries, recipe_model
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, run_stages
 
@@ -45,9 +46,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, resolve
 
 
 def build_stages(recipe: Recipe) -> list[Stage]:
-    """The stages the recipe enables, in pipeline order."""
-    return [stage for entry in entries() if entry.enabled(recipe.stages)
-            for stage in entry.build(recipe, entry.section(recipe.stages))]
+    """The stages the recipe enables, in run order: a topological order of the graph of their
+    ``inputs`` and ``requires`` (:func:`pipelines.core.graph.run_order`). They are built section by
+    section in the order the recipe lists its sections (:func:`pipelines.core.registry.listed_entries`),
+    and that build order breaks the ties: a stage runs as early as its inputs allow, but never before a
+    stage built ahead of it that is ready as well. A name that is no enabled stage, or a cycle, is a
+    :class:`ConfigError` naming the recipe keys (validation refuses the ones a recipe can write; this
+    checks the stages' own graph)."""
+    built: list[tuple[str, Stage]] = [(f"stages.{entry.key}", stage) for entry in listed_entries(recipe.stages)
+                                      for stage in entry.build(recipe, entry.section(recipe.stages))]
+    section = {stage.name: key for key, stage in built}
+    try:
+        return order_nodes([stage for _, stage in built])
+    except GraphError as exc:
+        if exc.dangling:
+            raise ConfigError(f"recipe {recipe.name}: " + "; ".join(
+                f"{section[name]}: stage {name} reads {', '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} no enabled stage of the recipe"
+                for name, missing in exc.dangling.items())) from None
+        if exc.cycle:
+            keys = ", ".join(dict.fromkeys(section[name] for name in exc.cycle))
+            raise ConfigError(f"recipe {recipe.name}: {keys}: the stages' inputs form a cycle "
+                              f"({cycle_text(exc.cycle)})") from None
+        raise ConfigError(f"recipe {recipe.name}: {exc}") from None
 
 
 def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> dict[str, dict]:

@@ -2,12 +2,15 @@
 
 A stage module defines its :class:`~pipelines.core.stage.Stage` classes and its config model, and
 registers them with one :func:`register` call: the key of its section under ``stages:``, the config
-model, the factory that builds its Stage objects from the recipe, its place in the pipeline (the key it
-runs after) and its references to other sections. Everything that used to list stages by hand is
-derived from the registry: the ``stages:`` model of recipes (:func:`recipe_model`), the order in which
-``build_stages`` builds and the runner runs them (:func:`entries`), the stages a section needs enabled, and the
-reference checks (inputs that name row stages running before, endpoints under ``models:``,
-``model_from`` naming a training stage).
+model, the factory that builds its Stage objects from the recipe and its references to other sections.
+Everything that used to list stages by hand is derived from the registry: the ``stages:`` model of
+recipes (:func:`recipe_model`), the stages a section needs enabled, and the reference checks (inputs
+that name enabled row stages, endpoints under ``models:``, ``model_from`` naming a training stage).
+
+No section says where it runs: the run order is a topological order of the graph of the stages'
+declared inputs (:func:`pipelines.core.graph.run_order`, applied by ``build_stages``), independent
+stages in the order the recipe lists their sections (:func:`listed_entries`). Validation refuses
+inputs that form a cycle between sections (:func:`check_references`).
 
 A section may be keyed (``seeds: {name: ...}`` -> ``seeds_<name>``) and one entry may produce several
 Stage objects (``preprocess`` -> one stage per enabled step; ``shard`` -> its per-variant stages).
@@ -16,12 +19,13 @@ Stage objects (``preprocess`` -> one stage per enabled step; ``shard`` -> its pe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, PrivateAttr, create_model, model_serializer, model_validator
 
 from pipelines.core.config import CONFIGS, ClusterConfig, ExistingPath, LLMEndpoint, OutputPath, Strict
+from pipelines.core.graph import GraphError, run_order
 
 
 @dataclass(frozen=True)
@@ -30,15 +34,14 @@ class StageEntry:
     key: str
     #: the section's config model (for a keyed entry: the model of one value)
     config: type[Strict]
-    #: ``(recipe, section) -> [Stage, ...]``: the stages of an enabled section, in run order
+    #: ``(recipe, section) -> [Stage, ...]``: the stages of an enabled section (this order breaks ties
+    #: between its stages in the run order)
     build: Callable[[Any, Any], list]
-    #: the key of the entry it runs after (``None``: first); fixes its place in the run order
-    after: str | None
     #: ``stages.<key>`` is a map ``name -> config``; the stages are named ``<key>_<name>``
     keyed: bool = False
     #: sections that must be enabled with it (``stages.<key> needs stages ...``)
     needs: tuple[str, ...] = ()
-    #: what later sections may name: ``rows`` (their ``inputs``) or ``model`` (``model_from``)
+    #: what other sections may name: ``rows`` (their ``inputs``) or ``model`` (``model_from``)
     provides: Literal["rows", "model"] | None = None
     #: ``section -> names`` of the stages it provides; default ``[key]`` or ``<key>_<name>`` per name
     names: Callable[[Any], list[str]] | None = None
@@ -65,57 +68,84 @@ class StageEntry:
 _ENTRIES: dict[str, StageEntry] = {}
 
 
-def register(key: str, *, config: type[Strict], build: Callable[[Any, Any], list], after: str | None,
-             **options: Any) -> StageEntry:
+def register(key: str, *, config: type[Strict], build: Callable[[Any, Any], list], **options: Any) -> StageEntry:
     """Declare a stage section (see :class:`StageEntry` for the options). Called once per section, at
     the bottom of the module that defines its stages and config."""
     if key in _ENTRIES:
         raise ValueError(f"stage section {key!r} is registered twice")
-    entry = StageEntry(key=key, config=config, build=build, after=after, **options)
+    entry = StageEntry(key=key, config=config, build=build, **options)
     _ENTRIES[key] = entry
     return entry
 
 
 def entries() -> list[StageEntry]:
-    """Registered sections in run order: each right after the one it names in ``after`` (followed by
-    its own successors); sections placed after the same one run in the order of their keys."""
-    children: dict[str | None, list[StageEntry]] = {}
-    for entry in _ENTRIES.values():
-        if entry.after is not None and entry.after not in _ENTRIES:
-            raise ValueError(f"stage section {entry.key!r} runs after {entry.after!r}, which is not registered")
-        children.setdefault(entry.after, []).append(entry)
-    ordered: list[StageEntry] = []
+    """Registered sections in registration order (the import order of the stage modules; it decides
+    nothing about the run order, only where a section's field sits in the recipe model)."""
+    return list(_ENTRIES.values())
 
-    def place(after: str | None) -> None:
-        for entry in sorted(children.get(after, []), key=lambda e: e.key):
-            ordered.append(entry)
-            place(entry.key)
 
-    place(None)
-    return ordered
+class StagesBase(Strict):
+    """Base of the ``stages:`` model (:func:`recipe_model`): it remembers the order in which the recipe
+    lists its sections, which breaks ties in the run order (:func:`listed_entries`), and writes the
+    sections back in that order (a run's ``recipe.yaml`` read back keeps its run order)."""
+
+    _listed: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_listing(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        stages = handler(data)
+        if isinstance(data, dict):
+            stages._listed = tuple(key for key in data if key in cls.model_fields)
+        return stages
+
+    @model_serializer(mode="wrap")
+    def _dump_as_listed(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        data = handler(self)
+        first = [key for key in self._listed if key in data]
+        return {**{key: data[key] for key in first}, **{k: v for k, v in data.items() if k not in first}}
+
+    def listed(self) -> tuple[str, ...]:
+        """The section keys in the order the recipe lists them."""
+        return self._listed
+
+
+def listed_entries(stages: Any) -> list[StageEntry]:
+    """The enabled sections of a validated ``stages:`` in the order the recipe lists them (a section
+    enabled afterwards by assignment follows them, in registration order): the order ``build_stages``
+    builds them in, which breaks ties in the run order."""
+    listed = stages.listed() if isinstance(stages, StagesBase) else ()
+    rank = {key: i for i, key in enumerate(listed)}
+    enabled = [e for e in entries() if e.enabled(stages)]
+    return sorted(enabled, key=lambda e: rank.get(e.key, len(rank)))  # stable: the rest keep theirs
 
 
 @dataclass
 class References:
-    """What the reference checks of a section see: the recipe and the enabled stages."""
+    """What the reference checks of a section see: the recipe and the enabled stages; it records the
+    names each section reads, for the cycle check of :func:`check_references`."""
 
     recipe: Any
-    #: enabled stages whose rows later stages can read, in run order
-    order: list[str]
+    #: enabled stages whose rows other stages can read (``inputs``), in the order the recipe lists them
+    rows: list[str]
     #: enabled training stages (what ``model_from`` may name)
     trained: list[str]
+    #: the section whose check runs now (set by :func:`check_references`)
+    section: str | None = None
+    #: ``section -> [(recipe key, names it reads), ...]``, from :meth:`check_inputs` and :meth:`check_trained`
+    reads: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
 
-    def before(self, first: str | None) -> list[str]:
-        """The row stages that run before stage ``first`` (all of them when it is not one)."""
-        return self.order[:self.order.index(first)] if first in self.order else list(self.order)
+    def _read(self, where: str, names: list[str]) -> None:
+        if self.section is not None and names:
+            self.reads.setdefault(self.section, []).append((where, list(names)))
 
-    def check_inputs(self, where: str, inputs: list[str], before: list[str] | None = None) -> None:
-        """``inputs`` name enabled row stages (that run before, when ``before`` is given)."""
-        allowed = self.order if before is None else before
-        unknown = [n for n in inputs if n not in allowed]
+    def check_inputs(self, where: str, inputs: list[str]) -> None:
+        """``inputs`` name enabled row stages. Any of them: the run order follows the inputs, and
+        inputs that form a cycle are refused once every section is checked."""
+        unknown = [n for n in inputs if n not in self.rows]
         if unknown:
-            kind = "enabled row stages" + ("" if before is None else " that run before it")
-            raise ValueError(f"{where}: {unknown} are not {kind} (those are: {allowed or 'none'})")
+            raise ValueError(f"{where}: {unknown} are not enabled row stages (those are: {self.rows or 'none'})")
+        self._read(where, inputs)
 
     def check_trained(self, where: str, stage: str | None, model: str | None = None) -> None:
         """``stage`` (a ``model_from``) is an enabled training stage, and ``model``, the endpoint
@@ -125,6 +155,7 @@ class References:
         if stage not in self.trained:
             raise ValueError(f"{where}: {stage!r} is not an enabled training stage "
                              f"(enabled: {self.trained or 'none'})")
+        self._read(where, [stage])
         endpoint = self.recipe.models.get(model) if model is not None else None
         if endpoint is not None and endpoint.engine != "vllm":
             raise ValueError(f"{where}: the model {stage} exports is a folder that only engine vllm loads; "
@@ -132,21 +163,48 @@ class References:
                              "for its settings)")
 
 
+def check_cycles(enabled: list[StageEntry], stages: Any, reads: dict[str, list[tuple[str, list[str]]]]) -> None:
+    """Refuse references that form a cycle between sections, in one line naming the recipe keys.
+
+    Validation sees what a recipe writes, without building stages (which reads input files): which
+    section's keys name which other section's stages (:class:`References` records them). Every
+    section's stages descend from the stages that read its inputs, so a section whose inputs name one
+    of its own stages, or sections whose inputs name each other round a loop, make a cycle of
+    stages. ``build_stages`` checks the built stages' own graph too
+    (:func:`pipelines.core.graph.run_order`), which covers the edges a section makes internally.
+    """
+    owner = {name: e.key for e in enabled if e.provides for name in e.stage_names(stages)}
+    upstream = {e.key: [owner[n] for _, names in reads.get(e.key, []) for n in names if n in owner]
+                for e in enabled}
+    try:
+        run_order(upstream)
+    except GraphError as exc:
+        if not exc.cycle:
+            raise
+        clauses = [f"{where} names {', '.join(n for n in names if owner.get(n) == up)}"
+                   for up, down in zip(exc.cycle, exc.cycle[1:])
+                   for where, names in reads[down] if any(owner.get(n) == up for n in names)]
+        raise ValueError(f"the inputs form a cycle ({' -> '.join(f'stages.{key}' for key in exc.cycle)}): "
+                         f"{'; '.join(clauses)}") from None
+
+
 def check_references(recipe: Any) -> None:
     """The cross-section checks of a validated recipe; raises ``ValueError`` with the recipe key."""
-    enabled = [e for e in entries() if e.enabled(recipe.stages)]
+    enabled = listed_entries(recipe.stages)
     keys = {e.key for e in enabled}
     for entry in enabled:
         missing = [n for n in entry.needs if n not in keys]
         if missing:
             raise ValueError(f"stages.{entry.key} needs stages {', '.join(missing)}")
     refs = References(recipe,
-                      order=[n for e in enabled if e.provides == "rows" for n in e.stage_names(recipe.stages)],
+                      rows=[n for e in enabled if e.provides == "rows" for n in e.stage_names(recipe.stages)],
                       trained=[n for e in enabled if e.provides == "model" for n in e.stage_names(recipe.stages)])
     models: dict[str, str | None] = {}
     for entry in enabled:
         if entry.check is not None:
+            refs.section = entry.key
             models.update(entry.check(entry.section(recipe.stages), refs))
+    check_cycles(enabled, recipe.stages, refs.reads)
     for key, model in models.items():
         if model is not None and model not in recipe.models:
             raise ValueError(f"{key}: {model!r} is not defined under models "
@@ -172,12 +230,12 @@ class RecipeRoot(Strict):
 
 def recipe_model() -> type[RecipeRoot]:
     """The recipe model of the registered sections: ``stages:`` has one optional field per section,
-    in run order (a keyed section is a map, empty by default)."""
+    in registration order (a keyed section is a map, empty by default)."""
     fields: dict[str, Any] = {}
     for e in entries():
         if e.keyed:
             fields[e.key] = (dict[str, e.config], Field(default_factory=dict, description=e.description))
         else:
             fields[e.key] = (e.config | None, Field(None, description=e.description))
-    stages = create_model("StagesConfig", __base__=Strict, **fields)
+    stages = create_model("StagesConfig", __base__=StagesBase, **fields)
     return create_model("Recipe", __base__=RecipeRoot, stages=(stages, Field(default_factory=stages)))

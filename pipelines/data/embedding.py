@@ -56,5 +56,5 @@ class EmbedStage(Stage):
         return embed(inputs["ingest"], self.config)
 
 
-register("embed", config=EmbedConfig, after="seeds", needs=("ingest",),
+register("embed", config=EmbedConfig, needs=("ingest",),
          build=lambda recipe, config: [EmbedStage(config)])

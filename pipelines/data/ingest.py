@@ -630,9 +630,9 @@ def _check_seeds(seeds: dict[str, IngestConfig], refs: References) -> dict[str, 
     return {}
 
 
-register("ingest", config=IngestConfig, after="keywords", provides="rows", check=_check_ingest,
+register("ingest", config=IngestConfig, provides="rows", check=_check_ingest,
          build=lambda recipe, config: [IngestStage(config, taxonomy=recipe.taxonomy)])
-register("seeds", config=IngestConfig, keyed=True, after="ingest", provides="rows", check=_check_seeds,
+register("seeds", config=IngestConfig, keyed=True, provides="rows", check=_check_seeds,
          build=lambda recipe, seeds: [IngestStage(config, name=f"seeds_{key}", taxonomy=recipe.taxonomy)
                                       for key, config in seeds.items()],
          description="labelled seed datasets; each is stage seeds_<key>")

@@ -282,7 +282,7 @@ class KeywordPoolStage(Stage):
                 "below_target": short}
 
 
-register("keywords", config=KeywordsConfig, after=None,
+register("keywords", config=KeywordsConfig,
          build=lambda recipe, config: [KeywordPoolStage(
              config, recipe.models[config.model] if config.model else None, recipe.taxonomy)],
          check=lambda config, refs: {"stages.keywords.model": config.model})

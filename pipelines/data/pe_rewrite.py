@@ -198,10 +198,10 @@ class PERewriteStage(Stage):
 
 
 def _check(config: PEConfig, refs: References) -> dict[str, str | None]:
-    refs.check_inputs("stages.pe.inputs", config.inputs, refs.before("pe"))
+    refs.check_inputs("stages.pe.inputs", config.inputs)
     return {"stages.pe.model": config.model}
 
 
-register("pe", config=PEConfig, after="rewrite", provides="rows", check=_check,
+register("pe", config=PEConfig, provides="rows", check=_check,
          build=lambda recipe, config: [PERewriteStage(config, recipe.models[config.model], recipe.taxonomy,
                                                       recipe.seed)])

@@ -466,8 +466,7 @@ def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], models: dict[s
 
 
 def _check(config: PreprocessConfig, refs: References) -> dict[str, str | None]:
-    steps = _steps(config)
-    refs.check_inputs("stages.preprocess.inputs", config.inputs, refs.before(steps[0] if steps else None))
+    refs.check_inputs("stages.preprocess.inputs", config.inputs)
     return translation_endpoint(config, "stages.preprocess")
 
 
@@ -478,6 +477,6 @@ def translation_endpoint(config: PreprocessSteps, key: str) -> dict[str, str]:
     return {f"{key}.translate.endpoint": config.translate.endpoint}
 
 
-register("preprocess", config=PreprocessConfig, after="pe", provides="rows", names=_steps,
+register("preprocess", config=PreprocessConfig, provides="rows", names=_steps,
          build=lambda recipe, config: build_steps(config, tuple(config.inputs), recipe.models),
          check=_check)

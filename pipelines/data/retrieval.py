@@ -189,6 +189,6 @@ class RetrieveStage(Stage):
         return ray.data.from_arrow(to_table(rows, LINEAGE))
 
 
-register("retrieve", config=RetrieveConfig, after="index", needs=("keywords", "ingest", "embed", "index"),
+register("retrieve", config=RetrieveConfig, needs=("keywords", "ingest", "embed", "index"),
          build=lambda recipe, config: [RetrieveStage(config, recipe.stages.embed, recipe.taxonomy, recipe.seed,
                                                      recipe.run_dir)])

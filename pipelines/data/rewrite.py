@@ -123,9 +123,9 @@ class RagRewriteStage(RewriteStage):
         "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}
 
 
-register("rag", config=RagConfig, after="retrieve", needs=("retrieve",), provides="rows",
+register("rag", config=RagConfig, needs=("retrieve",), provides="rows",
          build=lambda recipe, config: [RagRewriteStage(config, recipe.models[config.model])],
          check=lambda config, refs: {"stages.rag.model": config.model})
-register("rewrite", config=RewriteConfig, after="rag", needs=("ingest",), provides="rows",
+register("rewrite", config=RewriteConfig, needs=("ingest",), provides="rows",
          build=lambda recipe, config: [RewriteStage(config, recipe.models[config.model])],
          check=lambda config, refs: {"stages.rewrite.model": config.model})

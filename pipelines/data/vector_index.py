@@ -254,5 +254,5 @@ class IndexStage(Stage):
         return json.loads(rundir.read_text(f"{self.name}/{META_FILE}") or "{}")
 
 
-register("index", config=IndexConfig, after="embed", needs=("embed",),
+register("index", config=IndexConfig, needs=("embed",),
          build=lambda recipe, config: [IndexStage(config, recipe.seed)])

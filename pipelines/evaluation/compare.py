@@ -645,7 +645,7 @@ def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, st
     return {}
 
 
-register("compare", config=CompareConfig, keyed=True, after="baseline", check=_check,
+register("compare", config=CompareConfig, keyed=True, check=_check,
          build=lambda recipe, sections: [CompareStage(key, config, recipe.taxonomy)
                                          for key, config in sections.items()],
          description="guards side by side: F1 tables, bootstrap intervals, McNemar, curves, calibrated thresholds; "

@@ -419,7 +419,7 @@ def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, st
     return models
 
 
-register("guard_eval", config=GuardEvalConfig, keyed=True, after="loop", check=_check,
+register("guard_eval", config=GuardEvalConfig, keyed=True, check=_check,
          build=lambda recipe, guards: [GuardEvalStage(key, config, recipe.models[config.model], recipe.taxonomy)
                                        for key, config in guards.items()],
          description="guards to score on labelled sets; each is stage guard_eval_<key>")

@@ -182,7 +182,7 @@ def _check(sections: dict[str, TfidfBaselineConfig], refs: References) -> dict[s
     return {}
 
 
-register("baseline", config=TfidfBaselineConfig, keyed=True, after="guard_eval", check=_check,
+register("baseline", config=TfidfBaselineConfig, keyed=True, check=_check,
          build=lambda recipe, sections: [TfidfBaselineStage(key, config, recipe.taxonomy)
                                          for key, config in sections.items()],
          description="TF-IDF + logistic regression floors, trained and evaluated like a guard; each is stage "

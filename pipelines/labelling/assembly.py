@@ -331,15 +331,15 @@ def _build(recipe: Any, config: AssembleConfig) -> list[Stage]:
 
 
 def _check(config: AssembleConfig, refs: References) -> dict[str, str | None]:
-    refs.check_inputs("stages.assemble.inputs", config.inputs, refs.before("assemble"))
-    bad = [n for n in config.external if not n.startswith("seeds_") or n not in refs.order]
+    refs.check_inputs("stages.assemble.inputs", config.inputs)
+    bad = [n for n in config.external if not n.startswith("seeds_") or n not in refs.rows]
     if bad:
         raise ValueError(f"stages.assemble.external: {bad} are not enabled seed stages "
-                         f"(seeds_<key>; enabled: {[n for n in refs.order if n.startswith('seeds_')] or 'none'})")
+                         f"(seeds_<key>; enabled: {[n for n in refs.rows if n.startswith('seeds_')] or 'none'})")
     both = sorted(set(config.external) & set(config.inputs))
     if both:
         raise ValueError(f"stages.assemble: {both} is in both inputs and external")
     return {}
 
 
-register("assemble", config=AssembleConfig, after="adjudicate", provides="rows", build=_build, check=_check)
+register("assemble", config=AssembleConfig, provides="rows", build=_build, check=_check)

@@ -430,18 +430,18 @@ class AdjudicateStage(Stage):
 
 
 def _check_jury(config: JuryConfig, refs: References) -> dict[str, str | None]:
-    refs.check_inputs("stages.jury.inputs", config.inputs, refs.before("jury"))
+    refs.check_inputs("stages.jury.inputs", config.inputs)
     return {f"stages.jury.judges[{i}]": m for i, m in enumerate(config.judges)}
 
 
 def _check_adjudicate(config: AdjudicateConfig, refs: References) -> dict[str, str | None]:
-    refs.check_inputs("stages.adjudicate.inputs", config.inputs, refs.before("adjudicate"))
+    refs.check_inputs("stages.adjudicate.inputs", config.inputs)
     return {"stages.adjudicate.model": config.model}
 
 
-register("jury", config=JuryConfig, after="preprocess", provides="rows", check=_check_jury,
+register("jury", config=JuryConfig, provides="rows", check=_check_jury,
          build=lambda recipe, config: [JuryStage(config, recipe.models, recipe.taxonomy)])
-register("adjudicate", config=AdjudicateConfig, after="jury", needs=("jury",), provides="rows",
+register("adjudicate", config=AdjudicateConfig, needs=("jury",), provides="rows",
          check=_check_adjudicate,
          build=lambda recipe, config: [AdjudicateStage(config, recipe.models[config.model], recipe.taxonomy,
                                                        min_valid_votes=recipe.stages.jury.quorum)])

@@ -234,5 +234,5 @@ def _check(config: LoopConfig, refs: References) -> dict[str, str | None]:
     return {k: v for k, v in models.items() if v is not None}
 
 
-register("loop", config=LoopConfig, after="mdpo", provides="model", names=loop_stage_names, check=_check,
+register("loop", config=LoopConfig, provides="model", names=loop_stage_names, check=_check,
          build=build_loop, description="the generator–classifier loop (CHILLGuard §4.3), iterations 0-2")

@@ -58,10 +58,10 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
 
 
 def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
-    """SHARD references: inputs that run before it, and the same system prompt for SFT on its rows as
+    """SHARD references: inputs that name enabled row stages, and the same system prompt for SFT on its rows as
     for the answers it compares (and not on the split that shard_eval evaluates). Returns the
     endpoints it names."""
-    refs.check_inputs("stages.shard.inputs", shard.inputs, refs.before("shard_split"))
+    refs.check_inputs("stages.shard.inputs", shard.inputs)
     models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge,
               "stages.shard.rules_writer": shard.rules_writer}
     models.update({f"stages.shard.variants.{v}.reframer": c.reframer for v, c in shard.variants.items()})
@@ -82,5 +82,5 @@ def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
 
 
 # SHARD data: after the seeds it reads, before sft_<key> trains on it
-register("shard", config=ShardConfig, after="assemble", provides="rows", names=lambda c: c.row_stages(),
+register("shard", config=ShardConfig, provides="rows", names=lambda c: c.row_stages(),
          build=shard_stages, check=check_shard, description="SHARD data construction: stages shard_*")

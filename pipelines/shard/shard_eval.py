@@ -397,6 +397,6 @@ def _check(config: ShardEvalConfig, refs: References) -> dict[str, str | None]:
 
 
 # after the sft_<key> stages whose models it evaluates
-register("shard_eval", config=ShardEvalConfig, after="guard_eval", needs=("shard",), check=_check,
+register("shard_eval", config=ShardEvalConfig, needs=("shard",), check=_check,
          build=lambda recipe, config: [ShardEvalStage(config, recipe.stages.shard, recipe.models)],
          description="SHARD pairwise evaluation against the baseline answers (stage shard_eval)")

@@ -459,9 +459,9 @@ class MDPOStage(TrainingStage):
 
 
 def _check(config: MDPOConfig, refs: References) -> dict[str, str | None]:
-    refs.check_inputs("stages.mdpo.inputs", config.inputs, refs.before(None))
+    refs.check_inputs("stages.mdpo.inputs", config.inputs)
     return {}
 
 
-register("mdpo", config=MDPOConfig, after="sft", provides="model", check=_check,
+register("mdpo", config=MDPOConfig, provides="model", check=_check,
          build=lambda recipe, config: [MDPOStage(config)])

@@ -388,8 +388,8 @@ def _check_sft(runs: dict[str, ChatSFTConfig], refs: References) -> dict[str, st
     return {}
 
 
-register("guard_sft", config=GuardSFTConfig, after="shard", provides="model", check=_check_guard_sft,
+register("guard_sft", config=GuardSFTConfig, provides="model", check=_check_guard_sft,
          build=lambda recipe, config: [GuardSFTStage(config, recipe.taxonomy)])
-register("sft", config=ChatSFTConfig, keyed=True, after="guard_sft", provides="model", check=_check_sft,
+register("sft", config=ChatSFTConfig, keyed=True, provides="model", check=_check_sft,
          build=lambda recipe, runs: [ChatSFTStage(key, config) for key, config in runs.items()],
          description="chat SFT runs on (prompt -> completion) rows; stage sft_<key>")

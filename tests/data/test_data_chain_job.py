@@ -100,13 +100,13 @@ def _recipe(tmp_path: Path, tiny_models, url: str) -> Path:
             "keywords": {"model": "lm", "target_per_category": 22, "max_rounds": 1},
             "ingest": {"paths": [str(_corpus(tmp_path / "corpus.jsonl"))],
                        "columns": {"text": "content", "id": "doc_id", "lang": "lang"}},
+            "seeds": {"cs": {"paths": [str(_chinesesafe(tmp_path / "chinesesafe.jsonl"))],
+                             "preset": "chinesesafe", "source": "real"},
+                      "dna": {"paths": [str(_do_not_answer(tmp_path / "dna.csv"))], "preset": "do_not_answer"}},
             "embed": {"model": tiny_models["embedder"], "batch_size": 16},
             "index": {"kind": "flat"},
             "retrieve": {"queries_per_category": 2, "top_k": 100, "sample": 5, "max_text_chars": 120},
             "rag": {"model": "lm", "max_outputs": 4, "min_chars": 2},
-            "seeds": {"cs": {"paths": [str(_chinesesafe(tmp_path / "chinesesafe.jsonl"))],
-                             "preset": "chinesesafe", "source": "real"},
-                      "dna": {"paths": [str(_do_not_answer(tmp_path / "dna.csv"))], "preset": "do_not_answer"}},
             "pe": {"model": "lm", "inputs": ["seeds_cs", "seeds_dna"], "keep_original": {"safe": 0.5},
                    "min_chars": 2},
             # the RAG prompts too, as the demo preprocesses them with the PE rewrites
@@ -114,7 +114,8 @@ def _recipe(tmp_path: Path, tiny_models, url: str) -> Path:
         },
     }
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    # in this order: it breaks ties in the run order (STAGES), and safe_dump would sort the sections
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     return path
 
 
