@@ -203,7 +203,9 @@ class LoopReportStage(Stage):
                                    for m, c in sorted(pair_micro.items(), key=lambda kv: order.get(kv[0], 99))},
                       "type_totals": dict(type_totals), "total": sum(type_totals.values()),
                       "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"],
-                      "accounting": json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null")},
+                      # a one-iteration loop has no pairs stage (a run directory may still hold an old one)
+                      "accounting": json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null")
+                      if "loop2_pairs" in self.requires else None},
             "generator_training": {s: read_curves(rundir, s) for s in self.requires
                                    if s in ("loop2_mdpo", "loop2_dpo")},
             "seconds": {s: manifests[s]["seconds"] for s in self.requires if manifests.get(s)},

@@ -153,6 +153,12 @@ def test_the_report_shows_the_pairs_accounting(tmp_path):
     assert report["pairs"]["accounting"] == totals
     assert f"{CANDIDATES} candidates = 2 in pairs" in markdown(report, load_taxonomy(DEFAULT_TAXONOMY))
 
+    # a one-iteration loop has no pairs stage: an earlier run's folder in the run directory is not its
+    one_iteration = LoopReportStage(["loop0_train_c0", "loop0_eval_c0"], systems=[],
+                                    taxonomy_path=str(DEFAULT_TAXONOMY)).report(rundir)
+    assert one_iteration["pairs"]["accounting"] is None
+    assert "candidates =" not in markdown(one_iteration, load_taxonomy(DEFAULT_TAXONOMY))
+
 
 from tests.loop.test_loop_units import loop_recipe  # noqa: E402,F401  (the fixture)
 

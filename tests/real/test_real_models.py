@@ -172,8 +172,8 @@ def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_d
     monkeypatch.setenv("CHILLGUARD_SHARED_DATA", str(shared_data))
     monkeypatch.chdir(REPO)
     stages = {s.name for s in build_stages(load_recipe(REPO / "configs" / "recipes" / f"{name}.yaml"))}
-    expected = {"real_small": {"rag", "pe", "translate", "jury", "adjudicate", "assemble", "loop2_mdpo",
-                               "loop2_eval_c2", "guard_eval_zero_shot"},
+    expected = {"real_small": {"rag", "pe", "translate", "jury", "adjudicate", "assemble", "loop1_train_c1",
+                               "loop1_eval_c1", "guard_eval_zero_shot"},
                 "real_eval": {"jury", "adjudicate", "loop0_eval_c0", "guard_sft", "baseline_same_rows",
                               "compare_guards", "compare_harm", "compare_jury"}}
     assert expected[name] <= stages, expected[name] - stages
