@@ -52,7 +52,7 @@ browser:
 demo: install models/tiny/tiny_models.json
 	$(BIN)/chillguard run configs/recipes/demo.yaml
 
-# The demo's chain on real pretrained weights and samples of the human-labelled Chinese sets (~1 h on
+# The demo's chain on real pretrained weights and samples of the human-labelled Chinese sets (~40 min on
 # 2 cores once the models are built): configs/recipes/real_small.yaml.
 demo-real: install
 	@test -f "$(REAL_MODELS)/qwen2.5-coder-1.5b-instruct/config.json" -a -f "$(REAL_MODELS)/gemma-3-270m/config.json" \
@@ -78,7 +78,7 @@ test-e2e: install
 test-faults: install
 	$(BIN)/python -m pytest -v -rs --durations=10 -m faults tests/faults
 
-# Real pretrained models on the human-labelled Chinese sets (~18 min on 2 cores); skipped, naming the
+# Real pretrained models on the human-labelled Chinese sets (~13 min on 2 cores); skipped, naming the
 # build command, where REAL_MODELS (default models/real) does not hold the three folders.
 test-real: install
 	REAL_MODELS=$(REAL_MODELS) $(BIN)/python -m pytest -v -rs -s --durations=10 -m real tests/real

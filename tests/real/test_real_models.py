@@ -165,7 +165,7 @@ def _read(path: str) -> list[dict]:
 @pytest.mark.parametrize("name", ["real_small", "real_eval"])
 def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_data, monkeypatch):
     """Both real-model recipes validate and build their stages against the folders and data here (the
-    runs themselves take about an hour each: `make demo-real`, README "Quality against people")."""
+    runs take 40 and 95 minutes here: `make demo-real`, README "Quality against people")."""
     from pipelines.construction import load_recipe
 
     monkeypatch.setenv("REAL_MODELS", str(Path(real_models["instruct"]).parent))
