@@ -96,19 +96,20 @@ def _recipe(tmp_path: Path, client, embedder: str) -> Path:
             "keywords": {"target_per_category": 20},      # the 20 seeds of each category, no model
             "ingest": {"paths": [f"s3://{BUCKET}/inputs/corpus.jsonl"],
                        "columns": {"text": "content", "id": "doc_id", "lang": "lang"}},
-            "embed": {"model": embedder, "batch_size": 64},  # the tiny one: loads in a blink
-            "index": {"kind": "flat"},
-            "retrieve": {"queries_per_category": 1, "top_k": 20, "sample": 3, "max_text_chars": 100},
             "seeds": {"real": {"paths": [str(REPO / "configs/data/demo_seed_prompts.jsonl")],
                                "columns": {"text": "prompt", "id": "prompt_id", "label": "label",
                                            "macro": "macro", "micro": "micro"},
                                "source": "real", "lang": "zh"}},
+            "embed": {"model": embedder, "batch_size": 64},  # the tiny one: loads in a blink
+            "index": {"kind": "flat"},
+            "retrieve": {"queries_per_category": 1, "top_k": 20, "sample": 3, "max_text_chars": 100},
             "preprocess": {"inputs": ["seeds_real"], "normalize": {"traditional_to_simplified": True},
                            "length_filter": {"min_chars": 4}, "near_dedup": {"threshold": 0.8}},
         },
     }
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    # in the order written: independent stages run in the order the recipe lists them (STAGES)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     return path
 
 
