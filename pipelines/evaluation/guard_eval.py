@@ -84,7 +84,7 @@ from pipelines.evaluation.guard_scores import (
     first_tokens,
     unsafe_score,
 )
-from pipelines.evaluation.metrics import LABELS, evaluate
+from pipelines.evaluation.metrics import LABELS, calibrate_threshold, evaluate
 from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
 from pipelines.training.train_loop import MODEL_DIR as _MODEL_DIR
 
@@ -121,6 +121,10 @@ class GuardEvalConfig(Strict):
         "'unsafe' renormalised over the two (neither in the top log-probabilities: the answer's first "
         "line decides); false: decide by the answer's first line")
     threshold: float = Field(0.5, ge=0, le=1, description="scored adapters: unsafe when P(unsafe) >= threshold")
+    threshold_from: str | None = Field(
+        None, description="scored adapters: replace `threshold` by the one with the best F1 on the rows of "
+        "this other evaluation stage of the run (its gold labels and scores; a validation set), chosen "
+        "when this stage runs and written into its report")
     tokenizer: str | None = Field(
         None, description="HF id or folder of the guard's tokenizer, read once at start for the first "
         "tokens of 'safe' and 'unsafe' that the score uses (they must differ); default: the model "
@@ -138,10 +142,13 @@ class GuardEvalConfig(Strict):
                              "conversation through the model's own chat template)")
         if self.adapter not in SCORED_ADAPTERS:
             # score: false may be said explicitly; asking for a score or a threshold may not
-            asked = [key for key in ("score", "threshold") if key in given and (key != "score" or self.score)]
+            asked = [key for key in ("score", "threshold", "threshold_from")
+                     if key in given and (key != "score" or self.score)]
             if asked:
                 raise ValueError(f"{', '.join(asked)}: adapter {self.adapter} gives no score "
                                  f"(scored adapters: {', '.join(SCORED_ADAPTERS)})")
+        if self.threshold_from is not None and not self.score:
+            raise ValueError("threshold_from: a calibrated threshold needs score: true")
         return self
 
 log = logging.getLogger(__name__)
@@ -276,7 +283,8 @@ class GuardEvalStage(Stage):
         self.name = f"guard_eval_{name}"
         self.inputs = tuple(config.inputs)
         # the training stage whose model is evaluated runs first; retraining re-evaluates
-        self.requires = (config.model_from,) if config.model_from else ()
+        # (and the evaluation whose rows choose the threshold)
+        self.requires = tuple(name for name in (config.model_from, config.threshold_from) if name)
         self.taxonomy = load_taxonomy(taxonomy_path)
         self.adapter = make_adapter(config.adapter, self.taxonomy, config.template)
         self.use_score = config.score and config.adapter in SCORED_ADAPTERS
@@ -325,10 +333,26 @@ class GuardEvalStage(Stage):
     def constraint(self) -> dict[str, str] | None:
         return {"regex": self.adapter.answer_pattern(self.config.level)} if self.config.constrained else None
 
+    def threshold(self, rundir: RunDir) -> tuple[float, dict | None]:
+        """The decision threshold and, with ``threshold_from``, how it was chosen: the best-F1
+        threshold (:func:`~pipelines.evaluation.metrics.calibrate_threshold`) on that stage's evaluated
+        rows, an unanswered row scoring 0."""
+        source = self.config.threshold_from
+        if source is None:
+            return self.config.threshold, None
+        rows = scored_rows(rundir, source)
+        scores = [s if s is not None else 0.0 for s in rows.column("score").to_pylist()]
+        chosen = calibrate_threshold(rows.column("label").to_pylist(), scores, objective="max_f1")
+        if chosen["threshold"] is None:
+            raise GuardEvalError(f"stage {self.name}: threshold_from {source!r} has no scored unsafe row to choose "
+                                 f"a threshold on ({chosen['rows']} rows, {chosen['gold_unsafe']} unsafe)")
+        return chosen["threshold"], {"from": source, **chosen}
+
     # --- rows --------------------------------------------------------------------------------
     def write(self, inputs: dict, rundir: RunDir) -> None:
         endpoint = self.resolve_endpoint(rundir)
         tokens = self.answer_tokens(endpoint)
+        threshold, _ = self.threshold(rundir) if self.use_score else (self.config.threshold, None)
         rows = union_all([inputs[name].map_batches(to_eval_rows, batch_format="pyarrow", fn_kwargs={
             "split": self.config.split, "level": self.config.level}) for name in self.inputs])
         parts = [rows.filter(expr=col("status") != OK)]
@@ -338,7 +362,7 @@ class GuardEvalStage(Stage):
                            first_logprobs=self.use_score)
             parts.append(answers.map_batches(read_guard_answers, batch_format="pyarrow", fn_kwargs={
                 "adapter": self.adapter, "guard": self.config.adapter, "model": endpoint.model,
-                "threshold": self.config.threshold, "answer_tokens": tokens}))
+                "threshold": threshold, "answer_tokens": tokens}))
         union_all(parts).write_parquet(rundir.uri(self.name), partition_cols=["status"])
         self.write_report(rundir, endpoint, tokens)
 
@@ -356,11 +380,13 @@ class GuardEvalStage(Stage):
         dropped = sum(reasons["dropped"].values())
         answers = Counter(a for a in rows.column("pred_raw_label").to_pylist() if a is not None)
         c = self.config
+        threshold, calibration = self.threshold(rundir) if self.use_score else (None, None)
         return {
             "settings": {"stage": self.name, "adapter": c.adapter, "model": endpoint.model,
                          "model_from": c.model_from, "level": c.level, "inputs": list(c.inputs),
                          "split": c.split, "score": self.use_score,
-                         "threshold": c.threshold if self.use_score else None, "answer_tokens": answer_tokens,
+                         "threshold": threshold, "threshold_calibration": calibration,
+                         "answer_tokens": answer_tokens,
                          "constrained": c.constrained, "greedy": c.greedy},
             # in = answered + errored + dropped, the stage's accounting; evaluated = answered + unparsed
             "rows": {"in": rows.num_rows + input_errors + dropped, "evaluated": rows.num_rows,
@@ -416,6 +442,10 @@ def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, st
         refs.check_inputs(f"stages.guard_eval.{key}.inputs", config.inputs)
         models[f"stages.guard_eval.{key}.model"] = config.model
         refs.check_trained(f"stages.guard_eval.{key}.model_from", config.model_from, config.model)
+        others = {f"guard_eval_{k}" for k, c in guards.items() if k != key and c.score}
+        if config.threshold_from is not None and config.threshold_from not in others:
+            raise ValueError(f"stages.guard_eval.{key}.threshold_from: {config.threshold_from!r} is not another "
+                             f"scored evaluation of this recipe ({', '.join(sorted(others)) or 'none'})")
     return models
 
 

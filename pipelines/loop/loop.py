@@ -10,7 +10,8 @@ stages, named by iteration, so that resume and ``chillguard status`` work unchan
                  loop1_decontaminate     candidates repeating a seed-stage row dropped (test first)
                  loop1_train_c1          C1 = SFT of the backbone on D_train(0) ∪ D_gen(1)
                  loop1_eval_c1                                                              (if evaluated)
-    iteration 2  loop2_label             C1 labels every candidate of D_gen(1): ŷ
+    iteration 2  loop2_calibrate         C1 on the seeds' train rows: ŷ's threshold  (labelling.calibrate)
+                 loop2_label             C1 labels every candidate of D_gen(1): ŷ
                  loop2_score             G0 scores each candidate's quality s; levels L1–L4
                  loop2_pairs             pairs ⟨L1,L4⟩ ≻ ⟨L1,L3⟩ ≻ ⟨L2,L4⟩ within a seed = P(2)
                  loop2_mdpo              G1 = MDPO of G0 on P(2)
@@ -67,9 +68,19 @@ class LabellingConfig(Strict):
     score: bool = Field(True, description="decide by P(unsafe) >= threshold from the first answer token; "
                         "false: by the answer's first line")
     threshold: float = Field(0.5, ge=0, le=1)
+    calibrate: bool = Field(
+        False, description="choose the threshold instead: the best F1 of C1's P(unsafe) on the seeds' train "
+        "rows (stage loop2_calibrate), for a classifier whose scores rank but sit on one side of 0.5 "
+        "(few seeds); the paper uses C1's plain prediction")
     greedy: bool = Field(True, description="the paper: C1's most likely answer. false: sample at the "
                          "classifier endpoint's temperature (with score: false, ŷ is drawn from C1's "
                          "distribution; a near-constant classifier then still disagrees within a seed)")
+
+    @model_validator(mode="after")
+    def _check(self) -> LabellingConfig:
+        if self.calibrate and not self.score:
+            raise ValueError("labelling.calibrate chooses a threshold for P(unsafe): it needs score: true")
+        return self
 
 
 class LoopConfig(Strict):
@@ -158,8 +169,10 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
             stages.append(evaluation(f"loop{iteration}_eval_{system}", train, list(seeds), config.test_split))
 
     def evaluation(name: str, model_from: str, inputs: list[str], split: str | None,
-                   labelling: LabellingConfig | None = None) -> GuardEvalStage:
-        how = labelling.model_dump() if labelling is not None else {}
+                   labelling: LabellingConfig | None = None, threshold_from: str | None = None) -> GuardEvalStage:
+        how = labelling.model_dump(exclude={"calibrate"}) if labelling is not None else {}
+        if threshold_from is not None:
+            how["threshold_from"] = threshold_from
         eval_config = GuardEvalConfig(inputs=inputs, split=split, model=config.classifier_endpoint,
                                       model_from=model_from, template=config.classifier.template,
                                       level=config.classifier.level, constrained=config.constrained, **how)
@@ -183,7 +196,12 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         generated = generation("loop1", 1, "G0", config.generator, None)
         classifier(1, "c1", generated)
     if config.iterations == 2:
-        stages.append(evaluation("loop2_label", "loop1_train_c1", [generated], None, config.labelling))
+        calibration = None
+        if config.labelling.calibrate:
+            calibration = "loop2_calibrate"
+            stages.append(evaluation(calibration, "loop1_train_c1", list(seeds), config.train_split,
+                                     config.labelling.model_copy(update={"calibrate": False})))
+        stages.append(evaluation("loop2_label", "loop1_train_c1", [generated], None, config.labelling, calibration))
         stages.append(ScoreStage("loop2_score", inputs=("loop2_label",),
                                  endpoint=recipe.models[config.scorer or config.generator],
                                  template=config.score_template, threshold=config.quality_threshold))

@@ -100,6 +100,12 @@ def markdown(report: dict, taxonomy) -> str:
                      + f" | {report['pairs']['total']} | "
                      + " | ".join(str(report["pairs"]["type_totals"].get(t, 0)) for t in report["pairs"]["types"])
                      + " |")
+    labelling = report.get("labelling")
+    if labelling and labelling["threshold"] is not None:
+        how = labelling["calibration"]
+        lines += ["", f"C1 labelled a candidate unsafe when P(unsafe) >= {fmt(labelling['threshold'])}" + (
+            f", the best-F1 threshold on `{how['from']}` ({how['rows']} rows, {how['gold_unsafe']} unsafe; "
+            f"F1 {fmt(how['f1'])} there)." if how else ".")]
     accounting = report["pairs"].get("accounting")
     if accounting:
         lines += ["", f"Per seed (`loop2_pairs`): {accounting['candidates']} candidates = {accounting['paired']} in "
@@ -194,7 +200,12 @@ class LoopReportStage(Stage):
         type_totals = sum(pair_micro.values(), Counter())
         order = {c: i for i, c in enumerate([*taxonomy.micro_codes, "-"])}
         manifests = rundir.manifests()
+        label = json.loads(rundir.read_text(f"loop2_label/{REPORT_DIR}/metrics.json") or "null") \
+            if "loop2_label" in self.requires else None
         return {
+            # how C1 decided ŷ: its threshold, and where a calibration chose it, on which rows
+            "labelling": {"threshold": label["settings"].get("threshold"),
+                          "calibration": label["settings"].get("threshold_calibration")} if label else None,
             "systems": systems,
             "levels": {"by_micro": {m: dict(c)
                                     for m, c in sorted(by_micro.items(), key=lambda kv: order.get(kv[0], 99))},

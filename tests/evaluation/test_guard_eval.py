@@ -579,3 +579,37 @@ def test_guard_eval_stages_on_vllm_cpu(tmp_path, tiny_models, vllm_server, ray_l
     # a rerun with nothing changed recomputes nothing
     again = run_stages(stages, rundir)
     assert again["guard_eval_ours"]["finished_at"] == manifests["guard_eval_ours"]["finished_at"]
+
+
+def test_a_threshold_chosen_on_another_evaluation(tmp_path, tiny_models):
+    """threshold_from: the best-F1 threshold on another evaluation's rows replaces `threshold`, in the
+    predictions and the report; a validation set without an unsafe row is one error naming it."""
+    endpoint = LLMEndpoint(**long_context_endpoint(tiny_models["causal-lm"]))
+    rundir = RunDir(str(tmp_path / "run"))
+    # every safe row at or above 0.5: F1 is best at t = 0.6 (2 tp, 0 fp, 1 fn: the unanswered v5 scores 0)
+    validation = [("v1", UNSAFE, 0.7), ("v2", UNSAFE, 0.6), ("v3", SAFE, 0.55), ("v4", SAFE, 0.5),
+                  ("v5", UNSAFE, None)]
+    rundir.write_table("guard_eval_val", OK, pa.Table.from_pylist(
+        [{"id": i, "label": g, "micro": "A1" if g == UNSAFE else "", "pred_label": SAFE, "pred_micro": "",
+          "score": s, "pred_raw_label": "safe"} for i, g, s in validation]))
+    config = GuardEvalConfig(inputs=["seeds_x"], model="guard", split=None, threshold_from="guard_eval_val")
+    stage = GuardEvalStage("calibrated", config, endpoint, str(TAXONOMY_PATH))
+    assert stage.requires == ("guard_eval_val",)
+    threshold, how = stage.threshold(rundir)
+    assert threshold == pytest.approx(0.6) and how["from"] == "guard_eval_val"
+    assert (how["rows"], how["gold_unsafe"], how["f1"]) == (5, 3, pytest.approx(0.8))
+    # the same stage without threshold_from keeps its own threshold
+    assert GuardEvalStage("plain", config.model_copy(update={"threshold_from": None}), endpoint,
+                          str(TAXONOMY_PATH)).threshold(rundir) == (0.5, None)
+    rundir.write_table("guard_eval_empty", OK, pa.Table.from_pylist(
+        [{"id": "s", "label": SAFE, "micro": "", "pred_label": SAFE, "pred_micro": "", "score": 0.2,
+          "pred_raw_label": "safe"}]))
+    empty = GuardEvalStage("c", config.model_copy(update={"threshold_from": "guard_eval_empty"}), endpoint,
+                           str(TAXONOMY_PATH))
+    with pytest.raises(GuardEvalError, match="threshold_from 'guard_eval_empty' has no scored unsafe row"):
+        empty.threshold(rundir)
+    with pytest.raises(ValueError, match="threshold_from: adapter qwen3guard_strict gives no score"):
+        GuardEvalConfig(inputs=["a"], model="g", adapter="qwen3guard_strict", score=False,
+                        threshold_from="guard_eval_val")
+    with pytest.raises(ValueError, match="needs score: true"):
+        GuardEvalConfig(inputs=["a"], model="g", score=False, threshold_from="guard_eval_val")

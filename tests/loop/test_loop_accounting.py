@@ -152,6 +152,17 @@ def test_the_report_shows_the_pairs_accounting(tmp_path):
                              taxonomy_path=str(DEFAULT_TAXONOMY)).report(rundir)
     assert report["pairs"]["accounting"] == totals
     assert f"{CANDIDATES} candidates = 2 in pairs" in markdown(report, load_taxonomy(DEFAULT_TAXONOMY))
+    assert report["labelling"] is None  # loop2_label wrote no report here
+
+    # C1's threshold, calibrated on the train seeds: the report says which and where it came from
+    calibration = {"from": "loop2_calibrate", "rows": 40, "gold_unsafe": 22, "f1": 0.71, "threshold": 0.62}
+    rundir.write_text("loop2_label/report/metrics.json", json.dumps(
+        {"settings": {"threshold": 0.62, "threshold_calibration": calibration}}))
+    report = LoopReportStage(["loop2_label", "loop2_score", "loop2_pairs"], systems=[],
+                             taxonomy_path=str(DEFAULT_TAXONOMY)).report(rundir)
+    assert report["labelling"] == {"threshold": 0.62, "calibration": calibration}
+    assert ("P(unsafe) >= 0.620, the best-F1 threshold on `loop2_calibrate` (40 rows, 22 unsafe; F1 0.710"
+            in markdown(report, load_taxonomy(DEFAULT_TAXONOMY)))
 
     # a one-iteration loop has no pairs stage: an earlier run's folder in the run directory is not its
     one_iteration = LoopReportStage(["loop0_train_c0", "loop0_eval_c0"], systems=[],

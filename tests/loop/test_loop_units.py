@@ -212,6 +212,25 @@ def test_loop_stages_by_iteration(loop_recipe):
     assert iteration0 == ["seeds_real", "loop0_train_c0", "loop0_eval_c0", "loop_report"]
 
 
+def test_calibrated_labelling_adds_a_calibration_on_the_train_seeds(loop_recipe):
+    """labelling.calibrate: C1 is evaluated on the seeds' train rows (loop2_calibrate) and loop2_label
+    decides by the best-F1 threshold there; without it loop2_label keeps its fixed threshold."""
+    from pipelines.construction import build_stages, load_recipe
+
+    stages = {s.name: s for s in build_stages(load_recipe(loop_recipe, ["stages.loop.labelling.calibrate=true"]))}
+    calibrate, label = stages["loop2_calibrate"], stages["loop2_label"]
+    assert calibrate.inputs == ("seeds_real",) and calibrate.config.split == "train"
+    assert calibrate.requires == ("loop1_train_c1",) and calibrate.config.threshold_from is None
+    assert label.config.threshold_from == "loop2_calibrate"
+    assert label.requires == ("loop1_train_c1", "loop2_calibrate")
+    names = list(stages)
+    assert names.index("loop1_train_c1") < names.index("loop2_calibrate") < names.index("loop2_label")
+    plain = {s.name: s for s in build_stages(load_recipe(loop_recipe))}
+    assert "loop2_calibrate" not in plain and plain["loop2_label"].config.threshold_from is None
+    with pytest.raises(ConfigError, match="labelling.calibrate chooses a threshold for P\\(unsafe\\)"):
+        load_recipe(loop_recipe, ["stages.loop.labelling.calibrate=true", "stages.loop.labelling.score=false"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("stages.loop.systems=[c2]", None),
     ("stages.loop.iterations=1", "systems ['c2'] need more than iterations: 1"),
