@@ -71,8 +71,11 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         raise ConfigError(f"recipe {recipe.name}: {exc}") from None
 
 
-def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> dict[str, dict]:
+def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False,
+               max_concurrent: int | None = None) -> dict[str, dict]:
     """Run ``stages`` (from :func:`build_stages`) into the recipe's run directory; return manifests.
+    ``max_concurrent``: stages side by side (default: ``cluster.max_concurrent_stages`` or its
+    default for the recipe's address; see :func:`pipelines.core.stage.run_stages`).
 
     Stages are built by the caller before it connects to Ray, so template and reference problems
     fail before any cluster work. The run directory is locked for the whole run
@@ -82,4 +85,6 @@ def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False) -> d
     with rundir.lock():
         rundir.write_text("recipe.yaml", dump_recipe(recipe))
         log.info("run directory: %s", recipe.run_dir)
-        return run_stages(stages, rundir, force=force)
+        if max_concurrent is None:
+            max_concurrent = recipe.cluster.concurrent_stages()
+        return run_stages(stages, rundir, force=force, max_concurrent=max_concurrent)

@@ -12,6 +12,7 @@ answers of blocks the killed run had received but not written (they are asked ag
 
 from __future__ import annotations
 
+import contextvars
 import json
 import statistics
 import uuid
@@ -20,17 +21,18 @@ from typing import Any
 
 from pipelines.core.parsing import looks_like_refusal, strip_thinking
 
-#: where the workers of the stage running now write their batch figures ("" outside a run)
-_LOG = {"uri": ""}
+#: where the workers of the stage this driver thread runs write their batch figures ("" outside a
+#: run); a context variable, so that stages run side by side in threads keep their own
+_LOG: contextvars.ContextVar[str] = contextvars.ContextVar("answer_log", default="")
 
 
 def set_answer_log(uri: str) -> None:
-    _LOG["uri"] = uri
+    _LOG.set(uri)
 
 
 def answer_log() -> str:
     """The folder (URI) for the running stage's answer figures; pass it to the workers with the work."""
-    return _LOG["uri"]
+    return _LOG.get()
 
 
 def answer_language(text: str) -> str:

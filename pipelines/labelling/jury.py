@@ -47,7 +47,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, col, run_pass
+from pipelines.core.stage import Stage, col, engine_gpus, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
     ADJUDICATED,
@@ -199,11 +199,6 @@ def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_v
     return to_table(out, JURY_COLUMNS)
 
 
-def gpus_per_replica(endpoint: LLMEndpoint) -> int:
-    kwargs = endpoint.engine_kwargs
-    return int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
-
-
 class JuryStage(Stage):
     name = "jury"
 
@@ -241,11 +236,17 @@ class JuryStage(Stage):
         Short of that the pools wait (for an autoscaler, or forever on a fixed cluster): say so."""
         from cluster.connect import require_resources
 
-        replicas = [(max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,)),
-                     gpus_per_replica(e)) for e in self.endpoints.values() if e.engine == "vllm"]
-        needed = {"GPU": sum(n * g for n, g in replicas), "CPU": sum(n for n, _ in replicas) + 1}
+        replicas = [max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,))
+                    for e in self.endpoints.values() if e.engine == "vllm"]
+        needed = {"GPU": sum(engine_gpus(e) for e in self.endpoints.values()), "CPU": sum(replicas) + 1}
         require_resources(needed, "jury mode concurrent (its vLLM judges)",
                           "set stages.jury.mode=sequential, or raise cluster.num_cpus / cluster.logical_gpus")
+
+    def resources(self) -> dict[str, float]:
+        """Concurrent judges hold all their engines at once; sequential ones one engine at a time."""
+        gpus = [engine_gpus(e) for e in self.endpoints.values()]
+        held = sum(gpus) if self.config.mode == "concurrent" else max(gpus, default=0)
+        return {"GPU": held} if held else {}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rows = common_rows(inputs, self.inputs)

@@ -337,6 +337,15 @@ class TrainingStage(Stage):
     def summary(self, rundir: RunDir) -> dict[str, Any] | None:
         return self._summary
 
+    def resources(self) -> dict[str, float]:
+        """The trainer's workers (their CPUs, and a GPU each when training on GPUs) and one CPU for
+        its data feed, as :func:`~pipelines.training.train_loop.fit` asks Ray for them."""
+        from pipelines.training.train_loop import default_use_gpu
+
+        c = self.config
+        use_gpu = c.use_gpu if c.use_gpu is not None else default_use_gpu()
+        return {"CPU": c.num_workers * c.cpus_per_worker + 1, **({"GPU": c.num_workers} if use_gpu else {})}
+
 
 class GuardSFTStage(TrainingStage):
     name = "guard_sft"
