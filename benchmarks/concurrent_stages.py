@@ -71,8 +71,8 @@ def predictions(run_dir: str) -> dict[str, dict[str, tuple]]:
 def overlap_seconds(manifests: dict[str, dict], names: list[str]) -> float:
     """Seconds during which every stage of ``names`` was running (from their manifests' start and
     finish times, to the second)."""
-    spans = [(dt.datetime.fromisoformat(manifests[n]["started_at"]), dt.datetime.fromisoformat(manifests[n]["finished_at"]))
-             for n in names]
+    spans = [(dt.datetime.fromisoformat(manifests[n]["started_at"]),
+              dt.datetime.fromisoformat(manifests[n]["finished_at"])) for n in names]
     return max(0.0, (min(end for _, end in spans) - max(start for start, _ in spans)).total_seconds())
 
 

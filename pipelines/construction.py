@@ -2,9 +2,8 @@
 it enables in run order (the graph of their declared inputs), and running them with resume.
 
 Stage modules register themselves (:func:`pipelines.core.registry.register`) when imported; this
-module imports every module of the feature packages (every subpackage of ``pipelines`` but ``core`` and
-``serve``, which registers no stage and imports Ray Serve and FastAPI), so a new stage module is found
-without being listed anywhere.
+module imports every module of the feature packages (every subpackage of ``pipelines`` but those in
+:data:`NO_STAGES`), so a new stage module is found without being listed anywhere.
 """
 
 from __future__ import annotations
@@ -24,9 +23,14 @@ from pipelines.core.stage import Stage, run_stages
 log = logging.getLogger(__name__)
 
 
+#: subpackages that register no stage: the shared layer, the guard protocol, and serving (which imports
+#: Ray Serve and FastAPI, which validating a recipe must not pay for)
+NO_STAGES = ("core", "guard", "serve")
+
+
 def _import_stage_modules() -> None:
     for package in pkgutil.iter_modules(pipelines.__path__):
-        if package.ispkg and package.name not in ("core", "serve"):
+        if package.ispkg and package.name not in NO_STAGES:
             path = [str(Path(pipelines.__path__[0]) / package.name)]
             for module in pkgutil.walk_packages(path, f"pipelines.{package.name}."):
                 importlib.import_module(module.name)

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
 from pipelines.core.config import LLMEndpoint, semantic_dump
-from pipelines.core.metrics import record_stage, set_stage
+from pipelines.core.observability import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 
@@ -106,6 +106,12 @@ class Stage(ABC):
 
     def summary(self, rundir: RunDir) -> dict[str, Any] | None:
         """Stage-specific figures for the manifest (per-category counts, index parameters)."""
+        return None
+
+    def exports(self, rundir: RunDir) -> dict[str, Any] | None:
+        """What the stage's output offers tools that read a finished run without rebuilding its
+        stages (``chillguard serve RUN_DIR``), by kind (:mod:`pipelines.core.artifacts`): written into
+        its manifest, refreshed when the stage is skipped. ``None``: nothing."""
         return None
 
     def engines(self) -> list[LLMEndpoint]:
@@ -234,6 +240,10 @@ def _run_or_skip(stage: Stage, rundir: RunDir, manifests: dict[str, dict], force
     if (not force and previous and previous.get("config_hash") == config_hash
             and previous.get("input_fingerprint") == input_fp):
         log.info("stage %-10s up to date, skipped (%s rows out)", stage.name, previous["rows"]["out"])
+        exports = stage.exports(rundir)
+        if previous.get("exports") != exports:  # a declaration, not an output: a run made before it gains it
+            previous["exports"] = exports
+            rundir.write_manifest(stage.name, previous)
         return previous
     return run_one(stage, rundir, manifests, config_hash, input_fp)
 
@@ -338,6 +348,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
                     "errored": rundir.reason_counts(stage.name, ERROR)},
         "config": stage.hash_payload(),
         "summary": stage.summary(rundir),
+        "exports": stage.exports(rundir),
         "started_at": started,
         "finished_at": _now(),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from actors.llm import LLM_COLUMNS, chat
+from actors.reask import RETRY, ask_until_valid
 from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
@@ -134,7 +134,6 @@ JURY_COLUMNS = {LINEAGE: pa.string(), "votes": pa.list_(VOTE), "source_label": p
 #: and the adjudicator
 LABEL_COLUMNS = {**JURY_COLUMNS, "flipped": pa.bool_(), "source_micro": pa.string(),
                  "adjudicator": pa.string(), "adjudicator_answers": pa.list_(pa.string())}
-RETRY = "retry"  # transient status of a row that is asked again
 #: new tokens a constrained answer may need: the longest (``不安全 A1``) is 12 bytes, and a byte-level
 #: tokenizer may spend a token per byte. Fewer would cut "不安全" to "不" - an abstention.
 CONSTRAINED_MIN_TOKENS = 16
@@ -148,27 +147,6 @@ def with_room_for_answer(endpoint: LLMEndpoint, constrained: bool) -> LLMEndpoin
         return endpoint
     sampling = endpoint.sampling.model_copy(update={"max_tokens": CONSTRAINED_MIN_TOKENS})
     return endpoint.model_copy(update={"sampling": sampling})
-
-
-def ask_until_valid(stage: Stage, rundir: RunDir, pending, *, endpoint: LLMEndpoint, render,
-                    constraint, read: Callable, read_kwargs: dict[str, Any], retries: int) -> list:
-    """Ask ``pending`` rows; rows whose answer ``read`` marks :data:`RETRY` are asked again, at most
-    ``retries`` more times (``read`` gets ``last=True`` on the final attempt and must then settle
-    every row). Each attempt is a scratch pass that a crashed run reuses; an attempt with nothing
-    left to ask starts no engine. Returns the settled rows, one dataset per attempt."""
-    finished = []
-    for attempt in range(retries + 1):
-        if pending.count() == 0:
-            break
-        last = attempt == retries
-        answered = run_pass(stage, rundir, f"attempt-{attempt}", lambda pending=pending, last=last: chat(
-            pending, endpoint, render, constraint).map_batches(
-                read, batch_format="pyarrow", fn_kwargs={**read_kwargs, "last": last}))
-        if answered is None:
-            break
-        finished.append(answered.filter(expr=col("status") != RETRY))
-        pending = answered.filter(expr=col("status") == RETRY)
-    return finished
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,7 +403,7 @@ class AdjudicateStage(Stage):
                 "fleiss_kappa": report.get("fleiss_kappa"), "tie_rate": report.get("tie_rate"),
                 "adjudication_rate": report.get("adjudication_rate"), "ties": report.get("ties"),
                 "adjudicated": report.get("adjudicated"),
-                # votes per judge: what the dashboard shows (pipelines/core/metrics.py)
+                # votes per judge: what the dashboard shows (pipelines/core/observability.py)
                 "judges": {j: {"valid_votes": v["valid_votes"], "abstentions": v["abstentions"]}
                            for j, v in report.get("judges", {}).items()}}
 

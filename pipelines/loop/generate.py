@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import SAMPLE, chat
+from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt
@@ -46,7 +47,6 @@ from pipelines.core.rows import (
 )
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
-from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 
 GENERATED = "gen"
 METHOD = "loop_rewrite"

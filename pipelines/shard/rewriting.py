@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
+from actors.reask import RETRY, ask_until_valid
 from pipelines.core.config import LLMEndpoint, semantic_dump
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
-from pipelines.labelling.jury import RETRY, ask_until_valid
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.reframing import ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema
 from pipelines.shard.rows import SHARD_COLUMNS, _failed, _llm_fields, take_answer

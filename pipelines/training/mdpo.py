@@ -39,15 +39,8 @@ from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
-from pipelines.training.sft import (
-    LoRASettings,
-    TrainingStage,
-    check_lora,
-    check_rows,
-    finish_training,
-    pad_right,
-    train_dir,
-)
+from pipelines.training.sft import LoRASettings, check_lora, pad_right
+from pipelines.training.stage import TrainingStage, check_rows, finish_training, train_dir
 from pipelines.training.train_loop import Method, fit, partitioned_loading
 
 

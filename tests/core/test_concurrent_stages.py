@@ -16,7 +16,7 @@ import pytest
 
 from pipelines.core.answers import answer_log
 from pipelines.core.config import ClusterConfig, LLMEndpoint
-from pipelines.core.metrics import stage_tags
+from pipelines.core.observability import stage_tags
 from pipelines.core.rows import OK, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, engine_gpus, fits, run_stages
@@ -130,7 +130,7 @@ def test_a_failure_lets_the_running_stage_finish_starts_nothing_new_and_resumes(
 
 def test_each_stage_thread_keeps_its_answer_log_and_metric_tags(tmp_path):
     from pipelines.core.answers import set_answer_log
-    from pipelines.core.metrics import set_stage
+    from pipelines.core.observability import set_stage
 
     set_stage("caller", "mine")
     set_answer_log("caller-log")
