@@ -45,7 +45,7 @@ from pipelines.training.train_loop import Method, fit
 
 
 class GuardSFTConfig(TrainingConfig):
-    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard_format.py): the guard
+    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard/format.py): the guard
     prompt -> ``safe`` / ``unsafe\n<micro>``, loss on the answer tokens only."""
 
     inputs: list[str] = Field(default_factory=lambda: ["assemble"],
