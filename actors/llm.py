@@ -306,7 +306,8 @@ def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1,
                   sum(out.column("llm_output_tokens").to_pylist()))
     if answer_log and out.num_rows:
         write_batch_stats(answer_log, role or model, batch_answer_stats(
-            out.column("llm_output").to_pylist(), out.column("llm_error").to_pylist()))
+            out.column("llm_output").to_pylist(), out.column("llm_error").to_pylist(),
+            out.column("llm_prompt_tokens").to_pylist(), out.column("llm_output_tokens").to_pylist()))
     return out
 
 
