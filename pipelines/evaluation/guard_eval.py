@@ -290,10 +290,9 @@ class GuardEvalStage(Stage):
         # the training stage whose model is evaluated runs first; retraining re-evaluates
         # (and the evaluation whose rows choose the threshold)
         self.requires = tuple(name for name in (config.model_from, config.threshold_from) if name)
-        # the gold label; the split it evaluates (rows without one would all be evaluated); the response
-        # it judges at response level; the scored rows the threshold is chosen on
-        needed = frozenset({"id", "text", "label"}) | ({"split"} if config.split is not None else set()) \
-            | ({"response"} if config.level == RESPONSE else set())
+        # the gold label, the response it judges at response level (a row without one is an error), the
+        # scored rows the threshold is chosen on; not the split: a row without one is in every split
+        needed = frozenset({"id", "text", "label"}) | ({"response"} if config.level == RESPONSE else set())
         self.reads = {**{name: needed for name in self.inputs},
                       **({config.threshold_from: SCORED_COLUMNS} if config.threshold_from else {})}
         # the rows as they came (a prompt-level row's response stays in its lineage) and the verdicts

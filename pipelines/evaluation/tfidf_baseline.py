@@ -121,12 +121,7 @@ class TfidfBaselineStage(Stage):
         self.name = f"baseline_{key}"
         self.inputs = tuple(dict.fromkeys([*config.train, *config.inputs]))
         self.taxonomy_path = taxonomy_path
-        # labelled rows, with the split each side selects (as a guard evaluation reads its inputs)
-        reads: dict[str, frozenset[str]] = {}
-        for names, split in ((config.train, config.train_split), (config.inputs, config.split)):
-            needed = frozenset({"id", "text", "label"}) | ({"split"} if split is not None else set())
-            reads.update({name: reads.get(name, frozenset()) | needed for name in names})
-        self.reads = reads
+        self.reads = frozenset({"id", "text", "label"})  # labelled rows, read as a guard evaluation reads them
         self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"})  # prompt-level evaluation rows
 
     def write(self, inputs: dict, rundir: RunDir) -> None:

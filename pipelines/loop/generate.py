@@ -148,8 +148,7 @@ class GenerateStage(Stage):
         self.name = name
         self.inputs = inputs
         self.requires = (model_from,) if model_from else ()  # retraining G1 regenerates
-        # labelled seeds; with a seed split, their split (without one, held-out rows would be seeds too)
-        self.reads = frozenset({"id", "text", "label"}) | ({"split"} if seed_split is not None else set())
+        self.reads = frozenset({"id", "text", "label"})  # labelled seeds (a row without a split is a seed)
         # candidates keep their seed's label and categories; the seed and the sample are lineage
         self.writes = COMMON_COLUMNS | frozenset(CANDIDATE_COLUMNS)
         self.endpoint = endpoint

@@ -197,9 +197,8 @@ class PairsStage(Stage):
         self.name = name
         self.inputs = inputs
         self.requires = (scored, *([labelled] if labelled else []))
-        # the seeds (labelled, with their split when seeds are chosen by split) and the scored candidates
-        seeds = frozenset({"id", "text", "label"}) | ({"split"} if seed_split is not None else set())
-        self.reads = {**{name: seeds for name in inputs},
+        # the labelled seeds and the scored candidates
+        self.reads = {**{name: frozenset({"id", "text", "label"}) for name in inputs},
                       scored: frozenset({"id", "text", "parent_id", "level", "quality"})}
         self.writes = COMMON_COLUMNS | frozenset(PAIR_COLUMNS)
         self.scored = scored

@@ -74,7 +74,7 @@ class ShardRulesStage(Stage):
         self.prompt = ChatPrompt(config.rules_template)
         self.guidelines = load_guidelines(config.guidelines)
         self._categories = 0
-        self.reads = {SPLIT: frozenset({"id", "text", "split"})}  # example prompts of the train split, per category
+        self.reads = {SPLIT: frozenset({"id", "text"})}  # the categories' prompts (examples: of the train split)
 
     def hash_payload(self) -> Any:
         return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,

@@ -323,13 +323,6 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
             "chosen_epoch": result.metrics.get("best_epoch"), "chosen_val_loss": result.metrics.get("best_val_loss")}
 
 
-def split_columns(config: TrainingConfig) -> frozenset[str]:
-    """``{"split"}`` when the config selects rows by their split (``split``, ``val_split``): rows without
-    one would all be trained on."""
-    selects = getattr(config, "split", None) is not None or getattr(config, "val_split", None) is not None
-    return frozenset({"split"}) if selects else frozenset()
-
-
 class TrainingStage(Stage):
     """A stage whose output is a trained model (plus its tokenized rows)."""
 
@@ -353,8 +346,8 @@ class GuardSFTStage(TrainingStage):
         super().__init__(config)
         self.inputs = tuple(config.inputs)
         self.taxonomy_path = taxonomy_path
-        self.reads = frozenset({"id", "text", "label"}) | split_columns(config) \
-            | ({"response"} if config.level == "response" else set())
+        # not the split: a row without one is trained on whatever split is selected
+        self.reads = frozenset({"id", "text", "label"}) | ({"response"} if config.level == "response" else set())
 
     def hash_payload(self) -> Any:
         from pipelines.core.prompts import ChatPrompt
@@ -377,7 +370,7 @@ class ChatSFTStage(TrainingStage):
         super().__init__(config)
         self.name = f"sft_{key}"
         self.inputs = tuple(config.inputs)
-        self.reads = frozenset({"id", config.prompt_column, config.completion_column}) | split_columns(config)
+        self.reads = frozenset({"id", config.prompt_column, config.completion_column})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all

@@ -200,11 +200,12 @@ def test_a_response_level_evaluation_of_a_set_without_responses_is_refused(tmp_p
         build_stages(recipe)
 
 
-def test_evaluating_a_split_of_a_set_without_splits_is_refused(tmp_path, monkeypatch):
-    wild = {"inputs": ["seeds_wildguardtest"], "split": "test", "model": "guard"}
-    recipe = load_recipe(demo(tmp_path, monkeypatch, guard_eval={"wild": wild}))
-    with pytest.raises(ConfigError, match=r"^recipe demo: stages.guard_eval: stage guard_eval_wild reads column "
-                                          r"'split' from seeds_wildguardtest, which does not write it$"):
+def test_chat_sft_on_rows_without_completions_is_refused(tmp_path, monkeypatch):
+    path = demo(tmp_path, monkeypatch)
+    model = yaml.safe_load(path.read_text(encoding="utf-8"))["models"]["rewriter"]["model"]
+    recipe = load_recipe(path, [f"stages.sft.chat={{model: {model}, inputs: [assemble]}}"])
+    with pytest.raises(ConfigError, match=r"^recipe demo: stages.sft: stage sft_chat reads column 'completion' from "
+                                          r"assemble, which does not write it$"):
         build_stages(recipe)
 
 
