@@ -8,15 +8,17 @@ A stage declares (:class:`pipelines.core.stage.Stage`):
   scored set, a keyword pool). A column it only uses when present is not declared;
 - ``writes``: the columns of its ``ok`` rows. :data:`PASSTHROUGH` in it stands for the columns that
   every one of its inputs has (a filter, a labeller, an evaluation keeps its input's columns and adds
-  its own): ``writes = PASSTHROUGH | {"duplicate_of"}``. Stages that write the common schema say so with
-  :data:`pipelines.core.rows.COMMON_COLUMNS`.
+  its own): language identification's ``writes = PASSTHROUGH | {LINEAGE, "lang"}``. Stages that write
+  the common schema say so with :data:`pipelines.core.rows.COMMON_COLUMNS`.
 
 A column is a name a downstream stage finds in a row: as a Parquet column, or - where a stage merges
 its inputs into the common schema (:func:`pipelines.core.rows.to_common_schema`) - in the row's JSON
 ``lineage``, where :func:`pipelines.core.rows.column_or_lineage` looks it up. So a column passed through
 such a stage is still there (a seed set's ``response`` after preprocessing), and a column that an
 ingest mapping does not fill (``columns.response`` unset) is not written at all, although the Parquet
-schema has an empty column of that name.
+schema has an empty column of that name. The check does not tell the two places apart: a stage that
+selects a column by name (MDPO's pair columns, adjudication's ``votes``) needs a stage upstream that
+writes it as a column (MDPO checks its inputs' schema again when it runs).
 
 :func:`check_columns` is pure: stages in run order in, their output columns out, or a
 :class:`ColumnError` naming the first edge (in run order) where a stage reads a column its upstream
