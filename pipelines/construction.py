@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pipelines
 from pipelines.core.config import ConfigError, dump_recipe, read_recipe
+from pipelines.core.contracts import ColumnError, check_columns
 from pipelines.core.graph import GraphError, cycle_text, order_nodes
 from pipelines.core.registry import listed_entries, recipe_model
 from pipelines.core.rundir import RunDir
@@ -56,12 +57,13 @@ def build_stages(recipe: Recipe) -> list[Stage]:
     and that build order breaks the ties: a stage runs as early as its inputs allow, but never before a
     stage built ahead of it that is ready as well. A name that is no enabled stage, or a cycle, is a
     :class:`ConfigError` naming the recipe keys (validation refuses the ones a recipe can write; this
-    checks the stages' own graph)."""
+    checks the stages' own graph). So is an edge where a stage reads a column its upstream stage does
+    not write (:func:`pipelines.core.contracts.check_columns`, the stages' column contracts)."""
     built: list[tuple[str, Stage]] = [(f"stages.{entry.key}", stage) for entry in listed_entries(recipe.stages)
                                       for stage in entry.build(recipe, entry.section(recipe.stages))]
     section = {stage.name: key for key, stage in built}
     try:
-        return order_nodes([stage for _, stage in built])
+        stages = order_nodes([stage for _, stage in built])
     except GraphError as exc:
         if exc.dangling:
             raise ConfigError(f"recipe {recipe.name}: " + "; ".join(
@@ -73,6 +75,11 @@ def build_stages(recipe: Recipe) -> list[Stage]:
             raise ConfigError(f"recipe {recipe.name}: {keys}: the stages' inputs form a cycle "
                               f"({cycle_text(exc.cycle)})") from None
         raise ConfigError(f"recipe {recipe.name}: {exc}") from None
+    try:
+        check_columns(stages)
+    except ColumnError as exc:
+        raise ConfigError(f"recipe {recipe.name}: {section[exc.consumer]}: {exc}") from None
+    return stages
 
 
 def run_recipe(recipe: Recipe, stages: list[Stage], *, force: bool = False,

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
 from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import reads_per_input
 from pipelines.core.observability import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
@@ -62,6 +63,12 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]] = ()
     #: upstream stages it depends on without reading their rows (an index, a keyword pool)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: its column contract (:mod:`pipelines.core.contracts`), checked before Ray starts: the columns it
+    #: cannot do without in the ok rows of its inputs (one set for every input, or ``{upstream stage:
+    #: columns}``, which may name a stage of ``requires`` whose rows it reads) ...
+    reads: frozenset[str] | Mapping[str, frozenset[str]] = frozenset()
+    #: ... and the columns of its ok rows (``PASSTHROUGH | {...}``: its inputs' columns and its own)
+    writes: frozenset[str] = frozenset()
     #: one input row may produce several output rows (their ``parent_id`` is the input id)
     fan_out: ClassVar[bool] = False
     #: an empty input is an error (training), not a stage with nothing to do
@@ -73,6 +80,11 @@ class Stage(ABC):
 
     def __init__(self, config: Any):
         self.config = config
+
+    def columns_read(self) -> dict[str, frozenset[str]]:
+        """``{upstream stage: the columns this stage reads from it}``, what the driver checks
+        (:func:`pipelines.core.contracts.check_columns`)."""
+        return reads_per_input(self.reads, self.inputs)
 
     def hash_payload(self) -> Any:
         """Everything the output depends on besides the inputs, and nothing operational. Extend to

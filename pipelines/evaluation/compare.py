@@ -63,8 +63,8 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.statistics import bootstrap_f1, mcnemar
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
-from pipelines.evaluation.guard_eval import REPORT_DIR, scored_rows
-from pipelines.evaluation.label_cells import is_label_cell, label_cell_refs, label_cell_rows, split_ref
+from pipelines.evaluation.guard_eval import REPORT_DIR, SCORED_COLUMNS, scored_rows
+from pipelines.evaluation.label_cells import CELL_COLUMNS, is_label_cell, label_cell_refs, label_cell_rows, split_ref
 from pipelines.evaluation.metrics import (
     calibrate_threshold,
     confusion,
@@ -568,6 +568,12 @@ class CompareStage(Stage):
         self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values()
                                             for s in grid.values()))
         self.taxonomy_path = taxonomy_path
+        # each cell's scored rows: an evaluation's answers, a label cell's votes
+        reads: dict[str, frozenset[str]] = {}
+        for ref in (s for grid in config.systems.values() for s in grid.values()):
+            stage = split_ref(ref)[0]
+            reads[stage] = reads.get(stage, frozenset()) | (CELL_COLUMNS if is_label_cell(ref) else SCORED_COLUMNS)
+        self.reads = reads
 
     def exports(self, rundir: RunDir) -> dict[str, Any]:
         return {THRESHOLDS: {"file": f"{REPORT_DIR}/{THRESHOLDS_FILE}"}}

@@ -51,6 +51,7 @@ from pydantic import Field, ValidationInfo, model_validator
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
 from pipelines.core.artifacts import GUARD_EVALUATION, TrainedModelError, endpoint_payload, trained_model_endpoint
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.registry import References, register
 from pipelines.core.reports import fmt
@@ -243,6 +244,11 @@ def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, mo
     return to_table(out, EVAL_COLUMNS)
 
 
+#: the columns :func:`scored_rows` reads of an evaluation's answered rows ...
+ANSWERED_COLUMNS = ("id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label")
+#: ... the ones a stage reading an evaluation needs (its column contract: a row without a gold micro code
+#: counts in no micro category, and rows of sets without categories have none)
+SCORED_COLUMNS = frozenset(ANSWERED_COLUMNS) - {"micro"}
 #: columns of :func:`scored_rows`
 SCORED_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
                            ("pred_label", pa.string()), ("pred_micro", pa.string()), ("score", pa.float64()),
@@ -256,8 +262,7 @@ def scored_rows(rundir: RunDir, stage: str) -> pa.Table:
     rows these are depends on the input and the level only, so two guards evaluated on the same
     input score the same rows."""
     rows = []
-    answered = ["id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label"]
-    for batch in rundir.iter_batches(stage, OK, answered):
+    for batch in rundir.iter_batches(stage, OK, list(ANSWERED_COLUMNS)):
         rows += [{**row, "unparsed": ""} for row in batch.to_pylist()]
     for batch in rundir.iter_batches(stage, ERROR, ["id", "label", "micro", "reason"]):
         rows += [{"id": row["id"], "label": row["label"], "micro": row["micro"], "pred_label": None,
@@ -283,6 +288,14 @@ class GuardEvalStage(Stage):
         # the training stage whose model is evaluated runs first; retraining re-evaluates
         # (and the evaluation whose rows choose the threshold)
         self.requires = tuple(name for name in (config.model_from, config.threshold_from) if name)
+        # the gold label, the response it judges at response level (a row without one is an error), the
+        # scored rows the threshold is chosen on; not the split: a row without one is in every split
+        needed = frozenset({"id", "text", "label"}) | ({"response"} if config.level == RESPONSE else set())
+        self.reads = {**{name: needed for name in self.inputs},
+                      **({config.threshold_from: SCORED_COLUMNS} if config.threshold_from else {})}
+        # the rows as they came (a prompt-level row's response stays in its lineage) and the verdicts
+        self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"}) \
+            | ({"response"} if config.level == RESPONSE else set())
         self.taxonomy = load_taxonomy(taxonomy_path)
         self.adapter = make_adapter(config.adapter, self.taxonomy, config.template)
         self.use_score = config.score and config.adapter in SCORED_ADAPTERS

@@ -26,6 +26,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipelines.core.config import Strict
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
 from pipelines.core.reports import fmt
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, UNSAFE, to_table, union_all
@@ -120,6 +121,8 @@ class TfidfBaselineStage(Stage):
         self.name = f"baseline_{key}"
         self.inputs = tuple(dict.fromkeys([*config.train, *config.inputs]))
         self.taxonomy_path = taxonomy_path
+        self.reads = frozenset({"id", "text", "label"})  # labelled rows, read as a guard evaluation reads them
+        self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"})  # prompt-level evaluation rows
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         c: TfidfBaselineConfig = self.config

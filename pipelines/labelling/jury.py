@@ -34,6 +34,7 @@ from actors.llm import LLM_COLUMNS, chat
 from actors.reask import RETRY, ask_until_valid
 from pipelines.core.answers import read_answer_stats
 from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
@@ -213,6 +214,9 @@ def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_v
 
 class JuryStage(Stage):
     name = "jury"
+    reads = frozenset({"id", "text"})
+    # the rows as they came, labelled by the majority (``""``: for the adjudicator), with every vote
+    writes = PASSTHROUGH | frozenset(JURY_COLUMNS) | {"label"}
 
     def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
         super().__init__(config)
@@ -422,6 +426,9 @@ def _drop_adj(batch: pa.Table) -> pa.Table:
 
 class AdjudicateStage(Stage):
     name = "adjudicate"
+    # the jury's rows: its majority label, the votes, the label the rows came with
+    reads = frozenset({"id", "text", "label", "votes", "source_label"})
+    writes = PASSTHROUGH | frozenset(LABEL_COLUMNS) | {"label", "macro", "micro"}
 
     def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
                  min_valid_votes: int | None = None):
@@ -443,11 +450,7 @@ class AdjudicateStage(Stage):
         return AdjudicationConstraint(self.codes) if self.config.constrained else None
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
-        for name in self.inputs:
-            columns = inputs[name].columns()
-            if "votes" not in columns:
-                raise ValueError(f"stage adjudicate reads jury output; {name} has no 'votes' column "
-                                 f"(columns: {columns})")
+        # inputs without the jury's votes are refused before Ray starts (reads: the column contract)
         rows = union_all([inputs[name] for name in self.inputs]) \
             .map_batches(plan_adjudication, batch_format="pyarrow")
         finished = [rows.filter(expr=col("adj_task") == NONE).map_batches(finish_majority,

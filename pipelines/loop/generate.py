@@ -32,6 +32,7 @@ from pipelines.core.config import LLMEndpoint
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import (
+    COMMON_COLUMNS,
     DROPPED,
     ERROR,
     LINEAGE,
@@ -147,6 +148,9 @@ class GenerateStage(Stage):
         self.name = name
         self.inputs = inputs
         self.requires = (model_from,) if model_from else ()  # retraining G1 regenerates
+        self.reads = frozenset({"id", "text", "label"})  # labelled seeds (a row without a split is a seed)
+        # candidates keep their seed's label and categories; the seed and the sample are lineage
+        self.writes = COMMON_COLUMNS | frozenset(CANDIDATE_COLUMNS)
         self.endpoint = endpoint
         self.prompt = prompt
         self.k = k

@@ -176,6 +176,9 @@ class LoopReportStage(Stage):
     def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str):
         super().__init__({"systems": list(systems)})
         self.requires = tuple(loop_stages)
+        # what the report counts of the rows of the loop's stages (their reports it reads as files)
+        counted = {"loop2_score": frozenset({"micro", "level"}), "loop2_pairs": frozenset({"micro", "pair_type"})}
+        self.reads = {name: columns for name, columns in counted.items() if name in self.requires}
         self.systems = list(systems)
         self.taxonomy_path = taxonomy_path
 

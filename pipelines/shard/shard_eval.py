@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 from actors.llm import chat
 from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
 from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
 from pipelines.core.reports import png_bytes
 from pipelines.core.rows import (
@@ -289,6 +290,8 @@ class ShardEvalStage(Stage):
     name = "shard_eval"
     inputs = (ANSWER,)
     needs_rows = True
+    reads = frozenset({"id", "text", "baseline", "split"})  # the prompts of the evaluated split and O1
+    writes = PASSTHROUGH | {"results"}
 
     def __init__(self, config: ShardEvalConfig, shard: ShardConfig, models: dict[str, LLMEndpoint]):
         super().__init__(config)

@@ -269,11 +269,14 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
 
 class GuardSFTStage(TrainingStage):
     name = "guard_sft"
+    writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
 
     def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
         super().__init__(config)
         self.inputs = tuple(config.inputs)
         self.taxonomy_path = taxonomy_path
+        # not the split: a row without one is trained on whatever split is selected
+        self.reads = frozenset({"id", "text", "label"}) | ({"response"} if config.level == "response" else set())
 
     def hash_payload(self) -> Any:
         from pipelines.core.prompts import ChatPrompt
@@ -297,10 +300,13 @@ class GuardSFTStage(TrainingStage):
 class ChatSFTStage(TrainingStage):
     """``sft_<key>``: SFT on (prompt -> completion) rows of earlier stages."""
 
+    writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
+
     def __init__(self, key: str, config: ChatSFTConfig):
         super().__init__(config)
         self.name = f"sft_{key}"
         self.inputs = tuple(config.inputs)
+        self.reads = frozenset({"id", config.prompt_column, config.completion_column})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all
