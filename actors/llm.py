@@ -45,7 +45,7 @@ import pyarrow as pa
 from pipelines.core.answers import answer_log, batch_answer_stats, write_batch_stats
 from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import LLMEndpoint
-from pipelines.core.metrics import record_tokens, stage_tags
+from pipelines.core.observability import record_tokens, stage_tags
 from pipelines.core.prompts import prompt_token_ids
 
 LLM_COLUMNS = {
@@ -299,14 +299,15 @@ def _finalize(batch: pa.Table, first_logprobs: bool = False, samples: int = 1,
     """Give every batch the same LLM columns; rows that failed inside the engine bypass our
     postprocess and arrive with ``__inference_error__`` set and the engine's keys still present.
     With http ``samples > 1``, each row's choices become rows (:func:`split_samples`). Counts the
-    batch's tokens (:func:`pipelines.core.metrics.record_tokens`) and, in a run, writes the
+    batch's tokens (:func:`pipelines.core.observability.record_tokens`) and, in a run, writes the
     answers' figures (:mod:`pipelines.core.answers`) under ``answer_log``."""
     out = _finalize_columns(batch, first_logprobs, samples)
     record_tokens(metric_tags or {}, model, sum(out.column("llm_prompt_tokens").to_pylist()),
                   sum(out.column("llm_output_tokens").to_pylist()))
     if answer_log and out.num_rows:
         write_batch_stats(answer_log, role or model, batch_answer_stats(
-            out.column("llm_output").to_pylist(), out.column("llm_error").to_pylist()))
+            out.column("llm_output").to_pylist(), out.column("llm_error").to_pylist(),
+            out.column("llm_prompt_tokens").to_pylist(), out.column("llm_output_tokens").to_pylist()))
     return out
 
 

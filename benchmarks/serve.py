@@ -140,9 +140,9 @@ def offline_ceiling(model: str, args) -> dict:
     from pipelines.core.config import CONFIGS
     from pipelines.core.prompts import prompt_token_ids
     from pipelines.core.taxonomy import load_taxonomy
-    from pipelines.evaluation.guard_adapters import ChillGuardAdapter
+    from pipelines.guard.adapters import ChillGuardAdapter
+    from pipelines.guard.format import GuardPrompt
     from pipelines.serve.config import GuardServeConfig
-    from pipelines.training.guard_format import GuardPrompt
 
     taxonomy = load_taxonomy(CONFIGS / "taxonomy.yaml")
     prompt = GuardPrompt(taxonomy)

@@ -39,9 +39,10 @@ def _cmd_run(args) -> int:
 
     rundir = RunDir(recipe.run_dir)
     with rundir.lock():  # before Ray starts: a second run on the same directory stops here
-        connect(recipe.cluster, env_address(args.address, recipe))
+        address = env_address(args.address, recipe)
+        connect(recipe.cluster, address)
         try:
-            run_recipe(recipe, stages, force=args.force)
+            run_recipe(recipe, stages, force=args.force, max_concurrent=recipe.cluster.concurrent_stages(address))
         except TrainingPaused as exc:
             print(status_table(rundir))
             print(f"paused: {exc}", file=sys.stderr)

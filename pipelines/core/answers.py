@@ -12,6 +12,7 @@ answers of blocks the killed run had received but not written (they are asked ag
 
 from __future__ import annotations
 
+import contextvars
 import json
 import statistics
 import uuid
@@ -20,17 +21,18 @@ from typing import Any
 
 from pipelines.core.parsing import looks_like_refusal, strip_thinking
 
-#: where the workers of the stage running now write their batch figures ("" outside a run)
-_LOG = {"uri": ""}
+#: where the workers of the stage this driver thread runs write their batch figures ("" outside a
+#: run); a context variable, so that stages run side by side in threads keep their own
+_LOG: contextvars.ContextVar[str] = contextvars.ContextVar("answer_log", default="")
 
 
 def set_answer_log(uri: str) -> None:
-    _LOG["uri"] = uri
+    _LOG.set(uri)
 
 
 def answer_log() -> str:
     """The folder (URI) for the running stage's answer figures; pass it to the workers with the work."""
-    return _LOG["uri"]
+    return _LOG.get()
 
 
 def answer_language(text: str) -> str:
@@ -47,15 +49,18 @@ def answer_language(text: str) -> str:
     return "en" if ascii_letters / letters > 0.5 else "other"
 
 
-def batch_answer_stats(outputs: list[str], errors: list[str]) -> dict[str, Any]:
+def batch_answer_stats(outputs: list[str], errors: list[str], prompt_tokens: list[int] | None = None,
+                       output_tokens: list[int] | None = None) -> dict[str, Any]:
     """One batch's figures: ``requests``, ``failed`` (the request errored), ``empty`` (nothing left
     after the reasoning), ``refusals`` (:func:`looks_like_refusal`), ``languages`` of the non-empty
-    answers and their ``chars`` (lengths, kept for the median)."""
+    answers and their ``chars`` (lengths, kept for the median), and the ``prompt_tokens`` /
+    ``output_tokens`` the engine counted."""
     answers = [strip_thinking(o or "") for o, e in zip(outputs, errors) if not e]
     spoken = [a for a in answers if a]
     return {"requests": len(outputs), "failed": len(outputs) - len(answers),
             "empty": len(answers) - len(spoken), "refusals": sum(looks_like_refusal(a) for a in spoken),
-            "languages": dict(Counter(answer_language(a) for a in spoken)), "chars": [len(a) for a in spoken]}
+            "languages": dict(Counter(answer_language(a) for a in spoken)), "chars": [len(a) for a in spoken],
+            "prompt_tokens": sum(prompt_tokens or []), "output_tokens": sum(output_tokens or [])}
 
 
 def merge_answer_stats(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -64,16 +69,17 @@ def merge_answer_stats(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, dic
     merged: dict[str, dict[str, Any]] = {}
     for role, part in parts:
         m = merged.setdefault(role, {"requests": 0, "failed": 0, "empty": 0, "refusals": 0,
-                                     "languages": Counter(), "chars": []})
-        for key in ("requests", "failed", "empty", "refusals"):
-            m[key] += part[key]
+                                     "prompt_tokens": 0, "output_tokens": 0, "languages": Counter(), "chars": []})
+        for key in ("requests", "failed", "empty", "refusals", "prompt_tokens", "output_tokens"):
+            m[key] += part.get(key, 0)  # (token counts: batch files written before they were kept have none)
         m["languages"].update(part["languages"])
         m["chars"].extend(part["chars"])
     out = {}
     for role, m in sorted(merged.items()):
         spoken = len(m["chars"])
         out[role] = {"requests": m["requests"], "failed": m["failed"], "empty": m["empty"],
-                     "refusals": m["refusals"],
+                     "refusals": m["refusals"], "prompt_tokens": m["prompt_tokens"],
+                     "output_tokens": m["output_tokens"],
                      "languages": {k: round(v / spoken, 4) for k, v in sorted(m["languages"].items())},
                      "median_chars": statistics.median(m["chars"]) if spoken else None}
     return out

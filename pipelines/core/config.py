@@ -193,6 +193,17 @@ class ClusterConfig(Strict):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     object_store_memory: int | None = Field(None, ge=75 * 1024**2)
+    max_concurrent_stages: int | None = Field(
+        None, ge=1, description="stages run side by side when their inputs are finished and the cluster "
+        "has room for their engines' GPUs and trainers' workers. Default: 1 on the embedded Ray (one "
+        "machine), 4 with an address (a cluster)", json_schema_extra=OPERATIONAL)
+
+    def concurrent_stages(self, address: str | None = None) -> int:
+        """``max_concurrent_stages``, or its default for where the run goes (``address``: the
+        recipe's, ``--address`` or ``RAY_ADDRESS``)."""
+        if self.max_concurrent_stages is not None:
+            return self.max_concurrent_stages
+        return 4 if (address or self.address) else 1
 
 
 # --------------------------------------------------------------------------------------------

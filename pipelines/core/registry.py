@@ -48,6 +48,9 @@ class StageEntry:
     #: ``(section, refs) -> {recipe key: endpoint name}``: raises on a bad reference, returns the
     #: endpoints under ``models:`` it names (checked after every section's own references)
     check: Callable[[Any, References], dict[str, str | None]] | None = None
+    #: ``section -> names`` of its stages that evaluate a guard on labelled rows (with a
+    #: ``report/metrics.json``): what a comparison may name as a cell
+    evaluations: Callable[[Any], list[str]] | None = None
     #: the field description of its section in the recipe model
     description: str | None = None
 
@@ -108,6 +111,12 @@ class StagesBase(Strict):
     def listed(self) -> tuple[str, ...]:
         """The section keys in the order the recipe lists them."""
         return self._listed
+
+
+def evaluation_stages(stages: Any) -> list[str]:
+    """The guard-evaluation stages of a validated ``stages:`` (each enabled section's ``evaluations``)."""
+    return [name for e in listed_entries(stages) if e.evaluations is not None
+            for name in e.evaluations(e.section(stages))]
 
 
 def listed_entries(stages: Any) -> list[StageEntry]:

@@ -111,6 +111,10 @@ SAFE, UNSAFE = "safe", "unsafe"
 #: a merged stage's column holding an upstream stage's lineage columns as one JSON object
 DUPLICATE_OF = "duplicate_of"
 LINEAGE = "lineage"
+#: the columns of the common schema (:func:`to_common_schema`): the row schema and the JSON ``lineage``.
+#: A stage whose ok rows are these plus its own says so in its column contract
+#: (``writes = COMMON_COLUMNS | {...}``, :mod:`pipelines.core.contracts`)
+COMMON_COLUMNS = frozenset(SCHEMA_FIELDS) | {LINEAGE}
 
 
 def to_common_schema(batch: pa.Table) -> pa.Table:

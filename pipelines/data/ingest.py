@@ -587,6 +587,22 @@ def read_corpus(config: IngestConfig, micro_macros: Mapping[str, str] | None = N
     return ds.map_batches(table_batch_to_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
+def written_columns(config: IngestConfig) -> frozenset[str]:
+    """The columns an ingestion's ok rows have values in (its column contract): the row schema's
+    identity fields, ``origin``, and what the mapping fills - a ``label`` from ``label`` or
+    ``columns.label``, a ``macro`` from ``columns.macro`` or a mapped micro, ``lang`` from ``lang`` or
+    ``columns.lang``, ``split`` from ``split`` or ``columns.split``, and the kept columns (``response``,
+    ``harm_category``, ``harm_level``). The Parquet files hold every schema and :data:`ORIGIN` column;
+    an unmapped one is empty, and no stage can read it."""
+    columns = config.columns
+    filled = {field for name, field in _KEPT.items() if getattr(columns, name)}
+    filled |= {"label"} if config.label or columns.label else set()
+    filled |= {"macro"} if config.micro_map else set()
+    filled |= {"lang"} if config.lang else set()
+    filled |= {"split"} if config.split else set()
+    return frozenset({"id", "text", "source", "method", "parent_id", "iteration", "origin"} | filled)
+
+
 def _recipe_key(name: str) -> str:
     return "stages.ingest" if name == "ingest" else f"stages.seeds.{name.removeprefix('seeds_')}"
 
@@ -604,6 +620,7 @@ class IngestStage(Stage):
         # stages are built before Ray starts: a mapping the input cannot satisfy fails here
         self.micro_macros = category_codes(config, taxonomy, _recipe_key(name))
         check_columns(config, _recipe_key(name))
+        self.writes = written_columns(config)
 
     def hash_payload(self) -> Any:
         # the taxonomy's macro of each mapped micro decides rows too; without a micro_map the payload

@@ -32,7 +32,7 @@ from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, se
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import register
-from pipelines.core.rows import DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
+from pipelines.core.rows import COMMON_COLUMNS, DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage, run_pass
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
 from pipelines.core.textnorm import has_cjk, normalize_text
@@ -220,6 +220,8 @@ def expand_pool(taxonomy: Taxonomy, config: KeywordsConfig, ask: Ask | None,
 
 class KeywordPoolStage(Stage):
     name = "keywords"
+    # keywords carry their category, no label
+    writes = (COMMON_COLUMNS - {"label"}) | frozenset(LINEAGE)
 
     def __init__(self, config: KeywordsConfig, endpoint: LLMEndpoint | None, taxonomy_path: str):
         super().__init__(config)

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from actors.llm import chat
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error, clean_piece, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
@@ -151,6 +152,9 @@ def _finish_direct_rows(batch: pa.Table) -> pa.Table:
 class PERewriteStage(Stage):
     name = "pe"
     fan_out = True
+    reads = frozenset({"id", "text", "label"})  # the label picks the seeds kept and the methods
+    # a rewrite keeps its seed's label, categories and lineage
+    writes = PASSTHROUGH | frozenset(PE_LINEAGE)
 
     def __init__(self, config: PEConfig, endpoint: LLMEndpoint, taxonomy_path: str, seed: int):
         super().__init__(config)

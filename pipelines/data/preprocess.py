@@ -31,9 +31,10 @@ from pipelines.core.config import (
     Strict,
     semantic_dump,
 )
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
-from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, OK, common_rows, fixed_list_to_numpy
+from pipelines.core.rows import DROPPED, DUPLICATE_OF, ERROR, LINEAGE, OK, common_rows, fixed_list_to_numpy
 from pipelines.core.stage import Stage
 from pipelines.core.textnorm import normalize_text
 from pipelines.data import minhash
@@ -162,7 +163,11 @@ def with_status(batch: pa.Table, status: list[str], reason: list[str], detail: l
 
 
 class PreprocessStage(Stage):
-    """Base: reads one or more upstream stages (unioned); one-to-one."""
+    """Base: reads one or more upstream stages (unioned, in the common schema: their own columns
+    folded into ``lineage``); one-to-one, the rows keep their columns."""
+
+    reads = frozenset({"id", "text"})
+    writes = PASSTHROUGH | {LINEAGE}
 
     def __init__(self, config: Any, inputs: tuple[str, ...]):
         super().__init__(config)
@@ -249,6 +254,7 @@ def langid_batch(batch: pa.Table, *, languages: tuple[str, ...], keep: tuple[str
 
 class LangIdStage(PreprocessStage):
     name = "langid"
+    writes = PASSTHROUGH | {LINEAGE, "lang"}
 
     def build(self, inputs: dict) -> Any:
         cfg = self.config
@@ -262,6 +268,8 @@ class TranslateStage(PreprocessStage):
     model or an LLM endpoint."""
 
     name = "translate"
+    reads = frozenset({"id", "text", "lang"})  # which rows to translate
+    writes = PASSTHROUGH | {LINEAGE, "original_text"}
 
     def __init__(self, config: TranslateConfig, inputs: tuple[str, ...], endpoint: LLMEndpoint | None = None):
         super().__init__(config, inputs)

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from actors.embedder import EMBEDDING, arrow_to_vectors, embed
 from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
 from pipelines.core.registry import register
-from pipelines.core.rows import ERROR, OK, content_id, keyed_rng, make_row, to_table
+from pipelines.core.rows import COMMON_COLUMNS, ERROR, OK, content_id, keyed_rng, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
@@ -133,6 +133,8 @@ def keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
 class RetrieveStage(Stage):
     name = "retrieve"
     requires = ("keywords", "ingest", "embed", "index")
+    # one row per query: its category (no label), keywords and retrieved texts
+    writes = (COMMON_COLUMNS - {"label"}) | frozenset(LINEAGE)
 
     def __init__(self, config: RetrieveConfig, embed_config: EmbedConfig, taxonomy_path: str,
                  seed: int, run_root: str):
@@ -141,6 +143,9 @@ class RetrieveStage(Stage):
         self.taxonomy_path = taxonomy_path
         self.seed = seed
         self.rundir = RunDir(run_root)
+        # the keyword pools, the corpus texts of the hits, the index's ids (the vectors come from its file)
+        self.reads = {"keywords": frozenset({"micro", "text", "keyword_en", "lang"}),
+                      "ingest": frozenset({"id", "text"}), "index": frozenset({"id", "position"})}
 
     def hash_payload(self) -> Any:
         # the queries (and the rows' macro_label / micro_label the RAG rewriting prompt shows) name the categories

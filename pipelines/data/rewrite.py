@@ -18,7 +18,7 @@ from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, se
 from pipelines.core.parsing import classify_llm_error, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import register
-from pipelines.core.rows import ERROR, content_id, error_detail, make_row, to_table
+from pipelines.core.rows import COMMON_COLUMNS, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage
 
 
@@ -93,11 +93,15 @@ class RewriteStage(Stage):
     inputs = ("ingest",)
     fan_out = True
     carry: ClassVar[dict[str, tuple[str, pa.DataType]]] = {}
+    reads = frozenset({"id", "text"})
 
     def __init__(self, config: RewriteConfig, endpoint: LLMEndpoint):
         super().__init__(config)
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.template)
+        # new prompts in the common schema with the answer's lineage; labelled when the config says so
+        self.writes = ((COMMON_COLUMNS - ({"label"} if config.label is None else set()))
+                       | frozenset(LINEAGE) | frozenset(self.carry))
 
     def hash_payload(self) -> Any:
         return {"config": semantic_dump(self.config),
@@ -118,6 +122,8 @@ class RagRewriteStage(RewriteStage):
 
     name = "rag"
     inputs = ("retrieve",)
+    # the retrieval query's labels, keywords and retrieved texts (rag_rewrite.yaml's variables)
+    reads = frozenset({"id", "text", "macro_label", "micro_label", "keywords", "retrieved_texts"})
     carry: ClassVar[dict[str, tuple[str, pa.DataType]]] = {
         "query": ("text", pa.string()), "keywords": ("keywords", pa.list_(pa.string())),
         "retrieved_ids": ("retrieved_ids", pa.list_(pa.string()))}

@@ -235,6 +235,8 @@ class IndexStage(Stage):
 
     name = "index"
     inputs = ("embed",)
+    reads = frozenset({"id", "embedding"})
+    writes = frozenset({"id", "position"})  # the vectors' positions in the index (VectorIndex.load)
 
     def __init__(self, config: IndexConfig, seed: int):
         super().__init__(config)

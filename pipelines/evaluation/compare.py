@@ -53,17 +53,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from pipelines.core.artifacts import THRESHOLDS
 from pipelines.core.config import Strict
 from pipelines.core.registry import References, register
+from pipelines.core.registry import evaluation_stages as registry_evaluations
+from pipelines.core.reports import fmt, png_bytes
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.statistics import bootstrap_f1, mcnemar
 from pipelines.core.taxonomy import Taxonomy, load_taxonomy
-from pipelines.evaluation.guard_adapters import RESPONSE
-from pipelines.evaluation.guard_eval import REPORT_DIR, scored_rows
-from pipelines.evaluation.guard_report import fmt, png_bytes
-from pipelines.evaluation.label_cells import is_label_cell, label_cell_refs, label_cell_rows, split_ref
+from pipelines.evaluation.guard_eval import REPORT_DIR, SCORED_COLUMNS, scored_rows
+from pipelines.evaluation.label_cells import CELL_COLUMNS, is_label_cell, label_cell_refs, label_cell_rows, split_ref
 from pipelines.evaluation.metrics import (
     calibrate_threshold,
     confusion,
@@ -74,6 +75,7 @@ from pipelines.evaluation.metrics import (
     per_micro_confusion,
     scored_predictions,
 )
+from pipelines.guard.adapters import RESPONSE
 
 log = logging.getLogger(__name__)
 
@@ -566,6 +568,15 @@ class CompareStage(Stage):
         self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values()
                                             for s in grid.values()))
         self.taxonomy_path = taxonomy_path
+        # each cell's scored rows: an evaluation's answers, a label cell's votes
+        reads: dict[str, frozenset[str]] = {}
+        for ref in (s for grid in config.systems.values() for s in grid.values()):
+            stage = split_ref(ref)[0]
+            reads[stage] = reads.get(stage, frozenset()) | (CELL_COLUMNS if is_label_cell(ref) else SCORED_COLUMNS)
+        self.reads = reads
+
+    def exports(self, rundir: RunDir) -> dict[str, Any]:
+        return {THRESHOLDS: {"file": f"{REPORT_DIR}/{THRESHOLDS_FILE}"}}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         taxonomy = load_taxonomy(self.taxonomy_path)
@@ -624,14 +635,7 @@ def _table1_value(row: dict, column: str) -> float | None:
 def evaluation_stages(recipe: Any) -> list[str]:
     """What a comparison cell may name in a recipe: its guard evaluation stages (``guard_eval_<key>``,
     the loop's evaluations), its TF-IDF baselines (``baseline_<key>``) and its jury's label cells."""
-    from pipelines.loop.report import eval_stage
-
-    names = [f"guard_eval_{key}" for key in recipe.stages.guard_eval]
-    names += [f"baseline_{key}" for key in recipe.stages.baseline]
-    loop = recipe.stages.loop
-    if loop is not None:
-        names += [eval_stage(system) for system in loop.systems]
-    return names + label_cell_refs(recipe)
+    return registry_evaluations(recipe.stages) + label_cell_refs(recipe)
 
 
 def _check(sections: dict[str, CompareConfig], refs: References) -> dict[str, str | None]:

@@ -8,12 +8,12 @@ One stage per evaluated guard, ``guard_eval_<name>``:
    (``missing_label``) and response-level rows without a response (``missing_response``) are
    ``error`` rows.
 2. Asks the guard through :func:`actors.llm.chat` (``ray.data.llm``: vLLM actor pools or an
-   OpenAI-compatible endpoint). An adapter (:mod:`pipelines.evaluation.guard_adapters`: ``chillguard``,
+   OpenAI-compatible endpoint). An adapter (:mod:`pipelines.guard.adapters`: ``chillguard``,
    ``llamaguard``, ``qwen3guard_strict`` / ``qwen3guard_loose``) turns a row into the guard's messages
-   and its answer into a :class:`~pipelines.evaluation.guard_adapters.GuardAnswer`.
+   and its answer into a :class:`~pipelines.guard.adapters.GuardAnswer`.
    The two scored adapters (chillguard, llamaguard) also get the first answer token's top
    log-probabilities, and the prediction is ``P(unsafe) >= threshold``
-   (:mod:`pipelines.evaluation.guard_scores`; the first tokens of ``safe`` and ``unsafe`` come from
+   (:mod:`pipelines.guard.scores`; the first tokens of ``safe`` and ``unsafe`` come from
    the guard's tokenizer, read once in the driver by :meth:`GuardEvalStage.answer_tokens`).
    Without a score the prediction is the answer's label.
 3. Writes one ``ok`` row per answered row (gold ``label`` / ``micro`` as read; ``pred_label``,
@@ -49,9 +49,12 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, model_validator
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
+from pipelines.core.artifacts import GUARD_EVALUATION, TrainedModelError, endpoint_payload, trained_model_endpoint
 from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.registry import References, register
+from pipelines.core.reports import fmt
 from pipelines.core.rows import (
     DROPPED,
     ERROR,
@@ -68,7 +71,9 @@ from pipelines.core.rows import (
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
-from pipelines.evaluation.guard_adapters import (
+from pipelines.evaluation.guard_report import f1_chart, micro_confusion_chart, report_markdown
+from pipelines.evaluation.metrics import LABELS, calibrate_threshold, evaluate
+from pipelines.guard.adapters import (
     GUARD_ADAPTERS,
     RESPONSE,
     SCORED_ADAPTERS,
@@ -76,17 +81,13 @@ from pipelines.evaluation.guard_adapters import (
     GuardParseError,
     make_adapter,
 )
-from pipelines.evaluation.guard_report import f1_chart, fmt, micro_confusion_chart, report_markdown
-from pipelines.evaluation.guard_scores import (
+from pipelines.guard.scores import (
     GuardEvalError,
     check_answer_tokens,
     decide_by_score,
     first_tokens,
     unsafe_score,
 )
-from pipelines.evaluation.metrics import LABELS, calibrate_threshold, evaluate
-from pipelines.evaluation.model_from import TrainedModelError, endpoint_payload, trained_model_endpoint
-from pipelines.training.train_loop import MODEL_DIR as _MODEL_DIR
 
 
 class GuardEvalConfig(Strict):
@@ -153,8 +154,6 @@ class GuardEvalConfig(Strict):
 
 log = logging.getLogger(__name__)
 
-#: folder under a training stage's folder holding its exported Hugging Face model
-MODEL_DIR = _MODEL_DIR
 #: folder under the evaluation stage's folder holding the report
 REPORT_DIR = "report"
 
@@ -245,6 +244,11 @@ def read_guard_answers(batch: pa.Table, *, adapter: GuardAdapter, guard: str, mo
     return to_table(out, EVAL_COLUMNS)
 
 
+#: the columns :func:`scored_rows` reads of an evaluation's answered rows ...
+ANSWERED_COLUMNS = ("id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label")
+#: ... the ones a stage reading an evaluation needs (its column contract: a row without a gold micro code
+#: counts in no micro category, and rows of sets without categories have none)
+SCORED_COLUMNS = frozenset(ANSWERED_COLUMNS) - {"micro"}
 #: columns of :func:`scored_rows`
 SCORED_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("micro", pa.string()),
                            ("pred_label", pa.string()), ("pred_micro", pa.string()), ("score", pa.float64()),
@@ -258,8 +262,7 @@ def scored_rows(rundir: RunDir, stage: str) -> pa.Table:
     rows these are depends on the input and the level only, so two guards evaluated on the same
     input score the same rows."""
     rows = []
-    answered = ["id", "label", "micro", "pred_label", "pred_micro", "score", "pred_raw_label"]
-    for batch in rundir.iter_batches(stage, OK, answered):
+    for batch in rundir.iter_batches(stage, OK, list(ANSWERED_COLUMNS)):
         rows += [{**row, "unparsed": ""} for row in batch.to_pylist()]
     for batch in rundir.iter_batches(stage, ERROR, ["id", "label", "micro", "reason"]):
         rows += [{"id": row["id"], "label": row["label"], "micro": row["micro"], "pred_label": None,
@@ -285,6 +288,14 @@ class GuardEvalStage(Stage):
         # the training stage whose model is evaluated runs first; retraining re-evaluates
         # (and the evaluation whose rows choose the threshold)
         self.requires = tuple(name for name in (config.model_from, config.threshold_from) if name)
+        # the gold label, the response it judges at response level (a row without one is an error), the
+        # scored rows the threshold is chosen on; not the split: a row without one is in every split
+        needed = frozenset({"id", "text", "label"}) | ({"response"} if config.level == RESPONSE else set())
+        self.reads = {**{name: needed for name in self.inputs},
+                      **({config.threshold_from: SCORED_COLUMNS} if config.threshold_from else {})}
+        # the rows as they came (a prompt-level row's response stays in its lineage) and the verdicts
+        self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"}) \
+            | ({"response"} if config.level == RESPONSE else set())
         self.taxonomy = load_taxonomy(taxonomy_path)
         self.adapter = make_adapter(config.adapter, self.taxonomy, config.template)
         self.use_score = config.score and config.adapter in SCORED_ADAPTERS
@@ -347,6 +358,12 @@ class GuardEvalStage(Stage):
             raise GuardEvalError(f"stage {self.name}: threshold_from {source!r} has no scored unsafe row to choose "
                                  f"a threshold on ({chosen['rows']} rows, {chosen['gold_unsafe']} unsafe)")
         return chosen["threshold"], {"from": source, **chosen}
+
+    def exports(self, rundir: RunDir) -> dict[str, Any]:
+        return {GUARD_EVALUATION: {"model_from": self.config.model_from,
+                                   "threshold": self.threshold(rundir)[0] if self.use_score else None,
+                                   "constrained": self.config.constrained,
+                                   "engine_kwargs": dict(self.endpoint.engine_kwargs)}}
 
     # --- rows --------------------------------------------------------------------------------
     def write(self, inputs: dict, rundir: RunDir) -> None:
@@ -450,6 +467,7 @@ def _check(guards: dict[str, GuardEvalConfig], refs: References) -> dict[str, st
 
 
 register("guard_eval", config=GuardEvalConfig, keyed=True, check=_check,
+         evaluations=lambda guards: [f"guard_eval_{key}" for key in guards],
          build=lambda recipe, guards: [GuardEvalStage(key, config, recipe.models[config.model], recipe.taxonomy)
                                        for key, config in guards.items()],
          description="guards to score on labelled sets; each is stage guard_eval_<key>")

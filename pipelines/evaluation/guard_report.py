@@ -3,30 +3,14 @@
 confusion, per macro, per micro, micro category, answers, reasons), per-category F1 charts
 (:func:`f1_chart`) and, for guards that answer with our micro codes, the micro-category confusion
 heatmap (:func:`micro_confusion_chart`); :mod:`pipelines.evaluation.metrics` has the formulas.
-:func:`png_bytes` and :func:`fmt` serve the other reports too (compare, the loop report).
 """
 
 from __future__ import annotations
 
-import io
-
+from pipelines.core.reports import fmt, png_bytes
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
 from pipelines.evaluation.metrics import WRONG_CLASSES
-
-
-def png_bytes(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (closed afterwards): what the reports write to the run directory."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def report_markdown(metrics: dict, taxonomy: Taxonomy) -> str:

@@ -54,6 +54,19 @@ def label_cell_refs(recipe: Any) -> list[str]:
     return refs
 
 
+def _gold_micro(stage: str) -> str:
+    return "source_micro" if stage == "adjudicate" else "micro"
+
+
+def cell_columns(stage: str) -> tuple[str, ...]:
+    """The columns a label cell reads of its stage's rows (its gold label and micro, the votes)."""
+    return tuple(dict.fromkeys(["id", "source_label", _gold_micro(stage), "label", "micro", "votes"]))
+
+
+#: the ones a stage reading a label cell needs (a gold micro code is optional, as in an evaluation)
+CELL_COLUMNS = frozenset({"id", "source_label", "label", "votes"})
+
+
 def _vote(row: dict, judge: str) -> str | None:
     for vote in row.get("votes") or []:
         if vote["judge"] == judge:
@@ -65,9 +78,9 @@ def label_cell_rows(rundir: RunDir, ref: str) -> tuple[dict, dict]:
     """``(settings, {id: row})`` of a label cell, rows in the shape of
     :func:`~pipelines.evaluation.guard_eval.scored_rows` (``pred_label`` ``None``: a miss)."""
     stage, judge = split_ref(ref)
-    gold_micro = "source_micro" if stage == "adjudicate" else "micro"
+    gold_micro = _gold_micro(stage)
     rows: dict[str, dict] = {}
-    columns = list(dict.fromkeys(["id", "source_label", gold_micro, "label", "micro", "votes"]))
+    columns = list(cell_columns(stage))
     for status in (OK, ERROR):
         for batch in rundir.iter_batches(stage, status, columns):
             for row in batch.to_pylist():

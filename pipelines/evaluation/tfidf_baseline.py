@@ -26,13 +26,14 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipelines.core.config import Strict
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
+from pipelines.core.reports import fmt
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, UNSAFE, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.evaluation.guard_eval import EVAL_COLUMNS, REPORT_DIR, scored_rows, to_eval_rows
-from pipelines.evaluation.guard_report import fmt
 from pipelines.evaluation.metrics import evaluate
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class TfidfBaselineStage(Stage):
         self.name = f"baseline_{key}"
         self.inputs = tuple(dict.fromkeys([*config.train, *config.inputs]))
         self.taxonomy_path = taxonomy_path
+        self.reads = frozenset({"id", "text", "label"})  # labelled rows, read as a guard evaluation reads them
+        self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"})  # prompt-level evaluation rows
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         c: TfidfBaselineConfig = self.config
@@ -183,6 +186,7 @@ def _check(sections: dict[str, TfidfBaselineConfig], refs: References) -> dict[s
 
 
 register("baseline", config=TfidfBaselineConfig, keyed=True, check=_check,
+         evaluations=lambda sections: [f"baseline_{key}" for key in sections],
          build=lambda recipe, sections: [TfidfBaselineStage(key, config, recipe.taxonomy)
                                          for key, config in sections.items()],
          description="TF-IDF + logistic regression floors, trained and evaluated like a guard; each is stage "

@@ -24,6 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.core.config import Strict, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
     DROPPED,
@@ -247,6 +248,9 @@ def dataset_card(*, name: str, config: AssembleConfig, stats: dict, taxonomy_pat
 
 class AssembleStage(Stage):
     name = "assemble"
+    reads = frozenset({"id", "text", "label"})
+    # the labelled rows with their labelling lineage and the split
+    writes = PASSTHROUGH | frozenset(DATASET_COLUMNS)
 
     def __init__(self, config: AssembleConfig, taxonomy_path: str, seed: int, labelling: dict):
         super().__init__(config)

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections import Counter
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator
 
 from actors.llm import LLM_COLUMNS, chat
+from actors.reask import RETRY, ask_until_valid
+from pipelines.core.answers import read_answer_stats
 from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import References, register
@@ -47,7 +50,7 @@ from pipelines.core.rows import (
     union_all,
 )
 from pipelines.core.rundir import RunDir
-from pipelines.core.stage import Stage, col, run_pass
+from pipelines.core.stage import ANSWERS, Stage, col, engine_gpus, run_pass
 from pipelines.core.taxonomy import categories_block, load_taxonomy
 from pipelines.labelling.voting import (
     ADJUDICATED,
@@ -58,7 +61,9 @@ from pipelines.labelling.voting import (
     decide,
     parse_adjudication,
     parse_verdict,
+    settled_label,
     strict_majority,
+    votes_before_settling,
 )
 
 
@@ -78,6 +83,11 @@ class JuryConfig(Strict):
     constrained: bool = Field(
         True, description="restrict answers to the verdict words on endpoints that accept "
         "structured outputs (fewer abstentions); false lets judges answer freely")
+    cascade: bool = Field(
+        False, description="ask the judges in their listed order and stop asking a row once the votes "
+        "still to come cannot change its label (rows that may need the adjudicator get every vote): "
+        "the same labels, votes and adjudications as the full jury, fewer calls. concurrent mode asks "
+        "the first judges every row needs at once, then each later judge the rows still open")
     min_valid_votes: int | None = Field(
         None, ge=1, description="quorum: a row with fewer valid votes (abstentions and failed requests "
         "do not count) goes to the adjudicator instead of its majority. Default: a strict majority of "
@@ -134,7 +144,6 @@ JURY_COLUMNS = {LINEAGE: pa.string(), "votes": pa.list_(VOTE), "source_label": p
 #: and the adjudicator
 LABEL_COLUMNS = {**JURY_COLUMNS, "flipped": pa.bool_(), "source_micro": pa.string(),
                  "adjudicator": pa.string(), "adjudicator_answers": pa.list_(pa.string())}
-RETRY = "retry"  # transient status of a row that is asked again
 #: new tokens a constrained answer may need: the longest (``不安全 A1``) is 12 bytes, and a byte-level
 #: tokenizer may spend a token per byte. Fewer would cut "不安全" to "不" - an abstention.
 CONSTRAINED_MIN_TOKENS = 16
@@ -150,27 +159,6 @@ def with_room_for_answer(endpoint: LLMEndpoint, constrained: bool) -> LLMEndpoin
     return endpoint.model_copy(update={"sampling": sampling})
 
 
-def ask_until_valid(stage: Stage, rundir: RunDir, pending, *, endpoint: LLMEndpoint, render,
-                    constraint, read: Callable, read_kwargs: dict[str, Any], retries: int) -> list:
-    """Ask ``pending`` rows; rows whose answer ``read`` marks :data:`RETRY` are asked again, at most
-    ``retries`` more times (``read`` gets ``last=True`` on the final attempt and must then settle
-    every row). Each attempt is a scratch pass that a crashed run reuses; an attempt with nothing
-    left to ask starts no engine. Returns the settled rows, one dataset per attempt."""
-    finished = []
-    for attempt in range(retries + 1):
-        if pending.count() == 0:
-            break
-        last = attempt == retries
-        answered = run_pass(stage, rundir, f"attempt-{attempt}", lambda pending=pending, last=last: chat(
-            pending, endpoint, render, constraint).map_batches(
-                read, batch_format="pyarrow", fn_kwargs={**read_kwargs, "last": last}))
-        if answered is None:
-            break
-        finished.append(answered.filter(expr=col("status") != RETRY))
-        pending = answered.filter(expr=col("status") == RETRY)
-    return finished
-
-
 # ------------------------------------------------------------------------------------------------
 # Jury
 
@@ -182,14 +170,39 @@ def collect_vote(batch: pa.Table, *, index: int) -> pa.Table:
             .append_column(f"_err_{index}", batch.column("llm_error")))
 
 
+def not_asked(batch: pa.Table, *, indices: list[int]) -> pa.Table:
+    """Rows the cascade settled before judges ``indices``: their answer columns are null (not asked)."""
+    for i in indices:
+        batch = (batch.append_column(f"_raw_{i}", pa.nulls(batch.num_rows, pa.string()))
+                 .append_column(f"_err_{i}", pa.nulls(batch.num_rows, pa.string())))
+    return batch
+
+
+def _verdicts(row: dict, asked: int) -> list[str | None]:
+    return [None if row[f"_err_{i}"] else parse_verdict(row[f"_raw_{i}"]) for i in range(asked)]
+
+
+def mark_settled(batch: pa.Table, *, asked: int, judges: int, min_valid_votes: int) -> pa.Table:
+    """``_settled``: whether the first ``asked`` judges' votes fix the row's label
+    (:func:`~pipelines.labelling.voting.settled_label`)."""
+    settled = [settled_label(_verdicts(row, asked), judges, min_valid_votes=min_valid_votes) is not None
+               for row in batch.select([f"_{k}_{i}" for i in range(asked) for k in ("raw", "err")]).to_pylist()]
+    batch = batch.drop_columns([c for c in ("_settled",) if c in batch.column_names])
+    return batch.append_column("_settled", pa.array(settled, pa.bool_()))
+
+
 def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_valid_votes: int) -> pa.Table:
-    """Per row: the votes list, the majority label (``""`` when the adjudicator must decide)."""
+    """Per row: the votes list (the judges asked: all, or with the cascade those before the row's
+    label was settled), the majority label (``""`` when the adjudicator must decide)."""
     out = []
     for row in batch.to_pylist():
         votes = []
+        row.pop("_settled", None)
         for i, (judge, model) in enumerate(zip(judges, models)):
             error = row.pop(f"_err_{i}")
             raw = row.pop(f"_raw_{i}")
+            if raw is None and error is None:  # the cascade did not ask this judge
+                continue
             verdict = None if error else parse_verdict(raw)
             votes.append({"judge": judge, "model": model, "raw": f"[request failed] {error}" if error else raw,
                           "verdict": verdict or ""})
@@ -199,13 +212,11 @@ def finish_votes(batch: pa.Table, *, judges: list[str], models: list[str], min_v
     return to_table(out, JURY_COLUMNS)
 
 
-def gpus_per_replica(endpoint: LLMEndpoint) -> int:
-    kwargs = endpoint.engine_kwargs
-    return int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
-
-
 class JuryStage(Stage):
     name = "jury"
+    reads = frozenset({"id", "text"})
+    # the rows as they came, labelled by the majority (``""``: for the adjudicator), with every vote
+    writes = PASSTHROUGH | frozenset(JURY_COLUMNS) | {"label"}
 
     def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
         super().__init__(config)
@@ -215,8 +226,8 @@ class JuryStage(Stage):
         self.prompts = {judge: ChatPrompt(config.templates.get(judge, config.template)) for judge in config.judges}
         self.categories = categories_block(load_taxonomy(taxonomy_path))
         # concurrent: one streaming pass writing a row per input row, so an interrupted run keeps what
-        # it wrote; sequential resumes per finished judge pass instead (run_pass)
-        self.resumable = config.mode == "concurrent"
+        # it wrote; sequential (and the cascade) resume per finished judge pass instead (run_pass)
+        self.resumable = config.mode == "concurrent" and not config.cascade
 
     def hash_payload(self) -> Any:
         # the mode is operational (same votes): switching it does not recompute the stage
@@ -241,16 +252,24 @@ class JuryStage(Stage):
         Short of that the pools wait (for an autoscaler, or forever on a fixed cluster): say so."""
         from cluster.connect import require_resources
 
-        replicas = [(max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,)),
-                     gpus_per_replica(e)) for e in self.endpoints.values() if e.engine == "vllm"]
-        needed = {"GPU": sum(n * g for n, g in replicas), "CPU": sum(n for n, _ in replicas) + 1}
+        replicas = [max(e.concurrency if isinstance(e.concurrency, tuple) else (e.concurrency,))
+                    for e in self.endpoints.values() if e.engine == "vllm"]
+        needed = {"GPU": sum(engine_gpus(e) for e in self.endpoints.values()), "CPU": sum(replicas) + 1}
         require_resources(needed, "jury mode concurrent (its vLLM judges)",
                           "set stages.jury.mode=sequential, or raise cluster.num_cpus / cluster.logical_gpus")
+
+    def resources(self) -> dict[str, float]:
+        """Concurrent judges hold all their engines at once; sequential ones one engine at a time."""
+        gpus = [engine_gpus(e) for e in self.endpoints.values()]
+        held = sum(gpus) if self.config.mode == "concurrent" else max(gpus, default=0)
+        return {"GPU": held} if held else {}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rows = common_rows(inputs, self.inputs)
         judges = list(self.config.judges)
-        if self.config.mode == "concurrent":
+        if self.config.cascade:
+            rows = self._cascade(rows, rundir)
+        elif self.config.mode == "concurrent":
             self._check_resources()
             for index, judge in enumerate(judges):
                 rows = self._vote(rows, index, judge)
@@ -264,10 +283,56 @@ class JuryStage(Stage):
                                     "min_valid_votes": self.config.quorum}) \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])
 
+    def _cascade(self, rows, rundir: RunDir):
+        """The judges in order, each asked only the rows whose label is still open
+        (:func:`~pipelines.labelling.voting.settled_label`); every pass is a scratch pass. Concurrent
+        mode asks the first :func:`~pipelines.labelling.voting.votes_before_settling` judges in one
+        streaming pass (every row needs their votes; their pools run at once), sequential mode one
+        judge per pass. Returns every row with an answer column per judge (null: not asked)."""
+        judges, quorum = list(self.config.judges), self.config.quorum
+        first = votes_before_settling(len(judges), min_valid_votes=quorum) if self.config.mode == "concurrent" else 1
+        if self.config.mode == "concurrent":
+            self._check_resources()
+
+        def chained(rows, upto: int):
+            for index in range(upto):
+                rows = self._vote(rows, index, judges[index])
+            return rows
+
+        open_rows = run_pass(self, rundir, f"0-{first}-first", lambda: chained(rows, first))
+        finished = []
+        for index in range(first, len(judges)):
+            if open_rows is None:
+                break
+            marked = open_rows.map_batches(mark_settled, batch_format="pyarrow", fn_kwargs={
+                "asked": index, "judges": len(judges), "min_valid_votes": quorum})
+            finished.append(marked.filter(expr=col("_settled")).map_batches(
+                not_asked, batch_format="pyarrow", fn_kwargs={"indices": list(range(index, len(judges)))}))
+            pending = marked.filter(expr=~col("_settled"))
+            if pending.count() == 0:
+                open_rows = None
+                break
+            open_rows = run_pass(self, rundir, f"{index}-{judges[index]}",
+                                 lambda pending=pending, index=index: self._vote(pending, index, judges[index]))
+        return union_all([*finished, *([open_rows] if open_rows is not None else [])])
+
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         labels = rundir.column_values(self.name, OK, "label")
+        votes = rundir.column_values(self.name, OK, "votes")
+        calls = Counter(v["judge"] for row in votes for v in row)
+        answers = read_answer_stats(self.work_uri(rundir, ANSWERS)) or {}
+        tokens = {j: {"prompt": answers.get(j, {}).get("prompt_tokens"),
+                      "completion": answers.get(j, {}).get("output_tokens")} for j in self.config.judges}
+        labelled = len(labels) - labels.count("")
+        total = {k: sum(t[k] or 0 for t in tokens.values()) for k in ("prompt", "completion")}
         return {"majority_safe": labels.count(SAFE), "majority_unsafe": labels.count(UNSAFE),
-                "to_adjudicator": labels.count("")}
+                "to_adjudicator": labels.count(""),
+                # what the labels cost: judge calls (the votes asked), and the engines' token counts
+                "cost": {"cascade": self.config.cascade, "rows": len(labels),
+                         "calls": {j: calls.get(j, 0) for j in self.config.judges},
+                         "calls_per_row": sum(calls.values()) / len(labels) if labels else None,
+                         "tokens": tokens,
+                         "tokens_per_label": {k: v / labelled if labelled else None for k, v in total.items()}}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,6 +426,9 @@ def _drop_adj(batch: pa.Table) -> pa.Table:
 
 class AdjudicateStage(Stage):
     name = "adjudicate"
+    # the jury's rows: its majority label, the votes, the label the rows came with
+    reads = frozenset({"id", "text", "label", "votes", "source_label"})
+    writes = PASSTHROUGH | frozenset(LABEL_COLUMNS) | {"label", "macro", "micro"}
 
     def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
                  min_valid_votes: int | None = None):
@@ -382,11 +450,7 @@ class AdjudicateStage(Stage):
         return AdjudicationConstraint(self.codes) if self.config.constrained else None
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
-        for name in self.inputs:
-            columns = inputs[name].columns()
-            if "votes" not in columns:
-                raise ValueError(f"stage adjudicate reads jury output; {name} has no 'votes' column "
-                                 f"(columns: {columns})")
+        # inputs without the jury's votes are refused before Ray starts (reads: the column contract)
         rows = union_all([inputs[name] for name in self.inputs]) \
             .map_batches(plan_adjudication, batch_format="pyarrow")
         finished = [rows.filter(expr=col("adj_task") == NONE).map_batches(finish_majority,
@@ -424,7 +488,7 @@ class AdjudicateStage(Stage):
                 "fleiss_kappa": report.get("fleiss_kappa"), "tie_rate": report.get("tie_rate"),
                 "adjudication_rate": report.get("adjudication_rate"), "ties": report.get("ties"),
                 "adjudicated": report.get("adjudicated"),
-                # votes per judge: what the dashboard shows (pipelines/core/metrics.py)
+                # votes per judge: what the dashboard shows (pipelines/core/observability.py)
                 "judges": {j: {"valid_votes": v["valid_votes"], "abstentions": v["abstentions"]}
                            for j, v in report.get("judges", {}).items()}}
 

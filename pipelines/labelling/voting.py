@@ -6,6 +6,7 @@ them on Arrow batches.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
@@ -299,6 +300,39 @@ def decide(verdicts: Sequence[str | None], *, min_valid_votes: int | None = None
     if 2 * safe > len(valid):
         return Decision(SAFE, len(valid), False, False)
     return Decision(None, len(valid), True, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The cascade: judges asked in order, a row no longer asked once its label is fixed
+
+
+def settled_label(verdicts: Sequence[str | None], judges: int, *, min_valid_votes: int | None = None) -> str | None:
+    """The label the full jury of ``judges`` must give a row whose first judges voted ``verdicts``,
+    or ``None`` while it is open.
+
+    Open means: some way the judges still to come could vote (``safe``, ``unsafe``, or no valid vote:
+    an abstention or a failed request) gives another outcome of :func:`decide`. A row is settled
+    only on a label, never on "to the adjudicator": a row that may need the adjudicator is asked of
+    every judge, so the adjudicator sees the votes the full jury would show it. With 4 judges and the
+    default quorum 3, three agreeing votes settle a row (a fourth cannot undo a 3-1 majority); 2-1
+    and any abstention among the first three do not."""
+    quorum = strict_majority(judges) if min_valid_votes is None else min_valid_votes
+    rest = judges - len(verdicts)
+    if rest < 0:
+        raise ValueError(f"{len(verdicts)} verdicts for a jury of {judges}")
+    outcomes = {decide([*verdicts, *tail], min_valid_votes=quorum).label
+                for tail in itertools.product((SAFE, UNSAFE, None), repeat=rest)}
+    return outcomes.pop() if len(outcomes) == 1 and None not in outcomes else None
+
+
+def votes_before_settling(judges: int, *, min_valid_votes: int | None = None) -> int:
+    """The fewest votes that can settle a row (:func:`settled_label`): how many judges every row is
+    asked before the cascade can stop (``judges`` when no shorter pattern settles)."""
+    for k in range(1, judges + 1):
+        if any(settled_label(list(p), judges, min_valid_votes=min_valid_votes) is not None
+               for p in itertools.product((SAFE, UNSAFE), repeat=k)):
+            return k
+    return judges
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.rows import DROPPED, LINEAGE, OK, column_or_lineage
 from pipelines.core.stage import Stage, read_ok
 from pipelines.core.textnorm import normalize_text
@@ -101,6 +102,9 @@ class DecontaminateStage(Stage):
         self.inputs = inputs
         self.requires = reference
         self.test_split = test_split
+        # the candidates and the reference rows' texts (a reference row's split, where it has one, marks test rows)
+        self.reads = {name: frozenset({"id", "text"}) for name in (*inputs, *reference)}
+        self.writes = PASSTHROUGH | {LINEAGE}
         self.near = near
 
     def write(self, inputs: dict, rundir) -> None:

@@ -27,10 +27,12 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import SAMPLE, chat
+from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import (
+    COMMON_COLUMNS,
     DROPPED,
     ERROR,
     LINEAGE,
@@ -46,7 +48,6 @@ from pipelines.core.rows import (
 )
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
-from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 
 GENERATED = "gen"
 METHOD = "loop_rewrite"
@@ -147,6 +148,9 @@ class GenerateStage(Stage):
         self.name = name
         self.inputs = inputs
         self.requires = (model_from,) if model_from else ()  # retraining G1 regenerates
+        self.reads = frozenset({"id", "text", "label"})  # labelled seeds (a row without a split is a seed)
+        # candidates keep their seed's label and categories; the seed and the sample are lineage
+        self.writes = COMMON_COLUMNS | frozenset(CANDIDATE_COLUMNS)
         self.endpoint = endpoint
         self.prompt = prompt
         self.k = k

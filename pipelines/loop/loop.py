@@ -43,7 +43,7 @@ from pipelines.loop.decontaminate import DecontaminateStage
 from pipelines.loop.generate import GenerateStage, RewritePrompt
 from pipelines.loop.levels import QUALITY_THRESHOLD
 from pipelines.loop.pairs import PairsStage
-from pipelines.loop.report import LoopReportStage
+from pipelines.loop.report import LoopReportStage, eval_stage
 from pipelines.loop.score import ScoreStage
 from pipelines.training.mdpo import MDPOConfig, MDPOSettings, MDPOStage, PairColumns
 from pipelines.training.sft import GuardSFTConfig, GuardSFTStage
@@ -166,7 +166,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         stage.name = train
         stages.append(stage)
         if system in config.systems:
-            stages.append(evaluation(f"loop{iteration}_eval_{system}", train, list(seeds), config.test_split))
+            stages.append(evaluation(eval_stage(system), train, list(seeds), config.test_split))
 
     def evaluation(name: str, model_from: str, inputs: list[str], split: str | None,
                    labelling: LabellingConfig | None = None, threshold_from: str | None = None) -> GuardEvalStage:
@@ -253,4 +253,5 @@ def _check(config: LoopConfig, refs: References) -> dict[str, str | None]:
 
 
 register("loop", config=LoopConfig, provides="model", names=loop_stage_names, check=_check,
+         evaluations=lambda config: [eval_stage(system) for system in config.systems],
          build=build_loop, description="the generator–classifier loop (CHILLGuard §4.3), iterations 0-2")

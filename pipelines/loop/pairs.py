@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.core.rows import (
+    COMMON_COLUMNS,
     DROPPED,
     ERROR,
     LINEAGE,
@@ -196,6 +197,10 @@ class PairsStage(Stage):
         self.name = name
         self.inputs = inputs
         self.requires = (scored, *([labelled] if labelled else []))
+        # the labelled seeds and the scored candidates
+        self.reads = {**{name: frozenset({"id", "text", "label"}) for name in inputs},
+                      scored: frozenset({"id", "text", "parent_id", "level", "quality"})}
+        self.writes = COMMON_COLUMNS | frozenset(PAIR_COLUMNS)
         self.scored = scored
         self.labelled = labelled  # its error rows: candidates without a prediction, which scoring never saw
         self.prompt = prompt

@@ -20,12 +20,12 @@ import json
 from collections import Counter
 from typing import Any
 
+from pipelines.core.reports import fmt, png_bytes
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.evaluation.guard_report import fmt, png_bytes
 from pipelines.loop.pairs import ACCOUNTING
-from pipelines.training.sft import read_metrics
+from pipelines.training.stage import read_metrics
 
 REPORT_DIR = "report"
 SYSTEM_NAMES = {"c0": "C0 (iteration 0 only)", "c1": "C1 (iteration 1 only)", "c2": "C2 (MDPO, full)",
@@ -34,6 +34,7 @@ CURVES = ("beta_m", "running_mean", "reward_accuracy", "loss")
 
 
 def eval_stage(system: str) -> str:
+    """The stage evaluating the loop's classifier ``system`` (c0, c1, c2, c2_dpo) on the test split."""
     iteration = {"c0": 0, "c1": 1}.get(system, 2)
     return f"loop{iteration}_eval_{system}"
 
@@ -175,6 +176,9 @@ class LoopReportStage(Stage):
     def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str):
         super().__init__({"systems": list(systems)})
         self.requires = tuple(loop_stages)
+        # what the report counts of the rows of the loop's stages (their reports it reads as files)
+        counted = {"loop2_score": frozenset({"micro", "level"}), "loop2_pairs": frozenset({"micro", "pair_type"})}
+        self.reads = {name: columns for name, columns in counted.items() if name in self.requires}
         self.systems = list(systems)
         self.taxonomy_path = taxonomy_path
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, LINEAGE, OK, column_or_lineage, error_detail, to_common_schema, to_table
@@ -110,6 +111,9 @@ class ScoreStage(Stage):
         super().__init__({"threshold": threshold})
         self.name = name
         self.inputs = inputs
+        # candidates as a classifier labelled them (ŷ), with the seed each was rewritten from
+        self.reads = frozenset({"id", "text", "label", "pred_label", "seed_text"})
+        self.writes = PASSTHROUGH | frozenset(SCORE_COLUMNS)
         self.endpoint = endpoint
         self.prompt = QualityPrompt(template)
         self.threshold = threshold

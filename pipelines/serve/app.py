@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipelines.core.artifacts import GUARD_EVALUATION, GUARD_MODEL, THRESHOLDS
 from pipelines.core.config import ConfigError, is_uri, validate_settings
 from pipelines.serve.config import GuardServeConfig
 
@@ -82,82 +83,81 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
     """``(stage name, settings, notes)`` of the guard that run ``run_dir`` trained, to serve; ``notes``
     say where the decision settings came from (printed on start).
 
-    The guard is a finished guard-training stage (``guard_sft``, the loop's ``loop<i>_train_c<i>``)
-    whose model folder exists: ``stage`` if given, else the last in pipeline order, the loop's DPO
-    ablation (``..._dpo``) only when nothing else is there. The settings are what serving must
-    share with training and evaluation: the model folder, the guard prompt, the taxonomy, the
-    chat-template arguments, and, from an evaluation stage of the run that scored this model, its
-    engine arguments, decision threshold and ``constrained`` setting; a threshold that a finished
-    ``compare_<name>`` stage calibrated for this model wins over the evaluation's
-    (:func:`calibrated_threshold`), and then ``constrained`` is that of the evaluation stage the
-    threshold was calibrated on: a threshold is served under the decoding it was chosen under."""
-    from pipelines.construction import build_stages, load_recipe
-    from pipelines.core.rundir import RECIPE, RunDir
-    from pipelines.evaluation.guard_eval import GuardEvalStage
-    from pipelines.training.sft import GuardSFTStage
-    from pipelines.training.train_loop import MODEL_DIR
+    Everything comes from what the finished stages' manifests declare under ``exports``
+    (:mod:`pipelines.core.artifacts`); no stage is rebuilt. The guard is a finished stage exporting a
+    :data:`~pipelines.core.artifacts.GUARD_MODEL` (``guard_sft``, the loop's ``loop<i>_train_c<i>``)
+    whose model folder exists: ``stage`` if given, else the last to finish, the loop's DPO ablation
+    (``..._dpo``) only when nothing else is there. The settings are what serving must share with
+    training and evaluation: the model folder, the guard prompt, the taxonomy, the chat-template
+    arguments, and, from a finished evaluation of this model, its engine arguments, decision threshold
+    and ``constrained`` setting; a threshold that a finished comparison calibrated for this model wins
+    over the evaluation's (:func:`calibrated_threshold`), and then ``constrained`` is that of the
+    evaluation the threshold was calibrated on: a threshold is served under the decoding it was
+    chosen under."""
+    from pipelines.core.rundir import RunDir
 
     if is_uri(run_dir):
         raise ConfigError(f"{run_dir}: serving loads the model folder by path; copy the guard's model folder "
                           "to local or shared storage and use --model")
     rundir = RunDir(run_dir, create=False)
     rundir.check_is_run_dir()
-    recipe = load_recipe(str(Path(run_dir) / RECIPE), resolved=True)
-    stages = build_stages(recipe)
-    manifests = rundir.manifests()
-    trained = [s for s in stages if isinstance(s, GuardSFTStage)
-               and (manifests.get(s.name) or {}).get("status") == "complete"
-               and (Path(rundir.uri(s.name, MODEL_DIR)) / "config.json").is_file()]
+    guards = exported(rundir, GUARD_MODEL)
+    trained = [name for name, g in guards.items() if (Path(rundir.uri(name, g["folder"])) / "config.json").is_file()]
     if stage is not None:
-        chosen = next((s for s in trained if s.name == stage), None)
-        if chosen is None:
+        if stage not in trained:
             raise ConfigError(f"{run_dir}: no finished guard-training stage {stage!r} with a model folder "
-                              f"(finished: {', '.join(s.name for s in trained) or 'none'})")
+                              f"(finished: {', '.join(trained) or 'none'})")
+        chosen = stage
     else:
         if not trained:
             raise ConfigError(f"{run_dir}: no finished guard-training stage (guard_sft, loop<i>_train_c<i>) "
-                              "with an exported model; serve a model with --model")
-        preferred = [s for s in trained if not s.name.endswith("_dpo")] or trained
-        chosen = preferred[-1]
+                              "with an exported model; serve a model with --model (a run made before stages "
+                              "declared their exports gains them when its recipe runs again: finished stages "
+                              "are skipped)")
+        chosen = ([n for n in trained if not n.endswith("_dpo")] or trained)[-1]
+    guard = guards[chosen]
     settings: dict[str, Any] = {
-        "model": str(Path(rundir.uri(chosen.name, MODEL_DIR)).resolve()),
-        "template": chosen.config.template,
-        "taxonomy": recipe.taxonomy,
-        "chat_template_kwargs": dict(chosen.config.chat_template_kwargs),
+        "model": str(Path(rundir.uri(chosen, guard["folder"])).resolve()),
+        "template": guard["template"],
+        "taxonomy": guard["taxonomy"],
+        "chat_template_kwargs": dict(guard["chat_template_kwargs"]),
     }
-    evaluations = {s.name: s for s in stages if isinstance(s, GuardEvalStage)}
-    evaluation = next((s for s in evaluations.values() if s.config.model_from == chosen.name), None)
+    evaluations = exported(rundir, GUARD_EVALUATION)
+    evaluation = next((name for name, e in evaluations.items() if e["model_from"] == chosen), None)
     notes = []
     if evaluation is not None:
-        settings["engine"] = {"engine_kwargs": dict(evaluation.endpoint.engine_kwargs)}
-        settings["constrained"] = evaluation.config.constrained
-        if evaluation.use_score:
-            settings["threshold"] = evaluation.config.threshold
-            notes.append(f"threshold {settings['threshold']} from {evaluation.name}")
-        notes.append(f"constrained: {str(evaluation.config.constrained).lower()} as {evaluation.name} evaluated")
-    calibrated = calibrated_threshold(rundir, stages, manifests, chosen.name)
+        e = evaluations[evaluation]
+        settings["engine"] = {"engine_kwargs": dict(e["engine_kwargs"])}
+        settings["constrained"] = e["constrained"]
+        if e["threshold"] is not None:
+            settings["threshold"] = e["threshold"]
+            notes.append(f"threshold {settings['threshold']} from {evaluation}")
+        notes.append(f"constrained: {str(e['constrained']).lower()} as {evaluation} evaluated")
+    calibrated = calibrated_threshold(rundir, chosen)
     if calibrated is not None:
         settings["threshold"], compare, on = calibrated
         notes = [f"threshold {settings['threshold']} calibrated by {compare} on {on}"]
         if on in evaluations:
-            settings["constrained"] = evaluations[on].config.constrained
+            settings["constrained"] = evaluations[on]["constrained"]
             notes.append(f"constrained: {str(settings['constrained']).lower()} as {on} evaluated")
-    return chosen.name, settings, notes
+    return chosen, settings, notes
 
 
-def calibrated_threshold(rundir, stages: list, manifests: dict, model_stage: str) -> tuple[float, str, str] | None:
+def exported(rundir, kind: str) -> dict[str, dict[str, Any]]:
+    """``{stage: what it exports of kind}`` over the run's finished stages, in the order they finished."""
+    finished = [(m.get("finished_at") or "", name, m) for name, m in rundir.manifests().items()
+                if m and m.get("status") == "complete" and kind in (m.get("exports") or {})]
+    return {name: m["exports"][kind] for _, name, m in sorted(finished)}
+
+
+def calibrated_threshold(rundir, model_stage: str) -> tuple[float, str, str] | None:
     """``(threshold, comparison stage, evaluation stage it was calibrated on)``: the decision threshold
     a finished comparison stage calibrated for the model that training stage ``model_stage`` exported
-    (its overall one; the last such stage in pipeline order), else ``None``."""
-    from pipelines.evaluation.compare import THRESHOLDS_FILE, CompareStage
-    from pipelines.evaluation.guard_eval import REPORT_DIR
-
+    (its overall one; the last comparison to finish), else ``None``."""
     found = None
-    for stage in stages:
-        if not isinstance(stage, CompareStage) or (manifests.get(stage.name) or {}).get("status") != "complete":
-            continue
-        thresholds = json.loads(rundir.read_text(f"{stage.name}/{REPORT_DIR}/{THRESHOLDS_FILE}") or "{}")
+    for stage, export in exported(rundir, THRESHOLDS).items():
+        thresholds = json.loads(rundir.read_text(f"{stage}/{export['file']}") or "{}")
         for system in thresholds.values():
             if system.get("model_from") == model_stage and system.get("threshold") is not None:
-                found = (system["threshold"], stage.name, system.get("stage"))
+                found = (system["threshold"], stage, system.get("stage"))
     return found

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/moderations`` (OpenAI's shape), ``POST /v1/guard`` (our richer answer),
 ``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
-rendered it (:class:`pipelines.training.guard_format.GuardPrompt` + the model's chat template, as
+rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
 token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
 tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`.
 
@@ -37,7 +37,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.config import GuardServeConfig
-from pipelines.serve.metrics import ServeMetrics
 from pipelines.serve.moderation import (
     Completion,
     GuardAnswerError,
@@ -46,6 +45,7 @@ from pipelines.serve.moderation import (
     moderation_result,
     read_verdict,
 )
+from pipelines.serve.observability import ServeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class GuardIngress:
 
     def __init__(self, engine, config: dict[str, Any]):
         from pipelines.core.chat_templates import load_tokenizer
-        from pipelines.evaluation.guard_adapters import ChillGuardAdapter
-        from pipelines.evaluation.guard_scores import check_answer_tokens, first_tokens
+        from pipelines.guard.adapters import ChillGuardAdapter
+        from pipelines.guard.scores import check_answer_tokens, first_tokens
 
         self.config = GuardServeConfig.model_validate(config)
         c = self.config

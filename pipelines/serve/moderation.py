@@ -1,11 +1,11 @@
 """Reading a guard completion into a verdict, and the two answer shapes (pure functions, no Ray).
 
 The engine answers each prompt with a completion in the guard format training used
-(:mod:`pipelines.training.guard_format`: ``safe`` or ``unsafe\\n<micro>``) plus, per generated token,
+(:mod:`pipelines.guard.format`: ``safe`` or ``unsafe\\n<micro>``) plus, per generated token,
 its log-probability and the top alternatives. From that:
 
 - ``score`` = P(unsafe) from the answer's first token, exactly as guard evaluation computes it
-  (:func:`pipelines.evaluation.guard_scores.unsafe_score`: the probabilities of the first tokens of
+  (:func:`pipelines.guard.scores.unsafe_score`: the probabilities of the first tokens of
   every spelling of ``safe`` and ``unsafe``, renormalised over the two). Without either in the top
   log-probabilities, or without the first line's own word, 1.0 / 0.0 by the answer's first line.
 - ``unsafe`` iff ``score >= threshold``.
@@ -25,8 +25,8 @@ from typing import Any
 from actors.llm import first_answer_position, logprob_map
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
-from pipelines.evaluation.guard_scores import unsafe_score
-from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
+from pipelines.guard.format import GuardFormatError, parse_guard_answer
+from pipelines.guard.scores import unsafe_score
 
 
 class GuardAnswerError(ValueError):

@@ -11,6 +11,7 @@ from typing import Any
 
 from actors.llm import chat
 from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.stage import Stage
 from pipelines.shard.config import ANSWER, SPLIT, ShardConfig
 from pipelines.shard.rows import take_answer
@@ -34,6 +35,8 @@ class ShardAnswerStage(Stage):
 
     name = ANSWER
     inputs = (SPLIT,)
+    reads = frozenset({"id", "text"})
+    writes = PASSTHROUGH | {"baseline", "baseline_model"}  # O1
 
     def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, name: str = ANSWER):
         super().__init__(config)

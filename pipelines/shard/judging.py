@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, shuffle_partitions, to_table
 from pipelines.core.rundir import RunDir
@@ -78,6 +79,8 @@ class ShardJudgeStage(Stage):
         self.variant = variant
         self.name = f"shard_judge_{variant}"
         self.inputs = (f"shard_refine_{variant}",)
+        self.reads = frozenset({"id", "text", "completion", "baseline"})  # P1, O2 against O1
+        self.writes = PASSTHROUGH | {"judge_model", HELPFULNESS, HARMFULNESS, "judgements"}
         self.endpoint = endpoint
         self.prompts = judge_prompts(config)
 

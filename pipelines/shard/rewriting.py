@@ -20,12 +20,13 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
+from actors.reask import RETRY, ask_until_valid
 from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
-from pipelines.labelling.jury import RETRY, ask_until_valid
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.reframing import ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema
 from pipelines.shard.rows import SHARD_COLUMNS, _failed, _llm_fields, take_answer
@@ -113,6 +114,10 @@ class ShardReframeStage(Stage):
         self.name = f"shard_reframe_{variant}"
         self.rules_stage = RULES
         self.requires = (self.rules_stage,) if self.mode == "full" else ()
+        self.reads = {self.inputs[0]: frozenset({"id", "text"}),
+                      **({self.rules_stage: frozenset({"text", "rules"})} if self.mode == "full" else {})}
+        self.writes = PASSTHROUGH | {"variant", "guidelines", "reframer_model", "reformulated_prompt", "response_mode",
+                                     "reformulated_component", "preserved_benign_need", "reframe_answers"}  # P2
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.reframe_template)
         self.guidelines = load_guidelines(config.guidelines)
@@ -154,6 +159,10 @@ class ShardReframeStage(Stage):
 # shard_refine_<v>
 
 
+#: what SHARD's refiner sees: P1, the reframed request P2 and O1
+REFINE_FIELDS = ("text", "reformulated_prompt", "baseline")
+
+
 class ShardRefineStage(Stage):
     """O2: the reframer's refinement of O1 given P1 and P2."""
 
@@ -161,6 +170,8 @@ class ShardRefineStage(Stage):
         super().__init__(config)
         self.name = f"shard_refine_{variant}"
         self.inputs = (f"shard_reframe_{variant}",)
+        self.reads = frozenset({"id", *REFINE_FIELDS})
+        self.writes = PASSTHROUGH | {"completion", "reframer_model"}  # O2
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.refine_template)
 
@@ -169,7 +180,7 @@ class ShardRefineStage(Stage):
 
     def build(self, inputs: dict) -> Any:
         # what SHARD's refiner sees: P1, the reframed request and O1
-        render = RenderFields(self.prompt, ("text", "reformulated_prompt", "baseline"))
+        render = RenderFields(self.prompt, REFINE_FIELDS)
         return chat(inputs[self.inputs[0]], self.endpoint, render).map_batches(
             take_answer, batch_format="pyarrow",
             fn_kwargs={"into": "completion", "model_field": "reframer_model", "model": self.endpoint.model})

@@ -65,6 +65,7 @@ class ShardRulesStage(Stage):
 
     name = RULES
     requires = (SPLIT,)
+    writes = frozenset({"id", "text", *RULES_COLUMNS})  # one row per category (text) with its rules
 
     def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, seed: int):
         super().__init__(config)
@@ -73,6 +74,7 @@ class ShardRulesStage(Stage):
         self.prompt = ChatPrompt(config.rules_template)
         self.guidelines = load_guidelines(config.guidelines)
         self._categories = 0
+        self.reads = {SPLIT: frozenset({"id", "text"})}  # the categories' prompts (examples: of the train split)
 
     def hash_payload(self) -> Any:
         return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.rows import DROPPED, OK, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
@@ -37,6 +38,8 @@ class ShardSelectStage(Stage):
         super().__init__(config)
         self.name = f"shard_select_{variant}"
         self.inputs = (f"shard_judge_{variant}",)
+        self.reads = frozenset({"id", HELPFULNESS, HARMFULNESS})
+        self.writes = PASSTHROUGH
 
     def hash_payload(self) -> Any:
         return {"rule": self.config.select}

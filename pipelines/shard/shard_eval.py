@@ -4,7 +4,7 @@
    (test by default; the others are ``dropped``, ``other_split``).
 2. Each system of ``stages.shard_eval.systems`` answers P1 under the same system prompt as O1: an
    endpoint, or with ``model_from: sft_<key>`` the model that training stage exported
-   (:mod:`pipelines.evaluation.model_from`). One pass per system, kept in the stage's scratch folder, so a crash
+   (:mod:`pipelines.core.artifacts`). One pass per system, kept in the stage's scratch folder, so a crash
    resumes after the last finished system.
 3. The judge of ``stages.shard`` (or ``judge``) compares every system's answer (candidate) with O1
    (reference) for helpfulness and harmfulness, A/B order drawn per comparison, in one pass.
@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -30,8 +29,11 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from actors.llm import chat
+from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
 from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
+from pipelines.core.reports import png_bytes
 from pipelines.core.rows import (
     DROPPED,
     ERROR,
@@ -45,7 +47,6 @@ from pipelines.core.rows import (
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col, run_pass
 from pipelines.core.statistics import MCNEMAR_EXACT_BELOW, mcnemar
-from pipelines.evaluation.model_from import endpoint_payload, trained_model_endpoint
 from pipelines.shard.answer import AnswerMessages
 from pipelines.shard.config import ANSWER, ShardConfig
 from pipelines.shard.judging import judge_constraint, judge_prompts
@@ -278,10 +279,7 @@ def outcomes_chart(metrics: dict) -> bytes:
     ax.set_title(f"SHARD evaluation, split {metrics['settings']['split']}", fontsize=10)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,6 +290,8 @@ class ShardEvalStage(Stage):
     name = "shard_eval"
     inputs = (ANSWER,)
     needs_rows = True
+    reads = frozenset({"id", "text", "baseline", "split"})  # the prompts of the evaluated split and O1
+    writes = PASSTHROUGH | {"results"}
 
     def __init__(self, config: ShardEvalConfig, shard: ShardConfig, models: dict[str, LLMEndpoint]):
         super().__init__(config)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.rows import (
     DROPPED,
     ERROR,
@@ -77,6 +78,9 @@ def split_stratum(group: pa.Table, *, shares: dict[str, float], seed: int) -> pa
 
 class ShardSplitStage(Stage):
     name = SPLIT
+    reads = frozenset({"id", "text"})
+    # the prompts with their dataset and split (harm category and level where the inputs have them)
+    writes = PASSTHROUGH | {LINEAGE, "dataset", "split"}
 
     def __init__(self, config: ShardConfig, seed: int):
         super().__init__(config)

@@ -39,15 +39,8 @@ from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, STATUS_FIELDS, content_id
 from pipelines.core.rundir import RunDir, source_fingerprint
-from pipelines.training.sft import (
-    LoRASettings,
-    TrainingStage,
-    check_lora,
-    check_rows,
-    finish_training,
-    pad_right,
-    train_dir,
-)
+from pipelines.training.sft import LoRASettings, check_lora, pad_right
+from pipelines.training.stage import TrainingStage, check_rows, finish_training, train_dir
 from pipelines.training.train_loop import Method, fit, partitioned_loading
 
 
@@ -400,9 +393,14 @@ def read_pairs(config: MDPOConfig):
     return ds
 
 
-def check_pair_columns(config: MDPOConfig, names: set[str], source: str) -> None:
+def pair_columns(config: MDPOConfig) -> list[str]:
+    """The columns ``stages.mdpo.columns`` names: prompt, chosen, rejected and the optional id and system."""
     cols = config.columns
-    missing = [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id, cols.system) if c and c not in names]
+    return [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id, cols.system) if c]
+
+
+def check_pair_columns(config: MDPOConfig, names: set[str], source: str) -> None:
+    missing = [c for c in pair_columns(config) if c not in names]
     if missing:
         raise ValueError(f"stages.mdpo: {source} have no column(s) {missing} (columns: {sorted(names)}); "
                          "map them with stages.mdpo.columns")
@@ -417,6 +415,9 @@ class MDPOStage(TrainingStage):
         super().__init__(config)
         self.name = name or self.name
         self.inputs = tuple(config.inputs)
+        # the pair columns as stages.mdpo.columns maps them (pair files are checked when read: read_pairs)
+        self.reads = frozenset(pair_columns(config))
+        self.writes = frozenset(PAIRS) - frozenset(STATUS_FIELDS)
 
     def source_fingerprint(self) -> str | None:
         return source_fingerprint(self.config.paths) if self.config.paths else None
@@ -430,9 +431,7 @@ class MDPOStage(TrainingStage):
             return read_pairs(cfg)
         for name in self.inputs:
             check_pair_columns(cfg, set(inputs[name].schema().names), f"the rows of stage {name}")
-        keep = [c for c in (cfg.columns.prompt, cfg.columns.chosen, cfg.columns.rejected, cfg.columns.id,
-                            cfg.columns.system) if c]
-        return union_all([inputs[name].select_columns(keep) for name in self.inputs])
+        return union_all([inputs[name].select_columns(pair_columns(cfg)) for name in self.inputs])
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         import ray

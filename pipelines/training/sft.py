@@ -4,7 +4,7 @@ self-distillation on P1 -> O2), both through :func:`pipelines.training.train_loo
 One example = messages rendered with the model's chat template -> an answer followed by the
 end-of-turn token; the loss covers the answer tokens only (prompt positions are labelled -100).
 
-- ``guard_sft``: the guard prompt (``pipelines/guard_format.py``: instruction + taxonomy + user text,
+- ``guard_sft``: the guard prompt (:mod:`pipelines.guard.format`: instruction + taxonomy + user text,
   or + the assistant response at response level) -> ``safe`` or ``unsafe\n<micro>``; full-parameter.
 - ``sft_<key>``: [system] + the row's prompt as the user turn -> the row's completion; full-parameter
   or LoRA (peft; the adapters are merged into the exported model so vLLM loads it by path).
@@ -30,20 +30,22 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from pipelines.core.artifacts import GUARD_MODEL, MODEL_DIR
 from pipelines.core.chat_templates import load_tokenizer
-from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, TrainingConfig, is_uri, semantic_dump
+from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, TrainingConfig
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, OK, SAFE, STATUS_FIELDS, UNSAFE, column_or_lineage
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.training.guard_format import GuardPrompt, guard_answer
-from pipelines.training.train_loop import HF_EXPORT, MODEL_DIR, FitResult, Method, TrainingPaused, fit
+from pipelines.guard.format import GuardPrompt, guard_answer
+from pipelines.training.stage import TrainingStage, check_rows, finish_training, read_metrics, train_dir
+from pipelines.training.train_loop import Method, fit
 
 
 class GuardSFTConfig(TrainingConfig):
-    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard_format.py): the guard
+    """Full-parameter SFT of a causal LM on the guard format (pipelines/guard/format.py): the guard
     prompt -> ``safe`` / ``unsafe\n<micro>``, loss on the answer tokens only."""
 
     inputs: list[str] = Field(default_factory=lambda: ["assemble"],
@@ -92,7 +94,6 @@ class ChatSFTConfig(TrainingConfig):
 
 log = logging.getLogger(__name__)
 
-LOGS_DIR = "logs"
 #: ``part``: ``train``, or ``val`` for a held-out validation row (``val_split``)
 TOKENIZED = {"id": pa.string(), "input_ids": pa.list_(pa.int32()), "prompt_len": pa.int32(),
              "n_tokens": pa.int32(), "part": pa.string(), **STATUS_FIELDS}
@@ -235,63 +236,6 @@ class SFT(Method):
         return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def finish_training(stage: Stage, rundir: RunDir, result: FitResult, log_dir: str) -> dict[str, Any]:
-    """Copy the exported model and the logs into the stage folder; raise :class:`TrainingPaused`
-    when the run stopped before its last step."""
-    if not result.final:
-        raise TrainingPaused(
-            f"stage {stage.name}: stopped after step {result.metrics.get('step')} of "
-            f"{result.plan.total_steps} (stop_after_steps); run again to continue from there")
-    _copy_tree(f"{result.checkpoint_path}/{HF_EXPORT}", rundir.uri(stage.name, MODEL_DIR))
-    _copy_tree(log_dir, rundir.uri(stage.name, LOGS_DIR))
-    return {"plan": result.plan.as_dict(), "final_metrics": result.metrics,
-            "model": rundir.uri(stage.name, MODEL_DIR)}
-
-
-def read_metrics(rundir: RunDir, stage: str) -> list[dict[str, Any]]:
-    """The per-step metrics a training stage logged (``RUN_DIR/<stage>/logs/metrics.jsonl``)."""
-    import json
-
-    text = rundir.read_text(f"{stage}/{LOGS_DIR}/metrics.jsonl") or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    """Copy a folder between local paths and/or cloud URIs."""
-    import pyarrow.fs as pafs
-
-    src_fs, src_path = pafs.FileSystem.from_uri(src if is_uri(src) else f"file://{src}")
-    dst_fs, dst_path = pafs.FileSystem.from_uri(dst if is_uri(dst) else f"file://{dst}")
-    dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
-
-
-def train_dir(stage: Stage, rundir: RunDir) -> tuple[str, str]:
-    """(Ray Train storage path, local log folder) in the stage's scratch space, which survives a
-    crash and is keyed by the stage's config and inputs (a rerun of the same run resumes)."""
-    storage = stage.work_uri(rundir, "ray_train")
-    if is_uri(storage):
-        import tempfile
-
-        return storage, tempfile.mkdtemp(prefix=f"chillguard-{stage.name}-logs-")
-    return storage, stage.work_uri(rundir, LOGS_DIR)
-
-
-def check_rows(stage: Stage, rundir: RunDir, config: TrainingConfig, held_out: int = 0) -> int:
-    """Trainable rows (``ok`` rows but the ``held_out`` validation ones), after refusing to train on
-    bad rows unless ``on_bad_rows: skip``."""
-    errors = rundir.reason_counts(stage.name, ERROR)
-    if errors and config.on_bad_rows == "error":
-        raise ValueError(
-            f"stage {stage.name}: {sum(errors.values())} rows cannot be trained on ({errors}); "
-            f"see {rundir.partition_uri(stage.name, ERROR)}. Fix the data or set on_bad_rows: skip")
-    rows = rundir.count_rows(stage.name, OK) - held_out
-    if rows == 0:
-        raise ValueError(f"stage {stage.name}: no trainable rows (reasons: dropped "
-                         f"{rundir.reason_counts(stage.name, DROPPED)}, errors {errors})")
-    return rows
-
-
 def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExamples,
                    config: TrainingConfig) -> None:
     """Tokenize ``rows`` into the stage's partitions, refuse bad rows, train :class:`SFT` on the
@@ -323,34 +267,27 @@ def train_examples(stage: Stage, rundir: RunDir, rows, tokenize: TokenizeExample
             "chosen_epoch": result.metrics.get("best_epoch"), "chosen_val_loss": result.metrics.get("best_val_loss")}
 
 
-class TrainingStage(Stage):
-    """A stage whose output is a trained model (plus its tokenized rows)."""
-
-    needs_rows = True
-    _summary: dict[str, Any] | None = None
-
-    def hash_payload(self) -> Any:
-        # operational fields (stop_after_steps, checkpoint and report periods) are out: resuming a
-        # paused run with other values must keep the run key, and so the checkpoint folder
-        return semantic_dump(self.config)
-
-    def summary(self, rundir: RunDir) -> dict[str, Any] | None:
-        return self._summary
-
-
 class GuardSFTStage(TrainingStage):
     name = "guard_sft"
+    writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
 
     def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
         super().__init__(config)
         self.inputs = tuple(config.inputs)
         self.taxonomy_path = taxonomy_path
+        # not the split: a row without one is trained on whatever split is selected
+        self.reads = frozenset({"id", "text", "label"}) | ({"response"} if config.level == "response" else set())
 
     def hash_payload(self) -> Any:
         from pipelines.core.prompts import ChatPrompt
 
         return {**super().hash_payload(), "template_digest": ChatPrompt(self.config.template).digest,
                 "taxonomy": load_taxonomy(self.taxonomy_path).model_dump(mode="json")}
+
+    def exports(self, rundir: RunDir) -> dict[str, Any]:
+        return {GUARD_MODEL: {"folder": MODEL_DIR, "template": str(self.config.template),
+                              "taxonomy": self.taxonomy_path,
+                              "chat_template_kwargs": dict(self.config.chat_template_kwargs)}}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all
@@ -363,10 +300,13 @@ class GuardSFTStage(TrainingStage):
 class ChatSFTStage(TrainingStage):
     """``sft_<key>``: SFT on (prompt -> completion) rows of earlier stages."""
 
+    writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
+
     def __init__(self, key: str, config: ChatSFTConfig):
         super().__init__(config)
         self.name = f"sft_{key}"
         self.inputs = tuple(config.inputs)
+        self.reads = frozenset({"id", config.prompt_column, config.completion_column})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all

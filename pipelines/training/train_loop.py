@@ -43,14 +43,13 @@ from typing import Any
 
 from pipelines.core.chat_templates import load_tokenizer
 from pipelines.core.config import CONFIGS, TrainingConfig
-from pipelines.core.metrics import record_training, stage_tags
+from pipelines.core.observability import record_training, stage_tags
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIGS = CONFIGS / "deepspeed"
 STATE_FILE = "trainer_state.json"
 HF_EXPORT = "hf"  # folder inside the final checkpoint with the Hugging Face model
-MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint folder
 VAL = "val"  # the validation dataset's name in Ray Train
 # rank 0's logs (see _MetricsWriter) and every rank's generator states in a checkpoint
@@ -510,7 +509,7 @@ def _gather_ids(ids: list[str], world: int) -> list[list[str]]:
 class _MetricsWriter:
     """Rank 0's logs of every step, appended across resumed runs: TensorBoard events,
     ``metrics.jsonl``, ``trained_rows.jsonl`` (each rank's row ids of the step) and the step's
-    figures as Ray metrics (:func:`pipelines.core.metrics.record_training`).
+    figures as Ray metrics (:func:`pipelines.core.observability.record_training`).
 
     A run resumed from the checkpoint of step ``resume_step`` redoes the steps after it: their
     earlier lines move from ``metrics.jsonl`` and ``trained_rows.jsonl`` to ``redone.jsonl`` (with

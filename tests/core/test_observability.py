@@ -10,7 +10,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.core.metrics import flatten
+from pipelines.core.observability import flatten
 from pipelines.core.rundir import RUNNING, RunDir
 from pipelines.core.stage import status_table
 
@@ -69,7 +69,8 @@ def test_grafana_dashboard_shows_metrics_that_exist():
     from tests.conftest import REPO
 
     dashboard = json.loads((REPO / "cluster" / "grafana_chillguard.json").read_text())
-    sources = "".join((REPO / p).read_text() for p in ("pipelines/core/metrics.py", "pipelines/serve/metrics.py"))
+    sources = "".join((REPO / p).read_text()
+                      for p in ("pipelines/core/observability.py", "pipelines/serve/observability.py"))
     defined = set(re.findall(r'"(chillguard_[a-z_]+)"', sources))
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) >= 10

@@ -14,36 +14,36 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.llm import first_answer_position, http_first_logprobs, logprob_map, vllm_first_logprobs
+from pipelines.core.artifacts import MODEL_DIR
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.rows import ERROR, OK, SAFE, UNSAFE, make_row
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.ingest import IngestConfig, IngestStage
-from pipelines.evaluation.guard_adapters import (
-    ChillGuardAdapter,
-    GuardParseError,
-    LlamaGuardAdapter,
-    conversation,
-    make_adapter,
-)
 from pipelines.evaluation.guard_eval import (
-    MODEL_DIR,
     GuardEvalConfig,
     GuardEvalStage,
     read_guard_answers,
     scored_rows,
     to_eval_rows,
 )
-from pipelines.evaluation.guard_scores import (
+from pipelines.evaluation.metrics import LABELS, evaluate
+from pipelines.guard.adapters import (
+    ChillGuardAdapter,
+    GuardParseError,
+    LlamaGuardAdapter,
+    conversation,
+    make_adapter,
+)
+from pipelines.guard.format import DEFAULT_GUARD_PROMPT
+from pipelines.guard.scores import (
     GuardEvalError,
     check_answer_tokens,
     decide_by_score,
     first_tokens,
     unsafe_score,
 )
-from pipelines.evaluation.metrics import LABELS, evaluate
-from pipelines.training.guard_format import DEFAULT_GUARD_PROMPT
 from tests.conftest import assert_balanced, http_endpoint, long_context_endpoint, write_jsonl
 
 TAXONOMY_PATH = Path(__file__).resolve().parents[2] / "configs" / "taxonomy.yaml"

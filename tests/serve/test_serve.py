@@ -106,7 +106,7 @@ def test_openai_client_and_both_routes(guard_app, tiny_models):
 
     from pipelines.core.prompts import prompt_token_ids
     from pipelines.core.taxonomy import load_taxonomy
-    from pipelines.training.guard_format import GuardPrompt
+    from pipelines.guard.format import GuardPrompt
 
     url, config = guard_app
     client = OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY)

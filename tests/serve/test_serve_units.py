@@ -203,9 +203,8 @@ def test_engine_placement():
 
 def test_the_guard_a_run_trained(tmp_path, tiny_models):
     """The last finished guard-training stage with a model folder; its prompt, engine arguments and
-    threshold from the run's recipe."""
-    from pipelines.construction import load_recipe
-    from pipelines.core.config import dump_recipe
+    threshold from what the run's manifests export (the stages' own declarations)."""
+    from pipelines.construction import build_stages, load_recipe
     from pipelines.core.rundir import RunDir
     from pipelines.serve.app import run_guard
     from tests.loop.test_loop_units import LOOP
@@ -220,15 +219,23 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
                                 "stages.guard_eval.val.inputs=[seeds_real]",
                                 "stages.guard_eval.val.model_from=loop2_train_c2",
                                 "stages.guard_eval.val.model=gen", "stages.guard_eval.val.constrained=false"])
+    stages = {s.name: s for s in build_stages(recipe)}
     rundir = RunDir(str(run))
-    rundir.write_text("recipe.yaml", dump_recipe(recipe))
+    rundir.write_text("recipe.yaml", "name: r\n")
     with pytest.raises(ConfigError, match="no finished guard-training stage"):
         run_guard(str(run))
+    clock = iter(range(10, 60))
 
-    def trained(stage: str, status: str = "complete") -> None:
-        rundir.write_manifest(stage, {"stage": stage, "status": status})
+    def finished(stage: str, status: str = "complete") -> None:
+        rundir.write_manifest(stage, {"stage": stage, "status": status, "exports": stages[stage].exports(rundir),
+                                      "finished_at": f"2026-12-06T10:00:{next(clock)}"})
+
+    def trained(stage: str) -> None:
+        finished(stage)
         shutil.copytree(tiny_models["causal-lm"], run / stage / "model")
 
+    for evaluation in ("loop0_eval_c0", "loop2_eval_c2", "guard_eval_val"):
+        finished(evaluation)
     trained("loop0_train_c0")
     trained("loop2_train_c2_dpo")
     assert run_guard(str(run))[0] == "loop0_train_c0"  # the DPO ablation only when nothing else is there
@@ -244,13 +251,14 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     endpoint = recipe.models[recipe.stages.loop.classifier_endpoint]
     assert settings["engine"] == {"engine_kwargs": endpoint.engine_kwargs}  # as loop2_eval_c2 ran it
     assert settings["threshold"] == 0.5 and settings["template"] == recipe.stages.loop.classifier.template
+    assert settings["taxonomy"] == recipe.taxonomy
     assert run_guard(str(run), "loop2_train_c2_dpo")[0] == "loop2_train_c2_dpo"
     # a comparison stage's calibrated threshold for this model wins (only once that stage finished)
     rundir.write_text("compare_main/report/thresholds.json", json.dumps(
         {"C2": {"threshold": 0.37, "model_from": "loop2_train_c2", "stage": "guard_eval_val"},
          "C0": {"threshold": 0.2, "model_from": "loop0_train_c0", "stage": "loop0_eval_c0"}}))
     assert run_guard(str(run))[1]["threshold"] == 0.5
-    rundir.write_manifest("compare_main", {"stage": "compare_main", "status": "complete"})
+    finished("compare_main")
     _, settings, notes = run_guard(str(run))
     assert settings["threshold"] == 0.37 and settings["constrained"] is False   # as guard_eval_val ran
     assert notes == ["threshold 0.37 calibrated by compare_main on guard_eval_val",
@@ -259,6 +267,36 @@ def test_the_guard_a_run_trained(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match="no finished guard-training stage 'loop9'"):
         run_guard(str(run), "loop9")
     json.dumps(settings)  # plain values: they go into Serve's args
+
+
+def test_a_skipped_stage_gains_the_exports_of_its_kind(tmp_path):
+    """A manifest written before a stage declared exports gains them when the run is resumed (the stage
+    is skipped, nothing recomputes)."""
+    from pipelines.core.rows import OK, make_row, to_table
+    from pipelines.core.rundir import RunDir
+    from pipelines.core.stage import Stage, run_stages
+
+    class Exporter(Stage):
+        name = "exporter"
+        declared: dict | None = None
+
+        def expected_rows_in(self) -> int:
+            return 1
+
+        def exports(self, rundir):
+            return self.declared
+
+        def write(self, inputs, rundir):
+            rundir.write_table(self.name, OK, to_table([make_row(id="a")]))
+
+    rundir = RunDir(str(tmp_path / "run"))
+    stage = Exporter({"x": 1})
+    first = run_stages([stage], rundir)["exporter"]
+    assert first["exports"] is None
+    stage.declared = {"guard_model": {"folder": "model"}}
+    again = run_stages([stage], rundir)["exporter"]
+    assert again["finished_at"] == first["finished_at"]                       # skipped, not rerun
+    assert rundir.read_manifest("exporter")["exports"] == {"guard_model": {"folder": "model"}}
 
 
 def test_completion_from_the_engines_choice_or_its_json():

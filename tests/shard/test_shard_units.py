@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats as sp
 
+from actors.reask import RETRY
 from pipelines.construction import Recipe, load_recipe
 from pipelines.core.config import ConfigError
 from pipelines.core.prompts import ChatPrompt
@@ -19,7 +20,6 @@ from pipelines.core.rows import DROPPED, ERROR, OK, make_row
 from pipelines.core.splits import assign_splits, split_sizes
 from pipelines.core.statistics import MCNEMAR_CHI2, MCNEMAR_EXACT
 from pipelines.data.ingest import IngestConfig, record_to_row
-from pipelines.labelling.jury import RETRY
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.pairwise import (
     CRITERIA,

@@ -16,7 +16,7 @@ from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
-from pipelines.training.guard_format import GuardFormatError, parse_guard_answer
+from pipelines.guard.format import GuardFormatError, parse_guard_answer
 from pipelines.training.train_loop import make_plan
 from tests.conftest import MetricsWatcher, answer_loss, metric_value, wait_for_metric, write_jsonl
 

@@ -1,6 +1,6 @@
 """The first-token score of a guard's answer: ``P(unsafe)`` from the top log-probabilities of the
 first answer token, for the scored adapters of guard evaluation (whose answer starts with ``safe`` /
-``unsafe``: :data:`pipelines.evaluation.guard_adapters.SCORED_ADAPTERS`) and for the served guard
+``unsafe``: :data:`pipelines.guard.adapters.SCORED_ADAPTERS`) and for the served guard
 (:mod:`pipelines.serve.moderation`).
 
 :func:`unsafe_score`: the probabilities of the first tokens of every spelling of ``safe`` and

@@ -1,7 +1,8 @@
-"""Evaluating a model that a training stage of the same run exported (``model_from: <stage>``).
+"""The trained-model artifact: what a training stage exports and where, and how another stage of the
+same run uses it (``model_from: <stage>``).
 
-A training stage writes its final Hugging Face model to ``RUN_DIR/<stage>/model/``
-(:data:`pipelines.training.train_loop.MODEL_DIR`). An evaluation stage names that stage and an endpoint under
+A training stage writes its final Hugging Face model to ``RUN_DIR/<stage>/model/`` (:data:`MODEL_DIR`).
+An evaluation stage names that stage and an endpoint under
 ``models:`` whose engine settings and sampling it runs the model with; the folder replaces the
 endpoint's ``model`` when the stage runs (it does not exist when the recipe is loaded). The stage's
 config hash holds a placeholder instead of the path, and the training stage is in its ``requires``,
@@ -15,7 +16,19 @@ from typing import Any
 
 from pipelines.core.config import LLMEndpoint, is_uri, semantic_dump
 from pipelines.core.rundir import RunDir
-from pipelines.training.train_loop import MODEL_DIR
+
+MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
+
+# What a stage's manifest declares under ``exports`` (:meth:`pipelines.core.stage.Stage.exports`), for
+# the tools that read a finished run without rebuilding its stages (``chillguard serve RUN_DIR``):
+#: a trained guard: ``{"folder", "template", "taxonomy", "chat_template_kwargs"}``
+GUARD_MODEL = "guard_model"
+#: a guard evaluation: ``{"model_from", "threshold" (None: decided by the answer), "constrained",
+#: "engine_kwargs"}``
+GUARD_EVALUATION = "guard_evaluation"
+#: calibrated decision thresholds: ``{"file"}``, a JSON file under the stage's folder mapping each
+#: system to ``{"threshold", "model_from", "stage"}``
+THRESHOLDS = "thresholds"
 
 
 class TrainedModelError(RuntimeError):

@@ -23,21 +23,24 @@ the work). Metrics are best effort: without an initialised Ray they are not reco
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
-#: the run and stage the driver is running now (set by :func:`pipelines.core.stage.run_one`)
-_CURRENT: dict[str, str] = {"run": "", "stage": ""}
+#: the run and stage this driver thread is running (set by :func:`pipelines.core.stage.run_one`;
+#: a context variable, so that stages run side by side in threads keep their own)
+_CURRENT: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("stage_tags", default=("", ""))
 
 
 def set_stage(run: str, stage: str) -> None:
-    _CURRENT.update(run=run, stage=stage)
+    _CURRENT.set((run, stage))
 
 
 def stage_tags() -> dict[str, str]:
-    """``{"run", "stage"}`` of the stage running in this driver ("" outside a run): pass them to the
-    workers with the work, they tag what the workers count."""
-    return dict(_CURRENT)
+    """``{"run", "stage"}`` of the stage running in this driver thread ("" outside a run): pass them
+    to the workers with the work, they tag what the workers count."""
+    run, stage = _CURRENT.get()
+    return {"run": run, "stage": stage}
 
 
 def _ray_up() -> bool:

@@ -1,7 +1,7 @@
 """Guard adapters of guard evaluation (:mod:`pipelines.evaluation.guard_eval`): an adapter turns a row
 into the guard's messages and its answer into a :class:`GuardAnswer`:
 
-- ``chillguard``: our prompt and answer format (:mod:`pipelines.training.guard_format`);
+- ``chillguard``: our prompt and answer format (:mod:`pipelines.guard.format`);
 - ``llamaguard``: the plain conversation (the model's own chat template builds its prompt);
   line 1 ``safe`` / ``unsafe``, line 2 comma-separated S-codes;
 - ``qwen3guard_strict`` / ``qwen3guard_loose``: the plain conversation; ``Safety: Safe|Unsafe|
@@ -9,7 +9,7 @@ into the guard's messages and its answer into a :class:`GuardAnswer`:
   (strict) or safe (loose).
 
 The scored adapters (:data:`SCORED_ADAPTERS`) answer ``safe`` / ``unsafe`` first, so the first answer
-token's probability is a score (:mod:`pipelines.evaluation.guard_scores`). An answer its adapter cannot
+token's probability is a score (:mod:`pipelines.guard.scores`). An answer its adapter cannot
 read raises :class:`GuardParseError`; :meth:`GuardAdapter.answer_pattern` is the regex of well-formed
 answers that ``constrained: true`` restricts the guard to.
 """
@@ -24,8 +24,7 @@ from typing import Any, ClassVar
 from pipelines.core.parsing import strip_thinking
 from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
-from pipelines.evaluation.metrics import LABELS
-from pipelines.training.guard_format import GuardFormatError, GuardPrompt, parse_guard_answer
+from pipelines.guard.format import GuardFormatError, GuardPrompt, parse_guard_answer
 
 GUARD_ADAPTERS = ("chillguard", "llamaguard", "qwen3guard_strict", "qwen3guard_loose")
 
@@ -128,7 +127,7 @@ class LlamaGuardAdapter(GuardAdapter):
     def parse(self, text: str) -> GuardAnswer:
         lines = _lines(text)
         first = lines[0].lower().strip(".:：。*`") if lines else ""
-        if first not in LABELS:
+        if first not in (SAFE, UNSAFE):
             raise GuardParseError(f"LlamaGuard answer does not start with safe/unsafe: {(text or '')[:80]!r}")
         codes: tuple[str, ...] = ()
         if first == UNSAFE and len(lines) > 1:
