@@ -36,9 +36,6 @@ class GuardPrompt:
     def digest(self) -> str:
         return self.prompt.digest
 
-    def hash_payload(self) -> dict[str, str]:
-        return {"template_digest": self.digest, "categories": self.categories}
-
     def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
         return self.prompt.render({"text": row["text"], "response": row.get("response") or "",
                                    "categories": self.categories})
