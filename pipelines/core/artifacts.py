@@ -12,9 +12,8 @@ so retraining re-evaluates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from pipelines.core.config import LLMEndpoint, is_uri, semantic_dump
+from pipelines.core.config import LLMEndpoint, is_uri
 from pipelines.core.rundir import RunDir
 
 MODEL_DIR = "model"  # RUN_DIR/<training stage>/model: where the stage puts the exported model
@@ -53,10 +52,11 @@ def trained_model_endpoint(endpoint: LLMEndpoint, rundir: RunDir, model_from: st
     return endpoint.model_copy(update={"model": str(folder.resolve())})
 
 
-def endpoint_payload(endpoint: LLMEndpoint, model_from: str | None) -> dict[str, Any]:
-    """The endpoint for a config hash: with ``model_from``, the model is ``<stage>/model`` (the folder
-    is known at run time; its contents are an input through the training stage's fingerprint)."""
-    payload = semantic_dump(endpoint)
-    if model_from:
-        payload["model"] = f"<{model_from}>/{MODEL_DIR}"
-    return payload
+def model_from_endpoint(endpoint: LLMEndpoint, model_from: str | None) -> LLMEndpoint:
+    """The endpoint a stage holds until it runs: with ``model_from``, its ``model`` is ``<stage>/model``, a
+    placeholder for the folder :func:`trained_model_endpoint` puts there at run time. So the stage's config
+    hash names the training stage and not the recipe's stand-in model (the folder's contents are an input
+    through the training stage's fingerprint)."""
+    if not model_from:
+        return endpoint
+    return endpoint.model_copy(update={"model": f"<{model_from}>/{MODEL_DIR}"})

@@ -17,9 +17,10 @@ for ``make demo``; the uploaded working dir for ``ray job submit``) and printed 
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -156,6 +157,34 @@ def semantic_dump(value: Any) -> Any:
     if isinstance(value, str):
         return portable(value)
     return to_jsonable_python(value)
+
+
+def hash_value(value: Any, where: str = "value") -> Any:
+    """``value`` as plain data for a config hash (:meth:`pipelines.core.stage.Stage.hash_payload`): an object
+    with a ``hash_payload()`` method (a prompt, a guard adapter, the taxonomy) as what that returns; a
+    pydantic model as :func:`semantic_dump` writes it (without its operational fields); dicts, lists and
+    tuples item by item, sets sorted; strings (paths relative to the project: :func:`portable`), numbers,
+    booleans and ``None`` as they are. Anything else is a :class:`TypeError` naming ``where`` and the type:
+    a new kind of attribute must say how it hashes (give it a ``hash_payload()``), it is never skipped."""
+    if callable(getattr(value, "hash_payload", None)):
+        return hash_value(value.hash_payload(), where)
+    if isinstance(value, BaseModel):
+        return semantic_dump(value)
+    if isinstance(value, dict):
+        return {str(key): hash_value(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hash_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        return sorted((hash_value(item, where) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+    if isinstance(value, str):
+        return portable(value)
+    if isinstance(value, PurePath):
+        return portable(str(value))
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which has no config hash: "
+                    "hash what the output depends on (give the type a hash_payload() method, or keep a plain "
+                    "value or a config instead)")
 
 
 def portable(value: str) -> str:

@@ -31,6 +31,10 @@ class ChatPrompt:
         self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         self._compiled = None
 
+    def hash_payload(self) -> str:
+        """What a config hash holds of the prompt: its file's content, as a digest (not its path)."""
+        return self.digest
+
     def __getstate__(self):  # Jinja templates are not picklable; recompile in each worker
         state = dict(self.__dict__)
         state["_compiled"] = None

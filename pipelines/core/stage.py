@@ -7,12 +7,15 @@ by status, then writes the manifest.
 
 Resume: a stage is skipped when its manifest exists and both its config hash and its input
 fingerprint match. The config hash covers everything the output depends on besides the inputs, and
-nothing else: operational settings (actor counts, batch sizes, rate limits, devices; fields marked
-:data:`pipelines.core.config.OPERATIONAL`) are left out by :func:`pipelines.core.config.semantic_dump`, so
-scaling a finished run recomputes nothing. The input fingerprint is made of each upstream stage's
-config hash, input fingerprint and output fingerprint (and, for source stages, the input files'
-sizes and mtimes), so any change upstream - a recomputed stage, or a changed config whose files
-happen to have the same names and sizes - recomputes everything downstream of it.
+nothing else. It is derived from what the stage keeps (:meth:`Stage.hash_payload`: every instance
+attribute but its identity, wiring and runtime state, ``Stage.unhashed``), so a setting a stage keeps
+cannot be left out by mistake. Operational settings (actor counts, batch sizes, rate limits, devices;
+fields marked :data:`pipelines.core.config.OPERATIONAL`) are left out by
+:func:`pipelines.core.config.semantic_dump`, so scaling a finished run recomputes nothing. The input
+fingerprint is made of each upstream stage's config hash, input fingerprint and output fingerprint
+(and, for source stages, the input files' sizes and mtimes), so any change upstream - a recomputed
+stage, or a changed config whose files happen to have the same names and sizes - recomputes
+everything downstream of it.
 
 Accounting, checked after every stage (:func:`account`); ``in`` is the rows the stage read (for a
 stage without row inputs, the rows it planned, :meth:`Stage.expected_rows_in`):
@@ -33,12 +36,12 @@ import json
 import logging
 import time
 from abc import ABC
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
 from pipelines.core.answers import answer_quality_line, read_answer_stats, set_answer_log
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint, hash_value, semantic_dump
 from pipelines.core.contracts import reads_per_input
 from pipelines.core.observability import record_stage, set_stage
 from pipelines.core.rows import DROPPED, ERROR, OK
@@ -57,12 +60,13 @@ class AccountingError(RuntimeError):
 
 
 class Stage(ABC):
-    #: folder name in the run directory and key under ``stages:`` in recipes
-    name: ClassVar[str]
-    #: upstream stage names whose ``ok`` rows this stage reads
-    inputs: ClassVar[tuple[str, ...]] = ()
-    #: upstream stages it depends on without reading their rows (an index, a keyword pool)
-    requires: ClassVar[tuple[str, ...]] = ()
+    #: the default name: folder name in the run directory and key under ``stages:`` in recipes (a
+    #: stage built under another name, ``sft_<key>`` or a loop's ``loop1_normalize``, is given it)
+    name: str
+    #: the default upstream stage names whose ``ok`` rows this stage reads
+    inputs: tuple[str, ...] = ()
+    #: the default upstream stages it depends on without reading their rows (an index, a keyword pool)
+    requires: tuple[str, ...] = ()
     #: its column contract (:mod:`pipelines.core.contracts`), checked before Ray starts: the columns it
     #: cannot do without in the ok rows of its inputs (one set for every input, or ``{upstream stage:
     #: columns}``, which may name a stage of ``requires`` whose rows it reads) ...
@@ -77,24 +81,42 @@ class Stage(ABC):
     #: in this stage keeps the row files it finished, and the next run processes only the input rows
     #: they do not hold (see :func:`run_one`)
     resumable: bool = False
+    #: instance attributes left out of the config hash (:meth:`hash_payload`): the stage's identity and
+    #: wiring (its name, inputs and requires are in the input fingerprint and the manifest), its column
+    #: contract and how it runs, and the state the runner and ``write()`` set. A stage that keeps state of
+    #: its own adds it here (``unhashed = Stage.unhashed | {...}``), saying why.
+    unhashed: ClassVar[frozenset[str]] = frozenset(
+        {"name", "inputs", "requires", "reads", "writes", "resumable", "run_key", "_summary"})
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any = None, *, name: str | None = None, inputs: Iterable[str] | None = None,
+                 requires: Iterable[str] | None = None):
+        """``config``: the stage's recipe section (``None`` for a stage that keeps the settings it uses as
+        attributes of their own); ``name``, ``inputs``, ``requires``: its identity, the class's when not
+        given. They are set here, once: nothing renames or rewires a stage after it is built."""
         self.config = config
+        self.name = name if name is not None else getattr(type(self), "name", None)
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} has no default name: give it one")
+        self.inputs = tuple(inputs) if inputs is not None else type(self).inputs
+        self.requires = tuple(requires) if requires is not None else type(self).requires
 
     def columns_read(self) -> dict[str, frozenset[str]]:
         """``{upstream stage: the columns this stage reads from it}``, what the driver checks
         (:func:`pipelines.core.contracts.check_columns`)."""
         return reads_per_input(self.reads, self.inputs)
 
-    def hash_payload(self) -> Any:
-        """Everything the output depends on besides the inputs, and nothing operational. Extend to
-        add template texts, model endpoints, seeds; dump configs with
-        :func:`pipelines.core.config.semantic_dump`."""
-        return semantic_dump(self.config)
+    def hash_payload(self) -> dict[str, Any]:
+        """Everything the output depends on besides the inputs, and nothing operational: every instance
+        attribute except :attr:`unhashed`, each as :func:`hash_value` writes it (a config without its
+        :data:`~pipelines.core.config.OPERATIONAL` fields, a prompt as its digest). An attribute whose
+        type has no hash is a :class:`TypeError`, never skipped: a new setting is hashed once it is
+        kept, and a stage cannot forget one. Override only to leave out or add something deliberately."""
+        return {attr: hash_value(value, f"stage {self.name}: attribute {attr}")
+                for attr, value in sorted(vars(self).items()) if attr not in self.unhashed}
 
     def config_hash(self) -> str:
-        # semantic_dump once more over the whole payload: paths a stage adds itself (a taxonomy,
-        # a model folder) are written relative to the project too
+        # semantic_dump once more over the whole payload: what an override adds (a path) is written
+        # relative to the project too
         payload = {"version": VERSION, "stage": self.name, "config": semantic_dump(self.hash_payload())}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -141,6 +141,11 @@ class Taxonomy(BaseModel):
     def seed_keywords(self, micro_code: str) -> tuple[Keyword, ...]:
         return self.micro(micro_code).keywords
 
+    def hash_payload(self) -> str:
+        """What a stage holding the taxonomy hashes of it: :func:`taxonomy_digest` (codes and names; the
+        keyword pool hashes the seed keywords it reads itself)."""
+        return taxonomy_digest(self)
+
 
 def taxonomy_digest(taxonomy: Taxonomy) -> str:
     """What a prompt or a report can render of the taxonomy, as a 16-hex digest for stage hashes:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from actors.embedder import EMBEDDING, embed
-from pipelines.core.config import ADDED, OPERATIONAL, ModelRef, Strict, semantic_dump
+from pipelines.core.config import ADDED, OPERATIONAL, ModelRef, Strict
 from pipelines.core.registry import register
 from pipelines.core.stage import Stage
 
@@ -46,13 +46,6 @@ class EmbedStage(Stage):
     reads = frozenset({"id", "text"})
     writes = frozenset({"id", EMBEDDING})
     resumable = True  # one vector per document, keyed by its id
-
-    def __init__(self, config: EmbedConfig):
-        super().__init__(config)
-
-    def hash_payload(self) -> Any:
-        # throughput knobs (batch sizes, actors, device, threads) are operational: out of the hash
-        return semantic_dump(self.config)
 
     def build(self, inputs: dict) -> Any:
         return embed(inputs["ingest"], self.config)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.core.config import ADDED, ConfigError, ExistingPath, Strict, semantic_dump
+from pipelines.core.config import ADDED, ConfigError, ExistingPath, Strict
 from pipelines.core.registry import References, register
 from pipelines.core.rows import DROPPED, ERROR, content_id, error_detail, make_row, to_table
 from pipelines.core.rundir import source_fingerprint
@@ -615,19 +615,11 @@ class IngestStage(Stage):
     name = "ingest"
 
     def __init__(self, config: IngestConfig, name: str = "ingest", taxonomy: str | Path = DEFAULT_TAXONOMY):
-        super().__init__(config)
-        self.name = name
+        super().__init__(config, name=name)
         # stages are built before Ray starts: a mapping the input cannot satisfy fails here
         self.micro_macros = category_codes(config, taxonomy, _recipe_key(name))
         check_columns(config, _recipe_key(name))
         self.writes = written_columns(config)
-
-    def hash_payload(self) -> Any:
-        # the taxonomy's macro of each mapped micro decides rows too; without a micro_map the payload
-        # stays the config alone, so runs made before micro_map keep their hashes
-        if not self.micro_macros:
-            return super().hash_payload()
-        return {"config": semantic_dump(self.config), "micro_macros": self.micro_macros}
 
     def source_fingerprint(self) -> str:
         return source_fingerprint(self.config.paths)

@@ -28,13 +28,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import register
 from pipelines.core.rows import COMMON_COLUMNS, DROPPED, ERROR, OK, content_id, error_detail, make_row, to_table
 from pipelines.core.stage import Stage, run_pass
-from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
+from pipelines.core.taxonomy import Taxonomy, load_taxonomy
 from pipelines.core.textnorm import has_cjk, normalize_text
 
 
@@ -226,21 +226,18 @@ class KeywordPoolStage(Stage):
     def __init__(self, config: KeywordsConfig, endpoint: LLMEndpoint | None, taxonomy_path: str):
         super().__init__(config)
         self.endpoint = endpoint
-        self.taxonomy_path = taxonomy_path
+        self.taxonomy = load_taxonomy(taxonomy_path)
         self.prompt = ChatPrompt(config.template) if endpoint is not None else None
 
-    @property
-    def taxonomy(self) -> Taxonomy:
-        return load_taxonomy(self.taxonomy_path)
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config),
-                "endpoint": semantic_dump(self.endpoint) if self.endpoint else None,
-                "template_digest": self.prompt.digest if self.prompt else None,
-                "seeds": {code: [str(k) for k in self.taxonomy.seed_keywords(code)]
-                          for code in self.taxonomy.micro_codes},
-                # the expansion prompt names the categories; the seeds-only pool shows no names
-                **({"taxonomy": taxonomy_digest(self.taxonomy)} if self.prompt else {})}
+    def hash_payload(self) -> dict[str, Any]:
+        # the pool starts from the taxonomy's seed keywords, which its digest leaves out; the expansion
+        # prompt names the categories, the seeds-only pool shows no names (a renamed category changes nothing)
+        payload = super().hash_payload()
+        payload["seeds"] = {code: [str(k) for k in self.taxonomy.seed_keywords(code)]
+                            for code in self.taxonomy.micro_codes}
+        if self.prompt is None:
+            del payload["taxonomy"]
+        return payload
 
     def ask(self, rundir) -> Ask:
         """Each round's requests through the endpoint, as a scratch pass a crashed run reuses."""

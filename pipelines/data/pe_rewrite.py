@@ -24,7 +24,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error, clean_piece, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
@@ -42,7 +42,7 @@ from pipelines.core.rows import (
     to_table,
 )
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
+from pipelines.core.taxonomy import load_taxonomy
 from pipelines.data.methods import MethodsError, load_methods
 
 
@@ -157,19 +157,13 @@ class PERewriteStage(Stage):
     writes = PASSTHROUGH | frozenset(PE_LINEAGE)
 
     def __init__(self, config: PEConfig, endpoint: LLMEndpoint, taxonomy_path: str, seed: int):
-        super().__init__(config)
-        self.inputs = tuple(config.inputs)
+        super().__init__(config, inputs=config.inputs)
         self.endpoint = endpoint
-        self.taxonomy_path = taxonomy_path
+        self.taxonomy_path = taxonomy_path  # read again by the Ray tasks
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the macro names it renders
+        self.methods = load_methods(config.methods, taxonomy_path)  # the catalogue's content
         self.seed = seed
         self.prompt = ChatPrompt(config.template)
-
-    def hash_payload(self) -> Any:
-        catalogue = load_methods(self.config.methods, self.taxonomy_path)
-        return {"config": semantic_dump(self.config),
-                "endpoint": semantic_dump(self.endpoint), "seed": self.seed,
-                "template_digest": self.prompt.digest, "methods": catalogue.model_dump(mode="json"),
-                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}  # the macro names it renders
 
     def build(self, inputs: dict) -> Any:
         rows = common_rows(inputs, self.inputs)

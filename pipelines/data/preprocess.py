@@ -29,7 +29,6 @@ from pipelines.core.config import (
     LLMEndpoint,
     ModelRef,
     Strict,
-    semantic_dump,
 )
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt, RenderRow
@@ -169,9 +168,8 @@ class PreprocessStage(Stage):
     reads = frozenset({"id", "text"})
     writes = PASSTHROUGH | {LINEAGE}
 
-    def __init__(self, config: Any, inputs: tuple[str, ...]):
-        super().__init__(config)
-        self.inputs = tuple(inputs)
+    def __init__(self, config: Any, inputs: tuple[str, ...], *, name: str | None = None):
+        super().__init__(config, name=name, inputs=inputs)
 
     def union(self, inputs: dict) -> Any:
         return common_rows(inputs, self.inputs)
@@ -271,18 +269,13 @@ class TranslateStage(PreprocessStage):
     reads = frozenset({"id", "text", "lang"})  # which rows to translate
     writes = PASSTHROUGH | {LINEAGE, "original_text"}
 
-    def __init__(self, config: TranslateConfig, inputs: tuple[str, ...], endpoint: LLMEndpoint | None = None):
-        super().__init__(config, inputs)
+    def __init__(self, config: TranslateConfig, inputs: tuple[str, ...], endpoint: LLMEndpoint | None = None, *,
+                 name: str | None = None):
+        super().__init__(config, inputs, name=name)
         if (config.endpoint is None) != (endpoint is None):
             raise ValueError("translate: an endpoint is given exactly when the config names one")
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.template) if endpoint is not None else None
-
-    def hash_payload(self) -> Any:
-        if self.endpoint is None:
-            return super().hash_payload()
-        return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
-                "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
         if self.endpoint is not None:
@@ -463,11 +456,11 @@ def build_steps(config: PreprocessSteps, inputs: tuple[str, ...], models: dict[s
     upstream = tuple(inputs)
     for step in _steps(config):
         step_config = getattr(config, step)
+        name = f"{prefix}{STEP_STAGES[step].name}"
         if step == "translate" and step_config.endpoint is not None:
-            stage = TranslateStage(step_config, upstream, models[step_config.endpoint])
+            stage = TranslateStage(step_config, upstream, models[step_config.endpoint], name=name)
         else:
-            stage = STEP_STAGES[step](step_config, upstream)
-        stage.name = f"{prefix}{stage.name}"
+            stage = STEP_STAGES[step](step_config, upstream, name=name)
         stages.append(stage)
         upstream = (stage.name,)
     return stages

@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from actors.embedder import EMBEDDING, arrow_to_vectors, embed
-from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
+from pipelines.core.config import OPERATIONAL, Strict
 from pipelines.core.registry import register
 from pipelines.core.rows import COMMON_COLUMNS, ERROR, OK, content_id, keyed_rng, make_row, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
-from pipelines.core.taxonomy import Taxonomy, load_taxonomy, taxonomy_digest
+from pipelines.core.taxonomy import Taxonomy, load_taxonomy
 from pipelines.data.embedding import EmbedConfig
 
 
@@ -135,31 +135,29 @@ class RetrieveStage(Stage):
     requires = ("keywords", "ingest", "embed", "index")
     # one row per query: its category (no label), keywords and retrieved texts
     writes = (COMMON_COLUMNS - {"label"}) | frozenset(LINEAGE)
+    #: the run directory it reads the keyword pools, the corpus and the index from: where, not what (their
+    #: manifests are in its input fingerprint)
+    unhashed = Stage.unhashed | {"rundir"}
 
     def __init__(self, config: RetrieveConfig, embed_config: EmbedConfig, taxonomy_path: str,
                  seed: int, run_root: str):
         super().__init__(config)
-        self.embed_config = embed_config
-        self.taxonomy_path = taxonomy_path
+        self.embed_config = embed_config  # the queries are embedded as the corpus was
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the queries (and the rows' labels) name the categories
         self.seed = seed
         self.rundir = RunDir(run_root)
         # the keyword pools, the corpus texts of the hits, the index's ids (the vectors come from its file)
         self.reads = {"keywords": frozenset({"micro", "text", "keyword_en", "lang"}),
                       "ingest": frozenset({"id", "text"}), "index": frozenset({"id", "position"})}
 
-    def hash_payload(self) -> Any:
-        # the queries (and the rows' macro_label / micro_label the RAG rewriting prompt shows) name the categories
-        return {"config": semantic_dump(self.config), "embed_model": self.embed_config.model, "seed": self.seed,
-                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}
-
     def expected_rows_in(self) -> int:
-        return len(load_taxonomy(self.taxonomy_path).micro_codes) * self.config.queries_per_category
+        return len(self.taxonomy.micro_codes) * self.config.queries_per_category
 
     def build(self, inputs: dict) -> Any:
         import ray
 
         cfg = self.config
-        queries = plan_queries(load_taxonomy(self.taxonomy_path), read_keyword_pools(self.rundir), cfg, self.seed)
+        queries = plan_queries(self.taxonomy, read_keyword_pools(self.rundir), cfg, self.seed)
         log.info("retrieve: %d queries, top %d, sample %d", len(queries), cfg.top_k, cfg.sample)
         searched = embed(ray.data.from_items(queries), self.embed_config, corpus=False).map_batches(
             Searcher, fn_constructor_kwargs={"run_root": self.rundir.root, "index_stage": "index",

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from actors.llm import chat
-from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict
 from pipelines.core.parsing import classify_llm_error, split_prompts, strip_thinking
 from pipelines.core.prompts import ChatPrompt, RenderRow
 from pipelines.core.registry import register
@@ -102,11 +102,6 @@ class RewriteStage(Stage):
         # new prompts in the common schema with the answer's lineage; labelled when the config says so
         self.writes = ((COMMON_COLUMNS - ({"label"} if config.label is None else set()))
                        | frozenset(LINEAGE) | frozenset(self.carry))
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config),
-                "endpoint": semantic_dump(self.endpoint),
-                "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
         answers = chat(inputs[self.inputs[0]], self.endpoint, RenderRow(self.prompt))

@@ -28,7 +28,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from actors.embedder import EMBEDDING, arrow_to_vectors
-from pipelines.core.config import OPERATIONAL, Strict, semantic_dump
+from pipelines.core.config import OPERATIONAL, Strict
 from pipelines.core.registry import register
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.rundir import RunDir
@@ -241,9 +241,6 @@ class IndexStage(Stage):
     def __init__(self, config: IndexConfig, seed: int):
         super().__init__(config)
         self.seed = seed
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config), "seed": self.seed}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         import ray

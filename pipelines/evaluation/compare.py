@@ -562,12 +562,10 @@ class CompareStage(Stage):
     name = "compare"
 
     def __init__(self, key: str, config: CompareConfig, taxonomy_path: str):
-        super().__init__(config)
-        self.name = f"compare_{key}"
         # a label cell (`adjudicate:judge2`) requires its stage
-        self.requires = tuple(dict.fromkeys(split_ref(s)[0] for grid in config.systems.values()
-                                            for s in grid.values()))
-        self.taxonomy_path = taxonomy_path
+        super().__init__(config, name=f"compare_{key}", requires=dict.fromkeys(
+            split_ref(s)[0] for grid in config.systems.values() for s in grid.values()))
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the report's tables and charts name the categories
         # each cell's scored rows: an evaluation's answers, a label cell's votes
         reads: dict[str, frozenset[str]] = {}
         for ref in (s for grid in config.systems.values() for s in grid.values()):
@@ -579,7 +577,7 @@ class CompareStage(Stage):
         return {THRESHOLDS: {"file": f"{REPORT_DIR}/{THRESHOLDS_FILE}"}}
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
-        taxonomy = load_taxonomy(self.taxonomy_path)
+        taxonomy = self.taxonomy
         report, curves_by_benchmark = compare(self.config, rundir, taxonomy)
         base = f"{self.name}/{REPORT_DIR}"
         rundir.write_text(f"{base}/comparison.json", json.dumps(report, indent=2, ensure_ascii=False))

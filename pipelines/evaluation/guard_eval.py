@@ -49,8 +49,8 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, model_validator
 
 from actors.llm import FIRST_LOGPROBS, LLM_COLUMNS, chat
-from pipelines.core.artifacts import GUARD_EVALUATION, TrainedModelError, endpoint_payload, trained_model_endpoint
-from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written, semantic_dump
+from pipelines.core.artifacts import GUARD_EVALUATION, TrainedModelError, model_from_endpoint, trained_model_endpoint
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, as_written
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.registry import References, register
@@ -70,7 +70,7 @@ from pipelines.core.rows import (
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
-from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
+from pipelines.core.taxonomy import load_taxonomy
 from pipelines.evaluation.guard_report import f1_chart, micro_confusion_chart, report_markdown
 from pipelines.evaluation.metrics import LABELS, calibrate_threshold, evaluate
 from pipelines.guard.adapters import (
@@ -281,17 +281,17 @@ class GuardEvalStage(Stage):
     name = "guard_eval"
     needs_rows = True  # an empty labelled set is a mistake upstream, not an evaluation
 
-    def __init__(self, name: str, config: GuardEvalConfig, endpoint: LLMEndpoint, taxonomy_path: str):
-        super().__init__(config)
-        self.name = f"guard_eval_{name}"
-        self.inputs = tuple(config.inputs)
+    def __init__(self, key: str, config: GuardEvalConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
+                 name: str | None = None):
+        """``guard_eval_<key>``, or ``name`` (the loop's ``loop0_eval_c0``)."""
         # the training stage whose model is evaluated runs first; retraining re-evaluates
         # (and the evaluation whose rows choose the threshold)
-        self.requires = tuple(name for name in (config.model_from, config.threshold_from) if name)
+        super().__init__(config, name=name or f"guard_eval_{key}", inputs=config.inputs,
+                         requires=[up for up in (config.model_from, config.threshold_from) if up])
         # the gold label, the response it judges at response level (a row without one is an error), the
         # scored rows the threshold is chosen on; not the split: a row without one is in every split
         needed = frozenset({"id", "text", "label"}) | ({"response"} if config.level == RESPONSE else set())
-        self.reads = {**{name: needed for name in self.inputs},
+        self.reads = {**{up: needed for up in self.inputs},
                       **({config.threshold_from: SCORED_COLUMNS} if config.threshold_from else {})}
         # the rows as they came (a prompt-level row's response stays in its lineage) and the verdicts
         self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"}) \
@@ -299,7 +299,7 @@ class GuardEvalStage(Stage):
         self.taxonomy = load_taxonomy(taxonomy_path)
         self.adapter = make_adapter(config.adapter, self.taxonomy, config.template)
         self.use_score = config.score and config.adapter in SCORED_ADAPTERS
-        self.endpoint = self._evaluation_endpoint(endpoint)
+        self.endpoint = model_from_endpoint(self._evaluation_endpoint(endpoint), config.model_from)
         if self.use_score and endpoint.engine != "vllm" and not config.tokenizer:
             # fail when the recipe is built, not after the labelled set is read
             raise GuardEvalError(
@@ -312,13 +312,6 @@ class GuardEvalStage(Stage):
         if not self.config.greedy:
             return endpoint
         return endpoint.model_copy(update={"sampling": endpoint.sampling.model_copy(update={"temperature": 0.0})})
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config),
-                "endpoint": endpoint_payload(self.endpoint, self.config.model_from),
-                "adapter": self.adapter.hash_payload(),
-                # the report's per-category tables and charts name the taxonomy's categories
-                "taxonomy": taxonomy_digest(self.taxonomy)}
 
     # --- the guard ---------------------------------------------------------------------------
     def resolve_endpoint(self, rundir: RunDir) -> LLMEndpoint:

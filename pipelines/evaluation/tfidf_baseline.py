@@ -117,10 +117,8 @@ class TfidfBaselineStage(Stage):
     needs_rows = True
 
     def __init__(self, key: str, config: TfidfBaselineConfig, taxonomy_path: str):
-        super().__init__(config)
-        self.name = f"baseline_{key}"
-        self.inputs = tuple(dict.fromkeys([*config.train, *config.inputs]))
-        self.taxonomy_path = taxonomy_path
+        super().__init__(config, name=f"baseline_{key}", inputs=dict.fromkeys([*config.train, *config.inputs]))
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the report's per-category figures name the categories
         self.reads = frozenset({"id", "text", "label"})  # labelled rows, read as a guard evaluation reads them
         self.writes = PASSTHROUGH | (frozenset(EVAL_COLUMNS) - {"response"})  # prompt-level evaluation rows
 
@@ -148,7 +146,7 @@ class TfidfBaselineStage(Stage):
         self._write_report(rundir, trained_rows=len(train), features=len(model[0].vocabulary_))
 
     def _write_report(self, rundir: RunDir, *, trained_rows: int, features: int) -> None:
-        taxonomy = load_taxonomy(self.taxonomy_path)
+        taxonomy = self.taxonomy
         c: TfidfBaselineConfig = self.config
         rows = scored_rows(rundir, self.name)
         metrics = {

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.core.config import Strict, semantic_dump
+from pipelines.core.config import Strict
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
 from pipelines.core.rows import (
@@ -41,7 +41,7 @@ from pipelines.core.rows import (
 )
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col, run_pass
-from pipelines.core.taxonomy import load_taxonomy, taxonomy_digest
+from pipelines.core.taxonomy import load_taxonomy
 from pipelines.core.textnorm import normalize_text
 from pipelines.labelling.jury import LABEL_COLUMNS
 from pipelines.labelling.voting import LABELS
@@ -253,15 +253,11 @@ class AssembleStage(Stage):
     writes = PASSTHROUGH | frozenset(DATASET_COLUMNS)
 
     def __init__(self, config: AssembleConfig, taxonomy_path: str, seed: int, labelling: dict):
-        super().__init__(config)
-        self.inputs = (*config.inputs, *config.external)
+        super().__init__(config, inputs=(*config.inputs, *config.external))
         self.taxonomy_path = taxonomy_path
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the card lists the categories
         self.seed = seed
         self.labelling = labelling  # {"judges": [...], "adjudicator": ...} for the card
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config), "seed": self.seed, "labelling": self.labelling,
-                "taxonomy": taxonomy_digest(load_taxonomy(self.taxonomy_path))}  # the card lists the categories
 
     def _rows(self, inputs: dict, names: list[str], external: bool):
         return union_all([inputs[n].map_batches(to_dataset_rows, batch_format="pyarrow",
@@ -269,7 +265,7 @@ class AssembleStage(Stage):
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         partitions = split_partitions(sum(rundir.count_rows(n, OK) for n in self.config.inputs),
-                                      len(load_taxonomy(self.taxonomy_path).micro_codes))
+                                      len(self.taxonomy.micro_codes))
         internal = self._rows(inputs, list(self.config.inputs), external=False) \
             .groupby(["micro", "label"], num_partitions=partitions) \
             .map_groups(assign_split, batch_format="pyarrow",

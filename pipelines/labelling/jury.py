@@ -33,7 +33,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from actors.llm import LLM_COLUMNS, chat
 from actors.reask import RETRY, ask_until_valid
 from pipelines.core.answers import read_answer_stats
-from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict, semantic_dump
+from pipelines.core.config import ADDED, CONFIGS, OPERATIONAL, ExistingPath, LLMEndpoint, Strict
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error
 from pipelines.core.prompts import ChatPrompt, RenderRow
@@ -219,8 +219,7 @@ class JuryStage(Stage):
     writes = PASSTHROUGH | frozenset(JURY_COLUMNS) | {"label"}
 
     def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
-        super().__init__(config)
-        self.inputs = tuple(config.inputs)
+        super().__init__(config, inputs=config.inputs)
         self.endpoints = {judge: with_room_for_answer(endpoints[judge], config.constrained)
                           for judge in config.judges}
         self.prompts = {judge: ChatPrompt(config.templates.get(judge, config.template)) for judge in config.judges}
@@ -228,17 +227,6 @@ class JuryStage(Stage):
         # concurrent: one streaming pass writing a row per input row, so an interrupted run keeps what
         # it wrote; sequential (and the cascade) resume per finished judge pass instead (run_pass)
         self.resumable = config.mode == "concurrent" and not config.cascade
-
-    def hash_payload(self) -> Any:
-        # the mode is operational (same votes): switching it does not recompute the stage
-        return {"config": semantic_dump(self.config),
-                "endpoints": {j: semantic_dump(e) for j, e in self.endpoints.items()},
-                "template_digest": self._template_digest(), "categories": self.categories}
-
-    def _template_digest(self) -> str | dict[str, str]:
-        digests = {judge: prompt.digest for judge, prompt in self.prompts.items()}
-        # one shared template: the digest as it always was (runs made before per-judge prompts keep their hash)
-        return next(iter(digests.values())) if len(set(digests.values())) == 1 else digests
 
     def _vote(self, dataset, index: int, judge: str):
         constraint = {"choice": list(VERDICT_CHOICES)} if self.config.constrained else None
@@ -432,19 +420,13 @@ class AdjudicateStage(Stage):
 
     def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
                  min_valid_votes: int | None = None):
-        super().__init__(config)
+        super().__init__(config, inputs=config.inputs)
         self.min_valid_votes = min_valid_votes  # the jury's quorum, for the agreement report
-        self.inputs = tuple(config.inputs)
         self.endpoint = with_room_for_answer(endpoint, config.constrained)
         self.prompt = ChatPrompt(config.template)
         taxonomy = load_taxonomy(taxonomy_path)
         self.codes = list(taxonomy.micro_codes)
         self.categories = categories_block(taxonomy)
-
-    def hash_payload(self) -> Any:
-        return {"config": semantic_dump(self.config), "endpoint": semantic_dump(self.endpoint),
-                "template_digest": self.prompt.digest, "categories": self.categories,
-                "min_valid_votes": self.min_valid_votes}
 
     def constraint(self) -> AdjudicationConstraint | None:
         return AdjudicationConstraint(self.codes) if self.config.constrained else None

@@ -97,10 +97,7 @@ class DecontaminateStage(Stage):
 
     def __init__(self, name: str, *, inputs: tuple[str, ...], reference: tuple[str, ...], test_split: str,
                  near: NearDedupConfig | None):
-        super().__init__({"test_split": test_split, "near": near})
-        self.name = name
-        self.inputs = inputs
-        self.requires = reference
+        super().__init__(name=name, inputs=inputs, requires=reference)
         self.test_split = test_split
         # the candidates and the reference rows' texts (a reference row's split, where it has one, marks test rows)
         self.reads = {name: frozenset({"id", "text"}) for name in (*inputs, *reference)}

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import SAMPLE, chat
-from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
+from pipelines.core.artifacts import model_from_endpoint, trained_model_endpoint
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.parsing import classify_llm_error, clean_piece, strip_thinking
 from pipelines.core.prompts import ChatPrompt
@@ -144,24 +144,18 @@ class GenerateStage(Stage):
     def __init__(self, name: str, *, inputs: tuple[str, ...], endpoint: LLMEndpoint, prompt: RewritePrompt,
                  k: int, iteration: int, generator: str, seed_split: str | None,
                  model_from: str | None = None):
-        super().__init__({"k": k, "iteration": iteration, "generator": generator, "seed_split": seed_split})
-        self.name = name
-        self.inputs = inputs
-        self.requires = (model_from,) if model_from else ()  # retraining G1 regenerates
+        # retraining G1 regenerates
+        super().__init__(name=name, inputs=inputs, requires=(model_from,) if model_from else ())
         self.reads = frozenset({"id", "text", "label"})  # labelled seeds (a row without a split is a seed)
         # candidates keep their seed's label and categories; the seed and the sample are lineage
         self.writes = COMMON_COLUMNS | frozenset(CANDIDATE_COLUMNS)
-        self.endpoint = endpoint
+        self.endpoint = model_from_endpoint(endpoint, model_from)  # G1: a folder in the run directory
         self.prompt = prompt
         self.k = k
         self.iteration = iteration
         self.generator = generator
         self.seed_split = seed_split
         self.model_from = model_from
-
-    def hash_payload(self) -> Any:
-        return {**self.config, "endpoint": endpoint_payload(self.endpoint, self.model_from),
-                **self.prompt.hash_payload()}
 
     def write(self, inputs: dict, rundir) -> None:
         # G1 is a folder in the run directory, known when the stage runs

@@ -162,9 +162,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         train = f"loop{iteration}_train_{system}"
         sft = config.classifier.model_copy(update={"inputs": [*seeds, *([generated] if generated else [])],
                                                    "split": config.train_split})
-        stage = GuardSFTStage(sft, taxonomy)
-        stage.name = train
-        stages.append(stage)
+        stages.append(GuardSFTStage(sft, taxonomy, name=train))
         if system in config.systems:
             stages.append(evaluation(eval_stage(system), train, list(seeds), config.test_split))
 
@@ -176,9 +174,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
         eval_config = GuardEvalConfig(inputs=inputs, split=split, model=config.classifier_endpoint,
                                       model_from=model_from, template=config.classifier.template,
                                       level=config.classifier.level, constrained=config.constrained, **how)
-        stage = GuardEvalStage(name, eval_config, recipe.models[config.classifier_endpoint], taxonomy)
-        stage.name = name
-        return stage
+        return GuardEvalStage(name, eval_config, recipe.models[config.classifier_endpoint], taxonomy, name=name)
 
     def generation(prefix: str, iteration: int, generator: str, endpoint: str, model_from: str | None) -> str:
         generate = GenerateStage(f"{prefix}_generate", inputs=seeds, endpoint=recipe.models[endpoint],

@@ -193,10 +193,7 @@ class PairsStage(Stage):
 
     def __init__(self, name: str, *, inputs: tuple[str, ...], scored: str, prompt: RewritePrompt, seed: int,
                  max_pairs: int | None, seed_split: str | None, iteration: int, labelled: str | None = None):
-        super().__init__({"max_pairs": max_pairs, "seed": seed, "seed_split": seed_split, "iteration": iteration})
-        self.name = name
-        self.inputs = inputs
-        self.requires = (scored, *([labelled] if labelled else []))
+        super().__init__(name=name, inputs=inputs, requires=(scored, *([labelled] if labelled else [])))
         # the labelled seeds and the scored candidates
         self.reads = {**{name: frozenset({"id", "text", "label"}) for name in inputs},
                       scored: frozenset({"id", "text", "parent_id", "level", "quality"})}
@@ -208,9 +205,6 @@ class PairsStage(Stage):
         self.max_pairs = max_pairs
         self.seed_split = seed_split
         self.iteration = iteration
-
-    def hash_payload(self) -> Any:
-        return {**self.config, **self.prompt.hash_payload()}
 
     def write(self, inputs: dict, rundir) -> None:
         import ray

@@ -174,16 +174,15 @@ class LoopReportStage(Stage):
     name = "loop_report"
 
     def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str):
-        super().__init__({"systems": list(systems)})
-        self.requires = tuple(loop_stages)
+        super().__init__(requires=loop_stages)
         # what the report counts of the rows of the loop's stages (their reports it reads as files)
         counted = {"loop2_score": frozenset({"micro", "level"}), "loop2_pairs": frozenset({"micro", "pair_type"})}
         self.reads = {name: columns for name, columns in counted.items() if name in self.requires}
         self.systems = list(systems)
-        self.taxonomy_path = taxonomy_path
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the report's per-category tables name the categories
 
     def report(self, rundir) -> dict[str, Any]:
-        taxonomy = load_taxonomy(self.taxonomy_path)
+        taxonomy = self.taxonomy
         systems = {}
         for system in self.systems:
             text = rundir.read_text(f"{eval_stage(system)}/{REPORT_DIR}/metrics.json")
@@ -227,7 +226,7 @@ class LoopReportStage(Stage):
         }
 
     def write(self, inputs: dict, rundir) -> None:
-        taxonomy = load_taxonomy(self.taxonomy_path)
+        taxonomy = self.taxonomy
         report = self.report(rundir)
         base = f"{self.name}/{REPORT_DIR}"
         rundir.write_text(f"{base}/report.json", json.dumps(report, indent=2, ensure_ascii=False))

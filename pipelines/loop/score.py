@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.parsing import classify_llm_error, strip_thinking
 from pipelines.core.prompts import ChatPrompt
@@ -63,6 +63,9 @@ class QualityPrompt:
 
     def __init__(self, path: str):
         self.prompt = ChatPrompt(path)
+
+    def hash_payload(self) -> str:
+        return self.prompt.digest
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
         return self.prompt.render({"seed": row["seed_text"], "text": row["text"], "label": row["label"]})
@@ -108,18 +111,13 @@ class ScoreStage(Stage):
 
     def __init__(self, name: str, *, inputs: tuple[str, ...], endpoint: LLMEndpoint, template: str,
                  threshold: int = QUALITY_THRESHOLD):
-        super().__init__({"threshold": threshold})
-        self.name = name
-        self.inputs = inputs
+        super().__init__(name=name, inputs=inputs)
         # candidates as a classifier labelled them (ŷ), with the seed each was rewritten from
         self.reads = frozenset({"id", "text", "label", "pred_label", "seed_text"})
         self.writes = PASSTHROUGH | frozenset(SCORE_COLUMNS)
         self.endpoint = endpoint
         self.prompt = QualityPrompt(template)
         self.threshold = threshold
-
-    def hash_payload(self) -> Any:
-        return {**self.config, "endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
         from pipelines.core.rows import union_all

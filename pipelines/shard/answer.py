@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.stage import Stage
 from pipelines.shard.config import ANSWER, SPLIT, ShardConfig
@@ -39,14 +39,12 @@ class ShardAnswerStage(Stage):
     writes = PASSTHROUGH | {"baseline", "baseline_model"}  # O1
 
     def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, name: str = ANSWER):
-        super().__init__(config)
-        self.name = name
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__(name=name)
+        self.system = config.system
         self.endpoint = endpoint
 
-    def hash_payload(self) -> Any:
-        return {"system": self.config.system, "endpoint": semantic_dump(self.endpoint)}
-
     def build(self, inputs: dict) -> Any:
-        return chat(inputs[SPLIT], self.endpoint, AnswerMessages(self.config.system)).map_batches(
+        return chat(inputs[SPLIT], self.endpoint, AnswerMessages(self.system)).map_batches(
             take_answer, batch_format="pyarrow",
             fn_kwargs={"into": "baseline", "model_field": "baseline_model", "model": self.endpoint.model})

@@ -53,7 +53,11 @@ class ShardVariant(Strict):
 
 class ShardConfig(Strict):
     """SHARD data construction (``pipelines/shard/``): split, baseline answers O1, category rules,
-    reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant."""
+    reframing P1 -> P2 (JSON), refinement O1 -> O2, pairwise judge, selection; per variant.
+
+    One section for every SHARD stage: a stage keeps the settings of it that it uses as attributes of its
+    own (they are its config hash), not the section, so a change to one variant or to the judge
+    recomputes the stages that use it alone."""
 
     inputs: list[str] = Field(min_length=1, description="row stages with the sensitive prompts "
                               "(seeds_<key>: do_not_answer / linguasafe presets or any mapping)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, shuffle_partitions, to_table
@@ -75,32 +75,27 @@ class ShardJudgeStage(Stage):
     """O2 (candidate) against O1 (reference), both criteria."""
 
     def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint):
-        super().__init__(config)
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__(name=f"shard_judge_{variant}", inputs=(f"shard_refine_{variant}",))
         self.variant = variant
-        self.name = f"shard_judge_{variant}"
-        self.inputs = (f"shard_refine_{variant}",)
         self.reads = frozenset({"id", "text", "completion", "baseline"})  # P1, O2 against O1
         self.writes = PASSTHROUGH | {"judge_model", HELPFULNESS, HARMFULNESS, "judgements"}
         self.endpoint = endpoint
         self.prompts = judge_prompts(config)
-
-    def hash_payload(self) -> Any:
-        c = self.config
-        payload = {"endpoint": semantic_dump(self.endpoint), "order_seed": c.order_seed,
-                   "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": c.constrained,
-                   "explanation_chars": c.explanation_chars}
-        return {**payload, "position_check": c.position_check} if c.position_check else payload
+        self.verdict_constraint = judge_constraint(config)
+        self.order_seed = config.order_seed
+        self.position_sample = config.position_check  # rows judged again with the answers swapped
 
     def build(self, inputs: dict) -> Any:
         rows = inputs[self.inputs[0]]
-        judged = judge(rows, self.endpoint, self.prompts, judge_constraint(self.config),
-                       seed=self.config.order_seed, key=self.variant, candidate="completion", reference="baseline")
+        judged = judge(rows, self.endpoint, self.prompts, self.verdict_constraint,
+                       seed=self.order_seed, key=self.variant, candidate="completion", reference="baseline")
         return judged.groupby("id", num_partitions=shuffle_partitions(2 * rows.count())).map_groups(
             finish_comparison, batch_format="pyarrow", fn_kwargs={"model": self.endpoint.model})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         super().write(inputs, rundir)
-        if self.config.position_check:
+        if self.position_sample:
             report = self.position_check(rundir)
             rundir.write_text(f"{self.name}/{POSITION_CHECK}", json.dumps(report, indent=2))
 
@@ -114,12 +109,12 @@ class ShardJudgeStage(Stage):
             for rid, judgements in zip(batch.column("id").to_pylist(), batch.column("judgements").to_pylist()):
                 first[rid] = {j["criterion"]: j for j in judgements}
         sample = set(sorted(first,
-                            key=lambda rid: hash_rank(self.config.order_seed, rid))[:self.config.position_check])
+                            key=lambda rid: hash_rank(self.order_seed, rid))[:self.position_sample])
         if not sample:
             return {"rows": 0, **position_bias([])}
         rows = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None) \
             .filter(expr=col("id").is_in(sorted(sample))).drop_columns(["judgements"])
-        swapped = judge(rows, self.endpoint, self.prompts, judge_constraint(self.config), seed=self.config.order_seed,
+        swapped = judge(rows, self.endpoint, self.prompts, self.verdict_constraint, seed=self.order_seed,
                         key=self.variant, candidate="completion", reference="baseline", swap=True)
         checks = [Recheck(r["criterion"], first[r["id"]][r["criterion"]]["outcome"], r["outcome"],
                           first[r["id"]][r["criterion"]]["verdict"], r["verdict"])

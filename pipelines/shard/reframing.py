@@ -43,6 +43,9 @@ class Guidelines:
     universal: tuple[tuple[str, str], ...]
     digest: str
 
+    def hash_payload(self) -> str:
+        return self.digest
+
     def text(self) -> str:
         """The guidelines as numbered prompt text."""
         return "\n".join(f"{i}. {title}: {body}" for i, (title, body) in enumerate(self.universal, 1))

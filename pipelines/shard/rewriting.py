@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from actors.llm import chat
 from actors.reask import RETRY, ask_until_valid
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
@@ -107,13 +107,14 @@ def _drop_retry_columns(batch: pa.Table) -> pa.Table:
 
 class ShardReframeStage(Stage):
     def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint):
-        super().__init__(config)
-        self.inputs = (config.answer_stage(variant),)  # the O1 this variant refines
+        mode = config.variants[variant].guidelines
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash;
+        # it reads the O1 this variant refines, and requires the category rules in mode full
+        super().__init__(name=f"shard_reframe_{variant}", inputs=(config.answer_stage(variant),),
+                         requires=(RULES,) if mode == "full" else ())
         self.variant = variant
-        self.mode = config.variants[variant].guidelines
-        self.name = f"shard_reframe_{variant}"
+        self.mode = mode
         self.rules_stage = RULES
-        self.requires = (self.rules_stage,) if self.mode == "full" else ()
         self.reads = {self.inputs[0]: frozenset({"id", "text"}),
                       **({self.rules_stage: frozenset({"text", "rules"})} if self.mode == "full" else {})}
         self.writes = PASSTHROUGH | {"variant", "guidelines", "reframer_model", "reformulated_prompt", "response_mode",
@@ -121,15 +122,12 @@ class ShardReframeStage(Stage):
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.reframe_template)
         self.guidelines = load_guidelines(config.guidelines)
-
-    def hash_payload(self) -> Any:
-        c = self.config
-        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,
-                "guidelines_digest": self.guidelines.digest, "mode": self.mode, "retries": c.retries,
-                "constrained": c.constrained, "max_field_chars": c.max_field_chars}
+        self.retries = config.retries
+        self.constrained = config.constrained
+        self.max_field_chars = config.max_field_chars
 
     def constraint(self) -> dict | None:
-        return {"json": reframing_schema(self.config.max_field_chars)} if self.config.constrained else None
+        return {"json": reframing_schema(self.max_field_chars)} if self.constrained else None
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         rules = load_rules(rundir, self.rules_stage) if self.mode == "full" else {}
@@ -141,7 +139,7 @@ class ShardReframeStage(Stage):
         render = RenderReframing(self.prompt, self.mode, self.guidelines, rules)
         finished += ask_until_valid(self, rundir, pending, endpoint=self.endpoint, render=render,
                                     constraint=self.constraint(), read=read_reframings, read_kwargs={},
-                                    retries=self.config.retries)
+                                    retries=self.retries)
         union_all(finished).map_batches(_drop_retry_columns, batch_format="pyarrow") \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])
 
@@ -167,16 +165,12 @@ class ShardRefineStage(Stage):
     """O2: the reframer's refinement of O1 given P1 and P2."""
 
     def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint):
-        super().__init__(config)
-        self.name = f"shard_refine_{variant}"
-        self.inputs = (f"shard_reframe_{variant}",)
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__(name=f"shard_refine_{variant}", inputs=(f"shard_reframe_{variant}",))
         self.reads = frozenset({"id", *REFINE_FIELDS})
         self.writes = PASSTHROUGH | {"completion", "reframer_model"}  # O2
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.refine_template)
-
-    def hash_payload(self) -> Any:
-        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest}
 
     def build(self, inputs: dict) -> Any:
         # what SHARD's refiner sees: P1, the reframed request and O1

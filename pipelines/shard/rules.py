@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from actors.llm import chat
-from pipelines.core.config import LLMEndpoint, semantic_dump
+from pipelines.core.config import LLMEndpoint
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import OK, content_id
 from pipelines.core.rundir import RunDir
@@ -66,20 +66,18 @@ class ShardRulesStage(Stage):
     name = RULES
     requires = (SPLIT,)
     writes = frozenset({"id", "text", *RULES_COLUMNS})  # one row per category (text) with its rules
+    unhashed = Stage.unhashed | {"_categories"}  # the categories write() found, for the accounting
 
     def __init__(self, config: ShardConfig, endpoint: LLMEndpoint, seed: int):
-        super().__init__(config)
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__()
         self.endpoint = endpoint
         self.seed = seed
         self.prompt = ChatPrompt(config.rules_template)
         self.guidelines = load_guidelines(config.guidelines)
+        self.examples = config.rules_examples
         self._categories = 0
         self.reads = {SPLIT: frozenset({"id", "text"})}  # the categories' prompts (examples: of the train split)
-
-    def hash_payload(self) -> Any:
-        return {"endpoint": semantic_dump(self.endpoint), "template_digest": self.prompt.digest,
-                "guidelines_digest": self.guidelines.digest, "examples": self.config.rules_examples,
-                "seed": self.seed}
 
     def expected_rows_in(self) -> int:
         return self._categories
@@ -87,7 +85,7 @@ class ShardRulesStage(Stage):
     def write(self, inputs: dict, rundir: RunDir) -> None:
         import ray
 
-        examples = category_examples(rundir, SPLIT, self.seed, self.config.rules_examples)
+        examples = category_examples(rundir, SPLIT, self.seed, self.examples)
         self._categories = len(examples)
         if not examples:
             log.warning("stage %s: %s has no prompts, so no categories to write rules for", self.name, SPLIT)

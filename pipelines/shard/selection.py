@@ -35,24 +35,21 @@ def apply_selection(batch: pa.Table, *, rule: str) -> pa.Table:
 
 class ShardSelectStage(Stage):
     def __init__(self, config: ShardConfig, variant: str):
-        super().__init__(config)
-        self.name = f"shard_select_{variant}"
-        self.inputs = (f"shard_judge_{variant}",)
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__(name=f"shard_select_{variant}", inputs=(f"shard_judge_{variant}",))
         self.reads = frozenset({"id", HELPFULNESS, HARMFULNESS})
         self.writes = PASSTHROUGH
-
-    def hash_payload(self) -> Any:
-        return {"rule": self.config.select}
+        self.rule = config.select
 
     def build(self, inputs: dict) -> Any:
         return inputs[self.inputs[0]].map_batches(apply_selection, batch_format="pyarrow",
-                                                  fn_kwargs={"rule": self.config.select})
+                                                  fn_kwargs={"rule": self.rule})
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         splits = rundir.column_values(self.name, OK, "split")
         judged = [(h, m, s) for status in (OK, DROPPED) for h, m, s in zip(
             *(rundir.column_values(self.name, status, c) for c in (HELPFULNESS, HARMFULNESS, "split")))]
-        return {"rule": self.config.select, "kept_per_split": {s: splits.count(s) for s in sorted(set(splits))},
+        return {"rule": self.rule, "kept_per_split": {s: splits.count(s) for s in sorted(set(splits))},
                 # what each rule keeps of the same judgements, per split
                 "kept_by_rule": {rule: dict(sorted(Counter(s for h, m, s in judged if select(h, m, rule)[0]).items()))
                                  for rule in SELECTION_RULES}}

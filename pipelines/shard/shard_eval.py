@@ -29,8 +29,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from actors.llm import chat
-from pipelines.core.artifacts import endpoint_payload, trained_model_endpoint
-from pipelines.core.config import LLMEndpoint, Strict, names_matching, semantic_dump
+from pipelines.core.artifacts import model_from_endpoint, trained_model_endpoint
+from pipelines.core.config import LLMEndpoint, Strict, names_matching
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.registry import References, register
 from pipelines.core.reports import png_bytes
@@ -294,28 +294,23 @@ class ShardEvalStage(Stage):
     writes = PASSTHROUGH | {"results"}
 
     def __init__(self, config: ShardEvalConfig, shard: ShardConfig, models: dict[str, LLMEndpoint]):
-        super().__init__(config)
-        self.shard = shard
-        self.systems = list(config.systems)
-        self.endpoints = {name: models[s.model] for name, s in config.systems.items()}
         # the training stages whose models are evaluated run first; retraining re-evaluates
-        self.requires = tuple(s.model_from for s in config.systems.values() if s.model_from)
+        super().__init__(config, requires=[s.model_from for s in config.systems.values() if s.model_from])
+        self.systems = list(config.systems)
+        self.endpoints = {name: model_from_endpoint(models[s.model], s.model_from)
+                          for name, s in config.systems.items()}
         self.judge_endpoint = models[config.judge or shard.judge]
+        # of the SHARD section, what it answers and judges with as shard_judge_<v> does (not the section)
+        self.system = shard.system
         self.prompts = judge_prompts(shard)
-
-    def hash_payload(self) -> Any:
-        c, shard = self.config, self.shard
-        return {"split": c.split, "confidence": c.confidence, "system_prompt": shard.system,
-                "systems": {n: endpoint_payload(self.endpoints[n], s.model_from) for n, s in c.systems.items()},
-                "judge": semantic_dump(self.judge_endpoint), "order_seed": shard.order_seed,
-                "templates": {k: p.digest for k, p in self.prompts.items()}, "constrained": shard.constrained,
-                "explanation_chars": shard.explanation_chars}
+        self.verdict_constraint = judge_constraint(shard)
+        self.order_seed = shard.order_seed
 
     def _answers(self, rows, rundir: RunDir, name: str):
         endpoint = trained_model_endpoint(self.endpoints[name], rundir, self.config.systems[name].model_from,
                                           self.name)
         return run_pass(self, rundir, f"answer-{name}", lambda: chat(
-            rows, endpoint, AnswerMessages(self.shard.system)).map_batches(
+            rows, endpoint, AnswerMessages(self.system)).map_batches(
                 take_answer, batch_format="pyarrow", fn_kwargs={
                     "into": "system_answer", "model_field": "system_model", "model": endpoint.model,
                     "extra": _CANDIDATE, "fields": {"system": name}}))
@@ -330,7 +325,7 @@ class ShardEvalStage(Stage):
             candidates = union_all(answers)
             judged = run_pass(self, rundir, "judge", lambda: judge(
                 candidates.filter(expr=col("status") == OK), self.judge_endpoint, self.prompts,
-                judge_constraint(self.shard), seed=self.shard.order_seed, key="eval", candidate="system_answer",
+                self.verdict_constraint, seed=self.order_seed, key="eval", candidate="system_answer",
                 reference="baseline"))
             failed = candidates.filter(expr=col("status") != OK).map_batches(unjudged, batch_format="pyarrow")
             both = union_all([failed, judged]) if judged is not None else failed
@@ -355,7 +350,7 @@ class ShardEvalStage(Stage):
         c = self.config
         return {"settings": {
                     "stage": self.name, "split": c.split, "confidence": c.confidence,
-                    "judge_model": self.judge_endpoint.model, "order_seed": self.shard.order_seed,
+                    "judge_model": self.judge_endpoint.model, "order_seed": self.order_seed,
                     "baseline_model": rows[0]["baseline_model"] if rows else None,
                     "systems": {n: {"model": models.get(n, self.endpoints[n].model), "model_from": s.model_from}
                                 for n, s in c.systems.items()}},

@@ -83,15 +83,13 @@ class ShardSplitStage(Stage):
     writes = PASSTHROUGH | {LINEAGE, "dataset", "split"}
 
     def __init__(self, config: ShardConfig, seed: int):
-        super().__init__(config)
-        self.inputs = tuple(config.inputs)
+        # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
+        super().__init__(inputs=config.inputs)
+        self.splits = config.splits
         self.seed = seed
 
-    def hash_payload(self) -> Any:
-        return {"inputs": list(self.config.inputs), "splits": self.config.splits.model_dump(), "seed": self.seed}
-
     def build(self, inputs: dict) -> Any:
-        shares = self.config.splits.model_dump()
+        shares = self.splits.model_dump()
         rows = union_all([inputs[name].map_batches(prepare_prompts, batch_format="pyarrow",
                                                    fn_kwargs={"dataset": name.removeprefix("seeds_")})
                           for name in self.inputs])

@@ -412,9 +412,7 @@ class MDPOStage(TrainingStage):
     name = "mdpo"
 
     def __init__(self, config: MDPOConfig, name: str | None = None):
-        super().__init__(config)
-        self.name = name or self.name
-        self.inputs = tuple(config.inputs)
+        super().__init__(config, name=name, inputs=config.inputs)
         # the pair columns as stages.mdpo.columns maps them (pair files are checked when read: read_pairs)
         self.reads = frozenset(pair_columns(config))
         self.writes = frozenset(PAIRS) - frozenset(STATUS_FIELDS)

@@ -271,18 +271,15 @@ class GuardSFTStage(TrainingStage):
     name = "guard_sft"
     writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
 
-    def __init__(self, config: GuardSFTConfig, taxonomy_path: str):
-        super().__init__(config)
-        self.inputs = tuple(config.inputs)
-        self.taxonomy_path = taxonomy_path
-        # not the split: a row without one is trained on whatever split is selected
-        self.reads = frozenset({"id", "text", "label"}) | ({"response"} if config.level == "response" else set())
-
-    def hash_payload(self) -> Any:
+    def __init__(self, config: GuardSFTConfig, taxonomy_path: str, *, name: str | None = None):
         from pipelines.core.prompts import ChatPrompt
 
-        return {**super().hash_payload(), "template_digest": ChatPrompt(self.config.template).digest,
-                "taxonomy": load_taxonomy(self.taxonomy_path).model_dump(mode="json")}
+        super().__init__(config, name=name, inputs=config.inputs)
+        self.taxonomy_path = taxonomy_path  # exported with the model
+        self.taxonomy = load_taxonomy(taxonomy_path)  # the training prompts name the categories
+        self.template = ChatPrompt(config.template)
+        # not the split: a row without one is trained on whatever split is selected
+        self.reads = frozenset({"id", "text", "label"}) | ({"response"} if config.level == "response" else set())
 
     def exports(self, rundir: RunDir) -> dict[str, Any]:
         return {GUARD_MODEL: {"folder": MODEL_DIR, "template": str(self.config.template),
@@ -303,9 +300,7 @@ class ChatSFTStage(TrainingStage):
     writes = frozenset(TOKENIZED) - frozenset(STATUS_FIELDS)
 
     def __init__(self, key: str, config: ChatSFTConfig):
-        super().__init__(config)
-        self.name = f"sft_{key}"
-        self.inputs = tuple(config.inputs)
+        super().__init__(config, name=f"sft_{key}", inputs=config.inputs)
         self.reads = frozenset({"id", config.prompt_column, config.completion_column})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:

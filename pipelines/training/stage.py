@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.core.artifacts import MODEL_DIR
-from pipelines.core.config import TrainingConfig, is_uri, semantic_dump
+from pipelines.core.config import TrainingConfig, is_uri
 from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage
@@ -18,15 +18,12 @@ LOGS_DIR = "logs"
 
 
 class TrainingStage(Stage):
-    """A stage whose output is a trained model (plus its tokenized rows)."""
+    """A stage whose output is a trained model (plus its tokenized rows). Its config's operational
+    fields (stop_after_steps, checkpoint and report periods) are out of its hash: resuming a paused run
+    with other values keeps the run key, and so the checkpoint folder."""
 
     needs_rows = True
     _summary: dict[str, Any] | None = None
-
-    def hash_payload(self) -> Any:
-        # operational fields (stop_after_steps, checkpoint and report periods) are out: resuming a
-        # paused run with other values must keep the run key, and so the checkpoint folder
-        return semantic_dump(self.config)
 
     def summary(self, rundir: RunDir) -> dict[str, Any] | None:
         return self._summary

@@ -1,9 +1,18 @@
 """A run directory made by an older version of the code resumes without recomputing a stage.
 
-``tests/fixtures/compat/run/`` was made by commit b9967be from ``tests/fixtures/compat/recipe.yaml``
-(ingest + a seed set + the model-free preprocessing steps). Today's code must find every stage up to
-date: same config hashes, same input fingerprints, manifests untouched. A refactor that changes a
-hash, a stage name or the order of stages fails here. No Ray: skipped stages read no rows.
+``tests/fixtures/compat/run/`` was made by commit 4d2a4d1 (after f8dd97a: config hashes derived
+from what a stage keeps; the run made before it, by b9967be, recomputed every stage once) from
+``tests/fixtures/compat/recipe.yaml`` (ingest + a seed set + the model-free preprocessing steps). Today's
+code must find every stage up to date: same config hashes, same input fingerprints, manifests untouched.
+A refactor that changes a hash, a stage name or the order of stages fails here. No Ray: skipped stages
+read no rows.
+
+A change that recomputes on purpose says so in docs/reference.md (Run directory) and makes the fixture
+again, from the repository root (a local Ray, no model, about 30 s)::
+
+    rm -rf tests/fixtures/compat/run
+    python -m pipelines.cli run tests/fixtures/compat/recipe.yaml
+    rm tests/fixtures/compat/run/.lock   # the run's lock file (its _running/ folder is empty: git skips it)
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ from pipelines.core.stage import Stage, engine_gpus, fits, run_stages
 class Probe(Stage):
     """A source stage (it requires, reads no rows) that records what it saw while running."""
 
+    unhashed = Stage.unhashed | {"barrier", "log", "failed", "seen"}  # the test's probes, not settings
+
     def __init__(self, name: str, *, requires: tuple[str, ...] = (), gpus: int = 0,
                  barrier: threading.Barrier | None = None, fail: bool = False, log: list | None = None,
                  failed: threading.Event | None = None):
-        super().__init__({"name": name})
-        self.name, self.requires, self.gpus = name, requires, gpus
+        super().__init__({"name": name}, name=name, requires=requires)
+        self.gpus = gpus
         self.barrier, self.fail, self.log = barrier, fail, log if log is not None else []
         self.failed = failed  # fail: set before raising; otherwise: wait for it (then a moment more)
         self.seen: dict = {}

@@ -172,6 +172,7 @@ class FixedNameIndex(Stage):
 class Searcher(Stage):
     name = "retrieve"
     requires = ("index",)
+    unhashed = Stage.unhashed | {"calls"}  # counts its runs
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -310,8 +311,8 @@ class Rows(Stage):
     """A source stage that plans ``expected`` rows and writes the given ones."""
 
     def __init__(self, name: str, expected: int | None, ok: list[dict], errors: list[dict] = ()):
-        super().__init__(IndexConfig())
-        self.name, self.expected, self.ok, self.errors = name, expected, ok, list(errors)
+        super().__init__(IndexConfig(), name=name)
+        self.expected, self.ok, self.errors = expected, ok, list(errors)
 
     def expected_rows_in(self) -> int | None:
         return self.expected

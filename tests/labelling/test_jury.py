@@ -308,8 +308,9 @@ def test_judges_sharing_one_model_differ_by_their_own_prompts(tiny_models, tmp_p
     assert own.prompts["j2"].digest == ChatPrompt(strict).digest != own.prompts["j1"].digest
     assert shared.prompts["j1"].digest == shared.prompts["j2"].digest == own.prompts["j1"].digest
     assert own.config_hash() != shared.config_hash()
-    # a jury without per-judge prompts hashes as it did before they existed
-    assert shared.hash_payload()["template_digest"] == shared.prompts["j1"].digest
+    # each judge's prompt is in the hash by its content; without per-judge prompts, the templates field
+    # (ADDED) stays out of the config's part
+    assert own.hash_payload()["prompts"] == {"j1": shared.prompts["j1"].digest, "j2": ChatPrompt(strict).digest}
     assert "templates" not in shared.hash_payload()["config"]
     with pytest.raises(ValidationError, match=r"templates name \['j3'\], which are not judges"):
         JuryConfig(inputs=["x"], judges=["j1", "j2"], templates={"j3": str(strict)})

@@ -279,6 +279,7 @@ def test_a_skipped_stage_gains_the_exports_of_its_kind(tmp_path):
     class Exporter(Stage):
         name = "exporter"
         declared: dict | None = None
+        unhashed = Stage.unhashed | {"declared"}  # a declaration, not an output (set on the built stage below)
 
         def expected_rows_in(self) -> int:
             return 1
