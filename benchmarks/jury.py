@@ -95,19 +95,18 @@ def main() -> None:
                 "jury": {"inputs": ["seeds_rows"], "judges": [f"judge{i}" for i in range(1, 5)], "mode": mode,
                          "cascade": cascade}},
         })
-        mode = variant
-        print(f"--- {mode}", flush=True)
+        print(f"--- {variant}", flush=True)
         t0 = time.perf_counter()
         manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
         wall = time.perf_counter() - t0
         m = manifests["jury"]
-        results[mode] = {"rows": m["rows"]["out"], "stage_seconds": m["seconds"],
+        results[variant] = {"rows": m["rows"]["out"], "stage_seconds": m["seconds"],
                          "rows_per_s": m["rows"]["out"] / m["seconds"], "wall_seconds_with_ingest": wall,
                          "calls_per_row": m["summary"]["cost"]["calls_per_row"], "summary": m["summary"]}
-        votes[mode] = {}
+        votes[variant] = {}
         for batch in RunDir(recipe.run_dir).iter_batches("jury", OK, ["id", "votes", "label"]):
             for row in batch.to_pylist():
-                votes[mode][row["id"]] = ([v["verdict"] for v in row["votes"]], row["label"])
+                votes[variant][row["id"]] = ([v["verdict"] for v in row["votes"]], row["label"])
     ray.shutdown()
 
     same = sum(votes["concurrent"].get(k) == v for k, v in votes["sequential"].items())

@@ -101,7 +101,8 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
                           "to local or shared storage and use --model")
     rundir = RunDir(run_dir, create=False)
     rundir.check_is_run_dir()
-    guards = exported(rundir, GUARD_MODEL)
+    manifests = rundir.manifests()  # read once: every kind below comes from them
+    guards = exported(manifests, GUARD_MODEL)
     trained = [name for name, g in guards.items() if (Path(rundir.uri(name, g["folder"])) / "config.json").is_file()]
     if stage is not None:
         if stage not in trained:
@@ -122,7 +123,7 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
         "taxonomy": guard["taxonomy"],
         "chat_template_kwargs": dict(guard["chat_template_kwargs"]),
     }
-    evaluations = exported(rundir, GUARD_EVALUATION)
+    evaluations = exported(manifests, GUARD_EVALUATION)
     evaluation = next((name for name, e in evaluations.items() if e["model_from"] == chosen), None)
     notes = []
     if evaluation is not None:
@@ -133,7 +134,7 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
             settings["threshold"] = e["threshold"]
             notes.append(f"threshold {settings['threshold']} from {evaluation}")
         notes.append(f"constrained: {str(e['constrained']).lower()} as {evaluation} evaluated")
-    calibrated = calibrated_threshold(rundir, chosen)
+    calibrated = calibrated_threshold(rundir, manifests, chosen)
     if calibrated is not None:
         settings["threshold"], compare, on = calibrated
         notes = [f"threshold {settings['threshold']} calibrated by {compare} on {on}"]
@@ -143,19 +144,19 @@ def run_guard(run_dir: str, stage: str | None = None) -> tuple[str, dict[str, An
     return chosen, settings, notes
 
 
-def exported(rundir, kind: str) -> dict[str, dict[str, Any]]:
+def exported(manifests: dict[str, dict | None], kind: str) -> dict[str, dict[str, Any]]:
     """``{stage: what it exports of kind}`` over the run's finished stages, in the order they finished."""
-    finished = [(m.get("finished_at") or "", name, m) for name, m in rundir.manifests().items()
+    finished = [(m.get("finished_at") or "", name, m) for name, m in manifests.items()
                 if m and m.get("status") == "complete" and kind in (m.get("exports") or {})]
     return {name: m["exports"][kind] for _, name, m in sorted(finished)}
 
 
-def calibrated_threshold(rundir, model_stage: str) -> tuple[float, str, str] | None:
+def calibrated_threshold(rundir, manifests: dict[str, dict | None], model_stage: str) -> tuple[float, str, str] | None:
     """``(threshold, comparison stage, evaluation stage it was calibrated on)``: the decision threshold
     a finished comparison stage calibrated for the model that training stage ``model_stage`` exported
     (its overall one; the last comparison to finish), else ``None``."""
     found = None
-    for stage, export in exported(rundir, THRESHOLDS).items():
+    for stage, export in exported(manifests, THRESHOLDS).items():
         thresholds = json.loads(rundir.read_text(f"{stage}/{export['file']}") or "{}")
         for system in thresholds.values():
             if system.get("model_from") == model_stage and system.get("threshold") is not None:
