@@ -263,12 +263,13 @@ def sequence_logps(model, batch: dict[str, Any]):
 class ReferenceLogProbs:
     """Ray Data actor: the reference model's chosen/rejected log-probs of each tokenized pair."""
 
-    def __init__(self, model: str, micro_batch_size: int):
+    def __init__(self, model: str, micro_batch_size: int, bf16: bool):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # the policy's precision, so that its first log-ratios are ~0 (and bf16 is ~3x faster on AMX CPUs)
+        dtype = torch.bfloat16 if bf16 else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
         self.micro = micro_batch_size
 
@@ -445,9 +446,12 @@ class MDPOStage(TrainingStage):
             ["id", "chosen_ids", "rejected_ids", "prompt_len"])
         if cfg.reference == "precomputed":
             use_gpu = cfg.use_gpu if cfg.use_gpu is not None else default_use_gpu()
+            bf16 = cfg.bf16 if cfg.bf16 is not None else use_gpu  # as train_worker decides
+            # a CPU actor gets the trainer's CPUs: Ray gives an actor as many torch threads as CPUs
             data = run_pass(self, rundir, "reference", lambda: data.map_batches(
-                ReferenceLogProbs, fn_constructor_args=(cfg.reference_model or cfg.model, cfg.micro_batch_size),
+                ReferenceLogProbs, fn_constructor_args=(cfg.reference_model or cfg.model, cfg.micro_batch_size, bf16),
                 batch_size=64, batch_format="numpy", num_gpus=1 if use_gpu else 0,
+                num_cpus=1 if use_gpu else cfg.cpus_per_worker,
                 compute=ray.data.ActorPoolStrategy(size=cfg.num_workers)))
         data = data.random_shuffle(seed=cfg.seed).repartition(cfg.num_workers * 4)
         storage, log_dir = train_dir(self, rundir)

@@ -204,6 +204,12 @@ def pad_right(sequences: list, value: int) -> np.ndarray:
     return out
 
 
+def answer_positions(labels):
+    """The sequence positions ``t`` whose logits predict an answer token of some row
+    (``labels[:, t + 1] != -100`` for any row): the union over the batch, in order."""
+    return (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)
+
+
 class SFT(Method):
     """Causal-LM SFT with the loss on answer tokens (positions ``>= prompt_len``); full-parameter,
     or LoRA adapters when the config has ``lora`` (merged into the exported model)."""
@@ -227,8 +233,22 @@ class SFT(Method):
                 (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels))}
 
     def loss(self, engine, batch: dict[str, Any]):
-        out = engine(**batch)
-        return out.loss, {"loss": float(out.loss.detach())}
+        """Mean cross-entropy over the answer tokens,
+
+            L = −(1/N) Σ_{(i,t): y_{i,t+1} ≠ −100} log p(y_{i,t+1} | x_{i,≤t}),
+
+        the same value as transformers' causal-LM loss, but the output projection runs only at
+        :func:`answer_positions`: a guard's answer is 2-3 tokens of a ~60-token row, and a 262k-token
+        vocabulary (Gemma 3) makes the projection most of the model's compute (measured here on
+        Gemma 3 270M: 1.5x faster per step in fp32)."""
+        import torch.nn.functional as F
+
+        labels = batch["labels"]
+        keep = answer_positions(labels)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        logits_to_keep=keep).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)
+        return loss, {"loss": float(loss.detach())}
 
     def validation_weight(self, batch: dict[str, Any]) -> int:
         """The predicted answer tokens (the loss is their mean): the validation loss is the mean over
