@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, as_written
 from pipelines.core.registry import References, register
@@ -127,6 +127,11 @@ class LoopConfig(Strict):
     systems: list[Literal[SYSTEMS]] = Field(
         default_factory=lambda: ["c0", "c2"], description="classifiers evaluated on the test split and "
         "compared in the report: c0, c1, c2 (MDPO), c2_dpo (G1 trained with DPO)")
+
+    @field_validator("relabel", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads an unquoted `off` as false
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> LoopConfig:
