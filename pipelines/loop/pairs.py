@@ -281,12 +281,15 @@ class PairsStage(Stage):
         self.seed_split = seed_split
         self.iteration = iteration
         self.relabelled = relabelled  # the stage whose label is y* (stages.loop.relabel: jury)
-        self.threshold = threshold  # s >= it is a good rewrite: the levels by the jury's label need it
+        # s >= it is a good rewrite: the levels by the jury's label need it (without relabelling the
+        # score stage gave the levels)
+        self.threshold = threshold if relabelled else None
 
     def hash_payload(self) -> dict[str, Any]:
         payload = super().hash_payload()
-        if self.relabelled is None:  # relabel off: the hash a run made before relabelling existed has
-            del payload["relabelled"], payload["threshold"]
+        for key in ("relabelled", "threshold"):  # unset (relabel off): the hash runs made before relabelling have
+            if payload[key] is None:
+                del payload[key]
         return payload
 
     def write(self, inputs: dict, rundir) -> None:
@@ -309,7 +312,7 @@ class PairsStage(Stage):
             seed_pairs, batch_format="pyarrow", fn_kwargs={
                 "seed": self.seed, "max_pairs": self.max_pairs, "split": self.seed_split,
                 "iteration": self.iteration, "prompt": self.prompt, "relabel": bool(self.relabelled),
-                "threshold": self.threshold}).materialize()
+                **({"threshold": self.threshold} if self.relabelled else {})}).materialize()
         out.filter(expr=col("status") != ORPHAN).write_parquet(rundir.uri(self.name), partition_cols=["status"])
         totals = accounting_totals(out.select_columns(["parent_id", "status", "accounting"]).iter_rows())
         rundir.write_text(f"{self.name}/{ACCOUNTING}", json.dumps(totals, indent=2))
