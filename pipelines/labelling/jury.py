@@ -218,8 +218,9 @@ class JuryStage(Stage):
     # the rows as they came, labelled by the majority (``""``: for the adjudicator), with every vote
     writes = PASSTHROUGH | frozenset(JURY_COLUMNS) | {"label"}
 
-    def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str):
-        super().__init__(config, inputs=config.inputs)
+    def __init__(self, config: JuryConfig, endpoints: dict[str, LLMEndpoint], taxonomy_path: str, *,
+                 name: str | None = None):
+        super().__init__(config, name=name, inputs=config.inputs)
         self.endpoints = {judge: with_room_for_answer(endpoints[judge], config.constrained)
                           for judge in config.judges}
         self.prompts = {judge: ChatPrompt(config.templates.get(judge, config.template)) for judge in config.judges}
@@ -419,8 +420,8 @@ class AdjudicateStage(Stage):
     writes = PASSTHROUGH | frozenset(LABEL_COLUMNS) | {"label", "macro", "micro"}
 
     def __init__(self, config: AdjudicateConfig, endpoint: LLMEndpoint, taxonomy_path: str, *,
-                 min_valid_votes: int | None = None):
-        super().__init__(config, inputs=config.inputs)
+                 min_valid_votes: int | None = None, name: str | None = None):
+        super().__init__(config, name=name, inputs=config.inputs)
         self.min_valid_votes = min_valid_votes  # the jury's quorum, for the agreement report
         self.endpoint = with_room_for_answer(endpoint, config.constrained)
         self.prompt = ChatPrompt(config.template)

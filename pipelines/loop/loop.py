@@ -8,6 +8,7 @@ stages, named by iteration, so that resume and ``chillguard status`` work unchan
     iteration 1  loop1_generate          G0: k candidates per training seed = D_gen(1)
                  loop1_<preprocess>      the recipe's preprocessing steps (normalise, dedup, ...)
                  loop1_decontaminate     candidates repeating a seed-stage row dropped (test first)
+                 loop1_relabel[_adjudicate]  the recipe's jury (and adjudicator) label them     (relabel: jury)
                  loop1_train_c1          C1 = SFT of the backbone on D_train(0) ∪ D_gen(1)
                  loop1_eval_c1                                                              (if evaluated)
     iteration 2  loop2_calibrate         C1 on the seeds' train rows: ŷ's threshold  (labelling.calibrate)
@@ -15,7 +16,7 @@ stages, named by iteration, so that resume and ``chillguard status`` work unchan
                  loop2_score             G0 scores each candidate's quality s; levels L1–L4
                  loop2_pairs             pairs ⟨L1,L4⟩ ≻ ⟨L1,L3⟩ ≻ ⟨L2,L4⟩ within a seed = P(2)
                  loop2_mdpo              G1 = MDPO of G0 on P(2)
-                 loop2_generate, loop2_<preprocess>, loop2_decontaminate       D_gen(2), by G1
+                 loop2_generate, loop2_<preprocess>, loop2_decontaminate[, loop2_relabel...]  D_gen(2), by G1
                  loop2_train_c2, loop2_eval_c2          C2 = SFT of the backbone on D_train(0) ∪ D_gen(2)
                  loop2_dpo, loop2_dpo_generate, ..., loop2_dpo_train_c2, loop2_eval_c2_dpo
                                          the ablation: G1 trained with plain DPO        (if evaluated)
@@ -32,9 +33,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipelines.core.config import CONFIGS, ExistingPath, Strict, as_written
+from pipelines.core.config import ADDED, CONFIGS, ExistingPath, Strict, as_written
 from pipelines.core.registry import References, register
 from pipelines.core.stage import Stage
 from pipelines.data.preprocess import PreprocessSteps, build_steps, translation_endpoint
@@ -43,6 +44,7 @@ from pipelines.loop.decontaminate import DecontaminateStage
 from pipelines.loop.generate import GenerateStage, RewritePrompt
 from pipelines.loop.levels import QUALITY_THRESHOLD
 from pipelines.loop.pairs import PairsStage
+from pipelines.loop.relabel import relabel_stages
 from pipelines.loop.report import LoopReportStage, eval_stage
 from pipelines.loop.score import ScoreStage
 from pipelines.training.mdpo import MDPOConfig, MDPOSettings, MDPOStage, PairColumns
@@ -117,9 +119,19 @@ class LoopConfig(Strict):
     labelling: LabellingConfig = Field(default_factory=LabellingConfig)
     generator_training: MDPOSettings | None = Field(
         None, description="MDPO of G0 on P(2) (`model`: G0's weights); required with iterations: 2")
+    relabel: Literal["off", "jury"] = Field(
+        "off", description="jury: the recipe's jury (stages.jury, and stages.adjudicate when present) labels "
+        "each iteration's candidates after decontamination, and its label is y* for the levels and pairs "
+        "(a candidate it cannot label is ineligible); a judge call per judge and candidate (fewer with its "
+        "cascade). off: a candidate keeps its seed's label (the paper)", json_schema_extra=ADDED)
     systems: list[Literal[SYSTEMS]] = Field(
         default_factory=lambda: ["c0", "c2"], description="classifiers evaluated on the test split and "
         "compared in the report: c0, c1, c2 (MDPO), c2_dpo (G1 trained with DPO)")
+
+    @field_validator("relabel", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads an unquoted `off` as false
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> LoopConfig:
@@ -157,6 +169,7 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
     steps = _preprocess(recipe, config)
     prompt = RewritePrompt(config.templates.unsafe, config.templates.safe, taxonomy) if config.iterations else None
     stages: list[Stage] = []
+    drifted: list[Stage] = []  # the stage giving the jury's label of each generation (relabel: jury)
 
     def classifier(iteration: int, system: str, generated: str | None) -> None:
         train = f"loop{iteration}_train_{system}"
@@ -176,20 +189,24 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
                                       level=config.classifier.level, constrained=config.constrained, **how)
         return GuardEvalStage(name, eval_config, recipe.models[config.classifier_endpoint], taxonomy, name=name)
 
-    def generation(prefix: str, iteration: int, generator: str, endpoint: str, model_from: str | None) -> str:
+    def generation(prefix: str, iteration: int, generator: str, endpoint: str,
+                   model_from: str | None) -> tuple[str, str | None]:
+        """The generation's stages; returns the candidates (D_gen) and the stage giving their jury label."""
         generate = GenerateStage(f"{prefix}_generate", inputs=seeds, endpoint=recipe.models[endpoint],
                                  prompt=prompt, k=config.k, iteration=iteration, generator=generator,
                                  seed_split=config.train_split, model_from=model_from)
         cleaned = build_steps(steps, (generate.name,), recipe.models, prefix=f"{prefix}_")
         decontaminate = DecontaminateStage(f"{prefix}_decontaminate", inputs=((cleaned or [generate])[-1].name,),
                                            reference=seeds, test_split=config.test_split, near=steps.near_dedup)
-        stages.extend([generate, *cleaned, decontaminate])
-        return decontaminate.name
+        relabel = relabel_stages(recipe, prefix, decontaminate.name) if config.relabel == "jury" else []
+        stages.extend([generate, *cleaned, decontaminate, *relabel])
+        drifted.extend(relabel[-1:])
+        return decontaminate.name, (relabel[-1].name if relabel else None)
 
     if "c0" in config.systems:
         classifier(0, "c0", None)
     if config.iterations >= 1:
-        generated = generation("loop1", 1, "G0", config.generator, None)
+        generated, relabelled = generation("loop1", 1, "G0", config.generator, None)
         classifier(1, "c1", generated)
     if config.iterations == 2:
         calibration = None
@@ -203,7 +220,8 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
                                  template=config.score_template, threshold=config.quality_threshold))
         stages.append(PairsStage("loop2_pairs", inputs=seeds, scored="loop2_score", labelled="loop2_label",
                                  prompt=prompt, seed=recipe.seed, max_pairs=config.max_pairs_per_seed,
-                                 seed_split=config.train_split, iteration=2))
+                                 seed_split=config.train_split, iteration=2, relabelled=relabelled,
+                                 threshold=config.quality_threshold))
         for variant in variants(config):
             training = MDPOConfig.model_validate({
                 **config.generator_training.model_dump(), "dynamic_beta": variant == "mdpo",
@@ -211,10 +229,11 @@ def build_loop(recipe: Any, config: LoopConfig) -> list[Stage]:
             trained = f"loop2_{variant}"
             stages.append(MDPOStage(training, name=trained))
             prefix = "loop2" if variant == "mdpo" else "loop2_dpo"
-            generated2 = generation(prefix, 2, "G1" if variant == "mdpo" else "G1_dpo",
-                                    config.trained_generator or config.generator, trained)
+            generated2, _ = generation(prefix, 2, "G1" if variant == "mdpo" else "G1_dpo",
+                                       config.trained_generator or config.generator, trained)
             classifier(2, "c2" if variant == "mdpo" else "c2_dpo", generated2)
-    stages.append(LoopReportStage([s.name for s in stages], systems=config.systems, taxonomy_path=taxonomy))
+    stages.append(LoopReportStage([s.name for s in stages], systems=config.systems, taxonomy_path=taxonomy,
+                                  drift_stages=[s.name for s in drifted]))
     return stages
 
 
@@ -231,6 +250,9 @@ def loop_stage_names(config: LoopConfig) -> list[str]:
 
 def _check(config: LoopConfig, refs: References) -> dict[str, str | None]:
     refs.check_inputs("stages.loop.seeds", config.seeds)
+    if config.relabel == "jury" and refs.recipe.stages.jury is None:
+        raise ValueError("stages.loop.relabel: jury relabels the candidates with the recipe's jury, but the recipe "
+                         "has no stages.jury section (add one with its judges, or set relabel: off)")
     models = {"stages.loop.classifier_endpoint": config.classifier_endpoint, "stages.loop.generator": config.generator,
               "stages.loop.scorer": config.scorer, "stages.loop.trained_generator": config.trained_generator}
     for key in ("classifier_endpoint", "trained_generator"):

@@ -8,6 +8,9 @@ Written to ``RUN_DIR/loop_report/report/``:
   evaluation harness computed them from that stage's rows); the candidates' levels and the pairs'
   types per micro category (from ``loop2_score`` / ``loop2_pairs`` rows); MDPO / DPO training
   curves (β_M, R̄, reward accuracy per step, from the training logs); each loop stage's wall time;
+  with ``relabel: jury``, the label drift of each generation's candidates (per generator and per micro
+  category, with example ids *and texts*: this report stays in the run directory) and the levels and
+  pair types of the same candidates by the jury's label and by the seed's label;
 - ``report.md``: the same as tables;
 - ``f1_by_system.png`` (overall and per-macro F1, bars per system) and ``generator_training.png``.
 
@@ -24,13 +27,17 @@ from pipelines.core.reports import fmt, png_bytes
 from pipelines.core.rows import ERROR, OK
 from pipelines.core.stage import Stage
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.loop.drift import label_drift
 from pipelines.loop.pairs import ACCOUNTING
+from pipelines.loop.relabel import outcome_rows
 from pipelines.training.stage import read_metrics
 
 REPORT_DIR = "report"
 SYSTEM_NAMES = {"c0": "C0 (iteration 0 only)", "c1": "C1 (iteration 1 only)", "c2": "C2 (MDPO, full)",
                 "c2_dpo": "C2 with DPO"}
 CURVES = ("beta_m", "running_mean", "reward_accuracy", "loss")
+LEVEL_COLUMNS = ["L1", "L2", "L3", "L4", "ineligible"]
+PAIR_TYPES = ["<L1,L4>", "<L1,L3>", "<L2,L4>"]
 
 
 def eval_stage(system: str) -> str:
@@ -63,6 +70,49 @@ def candidate_levels(rundir, scored: str = "loop2_score", labelled: str = "loop2
     return out
 
 
+def drift_with_texts(rundir, stage: str) -> dict[str, Any]:
+    """:func:`~pipelines.loop.drift.label_drift` of a relabelling stage's candidates, with ``texts``:
+    the example ids' texts (for the local report only; the manifest summary keeps ids)."""
+    rows = outcome_rows(rundir, stage)
+    drift = label_drift(rows)
+    shown = {i for g in (drift["total"], *drift["by_generator"].values(), *drift["by_micro"].values())
+             for i in g["examples"]}
+    texts = {r["id"]: {"text": r["text"], "seed_label": r["seed_label"], "jury_label": r["jury_label"]}
+             for r in rows if r["id"] in shown}
+    return {**drift, "texts": dict(sorted(texts.items()))}
+
+
+def relabel_markdown(relabel: dict[str, Any]) -> list[str]:
+    """The drift tables and the seed-label / jury-label comparison of the pairs stage's accounting."""
+    lines = ["", "## Relabelled rewrites (`relabel: jury`)", "",
+             "Drift: the share of the candidates the jury labelled whose label differs from their seed's."]
+    header = ["", "| group | candidates | jury-labelled | changed | share | unsafe→safe | safe→unsafe | examples |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, g: dict) -> str:
+        return (f"| {name} | {g['candidates']} | {g['labelled']} | {g['changed']} | {fmt(g['share'])} | "
+                f"{g['unsafe_to_safe']} | {g['safe_to_unsafe']} | {', '.join(g['examples'])} |")
+
+    for stage, drift in relabel["drift"].items():
+        lines += ["", f"### {stage}", *header, row("all", drift["total"])]
+        lines += [row(f"generator {g}", d) for g, d in drift["by_generator"].items()]
+        lines += [row(f"micro {m}", d) for m, d in drift["by_micro"].items()]
+        if drift["texts"]:
+            lines += ["", "Examples (seed label → jury label):", ""]
+            lines += [f"- `{i}` {t['seed_label']} → {t['jury_label']}: {t['text']}" for i, t in drift["texts"].items()]
+    acc = relabel.get("comparison")
+    if acc:
+        lines += ["", "### Levels and pairs of the same candidates (`loop2_pairs`)", "",
+                  "| y* | " + " | ".join(LEVEL_COLUMNS) + " | pairs | " + " | ".join(PAIR_TYPES) + " |",
+                  "|---|" + "---|" * (len(LEVEL_COLUMNS) + 1 + len(PAIR_TYPES))]
+        for name, version in (("jury's label (used)", acc), ("seed's label", acc["seed_label"])):
+            types, levels = version["pair_types"], version["levels"]
+            cells = [*(levels.get(c, 0) for c in LEVEL_COLUMNS), sum(types.values()),
+                     *(types.get(t, 0) for t in PAIR_TYPES)]
+            lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
 def read_curves(rundir, stage: str) -> list[dict[str, float]]:
     """Per step of a generator training stage: its step and :data:`CURVES`."""
     return [{"step": r["step"], **{k: r[k] for k in CURVES if k in r}} for r in read_metrics(rundir, stage)]
@@ -88,8 +138,10 @@ def markdown(report: dict, taxonomy) -> str:
             lines.append(f"| {code} | " + " | ".join(fmt(systems[n]["per_micro_f1"].get(code)) for n in names) + " |")
     levels = report["levels"]
     if levels["by_micro"]:
-        cols = ["L1", "L2", "L3", "L4", "ineligible"]
-        lines += ["", "## Candidate levels (iteration 2, C1's labels and G0's scores)", "",
+        cols = LEVEL_COLUMNS
+        by = " (levels by the seed's label, pairs by the jury's: see Relabelled rewrites)" if report.get("relabel") \
+            else ""
+        lines += ["", f"## Candidate levels (iteration 2, C1's labels and G0's scores){by}", "",
                   "| micro | " + " | ".join(cols) + " | pairs | " + " | ".join(report["pairs"]["types"]) + " |",
                   "|---|" + "---|" * (len(cols) + 1 + len(report["pairs"]["types"]))]
         for code, counts in levels["by_micro"].items():
@@ -111,6 +163,8 @@ def markdown(report: dict, taxonomy) -> str:
     if accounting:
         lines += ["", f"Per seed (`loop2_pairs`): {accounting['candidates']} candidates = {accounting['paired']} in "
                   f"pairs + unpaired {accounting['unpaired']} + ineligible {accounting['ineligible']}."]
+    if report.get("relabel"):
+        lines += relabel_markdown(report["relabel"])
     for stage, curve in report["generator_training"].items():
         if curve:
             last = curve[-1]
@@ -173,11 +227,17 @@ class LoopReportStage(Stage):
 
     name = "loop_report"
 
-    def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str):
+    #: wiring: the drift stages are among its requires (in the input fingerprint)
+    unhashed = Stage.unhashed | {"drift_stages"}
+
+    def __init__(self, loop_stages: list[str], *, systems: list[str], taxonomy_path: str,
+                 drift_stages: list[str] | tuple[str, ...] = ()):
         super().__init__(requires=loop_stages)
         # what the report counts of the rows of the loop's stages (their reports it reads as files)
-        counted = {"loop2_score": frozenset({"micro", "level"}), "loop2_pairs": frozenset({"micro", "pair_type"})}
+        counted = {"loop2_score": frozenset({"micro", "level"}), "loop2_pairs": frozenset({"micro", "pair_type"}),
+                   **{name: frozenset({"id", "text", "label", "source_label"}) for name in drift_stages}}
         self.reads = {name: columns for name, columns in counted.items() if name in self.requires}
+        self.drift_stages = [name for name in drift_stages if name in self.requires]
         self.systems = list(systems)
         self.taxonomy = load_taxonomy(taxonomy_path)  # the report's per-category tables name the categories
 
@@ -205,6 +265,11 @@ class LoopReportStage(Stage):
         manifests = rundir.manifests()
         label = json.loads(rundir.read_text(f"loop2_label/{REPORT_DIR}/metrics.json") or "null") \
             if "loop2_label" in self.requires else None
+        accounting = json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null") \
+            if "loop2_pairs" in self.requires else None
+        relabel = {"drift": {s: drift_with_texts(rundir, s) for s in self.drift_stages},
+                   "comparison": accounting if accounting and "seed_label" in accounting else None} \
+            if self.drift_stages else None
         return {
             # how C1 decided ŷ: its threshold, and where a calibration chose it, on which rows
             "labelling": {"threshold": label["settings"].get("threshold"),
@@ -218,8 +283,8 @@ class LoopReportStage(Stage):
                       "type_totals": dict(type_totals), "total": sum(type_totals.values()),
                       "types": ["<L1,L4>", "<L1,L3>", "<L2,L4>"],
                       # a one-iteration loop has no pairs stage (a run directory may still hold an old one)
-                      "accounting": json.loads(rundir.read_text(f"loop2_pairs/{ACCOUNTING}") or "null")
-                      if "loop2_pairs" in self.requires else None},
+                      "accounting": accounting},
+            "relabel": relabel,
             "generator_training": {s: read_curves(rundir, s) for s in self.requires
                                    if s in ("loop2_mdpo", "loop2_dpo")},
             "seconds": {s: manifests[s]["seconds"] for s in self.requires if manifests.get(s)},
@@ -238,6 +303,9 @@ class LoopReportStage(Stage):
         self._summary = {"f1": {s: m["f1"] for s, m in report["systems"].items()},
                          "pairs": report["pairs"]["total"], "levels": report["levels"]["total"],
                          "report": f"{REPORT_DIR}/report.md"}
+        if report["relabel"]:  # ids and figures only: the texts stay in the report files
+            self._summary["drift"] = {s: {k: d[k] for k in ("total", "by_generator")}
+                                      for s, d in report["relabel"]["drift"].items()}
 
     _summary: dict[str, Any] | None = None
 
