@@ -6,10 +6,13 @@
     chillguard status RUN_DIR
     chillguard serve [RUN_DIR] [--model PATH_OR_ID] [--config SERVE_YAML] [key=value ...] [--address ADDR]
     chillguard tiny-models OUT_DIR [--seed N]
+    chillguard audit export RUN_DIR [--stage jury] [--n 300] [--seed S] [--floor F] [--out DIR]
+    chillguard audit import RUN_DIR EXPORT.json [--out DIR]
 
-Exit codes: 0 done; 2 a recipe problem, a status path that holds no run, or a run directory on object
-storage that cannot be used (missing bucket, credentials, endpoint; told before Ray starts); 3 training
-paused (``stop_after_steps``; run again to continue); 4 the run directory is in use by another run.
+Exit codes: 0 done; 2 a recipe problem, a status path that holds no run, an audit's unusable input
+(a run without the stage, a file that is not a Label Studio export, tasks not in the run), or a run
+directory on object storage that cannot be used (missing bucket, credentials, endpoint; told before Ray
+starts); 3 training paused (``stop_after_steps``; run again to continue); 4 the run directory is in use by another run.
 """
 
 from __future__ import annotations
@@ -108,6 +111,31 @@ def _cmd_tiny_models(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    """Human audit: a stratified sample as Label Studio tasks, and its export back as a report."""
+    from pipelines.labelling.audit_sample import AuditError
+
+    try:
+        if args.audit_command == "export":
+            from pipelines.labelling.audit_sample import export_audit
+
+            record = export_audit(args.run_dir, stage=args.stage, n=args.n, seed=args.seed, floor=args.floor,
+                                  out=args.out)
+            print(f"sampled {record['sampled']} of {record['rows']} rows of {record['stage']} "
+                  f"({len(record['strata'])} strata): {', '.join(record['files'])}")
+        else:
+            from pipelines.labelling.audit_report import import_audit, interval_text
+
+            report = import_audit(args.run_dir, args.export, out=args.out)
+            where = args.out or f"{args.run_dir}/audit"
+            print(f"{report['accounted']}; agreement {interval_text(report['overall']['agreement'])}, "
+                  f"kappa {interval_text(report['overall']['kappa'])}: {where}/report.md")
+    except AuditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chillguard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_tiny_models)
+
+    p = sub.add_parser("audit", help="human audit of the jury: Label Studio tasks out, its export back in")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    a = audit.add_parser("export", help="a stratified sample (vote pattern x micro) as Label Studio import "
+                         "tasks and a labelling config")
+    a.add_argument("run_dir")
+    a.add_argument("--stage", default="jury", help="the stage whose rows and votes to audit (default: jury; "
+                   "final labels from its adjudicate stage where the run has one)")
+    a.add_argument("--n", type=int, default=300, help="rows to sample (default 300)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--floor", type=int, default=5, help="rows at least per non-empty stratum (default 5)")
+    a.add_argument("--out", help="folder for tasks.json and label_config.xml (default RUN_DIR/audit)")
+    a = audit.add_parser("import", help="read Label Studio's JSON export back; write the audit report")
+    a.add_argument("run_dir")
+    a.add_argument("export", help="the project's export (Export -> JSON)")
+    a.add_argument("--out", help="folder for report.json and report.md (default RUN_DIR/audit)")
+    p.set_defaults(fn=_cmd_audit)
 
     args = parser.parse_args(argv)
     _setup_logging()

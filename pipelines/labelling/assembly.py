@@ -44,6 +44,7 @@ from pipelines.core.stage import Stage, col, run_pass
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.core.textnorm import normalize_text
 from pipelines.labelling.jury import LABEL_COLUMNS
+from pipelines.labelling.label_cost import audit_summary, cost_lines, labelling_cost
 from pipelines.labelling.voting import LABELS
 
 
@@ -198,7 +199,8 @@ LINEAGE_FIELDS = {
 
 
 def dataset_card(*, name: str, config: AssembleConfig, stats: dict, taxonomy_path: str,
-                 labelling: dict, agreement: dict | None) -> str:
+                 labelling: dict, agreement: dict | None, cost: dict | None = None,
+                 audit: dict | None = None) -> str:
     taxonomy = load_taxonomy(taxonomy_path)
     lines = [f"# {name}", "",
              "A fine-grained Chinese safety dataset of user prompts labelled safe / unsafe under a "
@@ -226,6 +228,7 @@ def dataset_card(*, name: str, config: AssembleConfig, stats: dict, taxonomy_pat
         lines += ["", f"Agreement: Fleiss' kappa {'undefined' if kappa is None else f'{kappa:.3f}'}; "
                       f"tie rate {agreement.get('tie_rate')}; adjudication rate {agreement.get('adjudication_rate')} "
                       "(details: the adjudicate stage's `agreement.md`)."]
+    lines += cost_lines(cost, audit)
     lines += ["", "## Split", "",
               f"Stratified by micro category × label; {config.test_share:.0%} of each stratum's distinct "
               "texts go to test. Train and test share no id and no normalised text (enforced: train rows "
@@ -314,7 +317,10 @@ class AssembleStage(Stage):
             agreement = json.loads(text) if text else agreement
         rundir.write_text(f"{self.name}/dataset/README.md", dataset_card(
             name=self.config.dataset_name, config=self.config, stats=stats, taxonomy_path=self.taxonomy_path,
-            labelling=self.labelling, agreement=agreement))
+            labelling=self.labelling, agreement=agreement,
+            cost=labelling_cost(rundir.read_manifest("jury"), rundir.read_manifest("adjudicate")),
+            # an audit imported before this stage ran (`chillguard audit import`)
+            audit=audit_summary(json.loads(rundir.read_text("audit/report.json") or "null"))))
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
         stats = json.loads(rundir.read_text(f"{self.name}/dataset/stats.json") or "{}")
