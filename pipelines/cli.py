@@ -1,6 +1,6 @@
 """The ``chillguard`` command line.
 
-    chillguard run RECIPE [key=value ...] [--address ADDR] [--force]
+    chillguard run RECIPE [key=value ...] [--address ADDR] [--force] [--until STAGE[,STAGE]]
     chillguard config RECIPE [key=value ...] [--graph]
     chillguard graph RECIPE [key=value ...] [--dot] [--png OUT.png]
     chillguard status RUN_DIR
@@ -38,6 +38,13 @@ def _cmd_run(args) -> int:
     from pipelines.core.stage import status_table
 
     stages = build_stages(recipe)  # templates are read and checked before the cluster starts
+    if args.until:
+        from pipelines.core.graph import GraphError, upstream_closure
+
+        try:
+            stages = upstream_closure(stages, [s.strip() for s in args.until.split(",") if s.strip()])
+        except GraphError as exc:
+            raise ConfigError(f"--until: {exc}") from None
     from pipelines.training.train_loop import TrainingPaused
 
     rundir = RunDir(recipe.run_dir)
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.rewrite.max_outputs=3")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--until", metavar="STAGE[,STAGE]",
+                   help="run only these stages and the stages they depend on (names as chillguard graph prints them)")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("config", help="print the fully resolved recipe")

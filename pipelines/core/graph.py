@@ -186,3 +186,25 @@ def order_nodes(nodes: Sequence[Any]) -> list[Any]:
             raise GraphError(f"two stages are named {node.name}")
         by_name[node.name] = node
     return [by_name[name] for name in run_order({n.name: [*n.inputs, *n.requires] for n in nodes})]
+
+
+def upstream_closure(nodes: Sequence[Any], targets: Iterable[str]) -> list[Any]:
+    """``nodes`` (in their order) that ``targets`` depend on, directly or through other nodes, and the
+    targets themselves: what must run to produce the targets. A target that is no node raises
+    :class:`GraphError` naming it and the closest node names."""
+    import difflib
+
+    by_name = {n.name: n for n in nodes}
+    wanted: set[str] = set()
+    todo = list(targets)
+    for name in todo:
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3)
+            raise GraphError(f"no stage is named {name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            node = by_name[name]
+            todo.extend(u for u in (*node.inputs, *node.requires) if u in by_name)
+    return [n for n in nodes if n.name in wanted]

@@ -18,7 +18,7 @@ import pipelines.data.ingest as ingest
 from pipelines.cli import main
 from pipelines.construction import Recipe, build_stages, load_recipe
 from pipelines.core.config import ConfigError, dump_recipe
-from pipelines.core.graph import GraphError, depths, graph_dot, graph_text, order_nodes, run_order
+from pipelines.core.graph import GraphError, depths, graph_dot, graph_text, order_nodes, run_order, upstream_closure
 from tests.conftest import REPO, write_jsonl
 
 # --- the pure ordering ---------------------------------------------------------------------------
@@ -71,6 +71,15 @@ def test_nodes_are_ordered_by_inputs_and_requires_and_named_once():
     assert [n.name for n in order_nodes(nodes)] == ["rows", "train", "eval"]
     with pytest.raises(GraphError, match="two stages are named rows"):
         order_nodes([_stage("rows"), _stage("rows")])
+
+
+def test_upstream_closure_keeps_what_the_targets_depend_on_in_order():
+    nodes = [_stage("rows"), _stage("other"), _stage("train", ["rows"]), _stage("eval", ["rows"], ["train"]),
+             _stage("report", ["eval"])]
+    assert [n.name for n in upstream_closure(nodes, ["eval"])] == ["rows", "train", "eval"]
+    assert [n.name for n in upstream_closure(nodes, ["train", "other"])] == ["rows", "other", "train"]
+    with pytest.raises(GraphError, match=r"^no stage is named evall \(did you mean eval\?\)$"):
+        upstream_closure(nodes, ["evall"])
 
 
 def test_graph_text_and_dot():
@@ -253,3 +262,11 @@ def test_graph_and_config_import_matplotlib_only_for_a_png(tmp_path, tiny_models
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "HEAVY []" in done.stdout.splitlines()
+
+
+def test_run_until_an_unknown_stage_is_a_one_line_error_before_ray(tmp_path, tiny_models, monkeypatch, capsys):
+    demo = str(_shipped(REPO / "configs/recipes/demo.yaml", tmp_path, tiny_models, monkeypatch))
+    assert main(["run", demo, "--until", "jury,loop1_relabl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --until: no stage is named loop1_relabl (did you mean loop2_label") and "\n" not in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
