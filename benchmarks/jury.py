@@ -2,6 +2,12 @@
 another, and the cascade (``cascade: true``: a row is asked until its label is fixed).
 
     python benchmarks/jury.py [--rows 2000] [--models DIR]
+    python benchmarks/jury.py --runs FULL_RUN_DIR CASCADE_RUN_DIR   # two finished runs of one recipe
+
+With ``--runs`` nothing is run: the jury stages (and adjudicate stages, where both runs have one) of two
+finished runs of the same recipe and rows, one with ``cascade: false`` and one with ``cascade: true``
+(the real-model figure: e.g. ``real_eval.yaml`` with ``--until adjudicate`` twice), are compared row by
+row: calls per row from their manifests, stage seconds, identical labels.
 
 The rows are SYNTHETIC (taxonomy keywords in short bilingual question templates, labelled by
 template). Every run uses the product's jury stage (``run_stages`` on an embedded local Ray with four
@@ -51,13 +57,62 @@ def generate(path: Path, n: int, seed: int) -> None:
                                 "label": label, "micro": code, "macro": code[0]}, ensure_ascii=False) + "\n")
 
 
+def stage_rows(run_dir: str, stage: str) -> dict[str, tuple[list[str], str]]:
+    """``id -> (verdicts, label)`` of a finished stage's ok rows (votes as asked: a cascade's are fewer)."""
+    from pipelines.core.rows import OK
+    from pipelines.core.rundir import RunDir
+
+    out = {}
+    for batch in RunDir(run_dir, create=False).iter_batches(stage, OK, ["id", "votes", "label"]):
+        for row in batch.to_pylist():
+            out[row["id"]] = ([v["verdict"] or "" for v in row["votes"]], row["label"] or "")
+    return out
+
+
+def compare_runs(full: str, cascade: str) -> dict:
+    """The cascade against the full jury on two finished runs: calls per row, seconds, identical labels."""
+    from pipelines.core.rundir import RunDir
+
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {"full": full,
+              "cascade": cascade}, "synthetic": False, "stages": {}}
+    for stage in ("jury", "adjudicate"):
+        manifests = [RunDir(d, create=False).read_manifest(stage) for d in (full, cascade)]
+        if not all(m and m.get("status") == "complete" for m in manifests):
+            continue
+        a, b = stage_rows(full, stage), stage_rows(cascade, stage)
+        same = sum(b.get(k, (None, None))[1] == label for k, (_, label) in a.items())
+        prefixes = sum(b[k][0] == verdicts[:len(b[k][0])] for k, (verdicts, _) in a.items() if k in b)
+        costs = [m["summary"].get("cost", {}) for m in manifests]
+        result["stages"][stage] = {
+            "rows": len(a), "rows_cascade": len(b), "identical_labels": same, "vote_prefixes": prefixes,
+            "seconds": [m["seconds"] for m in manifests], "calls_per_row": [c.get("calls_per_row") for c in costs]}
+        figures = result["stages"][stage]
+        calls = " vs ".join("n/a (no cost in manifest)" if c is None else f"{c:.2f}" for c in figures["calls_per_row"])
+        print(f"{stage}: {len(a)} rows; calls per row full vs cascade {calls}; seconds "
+              f"{figures['seconds'][0]:.0f} vs {figures['seconds'][1]:.0f}; identical labels {same}/{len(a)}; "
+              f"the cascade's votes a prefix of the full ones on {prefixes}/{len(a)}")
+    if not result["stages"]:
+        raise SystemExit(f"error: {full} and {cascade} have no finished jury stage in common")
+    jury = result["stages"].get("jury")
+    result["targets"] = {"the cascade gives identical labels": all(
+        f["identical_labels"] == f["rows"] == f["rows_cascade"] for f in result["stages"].values())}
+    if jury and jury["calls_per_row"][1] is not None:
+        result["targets"]["cascade calls per row <= 3.4"] = jury["calls_per_row"][1] <= 3.4
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--models", default=None, help="tiny-models folder (default: build one)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--runs", nargs=2, metavar=("FULL", "CASCADE"),
+                        help="compare two finished run directories instead of running the synthetic jury")
     add_output_args(parser, "jury")
     args = parser.parse_args()
+    if args.runs:
+        finish(compare_runs(*args.runs), args.out)
+        return
 
     work = fresh_dir(args.workdir)
     if args.models:
