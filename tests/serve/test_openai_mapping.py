@@ -1,0 +1,90 @@
+"""The mapping of our micro codes onto OpenAI's moderation categories: the shipped file, and bad files
+as one-line errors naming the code (pure: no Ray)."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import yaml
+
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve.openai_mapping import (
+    DEFAULT_OPENAI_MAPPING,
+    OPENAI_CATEGORIES,
+    OPENAI_MODELS,
+    OpenAIMappingError,
+    load_openai_mapping,
+    parse_openai_mapping,
+)
+
+TAXONOMY = load_taxonomy()
+MAPPING = load_openai_mapping(DEFAULT_OPENAI_MAPPING, TAXONOMY.micro_codes)
+
+
+def test_every_micro_code_is_mapped_with_a_reason():
+    assert list(MAPPING.targets) == TAXONOMY.micro_codes and len(MAPPING.targets) == 31
+    for code, targets in MAPPING.targets.items():
+        assert set(targets) <= set(OPENAI_CATEGORIES), code
+        assert MAPPING.why[code] and "\n" not in MAPPING.why[code], code
+        # a subcategory (hate/threatening, illicit/violent, ...) only with its parent
+        for target in targets:
+            assert "/" not in target or target.split("/")[0] in targets, (code, target)
+    # the codes no OpenAI category covers, as docs/serving.md lists them: they answer `unspecified`
+    assert {code for code, targets in MAPPING.targets.items() if not targets} == {"A7", "E1", "E2"}
+    assert MAPPING.codes_of("hate") == ["A5", "B1", "B2", "B3", "B5", "B8"]
+
+
+def test_openai_names_are_the_clients_own():
+    """The 13 categories and the model names as the `openai` client types them."""
+    moderation = pytest.importorskip("openai.types.moderation")
+    from openai.types.moderation_model import ModerationModel
+
+    for model in (moderation.Categories, moderation.CategoryScores, moderation.CategoryAppliedInputTypes):
+        names = [field.alias or name for name, field in model.model_fields.items()]
+        assert names == list(OPENAI_CATEGORIES), model.__name__
+    assert set(typing.get_args(ModerationModel)) == set(OPENAI_MODELS)
+
+
+def _data() -> dict:
+    return yaml.safe_load(DEFAULT_OPENAI_MAPPING.read_text(encoding="utf-8"))
+
+
+def _without_b3(data: dict) -> None:
+    del data["codes"]["B3"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (_without_b3, "m.yaml: micro code B3 is not mapped"),
+    (lambda d: d["codes"]["B3"].update(openai=["hateful"]),
+     "m.yaml: B3: 'hateful' is not an OpenAI moderation category"),
+    (lambda d: d["codes"].update(Z9={"openai": [], "why": "x"}), "m.yaml: Z9 is not a micro code of the taxonomy"),
+    (lambda d: d["codes"]["B3"].pop("why"), "m.yaml: B3 needs exactly `openai` and `why` (got openai)"),
+    (lambda d: d["codes"]["B3"].update(why="  "), "m.yaml: B3: `why` must be one non-empty line"),
+    (lambda d: d["codes"]["B3"].update(openai=["hate", "hate"]), "m.yaml: B3: a category is listed twice"),
+    (lambda d: d["codes"]["B3"].update(openai="hate"), "m.yaml: B3: `openai` must be a list"),
+    (lambda d: d.update(extra=1), "m.yaml: unknown top-level key(s) extra"),
+    (lambda d: d.pop("codes"), "m.yaml: expected a mapping `codes:`"),
+])
+def test_a_bad_mapping_is_one_line_naming_the_code(tmp_path, change, message):
+    data = _data()
+    change(data)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(OpenAIMappingError) as err:
+        load_openai_mapping(path, TAXONOMY.micro_codes)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_or_broken_files(tmp_path):
+    assert parse_openai_mapping(_data(), TAXONOMY.micro_codes, "m.yaml") == MAPPING
+    with pytest.raises(OpenAIMappingError, match="^m.yaml: expected a mapping"):
+        parse_openai_mapping(["A1"], TAXONOMY.micro_codes, "m.yaml")
+    with pytest.raises(OpenAIMappingError, match="does not exist"):
+        load_openai_mapping(tmp_path / "none.yaml", TAXONOMY.micro_codes)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("codes: [unclosed\n", encoding="utf-8")
+    with pytest.raises(OpenAIMappingError, match="not valid YAML") as err:
+        load_openai_mapping(broken, TAXONOMY.micro_codes)
+    assert "\n" not in str(err.value)
+
