@@ -8,6 +8,7 @@ import typing
 import pytest
 import yaml
 
+from pipelines.core.config import ConfigError, validate_settings
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.openai_mapping import (
     DEFAULT_OPENAI_MAPPING,
@@ -88,3 +89,24 @@ def test_missing_or_broken_files(tmp_path):
         load_openai_mapping(broken, TAXONOMY.micro_codes)
     assert "\n" not in str(err.value)
 
+
+def test_the_serve_settings_check_the_mapping_and_the_names(tmp_path):
+    """A bad mapping or a served name that is also an OpenAI model name fails the settings, before Ray."""
+    from pipelines.serve.config import GuardServeConfig
+
+    settings = {"model": "Qwen/Qwen3-8B"}
+    config = validate_settings(GuardServeConfig, settings, "s")
+    assert config.categories == "chillguard" and config.openai_models == list(OPENAI_MODELS)
+    data = _data()
+    _without_b3(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError, match="micro code B3 is not mapped"):
+        validate_settings(GuardServeConfig, {**settings, "openai_mapping": str(bad)}, "s")
+    with pytest.raises(ConfigError, match="'omni-moderation-latest' is one of openai_models"):
+        validate_settings(GuardServeConfig, {**settings, "name": "omni-moderation-latest"}, "s")
+    with pytest.raises(ConfigError, match="categories"):
+        validate_settings(GuardServeConfig, {**settings, "categories": "llamaguard"}, "s")
+    aliased = validate_settings(GuardServeConfig, {**settings, "categories": "openai",
+                                                   "openai_models": ["moderation"]}, "s")
+    assert (aliased.categories, aliased.openai_models) == ("openai", ["moderation"])
