@@ -101,14 +101,27 @@ def test_openai_scores_sum_the_shares_of_the_codes_that_count():
 
 
 def test_the_openai_client_reads_openai_keys_by_attribute():
-    moderation = pytest.importorskip("openai.types.moderation")
+    """The answer as the `openai` client parses it: leniently (its default, `construct_type`) and with
+    `_strict_response_validation` (pydantic validation)."""
+    pytest.importorskip("openai")
+    from openai._models import construct_type
+    from openai.types import ModerationCreateResponse
 
-    result = moderation.Moderation.model_validate(moderation_result(verdict("A4"), TAXONOMY, MAPPING))
-    assert result.flagged and result.categories.illicit_violent and result.categories.violence
-    assert not result.categories.hate and result.category_scores.illicit == 0.9
-    assert result.categories.model_extra == {UNSPECIFIED: False}
-    result = moderation.Moderation.model_validate(moderation_result(verdict(None), TAXONOMY, MAPPING))
-    assert result.flagged and result.categories.model_extra == {UNSPECIFIED: True}
+    body = {"id": "modr-1", "model": "omni-moderation-latest",
+            "results": [moderation_result(verdict("A4"), TAXONOMY, MAPPING),
+                        moderation_result(verdict(None), TAXONOMY, MAPPING)]}
+    for parsed in (construct_type(type_=ModerationCreateResponse, value=body),
+                   ModerationCreateResponse.model_validate(body)):
+        violent, unnamed = parsed.results
+        assert violent.flagged and violent.categories.illicit_violent and violent.categories.violence
+        assert not violent.categories.hate and not violent.categories.self_harm_intent
+        assert violent.category_scores.illicit == 0.9 and violent.category_scores.violence_graphic == 0.0
+        assert violent.category_applied_input_types.sexual_minors == ["text"]
+        # `unspecified` is an extra (the lenient parse keeps the slashed keys among the extras too)
+        assert violent.categories.model_extra[UNSPECIFIED] is False
+        assert unnamed.flagged and unnamed.categories.model_extra[UNSPECIFIED] is True
+        assert not any(getattr(unnamed.categories, key.replace("/", "_").replace("-", "_"))
+                       for key in OPENAI_CATEGORIES)
 
 
 @pytest.mark.parametrize("model,default,scheme", [
