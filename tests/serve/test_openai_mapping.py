@@ -3,12 +3,13 @@ as one-line errors naming the code (pure: no Ray)."""
 
 from __future__ import annotations
 
+import re
 import typing
 
 import pytest
 import yaml
 
-from pipelines.core.config import ConfigError, validate_settings
+from pipelines.core.config import CONFIGS, ConfigError, validate_settings
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.openai_mapping import (
     DEFAULT_OPENAI_MAPPING,
@@ -34,6 +35,17 @@ def test_every_micro_code_is_mapped_with_a_reason():
     # the codes no OpenAI category covers, as docs/serving.md lists them: they answer `unspecified`
     assert {code for code, targets in MAPPING.targets.items() if not targets} == {"A7", "E1", "E2"}
     assert MAPPING.codes_of("hate") == ["A5", "B1", "B2", "B3", "B5", "B8"]
+
+
+def test_the_docs_table_is_the_mapping():
+    """docs/serving.md's table of OpenAI categories and the codes that count in them says what the file says."""
+    text = (CONFIGS.parent / "docs" / "serving.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([a-z/-]+)` \| ([A-E][0-9](?:, [A-E][0-9])*) \|$", text, re.M))
+    assert {k: v.split(", ") for k, v in rows.items()} == \
+        {k: MAPPING.codes_of(k) for k in OPENAI_CATEGORIES if MAPPING.codes_of(k)}
+    (none,) = [line for line in text.splitlines() if line.startswith("| `") and "| none" in line]
+    unused = [k for k in OPENAI_CATEGORIES if not MAPPING.codes_of(k)]
+    assert re.findall(r"`([a-z/-]+)`", none.split(" | ")[0]) == unused
 
 
 def test_openai_names_are_the_clients_own():
