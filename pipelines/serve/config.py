@@ -7,11 +7,13 @@ guard prompt, batch concurrent callers and read the answers. Each has its own au
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipelines.core.config import CONFIGS, ExistingPath, ModelRef, Strict
+from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve.openai_mapping import DEFAULT_OPENAI_MAPPING, OPENAI_MODELS, load_openai_mapping
 
 
 class AutoscalingConfig(Strict):
@@ -74,6 +76,14 @@ class GuardServeConfig(Strict):
     top_logprobs: int = Field(5, ge=2, le=20, description="alternatives per answer token: the first token's "
                               "give the score, the code's give the other codes' shares (guard evaluation uses 5 too)")
     max_inputs: int = Field(64, ge=1, description="most texts in one /v1/moderations list (413 past it)")
+    categories: Literal["chillguard", "openai"] = Field(
+        "chillguard", description="the category keys of /v1/moderations when the request's `model` names "
+        "neither scheme: chillguard = our micro and macro codes, openai = OpenAI's 13 categories (openai_mapping)")
+    openai_mapping: ExistingPath = Field(str(DEFAULT_OPENAI_MAPPING), validate_default=True,
+                                         description="the micro codes mapped onto OpenAI's categories")
+    openai_models: list[str] = Field(
+        default_factory=lambda: list(OPENAI_MODELS), description="request `model` names that select OpenAI's "
+        "categories on /v1/moderations (OpenAI's moderation models; add aliases here)")
     max_batch_size: int = Field(32, ge=1, description="prompts sent to the engine in one call: concurrent "
                                 "callers' prompts are batched up to this (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
@@ -83,6 +93,15 @@ class GuardServeConfig(Strict):
     port: int = Field(8000, ge=1, le=65535)
     engine: EngineDeployment = Field(default_factory=EngineDeployment)
     ingress: IngressDeployment = Field(default_factory=IngressDeployment)
+
+    @model_validator(mode="after")
+    def _categories(self) -> GuardServeConfig:
+        if self.name in self.openai_models:
+            raise ValueError(f"name {self.name!r} is one of openai_models: the served name selects our codes, "
+                             "those names OpenAI's categories")
+        # a bad mapping is an error here, before Ray starts (the ingress loads the same file)
+        load_openai_mapping(self.openai_mapping, load_taxonomy(self.taxonomy).micro_codes)
+        return self
 
     @property
     def max_model_len(self) -> int | None:

@@ -1,6 +1,7 @@
 """The guard's HTTP ingress: a Ray Serve deployment wrapping a FastAPI app.
 
-Routes: ``POST /v1/moderations`` (OpenAI's shape), ``POST /v1/guard`` (our richer answer),
+Routes: ``POST /v1/moderations`` (OpenAI's shape; our codes or OpenAI's categories as the request's
+``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer),
 ``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
 rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
 token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
@@ -36,16 +37,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve.categories import OPENAI, moderation_result, select_categories
 from pipelines.serve.config import GuardServeConfig
-from pipelines.serve.moderation import (
-    Completion,
-    GuardAnswerError,
-    Verdict,
-    guard_result,
-    moderation_result,
-    read_verdict,
-)
+from pipelines.serve.moderation import Completion, GuardAnswerError, Verdict, guard_result, read_verdict
 from pipelines.serve.observability import ServeMetrics
+from pipelines.serve.openai_mapping import load_openai_mapping
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +130,7 @@ class GuardIngress:
         self.config = GuardServeConfig.model_validate(config)
         c = self.config
         self.taxonomy = load_taxonomy(c.taxonomy)
+        self.openai_mapping = load_openai_mapping(c.openai_mapping, self.taxonomy.micro_codes)
         # guard evaluation's adapter: the same prompt, micro codes and answer regex
         adapter = ChillGuardAdapter(self.taxonomy, c.template)
         self.codes = adapter.codes
@@ -240,10 +237,17 @@ class GuardIngress:
         if "input" not in body:
             raise ApiError(400, "invalid_request_error", "missing `input` (a string or a list of strings)", "input")
         texts = _texts(body["input"], "input", allow_list=True, max_inputs=self.config.max_inputs)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "invalid_request_error", f"`model` must be a string, got {type(model).__name__}",
+                           "model")
+        c = self.config
+        scheme = select_categories(model, served_name=c.name, default=c.categories, openai_models=c.openai_models)
+        openai = self.openai_mapping if scheme == OPENAI else None
         verdicts = [v for v, _ in await self._verdicts([{"text": text} for text in texts])]
         self.metrics.verdicts(verdicts)
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": body.get("model") or self.config.name,
-                "results": [moderation_result(v, self.taxonomy) for v in verdicts]}
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": model or c.name,
+                "results": [moderation_result(v, self.taxonomy, openai) for v in verdicts]}
 
     @api.post("/v1/guard")
     async def guard(self, request: Request) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Reading a guard completion into a verdict, and the two answer shapes (pure functions, no Ray).
+"""Reading a guard completion into a verdict, and the ``/v1/guard`` answer (pure functions, no Ray).
 
 The engine answers each prompt with a completion in the guard format training used
 (:mod:`pipelines.guard.format`: ``safe`` or ``unsafe\\n<micro>``) plus, per generated token,
@@ -9,10 +9,9 @@ its log-probability and the top alternatives. From that:
   every spelling of ``safe`` and ``unsafe``, renormalised over the two). Without either in the top
   log-probabilities, or without the first line's own word, 1.0 / 0.0 by the answer's first line.
 - ``unsafe`` iff ``score >= threshold``.
-- The category scores (:func:`category_scores`): micro code ``c`` gets ``score × share(c)``, where
-  ``share(c)`` is the probability the guard gives to writing ``c`` on the code line
-  (:func:`code_shares`); a macro category gets the sum over its micro codes. A guard that answers
-  ``safe`` writes no code line: every category score is 0 and ``score`` alone says how close it was.
+- ``shares``: ``{code: P(the code line is code)}`` (:func:`code_shares`), from which
+  :mod:`pipelines.serve.categories` scores the categories of a ``/v1/moderations`` answer. A guard
+  that answers ``safe`` writes no code line: no shares, and ``score`` alone says how close it was.
 """
 
 from __future__ import annotations
@@ -136,29 +135,6 @@ def read_verdict(completion: Completion, answer_tokens: dict[str, list[str]], co
     named = micro if label == UNSAFE and decided == UNSAFE else None
     return Verdict(label=decided, score=score, scored=scored, micro=named,
                    shares=code_shares(completion, micro, codes), raw=completion.text)
-
-
-def category_scores(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, float]:
-    """Every micro and macro code -> score: micro ``score × share``; macro: the sum of its micros',
-    at most ``score`` (shares of one position sum to at most 1)."""
-    micro = {code: round(verdict.score * verdict.shares.get(code, 0.0), 6) for code in taxonomy.micro_codes}
-    macro = {m.code: round(min(verdict.score, sum(micro[u.code] for u in m.micros)), 6) for m in taxonomy.macros}
-    return {**micro, **macro}
-
-
-def flagged_categories(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, bool]:
-    """Every code -> whether it is flagged: the named micro code and its macro, when the verdict is
-    unsafe."""
-    named = {verdict.micro, taxonomy.macro_of(verdict.micro)} if verdict.label == UNSAFE and verdict.micro else set()
-    return {code: code in named for code in [*taxonomy.micro_codes, *taxonomy.macro_codes]}
-
-
-def moderation_result(verdict: Verdict, taxonomy: Taxonomy) -> dict[str, Any]:
-    """One entry of the OpenAI moderations ``results`` list."""
-    categories = flagged_categories(verdict, taxonomy)
-    return {"flagged": verdict.flagged, "categories": categories,
-            "category_scores": category_scores(verdict, taxonomy),
-            "category_applied_input_types": {code: ["text"] for code in categories}}
 
 
 def guard_result(verdict: Verdict, taxonomy: Taxonomy, *, level: str, threshold: float, model: str,

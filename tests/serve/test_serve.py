@@ -107,6 +107,8 @@ def test_openai_client_and_both_routes(guard_app, tiny_models):
     from pipelines.core.prompts import prompt_token_ids
     from pipelines.core.taxonomy import load_taxonomy
     from pipelines.guard.format import GuardPrompt
+    from pipelines.serve.categories import UNSPECIFIED
+    from pipelines.serve.openai_mapping import OPENAI_CATEGORIES, load_openai_mapping
 
     url, config = guard_app
     client = OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY)
@@ -114,14 +116,36 @@ def test_openai_client_and_both_routes(guard_app, tiny_models):
     answer = client.moderations.create(model="chillguard", input=texts)
     assert answer.model == "chillguard" and answer.id.startswith("modr-") and len(answer.results) == 3
     taxonomy = load_taxonomy(config.taxonomy)
-    codes = {*taxonomy.micro_codes, *taxonomy.macro_codes}
+    codes = {*taxonomy.micro_codes, *taxonomy.macro_codes, UNSPECIFIED}
     for result in answer.results:
-        # the client's typed fields are OpenAI's categories; ours arrive as the models' extras
+        # the served name keeps our codes: the client's typed fields are OpenAI's categories, ours arrive as
+        # the models' extras
         categories, scores = result.categories.model_extra, result.category_scores.model_extra
         assert set(categories) == codes == set(scores) == set(result.category_applied_input_types.model_extra)
         assert all(0.0 <= s <= 1.0 for s in scores.values())
         flagged = {c for c, on in categories.items() if on}
-        assert len(flagged) in (0, 2) and (len(flagged) == 2) <= result.flagged  # a micro code and its macro
+        # a micro code and its macro, or `unspecified` (flagged without a code); none when not flagged
+        assert (flagged == {UNSPECIFIED} or (len(flagged) == 2 and UNSPECIFIED not in flagged)) if result.flagged \
+            else not flagged
+    # OpenAI's model name selects OpenAI's categories, read as code written against OpenAI reads them
+    mapping = load_openai_mapping(config.openai_mapping, taxonomy.micro_codes)
+    theirs = client.moderations.create(model="omni-moderation-latest", input=texts)
+    assert theirs.model == "omni-moderation-latest" and len(theirs.results) == 3
+    for ours, result in zip(answer.results, theirs.results):
+        assert result.flagged == ours.flagged  # the same verdicts (greedy decoding of the same prompts)
+        flags = {key: getattr(result.categories, key.replace("/", "_").replace("-", "_")) for key in OPENAI_CATEGORIES}
+        scores = {key: getattr(result.category_scores, key.replace("/", "_").replace("-", "_"))
+                  for key in OPENAI_CATEGORIES}
+        assert all(isinstance(on, bool) for on in flags.values()) and all(0.0 <= s <= 1.0 for s in scores.values())
+        assert isinstance(result.categories.hate, bool) and isinstance(result.category_scores.violence, float)
+        named = {key for key, on in flags.items() if on}
+        unspecified = result.categories.model_extra[UNSPECIFIED]
+        if not result.flagged:
+            assert not named and not unspecified
+            continue
+        # the micro code ours named, mapped; `unspecified` when that is nothing (no code, or a code OpenAI lacks)
+        micro = next((c for c, on in ours.categories.model_extra.items() if on and c in mapping.targets), None)
+        assert named == set(mapping.targets.get(micro, ())) and unspecified == (not named)
     # the same texts one by one through /v1/guard: the same verdicts, and the prompt the guard saw
     # is exactly the training format (token count of GuardPrompt + chat template)
     tok = AutoTokenizer.from_pretrained(tiny_models["causal-lm"])

@@ -13,15 +13,8 @@ import yaml
 
 from pipelines.core.config import CONFIGS, ConfigError
 from pipelines.core.taxonomy import load_taxonomy
-from pipelines.serve.moderation import (
-    Completion,
-    GuardAnswerError,
-    category_scores,
-    code_shares,
-    guard_result,
-    moderation_result,
-    read_verdict,
-)
+from pipelines.serve.categories import UNSPECIFIED, category_scores, moderation_result
+from pipelines.serve.moderation import Completion, GuardAnswerError, code_shares, guard_result, read_verdict
 
 TAXONOMY = load_taxonomy(CONFIGS / "taxonomy.yaml")
 CODES = frozenset(TAXONOMY.micro_codes)
@@ -45,7 +38,9 @@ def test_single_token_codes_form_a_distribution():
     assert scores["B5"] == pytest.approx(score * math.exp(-0.3), abs=1e-6)
     assert scores["B"] == pytest.approx(score * (math.exp(-0.3) + math.exp(-1.5)), abs=1e-6)
     assert scores["A"] == pytest.approx(score * math.exp(-3.0), abs=1e-6)
-    assert scores["C1"] == 0.0 and len(scores) == 31 + 5
+    assert scores["C1"] == 0.0 and len(scores) == 31 + 5 + 1
+    # unspecified: the part of P(unsafe) no code accounts for, none here (these shares sum to just over 1)
+    assert math.exp(-0.3) + math.exp(-1.5) + math.exp(-3.0) > 1 and scores[UNSPECIFIED] == 0.0
     result = moderation_result(verdict, TAXONOMY)
     assert result["flagged"] is True
     assert {code for code, on in result["categories"].items() if on} == {"B5", "B"}
@@ -69,10 +64,15 @@ def test_safe_answer_and_a_low_threshold():
     verdict = read_verdict(answer, TOKENS, CODES, threshold=0.5)
     assert verdict.label == "safe" and verdict.micro is None and not verdict.flagged
     assert verdict.score == pytest.approx(p_unsafe(-3.0, -0.05))
-    assert set(category_scores(verdict, TAXONOMY).values()) == {0.0}
+    scores = category_scores(verdict, TAXONOMY)
+    assert set(scores.values()) - {scores[UNSPECIFIED]} == {0.0}
+    assert scores[UNSPECIFIED] == pytest.approx(verdict.score, abs=1e-6)  # no code accounts for any of it
+    assert not any(moderation_result(verdict, TAXONOMY)["categories"].values())
     low = read_verdict(answer, TOKENS, CODES, threshold=0.01)  # the threshold overrules the answer
     assert low.flagged and low.micro is None
-    assert not any(moderation_result(low, TAXONOMY)["categories"].values())
+    # flagged without a code: it names `unspecified` (issue 32: it used to name no category at all)
+    categories = moderation_result(low, TAXONOMY)["categories"]
+    assert {code for code, on in categories.items() if on} == {UNSPECIFIED}
 
 
 def test_a_threshold_above_the_answer_drops_its_code():
