@@ -62,10 +62,12 @@ class Verdict:
     micro: str | None              # the code the answer names (None: safe, or no known code)
     shares: dict[str, float]       # micro code -> share of P(unsafe), see code_shares
     raw: str                       # the answer as generated
+    outside_policy: bool = False   # unsafe with a code the caller's policy leaves out (pipelines.serve.policy)
 
     @property
     def flagged(self) -> bool:
-        return self.label == UNSAFE
+        """Unsafe, and not outside the caller's policy (without a policy: unsafe)."""
+        return self.label == UNSAFE and not self.outside_policy
 
 
 def first_token_score(completion: Completion, answer_tokens: dict[str, list[str]],
