@@ -1,7 +1,8 @@
 """The guard's HTTP ingress: a Ray Serve deployment wrapping a FastAPI app.
 
 Routes: ``POST /v1/moderations`` (OpenAI's shape; our codes or OpenAI's categories as the request's
-``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer),
+``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer); both take a
+per-request ``policy``, the codes that count for the caller (:mod:`pipelines.serve.policy`),
 ``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
 rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
 token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
@@ -42,6 +43,14 @@ from pipelines.serve.config import GuardServeConfig
 from pipelines.serve.moderation import Completion, GuardAnswerError, Verdict, guard_result, read_verdict
 from pipelines.serve.observability import ServeMetrics
 from pipelines.serve.openai_mapping import load_openai_mapping
+from pipelines.serve.policy import (
+    Policy,
+    PolicyError,
+    apply_policy,
+    guard_policy_fields,
+    moderation_policy_fields,
+    parse_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +209,13 @@ class GuardIngress:
                 raise ApiError(502, "guard_answer_unparseable", f"text {i}: {exc}") from None
         return list(zip(verdicts, map(len, prompts)))
 
+    def _policy(self, body: dict[str, Any]) -> Policy | None:
+        """The request's ``policy`` (micro codes), or None; a bad one is a 400 naming the entry."""
+        try:
+            return parse_policy(body.get("policy"), self.taxonomy)
+        except PolicyError as exc:
+            raise ApiError(400, "invalid_request_error", exc.message, exc.param) from None
+
     # --- cross-cutting: overload, auth, metrics --------------------------------------------------
     async def _guarded(self, request: Request, route: str, handler) -> JSONResponse:
         start = time.perf_counter()
@@ -244,31 +260,37 @@ class GuardIngress:
         c = self.config
         scheme = select_categories(model, served_name=c.name, default=c.categories, openai_models=c.openai_models)
         openai = self.openai_mapping if scheme == OPENAI else None
-        verdicts = [v for v, _ in await self._verdicts([{"text": text} for text in texts])]
+        policy = self._policy(body)  # a chillguard extension (OpenAI's client: extra_body={"policy": [...]})
+        verdicts = [apply_policy(v, policy) for v, _ in await self._verdicts([{"text": text} for text in texts])]
         self.metrics.verdicts(verdicts)
         return {"id": f"modr-{uuid.uuid4().hex}", "model": model or c.name,
-                "results": [moderation_result(v, self.taxonomy, openai) for v in verdicts]}
+                **({"policy": list(policy)} if policy is not None else {}),
+                "results": [{**moderation_result(v, self.taxonomy, openai), **moderation_policy_fields(v, policy)}
+                            for v in verdicts]}
 
     @api.post("/v1/guard")
     async def guard(self, request: Request) -> JSONResponse:
         return await self._guarded(request, "guard", self._guard)
 
     async def _guard(self, body: dict[str, Any], start: float) -> dict[str, Any]:
-        unknown = sorted(set(body) - {"prompt", "response"})
+        unknown = sorted(set(body) - {"prompt", "response", "policy"})
         if unknown:
-            raise ApiError(400, "invalid_request_error", f"unknown field(s) {', '.join(unknown)} (prompt, response)",
-                           unknown[0])
+            raise ApiError(400, "invalid_request_error", f"unknown field(s) {', '.join(unknown)} (prompt, response, "
+                           "policy)", unknown[0])
         if "prompt" not in body:
             raise ApiError(400, "invalid_request_error", "missing `prompt`", "prompt")
         prompt = _texts(body["prompt"], "prompt", allow_list=False, max_inputs=1)[0]
         response = body.get("response")
         if response is not None:
             response = _texts(response, "response", allow_list=False, max_inputs=1)[0]
+        policy = self._policy(body)
         ((verdict, tokens),) = await self._verdicts([{"text": prompt, "response": response or ""}])
+        verdict = apply_policy(verdict, policy)
         self.metrics.verdicts([verdict])
-        return guard_result(verdict, self.taxonomy, level="response" if response else "prompt", prompt_tokens=tokens,
-                            threshold=self.config.threshold, model=self.config.name,
-                            latency_ms=1000 * (time.perf_counter() - start))
+        return {**guard_result(verdict, self.taxonomy, level="response" if response else "prompt",
+                               prompt_tokens=tokens, threshold=self.config.threshold, model=self.config.name,
+                               latency_ms=1000 * (time.perf_counter() - start)),
+                **guard_policy_fields(verdict, policy)}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@ metrics on every node (prefixed ``ray_``), next to Ray Serve's request metrics, 
 dashboard's Grafana and any Prometheus that scrapes the cluster see them.
 
 - ``chillguard_serve_requests`` (counter; route, HTTP status): requests answered.
-- ``chillguard_serve_texts`` / ``chillguard_serve_flagged`` (counters): texts judged / flagged unsafe;
+- ``chillguard_serve_texts`` / ``chillguard_serve_flagged`` (counters): texts judged / flagged unsafe (under
+  the request's policy when it has one: a text outside it is not counted flagged);
   the flagged share is their ratio, and ``chillguard_serve_flagged_share`` (gauge) is it since the
   replica started.
 - ``chillguard_serve_latency_s`` (histogram; route): request latency in the ingress.

@@ -147,6 +147,21 @@ def test_bad_inputs(value, allow_list, status, message):
     assert _texts(["a", "b"], "input", allow_list=True, max_inputs=4) == ["a", "b"]
 
 
+def test_a_bad_policy_is_a_400_naming_its_entry():
+    from types import SimpleNamespace
+
+    from pipelines.serve.ingress import ApiError, GuardIngress
+
+    ingress = SimpleNamespace(taxonomy=TAXONOMY)
+    policy = GuardIngress.func_or_class._policy
+    assert policy(ingress, {"prompt": "x"}) is None and policy(ingress, {"policy": None}) is None
+    assert policy(ingress, {"policy": ["E", "A1"]}) == ("A1", "E1", "E2")
+    for given, param, message in ((["A", "Z9"], "policy[1]", "unknown code 'Z9'"), ([], "policy", "empty list")):
+        with pytest.raises(ApiError, match=message) as err:
+            policy(ingress, {"policy": given})
+        assert (err.value.status, err.value.kind, err.value.param) == (400, "invalid_request_error", param)
+
+
 def test_serve_yamls_are_valid_serve_configs_and_guard_settings(tiny_models):
     from ray.serve.schema import ServeDeploySchema
 
