@@ -158,6 +158,42 @@ def test_openai_client_and_both_routes(guard_app, tiny_models):
         assert (body["score"] >= config.threshold) == body["flagged"]
         if body["category"]:
             assert body["category"]["micro_zh"] == taxonomy.micro(body["category"]["micro"]).zh
+    # a per-request policy (issue 32): the same verdicts; a code outside the policy is reported, not flagged; a
+    # flagged text without a code stays flagged. The tiny guard's codes are not known beforehand, so each text
+    # is checked against its answer without a policy, under a policy that leaves its code out (or, without a
+    # code, holds only E2) and one that holds exactly its code
+    for text in texts:
+        plain = call(url, "/v1/guard", {"prompt": text})[1]
+        micro = (plain["category"] or {}).get("micro")
+        macro = taxonomy.macro_of(micro) if micro else None
+        policy = [m for m in taxonomy.macro_codes if m != macro] if micro else ["E2"]
+        status, body, _ = call(url, "/v1/guard", {"prompt": text, "policy": policy})
+        assert status == 200 and body["label"] == plain["label"], body
+        assert body["score"] == pytest.approx(plain["score"], abs=0.02)
+        assert (body["category"] or {}).get("micro") == micro
+        assert body["policy"] == [c for c in taxonomy.micro_codes if (taxonomy.macro_of(c) != macro if micro
+                                                                      else c == "E2")]
+        assert body["outside_policy"] is bool(plain["flagged"] and micro)
+        assert body["flagged"] is bool(plain["flagged"] and not micro)   # unspecified stays flagged
+        if micro:
+            status, body, _ = call(url, "/v1/guard", {"prompt": text, "policy": [micro]})
+            assert (status, body["flagged"], body["outside_policy"], body["policy"]) == (200, True, False, [micro])
+    # and on /v1/moderations through the openai client's extra_body, in both schemes
+    a_codes = [u.code for u in taxonomy.macro("A").micros]
+
+    def any_named(categories) -> bool:
+        typed = [getattr(categories, key.replace("/", "_").replace("-", "_"), None) for key in OPENAI_CATEGORIES]
+        return any(typed) or any(categories.model_extra.values())
+
+    for model in ("chillguard", "omni-moderation-latest"):
+        scoped = client.moderations.create(model=model, input=texts, extra_body={"policy": ["A"]})
+        assert scoped.model_extra["policy"] == a_codes and len(scoped.results) == 3
+        for ours, result in zip(answer.results, scoped.results):
+            micro = next((c for c, on in ours.categories.model_extra.items() if on and c in mapping.targets), None)
+            outside = bool(ours.flagged and micro and micro not in a_codes)
+            assert result.model_extra["outside_policy"] is outside and result.model_extra["micro_code"] == micro
+            assert result.flagged == (ours.flagged and not outside)
+            assert any_named(result.categories) == result.flagged
     status, body, _ = call(url, "/v1/guard", {"prompt": "hi", "response": "here is how"})
     assert status == 200 and body["level"] == "response"
     assert body["prompt_tokens"] == len(prompt_token_ids(tok, prompt({"text": "hi", "response": "here is how"}), {}))
@@ -197,6 +233,8 @@ def test_concurrent_callers_get_their_own_answers(guard_app):
     ("/v1/moderations", {"input": "word " * 5000}, None, TEST_API_KEY, 413, "context_length_exceeded"),
     ("/v1/guard", {"prompt": "x", "answer": "y"}, None, TEST_API_KEY, 400, "invalid_request_error"),
     ("/v1/guard", {"prompt": ["x"]}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/guard", {"prompt": "x", "policy": ["A", "Z9"]}, None, TEST_API_KEY, 400, "invalid_request_error"),
+    ("/v1/moderations", {"input": "x", "policy": []}, None, TEST_API_KEY, 400, "invalid_request_error"),
     ("/v1/nowhere", {"input": "x"}, None, TEST_API_KEY, 404, "not_found"),
     ("/v1/moderations", {"input": "x"}, None, None, 401, "invalid_api_key"),
     ("/v1/guard", {"prompt": "x"}, None, "sk-wrong", 401, "invalid_api_key"),
@@ -260,6 +298,18 @@ def test_playground_page_in_a_browser(guard_app):
         assert driver.find_element(By.ID, "threshold").text == str(config.threshold)
         assert driver.find_element(By.ID, "score").text.startswith(f"{expected['score']:.4f}"[:4])
         assert driver.find_element(By.ID, "level").text == "prompt"
+        assert not driver.find_element(By.ID, "outside").is_displayed()   # no policy given
+        # a policy that leaves out the guard's code (or, without one, holds only E2): the page says so
+        # exactly when the API answers outside_policy
+        micro = (expected["category"] or {}).get("micro")
+        policy = "E2" if not micro else ", ".join(m for m in "ABCDE" if m != micro[0])
+        driver.find_element(By.ID, "policy").send_keys(policy)
+        driver.execute_script("document.getElementById('verdict').textContent = ''")
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "verdict").text.strip())
+        scoped = call(url, "/v1/guard", {"prompt": prompt, "policy": policy.replace(" ", "").split(",")})[1]
+        assert driver.find_element(By.ID, "outside").is_displayed() == scoped["outside_policy"]
+        assert driver.find_element(By.ID, "verdict").text == scoped["label"]
     finally:
         driver.quit()
 
