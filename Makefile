@@ -52,7 +52,7 @@ browser:
 demo: install models/tiny/tiny_models.json
 	$(BIN)/chillguard run configs/recipes/demo.yaml
 
-# The demo's chain on real pretrained weights and samples of the human-labelled Chinese sets (~40 min on
+# The demo's chain on real pretrained weights and samples of the human-labelled Chinese sets (~50 min on
 # 2 cores once the models are built): configs/recipes/real_small.yaml.
 demo-real: install
 	@test -f "$(REAL_MODELS)/qwen2.5-coder-1.5b-instruct/config.json" -a -f "$(REAL_MODELS)/gemma-3-270m/config.json" \

@@ -163,12 +163,14 @@ def _read(path: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["real_small", "real_eval"])
-def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_data, monkeypatch):
+def test_the_real_recipes_build_where_the_models_are(name, real_models, shared_data, tiny_models, monkeypatch):
     """Both real-model recipes validate and build their stages against the folders and data here (the
-    runs take 40 and 95 minutes here: `make demo-real`, docs/real_models.md "Quality against people")."""
+    runs take 50 and 95 minutes here: `make demo-real`, docs/real_models.md "Quality against people").
+    real_eval's random-init control is the tiny model: the session's, as a clean clone has no models/tiny."""
     from pipelines.construction import load_recipe
 
     monkeypatch.setenv("REAL_MODELS", str(Path(real_models["instruct"]).parent))
+    monkeypatch.setenv("TINY_MODELS", str(Path(tiny_models["causal-lm"]).parent))
     monkeypatch.setenv("CHILLGUARD_SHARED_DATA", str(shared_data))
     monkeypatch.chdir(REPO)
     stages = {s.name for s in build_stages(load_recipe(REPO / "configs" / "recipes" / f"{name}.yaml"))}
