@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import to_jsonable_python
 
 from pipelines.core.chat_templates import check_chat_template, resolve_chat_template
+from pipelines.core.yaml_files import read_yaml_file
 
 
 class ConfigError(ValueError):
@@ -496,13 +497,7 @@ def read_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] |
                 resolved: bool = False) -> Any:
     """Read, override and validate a recipe into ``model`` (the registry's recipe model,
     :func:`pipelines.construction.load_recipe`); raise :class:`ConfigError` naming file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file does not exist: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path, "recipe file", ConfigError) or {}
     return validate_settings(model, data, f"recipe {path}", overrides, resolved=resolved)
 
 

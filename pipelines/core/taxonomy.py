@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.config import ConfigError
+from pipelines.core.yaml_files import read_yaml_file
 
 DEFAULT_TAXONOMY = Path(__file__).resolve().parents[2] / "configs" / "taxonomy.yaml"
 EXPECTED_MACROS, EXPECTED_MICROS = 5, 31
@@ -175,12 +175,7 @@ def _format(exc: ValidationError, path: Path) -> str:
 def load_taxonomy(path: str | Path = DEFAULT_TAXONOMY) -> Taxonomy:
     """Read and validate a taxonomy file (cached per path)."""
     path = Path(path)
-    if not path.is_file():
-        raise TaxonomyError(f"taxonomy file does not exist: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TaxonomyError(f"taxonomy {path} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path, "taxonomy file", TaxonomyError)
     try:
         return Taxonomy.model_validate(data)
     except ValidationError as exc:

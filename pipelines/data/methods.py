@@ -12,11 +12,11 @@ import functools
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.core.config import CONFIGS, ConfigError
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.core.yaml_files import read_yaml_file
 
 DEFAULT_METHODS = CONFIGS / "rewriting_methods.yaml"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -84,13 +84,9 @@ class MethodCatalogue(BaseModel):
 def load_methods(path: str | Path = DEFAULT_METHODS, taxonomy: str | Path | None = None) -> MethodCatalogue:
     """Read and validate the catalogue; ``unsafe`` must cover exactly the taxonomy's macros."""
     path = Path(path)
-    if not path.is_file():
-        raise MethodsError(f"rewriting methods file does not exist: {path}")
+    data = read_yaml_file(path, "rewriting methods file", MethodsError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         catalogue = MethodCatalogue.model_validate(data)
-    except yaml.YAMLError as exc:
-        raise MethodsError(f"rewriting methods {path} is not valid YAML: {exc}") from None
     except ValidationError as exc:
         lines = [f"invalid rewriting methods {path}:"]
         lines += [f"  {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"

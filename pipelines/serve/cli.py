@@ -18,9 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.core.config import CONFIGS, ConfigError, validate_settings
+from pipelines.core.yaml_files import read_yaml_file
 from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, run_guard
 from pipelines.serve.config import GuardServeConfig
 
@@ -47,9 +46,7 @@ def serve_settings(args, *, cuda: bool) -> tuple[GuardServeConfig, dict[str, Any
     if run_dir and args.model:
         raise ConfigError("give RUN_DIR or --model, not both")
     path = Path(args.config) if args.config else SERVE_CONFIGS / ("guard.yaml" if cuda else "cpu.yaml")
-    if not path.is_file():
-        raise ConfigError(f"serve config does not exist: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml_file(path, "serve config", ConfigError) or {}
     apps = data.get("applications") if isinstance(data, dict) else None
     if not apps or not isinstance(apps[0], dict) or not isinstance(apps[0].get("args"), dict):
         raise ConfigError(f"{path}: expected a Serve config with applications[0].args (the guard's settings)")

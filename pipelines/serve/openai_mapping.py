@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipelines.core.config import CONFIGS, ConfigError
+from pipelines.core.yaml_files import read_yaml_file
 
 #: OpenAI's moderation categories, as its API reference lists them
 OPENAI_CATEGORIES: tuple[str, ...] = (
@@ -92,11 +91,5 @@ def parse_openai_mapping(data: Any, micro_codes: Sequence[str], source: str) -> 
 
 def load_openai_mapping(path: str | Path, micro_codes: Sequence[str]) -> OpenAIMapping:
     """Read and check the mapping file ``path`` against the taxonomy's ``micro_codes``."""
-    path = Path(path)
-    if not path.is_file():
-        raise OpenAIMappingError(f"OpenAI category mapping does not exist: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise OpenAIMappingError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    data = read_yaml_file(path, "OpenAI category mapping", OpenAIMappingError)
     return parse_openai_mapping(data, list(micro_codes), str(path))
