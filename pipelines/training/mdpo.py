@@ -436,7 +436,7 @@ class MDPOStage(TrainingStage):
         import ray
 
         from pipelines.core.stage import run_pass
-        from pipelines.training.train_loop import default_use_gpu
+        from pipelines.training.train_loop import default_use_gpu, uses_bf16
 
         cfg = self.config
         self.pairs(inputs).map_batches(TokenizePairs(cfg), batch_format="pyarrow").write_parquet(
@@ -446,7 +446,7 @@ class MDPOStage(TrainingStage):
             ["id", "chosen_ids", "rejected_ids", "prompt_len"])
         if cfg.reference == "precomputed":
             use_gpu = cfg.use_gpu if cfg.use_gpu is not None else default_use_gpu()
-            bf16 = cfg.bf16 if cfg.bf16 is not None else use_gpu  # as train_worker decides
+            bf16 = uses_bf16(cfg, use_gpu)
             # a CPU actor gets the trainer's CPUs: Ray gives an actor as many torch threads as CPUs
             data = run_pass(self, rundir, "reference", lambda: data.map_batches(
                 ReferenceLogProbs, fn_constructor_args=(cfg.reference_model or cfg.model, cfg.micro_batch_size, bf16),

@@ -324,7 +324,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
-    bf16 = config.bf16 if config.bf16 is not None else use_gpu
+    bf16 = uses_bf16(config, use_gpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(config.seed)
     if rank == 0:  # Ray pins torch's threads to the worker's CPUs (cpus_per_worker)
@@ -566,6 +566,11 @@ def _truncate_after(path: str, step: int, name: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------
 # Driver side
+
+
+def uses_bf16(config: TrainingConfig, use_gpu: bool) -> bool:
+    """The training precision: the config's ``bf16``, else bf16 on GPU and fp32 on CPU."""
+    return config.bf16 if config.bf16 is not None else use_gpu
 
 
 def default_use_gpu() -> bool:
