@@ -308,3 +308,25 @@ def test_the_card_shows_calls_tokens_per_label_and_the_audit():
     plain = dataset_card(name="d", config=AssembleConfig(inputs=["adjudicate"]), stats=stats,
                          taxonomy_path=str(DEFAULT_TAXONOMY), labelling={}, agreement=None)
     assert "## Cost and human audit" not in plain and cost_lines(None, None) == []
+
+
+def test_hand_labels_against_the_datasets_own_labels(tmp_path):
+    """`benchmarks/audit_dataset_labels.py --labels`: every exported row must be hand-labelled, and the
+    comparison with the dataset's labels gives hand-computed figures."""
+    from benchmarks.audit_dataset_labels import against_dataset, read_hand_labels
+
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps({"annotator": "a", "labels": {"r1": [U, "B1"], "r2": [S, None], "r3": [U, "B5"],
+                                                             "r4": [S, "B4"]}}))
+    name, hand = read_hand_labels(str(path), ["r1", "r2", "r3", "r4"])
+    assert name == "a" and hand["r4"] == (S, None)  # a code goes only with unsafe
+    with pytest.raises(SystemExit, match="row r5 needs"):
+        read_hand_labels(str(path), ["r1", "r5"])
+    dataset = {"r1": (U, "B1"), "r2": (S, None), "r3": (U, "B4"), "r4": (U, "B9")}
+    versus = against_dataset(hand, dataset)
+    assert versus["agreement"]["value"] == pytest.approx(3 / 4) and versus["agreement"]["n"] == 4
+    assert versus["confusion"] == {"hand_safe/dataset_safe": 1, "hand_safe/dataset_unsafe": 1,
+                                   "hand_unsafe/dataset_safe": 0, "hand_unsafe/dataset_unsafe": 2}
+    # kappa: p_o 3/4, p_e = (2/4)(1/4) + (2/4)(3/4) = 1/2 -> 0.5
+    assert versus["kappa"]["value"] == pytest.approx(0.5)
+    assert versus["micro"]["value"] == pytest.approx(1 / 2) and versus["micro"]["n"] == 2
