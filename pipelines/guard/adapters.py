@@ -108,6 +108,12 @@ class ChillGuardAdapter(GuardAdapter):
     def answer_pattern(self, level: str) -> str:
         return f"({SAFE}|{UNSAFE}\\n({'|'.join(self.ordered_codes)}))"
 
+    def answers(self) -> list[str]:
+        """Every well-formed answer, the strings :meth:`answer_pattern` matches: what the served guard's
+        one-pass scoring continues a constrained answer towards
+        (:func:`pipelines.serve.moderation.continuation_pattern`)."""
+        return [SAFE] + [f"{UNSAFE}\n{code}" for code in self.ordered_codes]
+
     def hash_payload(self) -> dict[str, Any]:
         return {"adapter": self.name, "template_digest": self.prompt.digest, "categories": self.prompt.categories}
 

@@ -72,7 +72,12 @@ class GuardServeConfig(Strict):
     constrained: bool = Field(
         False, description="restrict answers to the guard format (`safe` | `unsafe\\n<micro>`) with vLLM "
         "structured outputs: for weak or untrained guards, as guard evaluation's `constrained`")
-    max_tokens: int = Field(8, ge=2, description="answer tokens generated (verdict + micro code)")
+    scoring: Literal["one_pass", "decode"] = Field(
+        "one_pass", description="one_pass: the verdict from the answer's first token (a 1-token generation with "
+        "its top log-probabilities), and only an answer at or above the threshold that goes on to a code is "
+        "continued (a second request on the cached prompt + that token); decode: every answer decoded whole "
+        "(up to max_tokens) in one request. Same verdicts; one_pass is faster (benchmarks/serve.py)")
+    max_tokens: int = Field(8, ge=2, description="answer tokens generated at most (verdict + micro code)")
     top_logprobs: int = Field(5, ge=2, le=20, description="alternatives per answer token: the first token's "
                               "give the score, the code's give the other codes' shares (guard evaluation uses 5 too)")
     max_inputs: int = Field(64, ge=1, description="most texts in one /v1/moderations list (413 past it)")

@@ -3,14 +3,19 @@
 Routes: ``POST /v1/moderations`` (OpenAI's shape; our codes or OpenAI's categories as the request's
 ``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer); both take a
 per-request ``policy``, the codes that count for the caller (:mod:`pipelines.serve.policy`),
-``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
-rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
-token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
-tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`.
+``GET /healthz`` (liveness: the ingress answers), ``GET /readyz`` (readiness: 200 once a warm-up guard
+request went through the engine, 503 before), ``GET /`` (the playground page). Each prompt is rendered
+exactly as training rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat
+template, as token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the
+answer tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`: with ``scoring:
+one_pass`` (default) a 1-token completion decides, and only answers that must go on (unsafe, to read the
+micro code) are continued by a second request on the cached prompt; ``scoring: decode`` generates the
+whole answer (up to ``max_tokens``) in one request.
 
-Batching: every prompt goes through one ``@serve.batch`` method, so the prompts of concurrent
-callers (and the N texts of one list input) reach the engine as one completions request of up to
-``max_batch_size`` prompts; vLLM's continuous batching then runs them in the same engine steps.
+Batching: every engine request goes through a ``@serve.batch`` method (one per kind: first tokens,
+continuations, whole answers), so the prompts of concurrent callers (and the N texts of one list input)
+reach the engine as one completions request of up to ``max_batch_size`` prompts; vLLM's continuous
+batching then runs them in the same engine steps.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
 input or invalid JSON, 401 a missing / wrong bearer token, 404 unknown route, 413 a list over
@@ -40,7 +45,15 @@ from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.categories import OPENAI, moderation_result, select_categories
 from pipelines.serve.config import GuardServeConfig
-from pipelines.serve.moderation import Completion, GuardAnswerError, Verdict, guard_result, read_verdict
+from pipelines.serve.moderation import (
+    Completion,
+    GuardAnswerError,
+    Verdict,
+    continuation_pattern,
+    guard_result,
+    one_pass_verdict,
+    read_verdict,
+)
 from pipelines.serve.observability import ServeMetrics
 from pipelines.serve.openai_mapping import load_openai_mapping
 from pipelines.serve.policy import (
@@ -56,7 +69,9 @@ log = logging.getLogger(__name__)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 #: routes anyone may call without the bearer token
-OPEN_ROUTES = frozenset({"/", "/healthz"})
+OPEN_ROUTES = frozenset({"/", "/healthz", "/readyz"})
+#: the text of the warm-up guard request that readiness waits for
+WARMUP_TEXT = "warm-up: is the guard ready?"
 
 api = FastAPI(title="chillguard guard", docs_url=None, redoc_url=None)
 
@@ -144,32 +159,70 @@ class GuardIngress:
         adapter = ChillGuardAdapter(self.taxonomy, c.template)
         self.codes = adapter.codes
         self.prompt = adapter.prompt
+        self.answers = adapter.answers()  # what a constrained continuation may complete
         self.structured = {"regex": adapter.answer_pattern("prompt")} if c.constrained else None
         self.tokenizer = load_tokenizer(c.model)  # a trained folder carries its template
         self.answer_tokens = first_tokens(self.tokenizer)
         check_answer_tokens(self.answer_tokens, c.model)
         self.context = c.max_model_len or _model_context(c.model)
         self.engine = engine.options(stream=True)
-        self._complete.set_max_batch_size(c.max_batch_size)
-        self._complete.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        for method in (self._complete, self._first_tokens, self._continuations):
+            method.set_max_batch_size(c.max_batch_size)
+            method.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         self.metrics = ServeMetrics(c.name)
         # read once; never logged or echoed
         self._key = os.environ.get(c.api_key_env) or None
         self._ongoing = 0
         self._page = PLAYGROUND.read_text(encoding="utf-8")
-        log.info("guard ingress for %s: context %s tokens, batches of up to %d, auth %s", c.model, self.context,
-                 c.max_batch_size, "on" if self._key else "off")
+        # readiness: a warm-up guard request through the engine, started now (the constructor runs on the
+        # replica's event loop) or by the first /readyz or health check
+        self.ready, self.warmup_error, self._warmup = False, None, None
+        self._start_warmup()
+        log.info("guard ingress for %s: context %s tokens, batches of up to %d, scoring %s, auth %s", c.model,
+                 self.context, c.max_batch_size, c.scoring, "on" if self._key else "off")
 
     # --- the engine ----------------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
     async def _complete(self, prompts: list[list[int]]) -> list[Completion]:
-        """One completions request for the batch's prompts; the answers in prompt order."""
+        """``scoring: decode``: the whole answers of the batch's prompts, one request."""
+        self.metrics.batch(len(prompts), "decode")
+        return await self._request(prompts, self.config.max_tokens, self.structured)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _first_tokens(self, prompts: list[list[int]]) -> list[Completion]:
+        """``scoring: one_pass``: the first answer token of each prompt (one forward pass), one request."""
+        self.metrics.batch(len(prompts), "first_token")
+        return await self._request(prompts, 1, self.structured)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _continuations(self, items: list[tuple[list[int], str | None]]) -> list[Completion]:
+        """``scoring: one_pass``: the rest of each answer, from ``(prompt + first token, continuation regex)``;
+        one request per regex (constrained answers continue from different first tokens)."""
+        groups: dict[str | None, list[int]] = {}
+        for i, (_, regex) in enumerate(items):
+            groups.setdefault(regex, []).append(i)
+        out: list[Completion | None] = [None] * len(items)
+
+        async def run(regex: str | None, where: list[int]) -> None:
+            self.metrics.batch(len(where), "continuation")
+            answers = await self._request([items[i][0] for i in where], self.config.max_tokens - 1,
+                                          {"regex": regex} if regex else None)
+            for i, answer in zip(where, answers):
+                out[i] = answer
+
+        await asyncio.gather(*(run(regex, where) for regex, where in groups.items()))
+        return out
+
+    async def _request(self, prompts: list[list[int]], max_tokens: int,
+                       structured: dict[str, str] | None) -> list[Completion]:
+        """One completions request (greedy, the top log-probabilities and the token ids of every answer
+        token) for ``prompts``; the answers in prompt order."""
         from ray.serve.llm.openai_api_models import CompletionRequest
 
-        self.metrics.batch(len(prompts))
         c = self.config
-        request = CompletionRequest(model=c.name, prompt=prompts, max_tokens=c.max_tokens, temperature=0.0,
-                                    logprobs=c.top_logprobs, stream=False, structured_outputs=self.structured)
+        request = CompletionRequest(model=c.name, prompt=prompts, max_tokens=max_tokens, temperature=0.0,
+                                    logprobs=c.top_logprobs, stream=False, structured_outputs=structured,
+                                    return_token_ids=True)
         answer = None
         async for answer in self.engine.completions.remote(request):  # noqa: B007  (keeps the first answer)
             break
@@ -182,8 +235,9 @@ class GuardIngress:
             raise ApiError(502, "engine_error", f"the engine answered {len(ordered)} of {len(prompts)} prompts")
         return [Completion.from_choice(choice) for choice in ordered]
 
-    async def _verdicts(self, rows: list[dict[str, str]]) -> list[tuple[Verdict, int]]:
-        """``(verdict, prompt tokens)`` of each row (``text``, optional ``response``), in order."""
+    async def _verdicts(self, rows: list[dict[str, str]], scoring: str | None = None) -> list[tuple[Verdict, int]]:
+        """``(verdict, prompt tokens)`` of each row (``text``, optional ``response``), in order; by
+        ``scoring`` (default: the configured one): ``one_pass`` (:meth:`_one_pass`) or ``decode``."""
         prompts = []
         for i, row in enumerate(rows):
             ids = prompt_token_ids(self.tokenizer, self.prompt(row), self.config.chat_template_kwargs)
@@ -193,21 +247,89 @@ class GuardIngress:
                                f"with {self.config.max_tokens} answer tokens it exceeds the context of "
                                f"{self.context} tokens (texts are not truncated)", where)
             prompts.append(ids)
+        scoring = scoring or self.config.scoring
+        if scoring not in ("one_pass", "decode"):
+            raise ApiError(400, "invalid_request_error", f"scoring {scoring!r} is neither one_pass nor decode")
+        score = self._one_pass if scoring == "one_pass" else self._decode
+
+        async def verdict(i: int, ids: list[int]) -> Verdict:
+            try:
+                return await score(ids)
+            except GuardAnswerError as exc:
+                raise ApiError(502, "guard_answer_unparseable", f"text {i}: {exc}") from None
+
         try:
-            completions = await asyncio.gather(*(self._complete(ids) for ids in prompts))
+            verdicts = await asyncio.gather(*(verdict(i, ids) for i, ids in enumerate(prompts)))
         except ApiError:
             raise
         except Exception as exc:  # an engine replica that died or is not up yet
             log.warning("engine call failed: %s", type(exc).__name__)
+            self._not_ready()
             raise ApiError(503, "engine_unavailable", f"the guard engine is unavailable: {type(exc).__name__}",
                            headers={"Retry-After": str(self.config.ingress.retry_after_s)}) from None
-        verdicts = []
-        for i, completion in enumerate(completions):
-            try:
-                verdicts.append(read_verdict(completion, self.answer_tokens, self.codes, self.config.threshold))
-            except GuardAnswerError as exc:
-                raise ApiError(502, "guard_answer_unparseable", f"text {i}: {exc}") from None
         return list(zip(verdicts, map(len, prompts)))
+
+    async def _decode(self, ids: list[int]) -> Verdict:
+        """Today's path (``scoring: decode``): the whole answer, then :func:`read_verdict`."""
+        return read_verdict(await self._complete(ids), self.answer_tokens, self.codes, self.config.threshold)
+
+    async def _one_pass(self, ids: list[int]) -> Verdict:
+        """The verdict from the first answer token (:func:`one_pass_verdict`); an answer that must go on is
+        continued from the prompt + its first token (the prefix cache holds the prompt) and read whole."""
+        c = self.config
+        first = await self._first_tokens(ids)
+        verdict = one_pass_verdict(first, self.answer_tokens, self.codes, c.threshold)
+        if verdict is not None:
+            return verdict
+        regex = continuation_pattern(self.answers, first.text) if self.structured else None
+        if (self.structured and regex is None) or len(first.token_ids) != 1:
+            # a constrained first token that no well-formed answer goes on from, or no token id to continue
+            # from: decode the whole answer
+            return await self._decode(ids)
+        rest = await self._continuations((ids + first.token_ids, regex))
+        return read_verdict(first.joined(rest), self.answer_tokens, self.codes, c.threshold)
+
+    # --- readiness -----------------------------------------------------------------------------
+    def _start_warmup(self) -> None:
+        """Run :meth:`_warm_up` once in the background, unless it runs or succeeded."""
+        if self.ready or (self._warmup is not None and not self._warmup.done()):
+            return
+        try:
+            self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+        except RuntimeError:  # no event loop here: the first /readyz or health check starts it
+            self._warmup = None
+
+    async def _warm_up(self) -> None:
+        """One guard request through the engine, by the configured scoring, retried until it is answered:
+        after it the engine has loaded, compiled its first steps and the answer grammar, and the guard
+        prompt's shared prefix is in vLLM's prefix cache. Then :attr:`ready`."""
+        started, attempt = time.perf_counter(), 0
+        while True:
+            attempt += 1
+            try:
+                ((verdict, _),) = await self._verdicts([{"text": WARMUP_TEXT}])
+            except ApiError as exc:
+                self.warmup_error = f"{exc.kind}: {exc.message}"
+                if exc.status != 503:  # an engine that answers, but not with a verdict: not ready, say why
+                    log.error("guard warm-up failed: %s", self.warmup_error)
+                    return
+                await asyncio.sleep(min(5.0, 0.5 * attempt))
+                continue
+            self.ready, self.warmup_error = True, None
+            log.info("guard ready: warm-up answered %s after %.1f s (%d attempt(s))", verdict.label,
+                     time.perf_counter() - started, attempt)
+            return
+
+    def _not_ready(self) -> None:
+        """The engine failed a request: not ready until a new warm-up is answered."""
+        if self.ready:
+            self.ready = False
+            self._start_warmup()
+
+    async def check_health(self) -> None:
+        """Ray Serve's replica health check: the ingress is alive; it (re)starts the warm-up that
+        readiness waits for. An engine that is down is Serve's check of the ``LLMServer`` replica."""
+        self._start_warmup()
 
     def _policy(self, body: dict[str, Any]) -> Policy | None:
         """The request's ``policy`` (micro codes), or None; a bad one is a 400 naming the entry."""
@@ -294,9 +416,23 @@ class GuardIngress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        """Liveness: the ingress answers (200 while the engine still loads; readiness is /readyz)."""
         return {"status": "ok", "model": self.config.name, "threshold": self.config.threshold,
                 "auth": self._key is not None, "max_batch_size": self.config.max_batch_size,
-                "context": self.context}
+                "context": self.context, "scoring": self.config.scoring, "ready": self.ready}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 once a warm-up guard request went through the engine (a request is then answered
+        at normal speed), 503 with ``Retry-After`` before (and after an engine failure, until a new warm-up
+        is answered)."""
+        self._start_warmup()
+        if self.ready:
+            return JSONResponse({"status": "ready", "model": self.config.name})
+        return JSONResponse({"status": "warming_up" if self.warmup_error is None or "unavailable" in
+                             self.warmup_error else "failed", "model": self.config.name,
+                             "error": self.warmup_error}, status_code=503,
+                            headers={"Retry-After": str(self.config.ingress.retry_after_s)})
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self) -> HTMLResponse:

@@ -12,6 +12,15 @@ its log-probability and the top alternatives. From that:
 - ``shares``: ``{code: P(the code line is code)}`` (:func:`code_shares`), from which
   :mod:`pipelines.serve.categories` scores the categories of a ``/v1/moderations`` answer. A guard
   that answers ``safe`` writes no code line: no shares, and ``score`` alone says how close it was.
+
+**One-pass scoring** (``scoring: one_pass``, the default): the engine generates the answer's first token
+only (one forward pass over the prompt, its top log-probabilities), and :func:`one_pass_verdict` decides
+from it; only an answer that must go on is continued, with a second request whose prompt is the guard
+prompt + that first token (vLLM's prefix cache holds the prompt already: the second request prefills one
+block) and :func:`read_verdict` reads the joined answer (:meth:`Completion.joined`) exactly as it reads a
+full decode. So the verdicts (label, score, micro code) are those of decoding the whole answer; what a
+one-pass verdict below the threshold lacks is the code line it never decoded: no ``shares``, so category
+scores of a text that is not unsafe are 0 (``unspecified`` carries its score).
 """
 
 from __future__ import annotations
@@ -41,17 +50,29 @@ class Completion:
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # with the request's return_token_ids
+    finish_reason: str | None = None                   # stop (end of answer) | length (max_tokens)
 
     @classmethod
     def from_choice(cls, choice: Any) -> Completion:
         """From a completions choice: vLLM's object (read by attribute: no copy of the whole
         response) or its JSON dict."""
-        get = (lambda obj, key: obj.get(key)) if isinstance(choice, dict) else getattr
+        get = ((lambda obj, key: obj.get(key)) if isinstance(choice, dict)
+               else (lambda obj, key: getattr(obj, key, None)))
         logprobs = get(choice, "logprobs")
         field = (lambda key: list((logprobs.get(key) if isinstance(logprobs, dict) else getattr(logprobs, key)) or [])
                  ) if logprobs else (lambda key: [])
         return cls(text=get(choice, "text") or "", tokens=field("tokens"), token_logprobs=field("token_logprobs"),
-                   top_logprobs=field("top_logprobs"))
+                   top_logprobs=field("top_logprobs"), token_ids=list(get(choice, "token_ids") or []),
+                   finish_reason=get(choice, "finish_reason"))
+
+    def joined(self, rest: Completion) -> Completion:
+        """This completion followed by ``rest``, the continuation generated from its prompt + its tokens:
+        the answer a single request would have generated."""
+        return Completion(text=self.text + rest.text, tokens=self.tokens + rest.tokens,
+                          token_logprobs=self.token_logprobs + rest.token_logprobs,
+                          top_logprobs=self.top_logprobs + rest.top_logprobs,
+                          token_ids=self.token_ids + rest.token_ids, finish_reason=rest.finish_reason)
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,59 @@ def read_verdict(completion: Completion, answer_tokens: dict[str, list[str]], co
     named = micro if label == UNSAFE and decided == UNSAFE else None
     return Verdict(label=decided, score=score, scored=scored, micro=named,
                    shares=code_shares(completion, micro, codes), raw=completion.text)
+
+
+def first_token_word(token: str | None, answer_tokens: dict[str, list[str]]) -> str | None:
+    """``safe`` / ``unsafe`` when ``token`` (surrounding whitespace removed) is one of that word's first
+    tokens (:func:`pipelines.guard.scores.first_tokens`), else ``None`` (a blank token, a shorter
+    prefix, another word)."""
+    text = (token or "").strip()
+    return next((word for word in (SAFE, UNSAFE) if text in answer_tokens[word]), None)
+
+
+def one_pass_verdict(first: Completion, answer_tokens: dict[str, list[str]], codes: frozenset[str],
+                     threshold: float) -> Verdict | None:
+    """The verdict from the answer's first generated token alone, or ``None`` when the rest of the
+    answer must be decoded to give :func:`read_verdict`'s verdict.
+
+    With ``w`` = :func:`first_token_word` of the token generated and ``p`` = :func:`unsafe_score` of its
+    top log-probabilities (its own word ``w``), the answer is decided here iff ``w`` is a word, ``p`` is
+    not ``None``, and not (``p >= threshold`` and ``w = unsafe``):
+
+    - ``p < threshold``: ``safe``, no code (a code goes only with an unsafe verdict);
+    - ``p >= threshold`` and ``w = safe``: ``unsafe`` without a code (the answer's line says safe, so it
+      writes no code: ``unspecified``).
+
+    ``None`` (decode the rest): ``w = unsafe`` at or above the threshold (the micro code is needed), a
+    first token that is no answer word's (blank, as some templates open answers with a newline; a shorter
+    prefix ``s`` / ``un`` that constrained decoding allowed; another word), or no score. A first token
+    that ended the answer (``finish_reason`` ``stop``) is the whole answer: :func:`read_verdict` of it.
+    These are :func:`read_verdict`'s decisions on the whole answer: its first line starts with ``w``, so
+    it names a code only if ``w = unsafe``, and its first token, the one generated here, is in the top
+    log-probabilities, so its own word has mass and ``p`` is the score it computes too."""
+    if first.finish_reason == "stop":
+        return read_verdict(first, answer_tokens, codes, threshold)
+    word = first_token_word(first.tokens[0] if first.tokens else None, answer_tokens)
+    if word is None or not first.top_logprobs or first.top_logprobs[0] is None:
+        return None
+    score = unsafe_score(logprob_map(list(first.top_logprobs[0].items())), answer_tokens, word)
+    if score is None or (score >= threshold and word == UNSAFE):
+        return None
+    return Verdict(label=UNSAFE if score >= threshold else SAFE, score=score, scored=True, micro=None, shares={},
+                   raw=first.text)
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\n" if ch == "\n" else re.escape(ch) for ch in text)
+
+
+def continuation_pattern(answers: list[str], prefix: str) -> str | None:
+    """The regex of what may follow ``prefix`` (the answer's first token) in one of the well-formed
+    ``answers`` (constrained decoding: the second request's grammar starts where the first stopped), as an
+    alternation of the remainders of the answers that start with ``prefix``; ``None`` when no answer goes
+    on from it."""
+    rest = sorted({a[len(prefix):] for a in answers if a.startswith(prefix) and len(a) > len(prefix)})
+    return f"({'|'.join(map(_regex_literal, rest))})" if rest else None
 
 
 def guard_result(verdict: Verdict, taxonomy: Taxonomy, *, level: str, threshold: float, model: str,

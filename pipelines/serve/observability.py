@@ -8,7 +8,8 @@ dashboard's Grafana and any Prometheus that scrapes the cluster see them.
   the flagged share is their ratio, and ``chillguard_serve_flagged_share`` (gauge) is it since the
   replica started.
 - ``chillguard_serve_latency_s`` (histogram; route): request latency in the ingress.
-- ``chillguard_serve_batch_size`` (histogram): prompts per engine call.
+- ``chillguard_serve_batch_size`` (histogram; call): prompts per engine call, by kind of call:
+  ``first_token`` and ``continuation`` (``scoring: one_pass``), ``decode`` (``scoring: decode``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ServeMetrics:
         self._latency = metrics.Histogram("chillguard_serve_latency_s", "request latency in the ingress (s)",
                                           boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model", "route"))
         self._batch = metrics.Histogram("chillguard_serve_batch_size", "prompts per engine call",
-                                        boundaries=BATCH_BOUNDARIES, tag_keys=("model",))
+                                        boundaries=BATCH_BOUNDARIES, tag_keys=("model", "call"))
         for metric in (self._requests, self._texts, self._flagged, self._share, self._latency, self._batch):
             metric.set_default_tags(tags)
         self.texts = self.flagged = 0
@@ -51,5 +52,5 @@ class ServeMetrics:
             self._flagged.inc(flagged)
         self._share.set(self.flagged / self.texts)
 
-    def batch(self, size: int) -> None:
-        self._batch.observe(size)
+    def batch(self, size: int, call: str) -> None:
+        self._batch.observe(size, tags={"call": call})

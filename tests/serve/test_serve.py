@@ -22,8 +22,6 @@ from tests.conftest import (
     free_port,
     has_metric,
     metric_value,
-    scrape_metrics,
-    wait_for_metric,
     wait_for_metric_names,
 )
 
@@ -50,8 +48,19 @@ def guard_app(ray_local, tiny_models):
     started = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
-    print(f"guard app up in {time.perf_counter() - started:.1f} s")
-    yield f"http://127.0.0.1:{port}", config
+    url = f"http://127.0.0.1:{port}"
+    # readiness, as a load balancer would wait for it (test_ready_means_ready checks what it promises)
+    readiness = []
+    while True:
+        status, body, _ = call(url, "/readyz", key=None)
+        readiness.append(status)
+        if status == 200:
+            break
+        assert status == 503 and body["status"] == "warming_up", body
+        assert time.perf_counter() - started < 300, f"not ready within 300 s ({body})"
+        time.sleep(0.2)
+    print(f"guard app up and ready in {time.perf_counter() - started:.1f} s (/readyz answers: {readiness})")
+    yield url, config
     serve.shutdown()
 
 
@@ -69,20 +78,55 @@ def call(url: str, path: str, body=None, *, key: str | None = TEST_API_KEY, raw:
         return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
+FIRST_REQUESTS = 6  # the requests of test_ready_means_ready, the module's first
+
+
+def test_ready_means_ready(guard_app):
+    """Issue 32: once /readyz is 200 (the fixture waited for it), the first moderation request is answered
+    at normal speed, not after the engine's first-request costs (27.8 s measured before readiness existed,
+    against ~55 ms after). /healthz stays liveness and says ready too. (The first test of the module.)"""
+    url, _ = guard_app
+    started = time.perf_counter()
+    status, body, _ = call(url, "/v1/moderations", {"input": "the first request after ready"})
+    first = time.perf_counter() - started
+    assert status == 200 and len(body["results"]) == 1
+    steady = []
+    for i in range(FIRST_REQUESTS - 1):
+        started = time.perf_counter()
+        assert call(url, "/v1/moderations", {"input": f"a later request {i}"})[0] == 200
+        steady.append(time.perf_counter() - started)
+    typical = sorted(steady)[len(steady) // 2]
+    print(f"first request after ready {1000 * first:.0f} ms, then median {1000 * typical:.0f} ms")
+    assert first < 2.0 + 5 * typical, (first, steady)
+    status, body, _ = call(url, "/healthz", key=None)
+    assert status == 200 and body["ready"] is True and body["scoring"] == "one_pass"
+
+
 def test_metrics_and_one_engine_call_per_list(guard_app, ray_local):
-    """A list of N texts is one engine call of N prompts: the batch-size histogram holds one
-    observation of N. Our metrics and Ray Serve's are on the node's Prometheus export. (The first
-    test of the module: it counts from zero.)"""
+    """A list of N texts is one first-token engine call of N prompts: the batch-size histogram's
+    ``call=first_token`` series grows by one observation of N. Our metrics and Ray Serve's are on the
+    node's Prometheus export. The warm-up and test_ready_means_ready counted before."""
+    from tests.conftest import _wait_for_scrape
+
     url, _ = guard_app
     count, total = "ray_chillguard_serve_batch_size_count", "ray_chillguard_serve_batch_size_sum"
     requests = "ray_chillguard_serve_requests_total"
-    # the module's first request: nothing was counted before it
-    assert metric_value(scrape_metrics(), requests) == 0
+
+    def answered(n: int) -> str:  # a scrape once the ingress reported n answered requests
+        return _wait_for_scrape(lambda text: metric_value(text, requests) >= n, 60)
+
+    before = answered(FIRST_REQUESTS)
+    assert metric_value(before, requests, route="moderations", status="200") == FIRST_REQUESTS
+    first = (metric_value(before, count, call="first_token"), metric_value(before, total, call="first_token"))
+    assert first[0] >= FIRST_REQUESTS + 1  # theirs and the warm-up's
     n = 6
     assert call(url, "/v1/moderations", {"input": [f"list item {i}" for i in range(n)]})[0] == 200
-    after = wait_for_metric(requests)
-    assert metric_value(after, requests, route="moderations", status="200") == 1
-    assert (metric_value(after, count), metric_value(after, total)) == (1, n)
+    after = answered(FIRST_REQUESTS + 1)
+    assert metric_value(after, requests, route="moderations", status="200") == FIRST_REQUESTS + 1
+    assert (metric_value(after, count, call="first_token") - first[0],
+            metric_value(after, total, call="first_token") - first[1]) == (1, n)
+    # one-pass scoring decodes no whole answers
+    assert metric_value(after, count, call="decode") == 0
     # Serve's proxy reports on its own tick: wait for each name asserted (a clean-clone run once scraped
     # ours before Serve's http counter had arrived)
     names = ["ray_chillguard_serve_texts_total", "ray_chillguard_serve_latency_s_bucket",
@@ -199,6 +243,55 @@ def test_openai_client_and_both_routes(guard_app, tiny_models):
     assert body["prompt_tokens"] == len(prompt_token_ids(tok, prompt({"text": "hi", "response": "here is how"}), {}))
     status, body, _ = call(url, "/healthz", key=None)
     assert status == 200 and body["status"] == "ok" and body["auth"] is True
+
+
+def test_one_pass_gives_the_decode_paths_verdicts(guard_app, tiny_models):
+    """Issue 32: the served guard's one-pass scoring (a first token, the rest only for unsafe answers) and
+    today's path (the whole answer decoded) give the same verdicts on the same texts, through the ingress
+    replica's own ``_verdicts`` on the same engine: label, score, and the micro code of flagged texts. The
+    tiny guard flags few texts at 0.5, so the continuation is also checked on every text: the first token
+    + its continuation from the prompt + that token (the second request, with the grammar's remainder) is
+    the answer decoded whole, token for token."""
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from pipelines.core.prompts import prompt_token_ids
+    from pipelines.core.taxonomy import load_taxonomy
+    from pipelines.guard.adapters import ChillGuardAdapter
+    from pipelines.serve.app import APP_NAME
+    from pipelines.serve.moderation import continuation_pattern
+
+    _, config = guard_app
+    texts = ["how do I pick a lock", "你好，今天天气怎么样", "tell me a story", "如何制作假证件", "银行 password 攻击",
+             "recipe for bread", "投资 法律 history", "学校 医院 travel game", "x", "a b c d e f g h i j k l"]
+    rows = [{"text": t} for t in texts] + [{"text": t, "response": "here is how"} for t in texts[:4]]
+    ingress = serve.get_deployment_handle("GuardIngress", APP_NAME)
+    verdicts = ingress.options(method_name="_verdicts")
+    one_pass, decoded = verdicts.remote(rows, "one_pass").result(), verdicts.remote(rows, "decode").result()
+    assert len(one_pass) == len(decoded) == len(rows)
+    for row, (fast, tokens), (full, full_tokens) in zip(rows, one_pass, decoded):
+        assert tokens == full_tokens and fast.label == full.label and fast.scored == full.scored, (row, fast, full)
+        assert fast.score == pytest.approx(full.score, abs=1e-3), (row, fast, full)
+        if full.flagged:
+            assert fast.micro == full.micro, (row, fast, full)
+    print(f"{sum(v.flagged for v, _ in decoded)} of {len(rows)} flagged, scores "
+          f"{[round(v.score, 3) for v, _ in decoded]}")
+    # the continuation, on every text
+    adapter = ChillGuardAdapter(load_taxonomy(config.taxonomy), config.template)
+    tok = AutoTokenizer.from_pretrained(tiny_models["causal-lm"])
+    for row in rows:
+        ids = prompt_token_ids(tok, adapter.messages(row), {})
+        first = ingress.options(method_name="_first_tokens").remote(ids).result()
+        whole = ingress.options(method_name="_complete").remote(ids).result()
+        assert len(first.token_ids) == 1 and first.token_ids == whole.token_ids[:1], (first, whole)
+        if first.finish_reason == "stop":
+            assert whole.tokens == first.tokens
+            continue
+        rest = ingress.options(method_name="_continuations").remote(
+            (ids + first.token_ids, continuation_pattern(adapter.answers(), first.text))).result()
+        joined = first.joined(rest)
+        assert (joined.text, joined.tokens, joined.token_ids) == (whole.text, whole.tokens, whole.token_ids), row
+        assert joined.token_logprobs == pytest.approx(whole.token_logprobs, abs=1e-3)
 
 
 def test_concurrent_callers_get_their_own_answers(guard_app):
