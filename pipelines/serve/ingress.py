@@ -32,12 +32,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve import stream_routes
 from pipelines.serve.categories import OPENAI, moderation_result, select_categories
 from pipelines.serve.config import GuardServeConfig
 from pipelines.serve.moderation import Completion, GuardAnswerError, Verdict, guard_result, read_verdict
@@ -51,6 +52,7 @@ from pipelines.serve.policy import (
     moderation_policy_fields,
     parse_policy,
 )
+from pipelines.serve.stream import StreamRequestError
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,52 @@ class GuardIngress:
                                prompt_tokens=tokens, threshold=self.config.threshold, model=self.config.name,
                                latency_ms=1000 * (time.perf_counter() - start)),
                 **guard_policy_fields(verdict, policy)}
+
+    # --- streaming: /v1/moderations/stream and the guarded /v1/chat/completions (pipelines.serve.stream_routes) --
+    @api.post("/v1/moderations/stream")
+    async def moderations_stream(self, request: Request) -> Response:
+        return await self._streamed(request, "moderations_stream",
+                                    lambda: stream_routes.moderations_stream(self, request))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._streamed(request, "chat_completions",
+                                    lambda: self._with_body(request, stream_routes.chat_completions))
+
+    async def _with_body(self, request: Request, handler) -> Response:
+        return await handler(self, request, await _json_body(request))
+
+    async def _streamed(self, request: Request, route: str, handler) -> Response:
+        """As :meth:`_guarded` for a streamed answer: a stream counts as ongoing until its last event."""
+        start = time.perf_counter()
+        if self._ongoing >= self.config.ingress.max_ongoing_requests:
+            self.metrics.request(route, 503, time.perf_counter() - start)
+            return error_response(503, "overloaded", f"the guard is at its limit of "
+                                  f"{self.config.ingress.max_ongoing_requests} ongoing requests per replica; "
+                                  "retry later", headers={"Retry-After": str(self.config.ingress.retry_after_s)})
+        self._ongoing += 1
+        try:
+            self._authorize(request)
+            response = await handler()
+        except ApiError as exc:
+            response = error_response(exc.status, exc.kind, exc.message, exc.param, exc.headers)
+        except StreamRequestError as exc:
+            response = error_response(400, "invalid_request_error", exc.message, exc.param)
+        if not isinstance(response, StreamingResponse):
+            self._ongoing -= 1
+            self.metrics.request(route, response.status_code, time.perf_counter() - start)
+            return response
+        events = response.body_iterator
+
+        async def counted():
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                self._ongoing -= 1
+                self.metrics.request(route, response.status_code, time.perf_counter() - start)
+        response.body_iterator = counted()
+        return response
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
