@@ -348,7 +348,8 @@ class GuardIngress:
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self) -> HTMLResponse:
-        return HTMLResponse(self._page.replace("{{MODEL}}", self.config.name))
+        return HTMLResponse(self._page.replace("{{MODEL}}", self.config.name)
+                            .replace("{{HOLD_BACK}}", str(self.config.stream.hold_back_tokens)))
 
 
 def _model_context(model: str) -> int | None:

@@ -174,7 +174,7 @@ async def chat_completions(guard, request: Request, body: dict[str, Any]):
         verdict = await judge(message.get("content") or "") if (message.get("content") or "").strip() else None
         if verdict is not None:
             guard.metrics.verdicts([verdict])
-            data["moderation"] = verdict_fields(verdict, guard.taxonomy)
+            data["guard"] = verdict_fields(verdict, guard.taxonomy)
             if verdict.flagged:
                 message["content"] = None
                 data["choices"][0]["finish_reason"] = CONTENT_FILTER
@@ -203,10 +203,11 @@ async def chat_completions(guard, request: Request, body: dict[str, Any]):
                     started = True
                     yield sse(None, chunk(meta, delta))
                 if judgement.blocked:  # the last judgement: moderate() stops reading the upstream
-                    yield sse(None, chunk(meta, {}, CONTENT_FILTER,
-                                          moderation=verdict_fields(judgement.verdict, guard.taxonomy)))
+                    yield sse(None, chunk(meta, {}, CONTENT_FILTER, guard={
+                        **verdict_fields(judgement.verdict, guard.taxonomy), "judged_tokens": judgement.judged_tokens,
+                        "released_tokens": judgement.released_tokens}))
             if last is None or not last.blocked:
-                extra = {"moderation": verdict_fields(last.verdict, guard.taxonomy)} if last else {}
+                extra = {"guard": verdict_fields(last.verdict, guard.taxonomy)} if last else {}
                 yield sse(None, chunk(meta, {} if started else {"role": "assistant", "content": ""},
                                       meta.finish_reason or "stop", **extra))
                 if meta.usage:

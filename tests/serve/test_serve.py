@@ -407,11 +407,11 @@ def test_guarded_proxy_with_the_openai_client(guard_app, upstream):
 
     text, chunks = streamed(extra_body={"threshold": 1.0})   # nothing flagged: the whole answer, then stop
     assert text == answer and chunks[-1].choices[0].finish_reason == "stop"
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].model_extra["moderation"]["flagged"] is False
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].model_extra["guard"]["flagged"] is False
     assert seen[-1]["model"] == "scripted-upstream" and "threshold" not in seen[-1] and seen[-1]["stream"] is True
     text, chunks = streamed(extra_body={"threshold": 0.0})   # flagged at the first judgement: none of the text
     assert text == "" and chunks[-1].choices[0].finish_reason == "content_filter"
-    assert chunks[-1].model_extra["moderation"]["flagged"] is True
+    assert chunks[-1].model_extra["guard"]["flagged"] is True
     text, chunks = streamed()  # the server's threshold: whatever the tiny guard says, released text is a prefix
     assert answer.startswith(text) and chunks[-1].choices[0].finish_reason in ("stop", "content_filter")
     assert (text == answer) == (chunks[-1].choices[0].finish_reason == "stop")
@@ -419,7 +419,7 @@ def test_guarded_proxy_with_the_openai_client(guard_app, upstream):
     assert whole.choices[0].message.content == answer and whole.choices[0].finish_reason == "stop"
     blocked = client.chat.completions.create(model="any", messages=messages, extra_body={"threshold": 0.0})
     assert blocked.choices[0].message.content is None and blocked.choices[0].finish_reason == "content_filter"
-    assert blocked.model_extra["moderation"]["flagged"] is True
+    assert blocked.model_extra["guard"]["flagged"] is True
     status, body, _ = call(url, "/v1/chat/completions", {"model": "any", "messages": [{"role": "system",
                                                                                         "content": "hi"}]})
     assert status == 400 and body["error"]["param"] == "messages"
@@ -464,6 +464,28 @@ def test_playground_page_in_a_browser(guard_app):
         scoped = call(url, "/v1/guard", {"prompt": prompt, "policy": policy.replace(" ", "").split(",")})[1]
         assert driver.find_element(By.ID, "outside").is_displayed() == scoped["outside_policy"]
         assert driver.find_element(By.ID, "verdict").text == scoped["label"]
+        # the streamed answer: an example fills prompt and answer; the page shows what the stream released, the
+        # score as a bar and the category, exactly as /v1/moderations/stream answers the same chunks
+        assert float(driver.find_element(By.ID, "score-bar").get_attribute("style").split("width:")[1]
+                     .split("%")[0]) == pytest.approx(100 * scoped["score"], abs=0.1)
+        driver.find_element(By.ID, "policy").clear()
+        driver.find_element(By.ID, "example-0").click()
+        prompt = driver.find_element(By.ID, "prompt").get_attribute("value")
+        text = driver.find_element(By.ID, "stream-text").get_attribute("value")
+        assert prompt and text
+        driver.find_element(By.ID, "stream-submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "stream-status").text in ("done", "blocked"))
+        chunks = [{"delta": w} for w in re.findall(r"\S+\s*", text)]
+        status, events = stream_moderation(url, [{"prompt": prompt}, *chunks])
+        last_event, last = events[-1]
+        assert status == 200 and driver.find_element(By.ID, "stream-status").text == (
+            "blocked" if last_event == "block" else "done")
+        assert driver.find_element(By.ID, "released").text == "".join(d["released"] for _, d in events).strip()
+        assert driver.find_element(By.ID, "blocked").is_displayed() == (last_event == "block")
+        assert driver.find_element(By.ID, "stream-score").text.startswith(f"{last['score']:.4f}"[:4])
+        category = driver.find_element(By.ID, "stream-category").text
+        named = last["category"]
+        assert category == (f"{named['micro_zh']} {named['micro_en']} ({named['micro']})" if named else "—")
     finally:
         driver.quit()
 
