@@ -8,7 +8,8 @@ OpenAI's format:
   (hold-back window, judged as a response-level row: the last user message and the answer so far) and
   out as ``chat.completion.chunk`` events carrying only released text. When the guard flags, the upstream
   is closed and the last chunk has ``finish_reason: "content_filter"`` (as OpenAI and Azure OpenAI end a
-  filtered stream) and a ``guard`` extension field (score, category; OpenAI's chunk has its own ``moderation``); then ``data: [DONE]``.
+  filtered stream) and a ``guard`` extension field (score, category; OpenAI's chunk type has its own
+  ``moderation``); then ``data: [DONE]``.
 - non-streaming: the whole answer is judged once; a flagged one comes back with ``content: null`` and
   ``finish_reason: "content_filter"`` (Azure's non-streaming behaviour), plus ``guard``.
 
