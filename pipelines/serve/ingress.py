@@ -3,8 +3,9 @@
 Routes: ``POST /v1/moderations`` (OpenAI's shape; our codes or OpenAI's categories as the request's
 ``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer); both take a
 per-request ``policy``, the codes that count for the caller (:mod:`pipelines.serve.policy`),
-``GET /healthz``, ``GET /`` (the playground page). Each prompt is rendered exactly as training
-rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
+``POST /v1/moderations/stream`` and the guarded ``POST /v1/chat/completions`` (streaming moderation,
+:mod:`pipelines.serve.stream_routes`), ``GET /healthz``, ``GET /`` (the playground page). Each prompt is
+rendered exactly as training rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as
 token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the answer
 tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`.
 
