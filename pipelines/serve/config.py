@@ -14,6 +14,8 @@ from pydantic import Field, model_validator
 from pipelines.core.config import CONFIGS, ExistingPath, ModelRef, Strict
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.serve.openai_mapping import DEFAULT_OPENAI_MAPPING, OPENAI_MODELS, load_openai_mapping
+from pipelines.serve.proxy import ProxyConfig
+from pipelines.serve.stream import StreamConfig
 
 
 class AutoscalingConfig(Strict):
@@ -98,6 +100,10 @@ class GuardServeConfig(Strict):
     port: int = Field(8000, ge=1, le=65535)
     engine: EngineDeployment = Field(default_factory=EngineDeployment)
     ingress: IngressDeployment = Field(default_factory=IngressDeployment)
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="streaming moderation: hold-back "
+                                 "window and judging rate (/v1/moderations/stream, /v1/chat/completions)")
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the upstream model behind the "
+                               "guarded /v1/chat/completions")
 
     @model_validator(mode="after")
     def _categories(self) -> GuardServeConfig:

@@ -3,14 +3,16 @@
 Routes: ``POST /v1/moderations`` (OpenAI's shape; our codes or OpenAI's categories as the request's
 ``model`` selects, :mod:`pipelines.serve.categories`), ``POST /v1/guard`` (our richer answer); both take a
 per-request ``policy``, the codes that count for the caller (:mod:`pipelines.serve.policy`),
-``GET /healthz`` (liveness: the ingress answers), ``GET /readyz`` (readiness: 200 once a warm-up guard
-request went through the engine, 503 before), ``GET /`` (the playground page). Each prompt is rendered
-exactly as training rendered it (:class:`pipelines.guard.format.GuardPrompt` + the model's chat
-template, as token ids), sent to the vLLM replicas (``ray.serve.llm.LLMServer``) as completions with the
-answer tokens' log-probabilities, and read by :mod:`pipelines.serve.moderation`: with ``scoring:
-one_pass`` (default) a 1-token completion decides, and only answers that must go on (unsafe, to read the
-micro code) are continued by a second request on the cached prompt; ``scoring: decode`` generates the
-whole answer (up to ``max_tokens``) in one request.
+``POST /v1/moderations/stream`` and the guarded ``POST /v1/chat/completions`` (streaming moderation,
+:mod:`pipelines.serve.stream_routes`), ``GET /healthz`` (liveness: the ingress answers), ``GET /readyz``
+(readiness: 200 once a warm-up guard request went through the engine, 503 before), ``GET /`` (the
+playground page). Each prompt is rendered exactly as training rendered it
+(:class:`pipelines.guard.format.GuardPrompt` + the model's chat template, as token ids), sent to the vLLM
+replicas (``ray.serve.llm.LLMServer``) as completions with the answer tokens' log-probabilities, and
+read by :mod:`pipelines.serve.moderation`: with ``scoring: one_pass`` (default) a 1-token completion
+decides, and only answers that must go on (unsafe, to read the micro code) are continued by a second
+request on the cached prompt; ``scoring: decode`` generates the whole answer (up to ``max_tokens``) in
+one request.
 
 Batching: every engine request goes through a ``@serve.batch`` method (one per kind: first tokens,
 continuations, whole answers), so the prompts of concurrent callers (and the N texts of one list input)
@@ -37,12 +39,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.core.prompts import prompt_token_ids
 from pipelines.core.taxonomy import load_taxonomy
+from pipelines.serve import stream_routes
 from pipelines.serve.categories import OPENAI, moderation_result, select_categories
 from pipelines.serve.config import GuardServeConfig
 from pipelines.serve.moderation import (
@@ -64,6 +67,7 @@ from pipelines.serve.policy import (
     moderation_policy_fields,
     parse_policy,
 )
+from pipelines.serve.stream import StreamRequestError
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +418,52 @@ class GuardIngress:
                                latency_ms=1000 * (time.perf_counter() - start)),
                 **guard_policy_fields(verdict, policy)}
 
+    # --- streaming: /v1/moderations/stream and the guarded /v1/chat/completions (pipelines.serve.stream_routes) --
+    @api.post("/v1/moderations/stream")
+    async def moderations_stream(self, request: Request) -> Response:
+        return await self._streamed(request, "moderations_stream",
+                                    lambda: stream_routes.moderations_stream(self, request))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._streamed(request, "chat_completions",
+                                    lambda: self._with_body(request, stream_routes.chat_completions))
+
+    async def _with_body(self, request: Request, handler) -> Response:
+        return await handler(self, request, await _json_body(request))
+
+    async def _streamed(self, request: Request, route: str, handler) -> Response:
+        """As :meth:`_guarded` for a streamed answer: a stream counts as ongoing until its last event."""
+        start = time.perf_counter()
+        if self._ongoing >= self.config.ingress.max_ongoing_requests:
+            self.metrics.request(route, 503, time.perf_counter() - start)
+            return error_response(503, "overloaded", f"the guard is at its limit of "
+                                  f"{self.config.ingress.max_ongoing_requests} ongoing requests per replica; "
+                                  "retry later", headers={"Retry-After": str(self.config.ingress.retry_after_s)})
+        self._ongoing += 1
+        try:
+            self._authorize(request)
+            response = await handler()
+        except ApiError as exc:
+            response = error_response(exc.status, exc.kind, exc.message, exc.param, exc.headers)
+        except StreamRequestError as exc:
+            response = error_response(400, "invalid_request_error", exc.message, exc.param)
+        if not isinstance(response, StreamingResponse):
+            self._ongoing -= 1
+            self.metrics.request(route, response.status_code, time.perf_counter() - start)
+            return response
+        events = response.body_iterator
+
+        async def counted():
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                self._ongoing -= 1
+                self.metrics.request(route, response.status_code, time.perf_counter() - start)
+        response.body_iterator = counted()
+        return response
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         """Liveness: the ingress answers (200 while the engine still loads; readiness is /readyz)."""
@@ -436,7 +486,8 @@ class GuardIngress:
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self) -> HTMLResponse:
-        return HTMLResponse(self._page.replace("{{MODEL}}", self.config.name))
+        return HTMLResponse(self._page.replace("{{MODEL}}", self.config.name)
+                            .replace("{{HOLD_BACK}}", str(self.config.stream.hold_back_tokens)))
 
 
 def _model_context(model: str) -> int | None:

@@ -8,6 +8,7 @@ first-token probabilities of that model, which is what the checks compare."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -30,8 +31,65 @@ pytestmark = pytest.mark.slow
 MAX_INPUTS, MAX_ONGOING = 16, 8
 
 
+#: the scripted upstream model's answers (by the last user message) for the guarded proxy's tests
+UPSTREAM_ANSWERS = {
+    "tell me about tea": "Green tea is picked early and dried quickly, so it keeps a fresh, grassy taste. "
+                         "Black tea is left to oxidise first, which darkens the leaves and deepens the flavour. "
+                         "好的茶叶要放在阴凉干燥的地方保存。",
+}
+
+
 @pytest.fixture(scope="module")
-def guard_app(ray_local, tiny_models):
+def upstream():
+    """A small real OpenAI-compatible chat server (Starlette + uvicorn, in this process): it streams the
+    scripted answer word by word, or answers it whole; ``seen`` holds the requests it got."""
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    seen: list[dict] = []
+
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append(body)
+        answer = UPSTREAM_ANSWERS[body["messages"][-1]["content"]]
+        base = {"id": "chatcmpl-up", "created": 1, "model": body["model"]}
+        if not body.get("stream"):
+            return JSONResponse({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]})
+
+        async def pieces():
+            words = re.findall(r"\S+\s*", answer)
+            for i, word in enumerate(words):
+                delta = {"content": word, **({"role": "assistant"} if i == 0 else {})}
+                chunk = {**base, "object": "chat.completion.chunk",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0.005)
+            end = {**base, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def guard_app(ray_local, tiny_models, upstream):
     from ray import serve
 
     from pipelines.core.config import CONFIGS
@@ -43,7 +101,9 @@ def guard_app(ray_local, tiny_models):
                                              model=tiny_models["causal-lm"],
                                              overrides=["constrained=true", f"api_key_env={TEST_API_KEY_ENV}",
                                                         f"max_inputs={MAX_INPUTS}", "max_tokens=4",
-                                                        f"ingress.max_ongoing_requests={MAX_ONGOING}"]), cuda=False)
+                                                        f"ingress.max_ongoing_requests={MAX_ONGOING}",
+                                                        f"proxy.upstream_base_url={upstream[0]}",
+                                                        "proxy.upstream_model=scripted-upstream"]), cuda=False)
     port = free_port()
     started = time.perf_counter()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -364,6 +424,100 @@ def test_overload_gets_503_with_retry_after(guard_app):
     assert call(url, "/v1/guard", {"prompt": "after the rush"})[0] == 200
 
 
+def stream_moderation(url: str, lines: list[dict | str], *, key: str | None = TEST_API_KEY) -> tuple[int, list]:
+    """``(status, [(event, data), ...])`` of one ``/v1/moderations/stream`` call with the NDJSON body ``lines``
+    sent at once (an error status: ``[("error", body)]``)."""
+    raw = "\n".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) for line in lines)
+    request = urllib.request.Request(url + "/v1/moderations/stream", data=raw.encode(), method="POST",
+                                     headers={"Content-Type": "application/x-ndjson",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            return answer.status, parse_sse(answer.read().decode())
+    except urllib.error.HTTPError as err:
+        return err.code, [("error", json.loads(err.read()))]
+
+
+def parse_sse(text: str) -> list[tuple[str | None, dict | str]]:
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            data = fields["data"]
+            events.append((fields.get("event"), data if data == "[DONE]" else json.loads(data)))
+    return events
+
+
+def test_streaming_moderation_holds_back_and_blocks(guard_app):
+    """The tiny guard's verdicts do not follow content, so the mechanics are checked at the two ends of a
+    per-request threshold: 1.0 flags nothing (every score is below 1), 0.0 flags the first judgement."""
+    url, config = guard_app
+    prompt, answer = next(iter(UPSTREAM_ANSWERS.items()))
+    words = re.findall(r"\S+\s*", answer)
+    hold_back = config.stream.hold_back_tokens
+    status, events = stream_moderation(url, [{"prompt": prompt, "threshold": 1.0}, *({"delta": w} for w in words)])
+    assert status == 200 and [e for e, _ in events][-1] == "done" and {e for e, _ in events} == {"verdict", "done"}
+    assert "".join(data["released"] for _, data in events) == answer  # all of it, in order, once
+    for event, data in events:
+        assert 0 <= data["score"] < 1 and not data["flagged"]
+        assert data["held_tokens"] == data["tokens"] - data["released_tokens"]
+        if event == "verdict":  # before the end: only text with a judged-safe window of N tokens after it
+            assert data["released_tokens"] <= max(0, data["judged_tokens"] - hold_back)
+    assert len(events) > 2 and events[-1][1]["released_tokens"] == events[-1][1]["tokens"]
+    # the stream judged the answer as /v1/guard judges a response-level row
+    whole = call(url, "/v1/guard", {"prompt": prompt, "response": answer})[1]
+    assert events[-1][1]["score"] == pytest.approx(whole["score"], abs=0.02)
+    # threshold 0 flags the first judgement: one block event, nothing released
+    status, events = stream_moderation(url, [{"prompt": prompt, "threshold": 0.0}, *({"delta": w} for w in words)])
+    assert status == 200 and [e for e, _ in events] == ["block"]
+    assert events[0][1]["flagged"] and events[0][1]["released"] == "" and events[0][1]["released_tokens"] == 0
+    # bad requests: a JSON error before the stream starts, an error event once it has
+    for lines, param in [([], None), (['{"delta": "x"}'], "delta"), ([{"prompt": ""}], "prompt"),
+                         ([{"prompt": "p", "threshold": 2}], "threshold"), ([{"prompt": "p", "policy": ["Z9"]}],
+                                                                            "policy[0]")]:
+        status, events = stream_moderation(url, lines or [""])
+        assert status == 400 and events[0][1]["error"]["type"] == "invalid_request_error", events
+        assert events[0][1]["error"]["param"] == param
+    assert stream_moderation(url, [{"prompt": "p"}], key=None)[0] == 401
+    status, events = stream_moderation(url, [{"prompt": "p"}, {"delta": "fine words here"}, "[1, 2]"])
+    assert status == 200 and events[-1][0] == "error" and events[-1][1]["error"]["code"] == 500
+    assert "line 3" in events[-1][1]["error"]["message"]
+
+
+def test_guarded_proxy_with_the_openai_client(guard_app, upstream):
+    from openai import OpenAI
+
+    url, _ = guard_app
+    _, seen = upstream
+    client = OpenAI(base_url=f"{url}/v1", api_key=TEST_API_KEY)
+    prompt, answer = next(iter(UPSTREAM_ANSWERS.items()))
+    messages = [{"role": "user", "content": prompt}]
+
+    def streamed(**extra) -> tuple[str, list]:
+        chunks = list(client.chat.completions.create(model="any", messages=messages, stream=True, **extra))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+    text, chunks = streamed(extra_body={"threshold": 1.0})   # nothing flagged: the whole answer, then stop
+    assert text == answer and chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].model_extra["guard"]["flagged"] is False
+    assert seen[-1]["model"] == "scripted-upstream" and "threshold" not in seen[-1] and seen[-1]["stream"] is True
+    text, chunks = streamed(extra_body={"threshold": 0.0})   # flagged at the first judgement: none of the text
+    assert text == "" and chunks[-1].choices[0].finish_reason == "content_filter"
+    assert chunks[-1].model_extra["guard"]["flagged"] is True
+    text, chunks = streamed()  # the server's threshold: whatever the tiny guard says, released text is a prefix
+    assert answer.startswith(text) and chunks[-1].choices[0].finish_reason in ("stop", "content_filter")
+    assert (text == answer) == (chunks[-1].choices[0].finish_reason == "stop")
+    whole = client.chat.completions.create(model="any", messages=messages, extra_body={"threshold": 1.0})
+    assert whole.choices[0].message.content == answer and whole.choices[0].finish_reason == "stop"
+    blocked = client.chat.completions.create(model="any", messages=messages, extra_body={"threshold": 0.0})
+    assert blocked.choices[0].message.content is None and blocked.choices[0].finish_reason == "content_filter"
+    assert blocked.model_extra["guard"]["flagged"] is True
+    status, body, _ = call(url, "/v1/chat/completions", {"model": "any", "messages": [{"role": "system",
+                                                                                        "content": "hi"}]})
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
 def test_playground_page_in_a_browser(guard_app):
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("chromium / chromedriver not installed (`make browser` installs Debian's)")
@@ -403,6 +557,28 @@ def test_playground_page_in_a_browser(guard_app):
         scoped = call(url, "/v1/guard", {"prompt": prompt, "policy": policy.replace(" ", "").split(",")})[1]
         assert driver.find_element(By.ID, "outside").is_displayed() == scoped["outside_policy"]
         assert driver.find_element(By.ID, "verdict").text == scoped["label"]
+        # the streamed answer: an example fills prompt and answer; the page shows what the stream released, the
+        # score as a bar and the category, exactly as /v1/moderations/stream answers the same chunks
+        assert float(driver.find_element(By.ID, "score-bar").get_attribute("style").split("width:")[1]
+                     .split("%")[0]) == pytest.approx(100 * scoped["score"], abs=0.1)
+        driver.find_element(By.ID, "policy").clear()
+        driver.find_element(By.ID, "example-0").click()
+        prompt = driver.find_element(By.ID, "prompt").get_attribute("value")
+        text = driver.find_element(By.ID, "stream-text").get_attribute("value")
+        assert prompt and text
+        driver.find_element(By.ID, "stream-submit").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "stream-status").text in ("done", "blocked"))
+        chunks = [{"delta": w} for w in re.findall(r"\S+\s*", text)]
+        status, events = stream_moderation(url, [{"prompt": prompt}, *chunks])
+        last_event, last = events[-1]
+        assert status == 200 and driver.find_element(By.ID, "stream-status").text == (
+            "blocked" if last_event == "block" else "done")
+        assert driver.find_element(By.ID, "released").text == "".join(d["released"] for _, d in events).strip()
+        assert driver.find_element(By.ID, "blocked").is_displayed() == (last_event == "block")
+        assert driver.find_element(By.ID, "stream-score").text.startswith(f"{last['score']:.4f}"[:4])
+        category = driver.find_element(By.ID, "stream-category").text
+        named = last["category"]
+        assert category == (f"{named['micro_zh']} {named['micro_en']} ({named['micro']})" if named else "—")
     finally:
         driver.quit()
 
