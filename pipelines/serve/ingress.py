@@ -239,9 +239,12 @@ class GuardIngress:
             raise ApiError(502, "engine_error", f"the engine answered {len(ordered)} of {len(prompts)} prompts")
         return [Completion.from_choice(choice) for choice in ordered]
 
-    async def _verdicts(self, rows: list[dict[str, str]], scoring: str | None = None) -> list[tuple[Verdict, int]]:
+    async def _verdicts(self, rows: list[dict[str, str]], scoring: str | None = None,
+                        threshold: float | None = None) -> list[tuple[Verdict, int]]:
         """``(verdict, prompt tokens)`` of each row (``text``, optional ``response``), in order; by
-        ``scoring`` (default: the configured one): ``one_pass`` (:meth:`_one_pass`) or ``decode``."""
+        ``scoring`` (default: the configured one): ``one_pass`` (:meth:`_one_pass`) or ``decode``, at
+        ``threshold`` (default: the configured one; one-pass continues an answer to read its code at or
+        above it, so a caller's lower threshold still gets the category)."""
         prompts = []
         for i, row in enumerate(rows):
             ids = prompt_token_ids(self.tokenizer, self.prompt(row), self.config.chat_template_kwargs)
@@ -255,10 +258,11 @@ class GuardIngress:
         if scoring not in ("one_pass", "decode"):
             raise ApiError(400, "invalid_request_error", f"scoring {scoring!r} is neither one_pass nor decode")
         score = self._one_pass if scoring == "one_pass" else self._decode
+        limit = self.config.threshold if threshold is None else threshold
 
         async def verdict(i: int, ids: list[int]) -> Verdict:
             try:
-                return await score(ids)
+                return await score(ids, limit)
             except GuardAnswerError as exc:
                 raise ApiError(502, "guard_answer_unparseable", f"text {i}: {exc}") from None
 
@@ -273,25 +277,24 @@ class GuardIngress:
                            headers={"Retry-After": str(self.config.ingress.retry_after_s)}) from None
         return list(zip(verdicts, map(len, prompts)))
 
-    async def _decode(self, ids: list[int]) -> Verdict:
+    async def _decode(self, ids: list[int], threshold: float) -> Verdict:
         """Today's path (``scoring: decode``): the whole answer, then :func:`read_verdict`."""
-        return read_verdict(await self._complete(ids), self.answer_tokens, self.codes, self.config.threshold)
+        return read_verdict(await self._complete(ids), self.answer_tokens, self.codes, threshold)
 
-    async def _one_pass(self, ids: list[int]) -> Verdict:
+    async def _one_pass(self, ids: list[int], threshold: float) -> Verdict:
         """The verdict from the first answer token (:func:`one_pass_verdict`); an answer that must go on is
         continued from the prompt + its first token (the prefix cache holds the prompt) and read whole."""
-        c = self.config
         first = await self._first_tokens(ids)
-        verdict = one_pass_verdict(first, self.answer_tokens, self.codes, c.threshold)
+        verdict = one_pass_verdict(first, self.answer_tokens, self.codes, threshold)
         if verdict is not None:
             return verdict
         regex = continuation_pattern(self.answers, first.text) if self.structured else None
         if (self.structured and regex is None) or len(first.token_ids) != 1:
             # a constrained first token that no well-formed answer goes on from, or no token id to continue
             # from: decode the whole answer
-            return await self._decode(ids)
+            return await self._decode(ids, threshold)
         rest = await self._continuations((ids + first.token_ids, regex))
-        return read_verdict(first.joined(rest), self.answer_tokens, self.codes, c.threshold)
+        return read_verdict(first.joined(rest), self.answer_tokens, self.codes, threshold)
 
     # --- readiness -----------------------------------------------------------------------------
     def _start_warmup(self) -> None:

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydantic import Field
 
 from pipelines.core.config import Strict
-from pipelines.core.rows import SAFE, UNSAFE
 from pipelines.core.taxonomy import Taxonomy
 from pipelines.serve.moderation import Verdict
 
@@ -78,16 +76,6 @@ def release_point(starts: list[int], n_chars: int, hold_back: int, final: bool) 
     if n <= hold_back:
         return 0
     return min(starts[n - hold_back:]) if hold_back else n_chars
-
-
-def rethreshold(verdict: Verdict, threshold: float | None) -> Verdict:
-    """The verdict under a per-request ``threshold`` (unsafe iff ``score >= threshold``); the code stays
-    only with an unsafe verdict. ``None``: unchanged. (The code was decoded under the server's threshold:
-    below it, a verdict made unsafe here may name no code, i.e. ``unspecified``.)"""
-    if threshold is None:
-        return verdict
-    label = UNSAFE if verdict.score >= threshold else SAFE
-    return dataclasses.replace(verdict, label=label, micro=verdict.micro if label == UNSAFE else None)
 
 
 @dataclass

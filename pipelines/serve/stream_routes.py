@@ -48,7 +48,6 @@ from pipelines.serve.stream import (
     judgement_event,
     moderate,
     ndjson_lines,
-    rethreshold,
     sse,
     token_starts,
     verdict_fields,
@@ -70,8 +69,8 @@ def _threshold(value: Any) -> float | None:
 
 def _judge(guard, prompt: str, threshold: float | None, policy):
     async def judge(text: str):
-        ((verdict, _),) = await guard._verdicts([{"text": prompt, "response": text}])
-        return apply_policy(rethreshold(verdict, threshold), policy)
+        ((verdict, _),) = await guard._verdicts([{"text": prompt, "response": text}], threshold=threshold)
+        return apply_policy(verdict, policy)
     return judge
 
 

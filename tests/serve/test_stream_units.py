@@ -18,7 +18,6 @@ from pipelines.serve.stream import (
     moderate,
     ndjson_lines,
     release_point,
-    rethreshold,
     token_starts,
 )
 
@@ -144,13 +143,6 @@ def test_source_errors_reach_the_caller():
 
     with pytest.raises(ValueError, match="upstream went away"):
         asyncio.run(collect())
-
-
-def test_rethreshold():
-    v = verdict(True, 0.7)
-    assert rethreshold(v, None) is v
-    assert rethreshold(v, 0.8).label == "safe" and rethreshold(v, 0.8).micro is None
-    assert rethreshold(v, 0.0).label == "unsafe" and rethreshold(v, 0.0).micro == "B5"
 
 
 def test_token_starts_with_the_tiny_tokenizer(tiny_models):
