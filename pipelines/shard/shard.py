@@ -13,8 +13,12 @@ variant of ``stages.shard.variants``):
     variant (:mod:`pipelines.shard.rules`).
 ``shard_reframe_<v>``, ``shard_refine_<v>``
     P1 -> P2 (JSON), then O1 -> O2 (:mod:`pipelines.shard.rewriting`).
+``shard_prompt_<v>``
+    instead of reframing and refinement, for the inference-time baselines (``method: benign_intent`` /
+    ``rational``): O2 = the answer to P1 under the method's system prompt (:mod:`pipelines.shard.prompting`).
 ``shard_judge_<v>``
-    O2 (candidate) against O1 (reference), helpfulness and harmfulness (:mod:`pipelines.shard.judging`).
+    O2 (candidate) against O1 (reference), helpfulness and harmfulness, and for a reframed variant
+    SHARD's relevance verdict (:mod:`pipelines.shard.judging`).
 ``shard_select_<v>``
     the O2 kept for ``sft_<key>`` (:mod:`pipelines.shard.selection`).
 
@@ -32,8 +36,9 @@ from typing import Any
 from pipelines.core.registry import References, register
 from pipelines.core.stage import Stage
 from pipelines.shard.answer import ShardAnswerStage
-from pipelines.shard.config import ANSWER, ShardConfig
+from pipelines.shard.config import ANSWER, REFRAME, ShardConfig
 from pipelines.shard.judging import ShardJudgeStage
+from pipelines.shard.prompting import ShardPromptStage
 from pipelines.shard.rewriting import ShardRefineStage, ShardReframeStage, rewriting_endpoint
 from pipelines.shard.rules import ShardRulesStage
 from pipelines.shard.selection import ShardSelectStage
@@ -45,15 +50,18 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     models = recipe.models
     stages: list[Stage] = [ShardSplitStage(config, recipe.seed),
                            ShardAnswerStage(config, models[config.target])]
-    if any(v.guidelines == "full" for v in config.variants.values()):
+    if any(v.method == REFRAME and v.guidelines == "full" for v in config.variants.values()):
         stages.append(ShardRulesStage(config, models[config.rules_writer or config.target], recipe.seed))
     for variant in config.variants:
         reframer = models[config.reframer(variant)]
         if config.answer_stage(variant) != ANSWER:  # a teacher writes its own O1 first
             stages.append(ShardAnswerStage(config, reframer, config.answer_stage(variant)))
         rewriter = rewriting_endpoint(config, reframer)
-        stages += [ShardReframeStage(config, variant, rewriter), ShardRefineStage(config, variant, rewriter),
-                   ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
+        if config.method(variant) == REFRAME:
+            stages += [ShardReframeStage(config, variant, rewriter), ShardRefineStage(config, variant, rewriter)]
+        else:  # an inference-time baseline answers P1 directly
+            stages.append(ShardPromptStage(config, variant, rewriter))
+        stages += [ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
     return stages
 
 
