@@ -27,10 +27,10 @@ from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
+from pipelines.shard.categories import CategoryMap, category_map
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.reframing import ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema
 from pipelines.shard.rows import SHARD_COLUMNS, _failed, _llm_fields, take_answer
-from pipelines.shard.categories import CategoryMap, category_map
 from pipelines.shard.rules import RULES, load_rules
 
 _RETRY_COLUMNS = {"retry_problem": pa.string(), "retry_previous": pa.string()}

@@ -23,8 +23,8 @@ from pipelines.core.rows import OK, content_id
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import hash_rank
 from pipelines.core.stage import Stage
-from pipelines.shard.config import SPLIT, ShardConfig
 from pipelines.shard.categories import CategoryMap, category_map
+from pipelines.shard.config import SPLIT, ShardConfig
 from pipelines.shard.reframing import load_guidelines
 from pipelines.shard.rows import take_answer
 

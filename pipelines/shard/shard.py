@@ -65,10 +65,23 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     return stages
 
 
+def _check_thinking(shard: ShardConfig, refs: References, key: str, variants: list[str]) -> None:
+    """SFT on thinking traces needs an O2 writer that thinks: refuse one whose endpoint turns thinking
+    off (``chat_template_kwargs.enable_thinking: false``), naming it."""
+    for v in variants:
+        name = shard.reframer(v)
+        endpoint = refs.recipe.models.get(name)
+        if endpoint is not None and endpoint.chat_template_kwargs.get("enable_thinking") is False:
+            raise ValueError(f"stages.sft.{key}.thinking_column: variant {v}'s O2 writer {name!r} runs with "
+                             "chat_template_kwargs.enable_thinking: false, so it writes no thinking to train on; "
+                             "use a teacher that thinks or drop thinking_column")
+
+
 def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
     """SHARD references: inputs that name enabled row stages, and the same system prompt for SFT on its rows as
-    for the answers it compares (and not on the split that shard_eval evaluates). Returns the
-    endpoints it names."""
+    for the answers it compares (and not on the split that shard_eval evaluates), a thinking O2 writer for SFT
+    on thinking traces, and DPO (``stages.mdpo``) on its pairs only on a split that is not evaluated. Returns
+    the endpoints it names."""
     refs.check_inputs("stages.shard.inputs", shard.inputs)
     models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge,
               "stages.shard.rules_writer": shard.rules_writer}
@@ -86,6 +99,12 @@ def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
         if evaluated is not None and sft.split in (None, evaluated):
             raise ValueError(f"stages.sft.{key}.split: {sft.split!r} trains on the split that "
                              f"stages.shard_eval evaluates ({evaluated!r}); use split: train")
+        if sft.thinking_column:
+            _check_thinking(shard, refs, key, [v for v in shard.variants if f"shard_select_{v}" in sft.inputs])
+    dpo = refs.recipe.stages.mdpo
+    if dpo is not None and selected & set(dpo.inputs) and evaluated is not None and dpo.split in (None, evaluated):
+        raise ValueError(f"stages.mdpo.split: {dpo.split!r} trains on the split that stages.shard_eval evaluates "
+                         f"({evaluated!r}); use split: train")
     return models
 
 

@@ -84,6 +84,10 @@ class ChatSFTConfig(TrainingConfig):
         "epoch and the exported model is the epoch with the lowest one (SHARD: val)", json_schema_extra=ADDED)
     prompt_column: str = "text"
     completion_column: str = "completion"
+    thinking_column: str | None = Field(
+        None, json_schema_extra=ADDED, description="train on the reasoning too: the answer is "
+        "<think>\\n{thinking}\\n</think>\\n\\n{completion} (SHARD's reasoning SFT); rows whose thinking is empty "
+        "are dropped (no_thinking). SHARD: completion_thinking of shard_select_<v> where the teacher thinks")
     system: str | None = None
     lora: LoRASettings | None = None
 
@@ -185,15 +189,27 @@ class TokenizeChatRows(TokenizeExamples):
     """(prompt, completion) rows -> [system], user prompt -> completion."""
 
     def columns(self) -> dict[str, str]:
+        thinking = {"thinking": self.config.thinking_column} if self.config.thinking_column else {}
         return {"id": "id", "split": "split", "prompt": self.config.prompt_column,
-                "completion": self.config.completion_column}
+                "completion": self.config.completion_column, **thinking}
 
     def example(self, r: dict[str, Any]):
         for name in ("prompt", "completion"):
             if not r[name].strip():
                 return ERROR, f"missing_{name}", f"{self.columns()[name]} is empty"
+        answer = r["completion"]
+        if self.config.thinking_column:
+            if not r["thinking"].strip():
+                return DROPPED, "no_thinking", f"{self.config.thinking_column} is empty: the writer did not think"
+            answer = with_thinking(r["thinking"], answer)
         system = [{"role": "system", "content": self.config.system}] if self.config.system else []
-        return system + [{"role": "user", "content": r["prompt"]}], r["completion"]
+        return system + [{"role": "user", "content": r["prompt"]}], answer
+
+
+def with_thinking(thinking: str, answer: str) -> str:
+    """The answer of a reasoning-trace example, as SHARD's build_reasoning_sft_split.py writes it:
+    ``<think>\\n{thinking}\\n</think>\\n\\n{answer}``."""
+    return f"<think>\n{thinking.strip()}\n</think>\n\n{answer}"
 
 
 def pad_right(sequences: list, value: int) -> np.ndarray:
@@ -321,7 +337,8 @@ class ChatSFTStage(TrainingStage):
 
     def __init__(self, key: str, config: ChatSFTConfig):
         super().__init__(config, name=f"sft_{key}", inputs=config.inputs)
-        self.reads = frozenset({"id", config.prompt_column, config.completion_column})
+        self.reads = frozenset({"id", config.prompt_column, config.completion_column,
+                                *([config.thinking_column] if config.thinking_column else [])})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all
