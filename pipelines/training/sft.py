@@ -65,12 +65,26 @@ class LoRASettings(Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    quantize: Literal["nf4"] | None = Field(
+        None, json_schema_extra=ADDED, description="QLoRA, for targets that do not fit full fine-tuning: the "
+        "frozen base is loaded in 4-bit NF4 with double quantization (bitsandbytes; SHARD's sft_qlora.py) and the "
+        "trained adapters are merged into the unquantized base for export")
+
+
+#: the package QLoRA needs, and the version it was checked with (4-bit forward and backward, on CPU too)
+BITSANDBYTES = "bitsandbytes>=0.48"
 
 
 def check_lora(lora: LoRASettings | None, deepspeed: str) -> None:
     if lora is not None and deepspeed == "zero3":
         raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
                          "would shard the frozen base weights it must merge them into)")
+    if lora is not None and lora.quantize is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"lora.quantize: {lora.quantize} (QLoRA) needs the bitsandbytes package, which is not "
+                             f"installed: pip install '{BITSANDBYTES}' (or: pip install 'chillguard[qlora]')")
 
 
 class ChatSFTConfig(TrainingConfig):

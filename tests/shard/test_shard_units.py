@@ -545,16 +545,20 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
 
     # the demo names models/tiny (built by `make demo`); a clean checkout has the session's kit
     lm, judge1, judge2 = tiny_models["causal-lm"], tiny_models["judge-1"], tiny_models["judge-2"]
-    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
-        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
-        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}"])
+    tiny = [f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
+            f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}", f"stages.mdpo.model={lm}"]
+    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", tiny)
     stages = build_stages(demo)
     names = [s.name for s in stages]
     expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules"]  # rules: once
     expected += [f"shard_{step}_self" for step in ("reframe", "refine", "judge", "select")]
     expected += ["shard_answer_teacher"] + [f"shard_{step}_teacher"
                                             for step in ("reframe", "refine", "judge", "select")]
-    assert names == expected + ["sft_self", "sft_teacher", "shard_eval"]
+    # the inference-time baselines, then SFT per supervision variant and DPO on the self variant's pairs
+    expected += [f"shard_{step}_{arm}" for arm in ("benign_intent", "rational")
+                 for step in ("prompt", "judge", "select")]
+    assert names == expected + ["sft_self", "sft_teacher", "mdpo", "shard_eval"]
+    assert list(demo.stages.shard_eval.systems) == ["self", "teacher", "dpo"]
     # SHARD's teacher baseline: the teacher answers first, refines its own O1 and is judged against it
     by_name = {s.name: s for s in stages}
     assert by_name["shard_answer_teacher"].endpoint.model == judge2 == by_name["shard_refine_teacher"].endpoint.model
@@ -562,9 +566,8 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     assert by_name["shard_reframe_self"].inputs == ("shard_answer",)
     assert by_name["shard_rules"].endpoint.model == lm  # one writer (the target) for every variant
     # ours, named for what it is: the teacher refines the target's drafts
-    target_drafts = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
-        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
-        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}", "stages.shard.variants.teacher.draft=target"])
+    target_drafts = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml",
+                                [*tiny, "stages.shard.variants.teacher.draft=target"])
     names = [s.name for s in build_stages(target_drafts)]
     assert "shard_answer_teacher" not in names
     assert {s.name: s for s in build_stages(target_drafts)}["shard_reframe_teacher"].inputs == ("shard_answer",)
