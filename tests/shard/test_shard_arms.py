@@ -66,7 +66,7 @@ def test_refiner_and_reframer_wording_follow_shard():
     assert "as close as possible to the original topic" in reframe
     assert "Avoid unnecessary broadening or generic reframing" in reframe
     assert "Do not refuse, do not say that you cannot answer" in reframe
-    order = re.search(r"Priority order: 1\. (.*?) 2\. (.*?) 3\. (.*?) 4\. (.*?) Choose", reframe)
+    order = re.search(r"Priority order: 1\. (.*?) 2\. (.*?) 3\. (.*?) 4\. (.*?) The response mode", reframe)
     assert order and "safety constraints" in order.group(1) and "minimal intervention" in order.group(4)
 
 
