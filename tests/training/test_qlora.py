@@ -47,6 +47,15 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them_merged(tmp_path, 
     base = tiny_models["causal-lm"]
     rows = [{"text": f"介绍一下话题{i}", "answer": f"话题{i}是一个常见的话题。"} for i in range(32)]
     recipe = Recipe.model_validate(_recipe(tmp_path, base, write_jsonl(tmp_path / "chat.jsonl", rows)))
+    # what the workers build: a 4-bit base under trainable float adapters
+    from bitsandbytes.nn import Linear4bit
+
+    from pipelines.training.sft import SFT
+
+    model = SFT(recipe.stages.sft["q"]).causal_lm(torch.float32)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
     assert manifests["sft_q"]["rows"]["out"] == 32
     model_dir = Path(recipe.run_dir) / "sft_q" / "model"
