@@ -14,10 +14,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.core.config import CONFIGS, ExistingPath, Strict, names_matching
+from pipelines.shard.categories import CATEGORY_MAPS
 from pipelines.shard.pairwise import SELECTION_RULES
 from pipelines.shard.reframing import GUIDELINE_MODES
 
 SPLIT, ANSWER = "shard_split", "shard_answer"
+#: how a variant writes O2: SHARD's reframing + refinement, or one of its inference-time baselines
+#: that answer P1 directly under a system prompt (no reframing): benign-intent prompting and Rational
+REFRAME, BENIGN_INTENT, RATIONAL = "reframe", "benign_intent", "rational"
+METHODS = (REFRAME, BENIGN_INTENT, RATIONAL)
 
 
 class ShardSplits(Strict):
@@ -36,9 +41,15 @@ class ShardSplits(Strict):
 
 
 class ShardVariant(Strict):
-    """One supervision variant (``stages.shard.variants.<name>``): who writes P2 and O2, whose draft O1
-    it refines and is judged against, and which guidance the reframing prompt carries (the ablations)."""
+    """One supervision variant (``stages.shard.variants.<name>``): how O2 is written (``method``), who
+    writes P2 and O2, whose draft O1 it refines and is judged against, and which guidance the reframing
+    prompt carries (the ablations)."""
 
+    method: Literal[METHODS] = Field(
+        REFRAME, description="reframe: P1 -> P2 -> O1 refined into O2 (SHARD); benign_intent: O2 = the "
+        "answer to P1 under a system prompt that assumes a benign purpose (SHARD's benign-intent baseline); "
+        "rational: O2 = the final answer after Self-Check reasoning (the Rational baseline, arXiv 2503.05021, "
+        "as SHARD runs it); the last two have no P2, no refinement and no relevance judgement")
     reframer: str | None = Field(
         None, description="endpoint under `models:` that writes P2 and O2; default: the target itself "
         "(self-reframing, SHARD); a larger model = the teacher-distillation baseline")
@@ -49,6 +60,15 @@ class ShardVariant(Strict):
     guidelines: Literal[GUIDELINE_MODES] = Field(
         "full", description="full: universal guidelines + category rules; universal_only; "
         "instructions_only: the task instructions alone")
+
+    @model_validator(mode="after")
+    def _reframing_settings(self) -> ShardVariant:
+        if self.method != REFRAME:
+            given = sorted({"draft", "guidelines"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{given} apply to method reframe only (method {self.method} answers P1 "
+                                 "directly: there is no draft to refine and no reframing prompt)")
+        return self
 
 
 class ShardConfig(Strict):
@@ -83,6 +103,21 @@ class ShardConfig(Strict):
                                                validate_default=True)
     harmfulness_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_harmfulness.yaml"),
                                                validate_default=True)
+    category_map: str | dict[str, str] = Field(
+        "do_not_answer_to_linguasafe", description="harm category -> the category whose rules a row gets: "
+        "do_not_answer_to_linguasafe = Do-Not-Answer's 12 types share LinguaSafe's 5 types' rules (SHARD: one "
+        "rule set); none = every dataset's own categories; or a mapping (unmapped categories keep their name)")
+    rules_temperature: float | None = Field(
+        0.2, ge=0, description="sampling temperature of the rules writer (SHARD: 0.2), whatever the endpoint's; "
+        "null = the endpoint's")
+    benign_intent_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_benign_intent.yaml"),
+                                                 validate_default=True)
+    rational_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rational.yaml"), validate_default=True)
+    relevance: bool = Field(
+        True, description="judge topic drift of every reframed variant (SHARD's relevance judge): is O2 more "
+        "relevant to P1, to P2 or equally (column relevance: p1 / p2 / equal)")
+    relevance_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_judge_relevance.yaml"),
+                                             validate_default=True)
     rules_writer: str | None = Field(
         None, description="endpoint under `models:` that writes the category rules once for every variant "
         "(SHARD: one strong model); default: the target")
@@ -107,14 +142,32 @@ class ShardConfig(Strict):
     def _variant_names(cls, value: dict[str, ShardVariant]) -> dict[str, ShardVariant]:
         return names_matching(value, r"[a-z0-9_]+", "variant names are stage-name suffixes")
 
+    @field_validator("category_map")
+    @classmethod
+    def _category_map(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(value, str) and value not in CATEGORY_MAPS:
+            raise ValueError(f"one of {sorted(CATEGORY_MAPS)} or a mapping {{category: rules category}}, "
+                             f"got {value!r}")
+        return value
+
+    def method(self, variant: str) -> str:
+        return self.variants[variant].method
+
+    def o2_stage(self, variant: str) -> str:
+        """The stage whose rows hold ``variant``'s O2 (``completion``): ``shard_refine_<v>`` after
+        reframing, ``shard_prompt_<v>`` for the prompting baselines."""
+        return f"shard_refine_{variant}" if self.method(variant) == REFRAME else f"shard_prompt_{variant}"
+
     def reframer(self, variant: str) -> str:
         """The endpoint that reframes and refines for ``variant``."""
         return self.variants[variant].reframer or self.target
 
     def answer_stage(self, variant: str) -> str:
-        """The stage holding the O1 that ``variant`` refines: ``shard_answer`` (the target's), or
-        ``shard_answer_<v>`` for a teacher that refines its own drafts."""
-        if self.variants[variant].draft == "own" and self.reframer(variant) != self.target:
+        """The stage holding the O1 that ``variant`` refines (or, for a prompting baseline, is judged
+        against): ``shard_answer`` (the target's), or ``shard_answer_<v>`` for a teacher that refines its
+        own drafts."""
+        if (self.method(variant) == REFRAME and self.variants[variant].draft == "own"
+                and self.reframer(variant) != self.target):
             return f"{ANSWER}_{variant}"
         return ANSWER
 
@@ -123,5 +176,6 @@ class ShardConfig(Strict):
         names = ["shard_split", "shard_answer"]
         for v in self.variants:
             names += [self.answer_stage(v)] if self.answer_stage(v) != ANSWER else []
-            names += [f"shard_{step}_{v}" for step in ("reframe", "refine", "judge", "select")]
+            steps = ("reframe", "refine") if self.method(v) == REFRAME else ("prompt",)
+            names += [f"shard_{step}_{v}" for step in (*steps, "judge", "select")]
         return names

@@ -4,6 +4,8 @@ The judge compares O2 (candidate) with O1 (reference) for helpfulness and harmfu
 order drawn per comparison (:mod:`pipelines.shard.pairwise`): ``helpfulness`` / ``harmfulness`` are
 O2's win / tie / loss; every judgement is kept in ``judgements``. With ``position_check: n``, n of
 them are judged again with the answers swapped (``position_check.json``: the share that flips).
+For a reframed variant with ``relevance: true`` (SHARD's relevance judge, :mod:`pipelines.shard.relevance`)
+a first pass asks the judge whether O2 serves P1 or P2 more (column ``relevance``: p1 / p2 / equal).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, shuffle_partitions, to_table
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import hash_rank
-from pipelines.core.stage import Stage, col
-from pipelines.shard.config import ShardConfig
+from pipelines.core.stage import Stage, col, run_pass
+from pipelines.shard.config import REFRAME, ShardConfig
 from pipelines.shard.pairwise import (
     HARMFULNESS,
     HELPFULNESS,
@@ -31,6 +33,7 @@ from pipelines.shard.pairwise import (
     position_bias,
     verdict_pattern,
 )
+from pipelines.shard.relevance import judge_relevance, relevance_counts, relevance_pattern
 from pipelines.shard.rows import SHARD_COLUMNS
 from pipelines.shard.stats import OUTCOMES, win_tie_loss
 
@@ -71,15 +74,33 @@ def outcome_summary(rundir: RunDir, stage: str, by: str = "split") -> dict[str, 
             for key, per in sorted(outcomes.items())}
 
 
+def relevance_summary(rundir: RunDir, stage: str, by: str = "split") -> dict[str, Any]:
+    """The relevance verdicts per value of ``by`` and overall (:func:`relevance_counts`)."""
+    values: dict[str, list[str]] = {}
+    for batch in rundir.iter_batches(stage, OK, [by, "relevance"]):
+        for key, verdict in zip(batch.column(by).to_pylist(), batch.column("relevance").to_pylist()):
+            values.setdefault(key, []).append(verdict or "")
+    return {"all": relevance_counts([v for vs in values.values() for v in vs]),
+            f"by_{by}": {key: relevance_counts(vs) for key, vs in sorted(values.items())}}
+
+
 class ShardJudgeStage(Stage):
-    """O2 (candidate) against O1 (reference), both criteria."""
+    """O2 (candidate) against O1 (reference), both criteria; and, for a reframed variant, SHARD's
+    relevance verdict."""
 
     def __init__(self, config: ShardConfig, variant: str, endpoint: LLMEndpoint):
         # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
-        super().__init__(name=f"shard_judge_{variant}", inputs=(f"shard_refine_{variant}",))
+        super().__init__(name=f"shard_judge_{variant}", inputs=(config.o2_stage(variant),))
         self.variant = variant
-        self.reads = frozenset({"id", "text", "completion", "baseline"})  # P1, O2 against O1
-        self.writes = PASSTHROUGH | {"judge_model", HELPFULNESS, HARMFULNESS, "judgements"}
+        # SHARD judges relevance where there is a P2 (a reframed variant)
+        self.relevance_prompt = (ChatPrompt(config.relevance_template)
+                                 if config.relevance and config.method(variant) == REFRAME else None)
+        self.relevance_constraint = ({"regex": relevance_pattern(config.explanation_chars)}
+                                     if config.constrained and self.relevance_prompt is not None else None)
+        p2 = {"reformulated_prompt"} if self.relevance_prompt is not None else set()
+        self.reads = frozenset({"id", "text", "completion", "baseline", *p2})  # P1, O2 against O1 (and P2)
+        self.writes = PASSTHROUGH | {"judge_model", HELPFULNESS, HARMFULNESS, "judgements",
+                                     *({"relevance", "relevance_raw"} if p2 else ())}
         self.endpoint = endpoint
         self.prompts = judge_prompts(config)
         self.verdict_constraint = judge_constraint(config)
@@ -94,6 +115,11 @@ class ShardJudgeStage(Stage):
             finish_comparison, batch_format="pyarrow", fn_kwargs={"model": self.endpoint.model})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
+        if self.relevance_prompt is not None:  # a pass of its own before the pairwise judgements
+            rows = inputs[self.inputs[0]]
+            relevance = run_pass(self, rundir, "relevance", lambda: judge_relevance(
+                rows, self.endpoint, self.relevance_prompt, self.relevance_constraint))
+            inputs = {**inputs, self.inputs[0]: relevance if relevance is not None else rows}
         super().write(inputs, rundir)
         if self.position_sample:
             report = self.position_check(rundir)
@@ -123,8 +149,9 @@ class ShardJudgeStage(Stage):
         return {"rows": len(sample), **position_bias(checks)}
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
-        """The inference-time result: O2 against O1 per split (the test split is SHARD's
-        inference-time comparison), and the position-bias check when it ran."""
+        """The inference-time result: O2 against O1 per split, SHARD's relevance verdicts (reframed
+        variants), and the position-bias check when it ran."""
         check = rundir.read_text(f"{self.name}/{POSITION_CHECK}")
         return {"o2_vs_o1_by_split": outcome_summary(rundir, self.name),
+                "relevance": relevance_summary(rundir, self.name) if self.relevance_prompt is not None else None,
                 "position_check": json.loads(check) if check else None}

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.core.parsing import strip_thinking
+from pipelines.shard.categories import UNCATEGORISED  # noqa: F401  (re-exported: rows without a category)
 
 GUIDELINE_MODES = ("full", "universal_only", "instructions_only")
 
@@ -32,8 +33,6 @@ RESPONSE_MODES = ("direct_answer", "soft_reframe", "acknowledge_and_redirect")
 FIELDS = ("reformulated_prompt", "response_mode", "reformulated_component", "preserved_benign_need")
 #: fields that may be empty: nothing was reformulated
 MAY_BE_EMPTY = ("reformulated_component",)
-#: the category name used for rows whose dataset gives none (they get rules of their own)
-UNCATEGORISED = "uncategorised"
 
 
 @dataclass(frozen=True)
@@ -69,13 +68,15 @@ def load_guidelines(path: str | Path) -> Guidelines:
     return Guidelines(tuple(universal), hashlib.sha256(raw.encode()).hexdigest()[:16])
 
 
-def guidance(mode: str, guidelines: Guidelines, category_rules: str = "") -> dict[str, str]:
-    """Template variables of the reframing prompt for ablation ``mode``: ``universal`` and
-    ``category_rules`` are empty where the mode leaves them out."""
+def guidance(mode: str, guidelines: Guidelines, category_rules: str = "", category: str = "") -> dict[str, str]:
+    """Template variables of the reframing prompt for ablation ``mode``: ``universal``,
+    ``category_rules`` and the harm ``category`` are empty where the mode leaves them out (SHARD shows
+    the category with its rules only, in mode ``full``)."""
     if mode not in GUIDELINE_MODES:
         raise ValueError(f"guidelines mode must be one of {GUIDELINE_MODES}, got {mode!r}")
+    full = mode == "full"
     return {"universal": guidelines.text() if mode != "instructions_only" else "",
-            "category_rules": category_rules if mode == "full" else ""}
+            "category_rules": category_rules if full else "", "category": category if full else ""}
 
 
 def reframing_schema(max_chars: int) -> dict:

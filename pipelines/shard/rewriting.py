@@ -27,10 +27,11 @@ from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
+from pipelines.shard.categories import CategoryMap, category_map
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.reframing import ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema
 from pipelines.shard.rows import SHARD_COLUMNS, _failed, _llm_fields, take_answer
-from pipelines.shard.rules import RULES, category_name, load_rules
+from pipelines.shard.rules import RULES, load_rules
 
 _RETRY_COLUMNS = {"retry_problem": pa.string(), "retry_previous": pa.string()}
 
@@ -48,13 +49,15 @@ def rewriting_endpoint(config: ShardConfig, endpoint: LLMEndpoint) -> LLMEndpoin
 # shard_reframe_<v>
 
 
-def plan_reframing(batch: pa.Table, *, variant: str, mode: str, model: str, categories: frozenset | None) -> pa.Table:
-    """Mark the rows with the variant; under ``full`` guidelines a row whose category has no rules
-    (its rules request failed) is an ``error`` (``missing_category_rules``)."""
+def plan_reframing(batch: pa.Table, *, variant: str, mode: str, model: str, categories: frozenset | None,
+                   rules_category: CategoryMap) -> pa.Table:
+    """Mark the rows with the variant; under ``full`` guidelines a row whose rules category
+    (``rules_category`` of its harm category) has no rules (its rules request failed) is an ``error``
+    (``missing_category_rules``)."""
     out = []
     for row in batch.to_pylist():
         row.update(variant=variant, guidelines=mode, reframer_model=model, status=OK, reason="", detail="")
-        category = category_name(row["harm_category"])
+        category = rules_category(row["harm_category"])
         if categories is not None and category not in categories:
             row.update(status=ERROR, reason="missing_category_rules",
                        detail=f"no rules for category {category!r} (see {RULES})")
@@ -63,16 +66,17 @@ def plan_reframing(batch: pa.Table, *, variant: str, mode: str, model: str, cate
 
 
 class RenderReframing:
-    def __init__(self, prompt: ChatPrompt, mode: str, guidelines, rules: dict[str, str]):
+    def __init__(self, prompt: ChatPrompt, mode: str, guidelines, rules: dict[str, str], rules_category: CategoryMap):
         self.prompt = prompt
         self.mode = mode
         self.guidelines = guidelines
         self.rules = rules
+        self.rules_category = rules_category
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, str]]:
-        category = category_name(row["harm_category"])
-        return self.prompt.render({"text": row["text"], "category": category,
-                                   **guidance(self.mode, self.guidelines, self.rules.get(category, "")),
+        category = self.rules_category(row["harm_category"])
+        return self.prompt.render({"text": row["text"],
+                                   **guidance(self.mode, self.guidelines, self.rules.get(category, ""), category),
                                    "retry": bool(row["retry_problem"]), "problem": row["retry_problem"],
                                    "previous_answer": row["retry_previous"]})
 
@@ -122,6 +126,7 @@ class ShardReframeStage(Stage):
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.reframe_template)
         self.guidelines = load_guidelines(config.guidelines)
+        self.rules_category = category_map(config.category_map)
         self.retries = config.retries
         self.constrained = config.constrained
         self.max_field_chars = config.max_field_chars
@@ -133,10 +138,10 @@ class ShardReframeStage(Stage):
         rules = load_rules(rundir, self.rules_stage) if self.mode == "full" else {}
         rows = inputs[self.inputs[0]].map_batches(plan_reframing, batch_format="pyarrow", fn_kwargs={
             "variant": self.variant, "mode": self.mode, "model": self.endpoint.model,
-            "categories": frozenset(rules) if self.mode == "full" else None})
+            "categories": frozenset(rules) if self.mode == "full" else None, "rules_category": self.rules_category})
         finished = [rows.filter(expr=col("status") != OK)]
         pending = rows.filter(expr=col("status") == OK)
-        render = RenderReframing(self.prompt, self.mode, self.guidelines, rules)
+        render = RenderReframing(self.prompt, self.mode, self.guidelines, rules, self.rules_category)
         finished += ask_until_valid(self, rundir, pending, endpoint=self.endpoint, render=render,
                                     constraint=self.constraint(), read=read_reframings, read_kwargs={},
                                     retries=self.retries)
@@ -168,7 +173,7 @@ class ShardRefineStage(Stage):
         # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
         super().__init__(name=f"shard_refine_{variant}", inputs=(f"shard_reframe_{variant}",))
         self.reads = frozenset({"id", *REFINE_FIELDS})
-        self.writes = PASSTHROUGH | {"completion", "reframer_model"}  # O2
+        self.writes = PASSTHROUGH | {"completion", "completion_thinking", "reframer_model"}  # O2 (+ its reasoning)
         self.endpoint = endpoint
         self.prompt = ChatPrompt(config.refine_template)
 
@@ -177,7 +182,8 @@ class ShardRefineStage(Stage):
         render = RenderFields(self.prompt, REFINE_FIELDS)
         return chat(inputs[self.inputs[0]], self.endpoint, render).map_batches(
             take_answer, batch_format="pyarrow",
-            fn_kwargs={"into": "completion", "model_field": "reframer_model", "model": self.endpoint.model})
+            fn_kwargs={"into": "completion", "model_field": "reframer_model", "model": self.endpoint.model,
+                       "thinking_into": "completion_thinking"})
 
 
 class RenderFields:

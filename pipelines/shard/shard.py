@@ -13,8 +13,12 @@ variant of ``stages.shard.variants``):
     variant (:mod:`pipelines.shard.rules`).
 ``shard_reframe_<v>``, ``shard_refine_<v>``
     P1 -> P2 (JSON), then O1 -> O2 (:mod:`pipelines.shard.rewriting`).
+``shard_prompt_<v>``
+    instead of reframing and refinement, for the inference-time baselines (``method: benign_intent`` /
+    ``rational``): O2 = the answer to P1 under the method's system prompt (:mod:`pipelines.shard.prompting`).
 ``shard_judge_<v>``
-    O2 (candidate) against O1 (reference), helpfulness and harmfulness (:mod:`pipelines.shard.judging`).
+    O2 (candidate) against O1 (reference), helpfulness and harmfulness, and for a reframed variant
+    SHARD's relevance verdict (:mod:`pipelines.shard.judging`).
 ``shard_select_<v>``
     the O2 kept for ``sft_<key>`` (:mod:`pipelines.shard.selection`).
 
@@ -32,8 +36,9 @@ from typing import Any
 from pipelines.core.registry import References, register
 from pipelines.core.stage import Stage
 from pipelines.shard.answer import ShardAnswerStage
-from pipelines.shard.config import ANSWER, ShardConfig
+from pipelines.shard.config import ANSWER, REFRAME, ShardConfig
 from pipelines.shard.judging import ShardJudgeStage
+from pipelines.shard.prompting import ShardPromptStage
 from pipelines.shard.rewriting import ShardRefineStage, ShardReframeStage, rewriting_endpoint
 from pipelines.shard.rules import ShardRulesStage
 from pipelines.shard.selection import ShardSelectStage
@@ -45,22 +50,38 @@ def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     models = recipe.models
     stages: list[Stage] = [ShardSplitStage(config, recipe.seed),
                            ShardAnswerStage(config, models[config.target])]
-    if any(v.guidelines == "full" for v in config.variants.values()):
+    if any(v.method == REFRAME and v.guidelines == "full" for v in config.variants.values()):
         stages.append(ShardRulesStage(config, models[config.rules_writer or config.target], recipe.seed))
     for variant in config.variants:
         reframer = models[config.reframer(variant)]
         if config.answer_stage(variant) != ANSWER:  # a teacher writes its own O1 first
             stages.append(ShardAnswerStage(config, reframer, config.answer_stage(variant)))
         rewriter = rewriting_endpoint(config, reframer)
-        stages += [ShardReframeStage(config, variant, rewriter), ShardRefineStage(config, variant, rewriter),
-                   ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
+        if config.method(variant) == REFRAME:
+            stages += [ShardReframeStage(config, variant, rewriter), ShardRefineStage(config, variant, rewriter)]
+        else:  # an inference-time baseline answers P1 directly
+            stages.append(ShardPromptStage(config, variant, rewriter))
+        stages += [ShardJudgeStage(config, variant, models[config.judge]), ShardSelectStage(config, variant)]
     return stages
+
+
+def _check_thinking(shard: ShardConfig, refs: References, key: str, variants: list[str]) -> None:
+    """SFT on thinking traces needs an O2 writer that thinks: refuse one whose endpoint turns thinking
+    off (``chat_template_kwargs.enable_thinking: false``), naming it."""
+    for v in variants:
+        name = shard.reframer(v)
+        endpoint = refs.recipe.models.get(name)
+        if endpoint is not None and endpoint.chat_template_kwargs.get("enable_thinking") is False:
+            raise ValueError(f"stages.sft.{key}.thinking_column: variant {v}'s O2 writer {name!r} runs with "
+                             "chat_template_kwargs.enable_thinking: false, so it writes no thinking to train on; "
+                             "use a teacher that thinks or drop thinking_column")
 
 
 def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
     """SHARD references: inputs that name enabled row stages, and the same system prompt for SFT on its rows as
-    for the answers it compares (and not on the split that shard_eval evaluates). Returns the
-    endpoints it names."""
+    for the answers it compares (and not on the split that shard_eval evaluates), a thinking O2 writer for SFT
+    on thinking traces, and DPO (``stages.mdpo``) on its pairs only on a split that is not evaluated. Returns
+    the endpoints it names."""
     refs.check_inputs("stages.shard.inputs", shard.inputs)
     models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge,
               "stages.shard.rules_writer": shard.rules_writer}
@@ -78,6 +99,12 @@ def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
         if evaluated is not None and sft.split in (None, evaluated):
             raise ValueError(f"stages.sft.{key}.split: {sft.split!r} trains on the split that "
                              f"stages.shard_eval evaluates ({evaluated!r}); use split: train")
+        if sft.thinking_column:
+            _check_thinking(shard, refs, key, [v for v in shard.variants if f"shard_select_{v}" in sft.inputs])
+    dpo = refs.recipe.stages.mdpo
+    if dpo is not None and selected & set(dpo.inputs) and evaluated is not None and dpo.split in (None, evaluated):
+        raise ValueError(f"stages.mdpo.split: {dpo.split!r} trains on the split that stages.shard_eval evaluates "
+                         f"({evaluated!r}); use split: train")
     return models
 
 

@@ -98,6 +98,8 @@ class MDPOConfig(MDPOSettings):
     inputs: list[str] = Field(default_factory=list, description="row stages whose ok rows are pairs",
                               json_schema_extra=ADDED)
     columns: PairColumns = Field(default_factory=PairColumns)
+    split: str | None = Field(None, json_schema_extra=ADDED, description="keep pairs whose `split` column has "
+                              "this value, the others are dropped (other_split); None: all (SHARD's DPO arm: train)")
 
     @model_validator(mode="after")
     def _one_source(self) -> MDPOConfig:
@@ -200,6 +202,9 @@ class TokenizePairs:
             f"{prompt}\x00{chosen}\x00{rejected}")
         out = {"id": rid, "chosen_ids": [], "rejected_ids": [], "prompt_len": 0, "n_tokens": 0,
                "status": OK, "reason": "", "detail": ""}
+        split = getattr(self.config, "split", None)
+        if split is not None and r.get("split") != split:
+            return {**out, "status": DROPPED, "reason": "other_split", "detail": f"split {r.get('split')!r}"}
         for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if not isinstance(value, str) or not value.strip():
                 return {**out, "status": ERROR, "reason": f"missing_{name}",
@@ -397,7 +402,8 @@ def read_pairs(config: MDPOConfig):
 def pair_columns(config: MDPOConfig) -> list[str]:
     """The columns ``stages.mdpo.columns`` names: prompt, chosen, rejected and the optional id and system."""
     cols = config.columns
-    return [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id, cols.system) if c]
+    split = "split" if getattr(config, "split", None) is not None else None
+    return [c for c in (cols.prompt, cols.chosen, cols.rejected, cols.id, cols.system, split) if c]
 
 
 def check_pair_columns(config: MDPOConfig, names: set[str], source: str) -> None:

@@ -65,12 +65,26 @@ class LoRASettings(Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    quantize: Literal["nf4"] | None = Field(
+        None, json_schema_extra=ADDED, description="QLoRA, for targets that do not fit full fine-tuning: the "
+        "frozen base is loaded in 4-bit NF4 with double quantization (bitsandbytes; SHARD's sft_qlora.py) and the "
+        "trained adapters are merged into the unquantized base for export")
+
+
+#: the package QLoRA needs, and the version it was checked with (4-bit forward and backward, on CPU too)
+BITSANDBYTES = "bitsandbytes>=0.48"
 
 
 def check_lora(lora: LoRASettings | None, deepspeed: str) -> None:
     if lora is not None and deepspeed == "zero3":
         raise ValueError("lora trains with deepspeed: zero2 (the adapters are small; ZeRO-3 "
                          "would shard the frozen base weights it must merge them into)")
+    if lora is not None and lora.quantize is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"lora.quantize: {lora.quantize} (QLoRA) needs the bitsandbytes package, which is not "
+                             f"installed: pip install '{BITSANDBYTES}' (or: pip install 'chillguard[qlora]')")
 
 
 class ChatSFTConfig(TrainingConfig):
@@ -84,6 +98,10 @@ class ChatSFTConfig(TrainingConfig):
         "epoch and the exported model is the epoch with the lowest one (SHARD: val)", json_schema_extra=ADDED)
     prompt_column: str = "text"
     completion_column: str = "completion"
+    thinking_column: str | None = Field(
+        None, json_schema_extra=ADDED, description="train on the reasoning too: the answer is "
+        "<think>\\n{thinking}\\n</think>\\n\\n{completion} (SHARD's reasoning SFT); rows whose thinking is empty "
+        "are dropped (no_thinking). SHARD: completion_thinking of shard_select_<v> where the teacher thinks")
     system: str | None = None
     lora: LoRASettings | None = None
 
@@ -185,15 +203,27 @@ class TokenizeChatRows(TokenizeExamples):
     """(prompt, completion) rows -> [system], user prompt -> completion."""
 
     def columns(self) -> dict[str, str]:
+        thinking = {"thinking": self.config.thinking_column} if self.config.thinking_column else {}
         return {"id": "id", "split": "split", "prompt": self.config.prompt_column,
-                "completion": self.config.completion_column}
+                "completion": self.config.completion_column, **thinking}
 
     def example(self, r: dict[str, Any]):
         for name in ("prompt", "completion"):
             if not r[name].strip():
                 return ERROR, f"missing_{name}", f"{self.columns()[name]} is empty"
+        answer = r["completion"]
+        if self.config.thinking_column:
+            if not r["thinking"].strip():
+                return DROPPED, "no_thinking", f"{self.config.thinking_column} is empty: the writer did not think"
+            answer = with_thinking(r["thinking"], answer)
         system = [{"role": "system", "content": self.config.system}] if self.config.system else []
-        return system + [{"role": "user", "content": r["prompt"]}], r["completion"]
+        return system + [{"role": "user", "content": r["prompt"]}], answer
+
+
+def with_thinking(thinking: str, answer: str) -> str:
+    """The answer of a reasoning-trace example, as SHARD's build_reasoning_sft_split.py writes it:
+    ``<think>\\n{thinking}\\n</think>\\n\\n{answer}``."""
+    return f"<think>\n{thinking.strip()}\n</think>\n\n{answer}"
 
 
 def pad_right(sequences: list, value: int) -> np.ndarray:
@@ -321,7 +351,8 @@ class ChatSFTStage(TrainingStage):
 
     def __init__(self, key: str, config: ChatSFTConfig):
         super().__init__(config, name=f"sft_{key}", inputs=config.inputs)
-        self.reads = frozenset({"id", config.prompt_column, config.completion_column})
+        self.reads = frozenset({"id", config.prompt_column, config.completion_column,
+                                *([config.thinking_column] if config.thinking_column else [])})
 
     def write(self, inputs: dict, rundir: RunDir) -> None:
         from pipelines.core.rows import union_all

@@ -214,21 +214,50 @@ class Method(ABC):
         """The config's model, with trainable LoRA adapters (peft) when the config has ``lora``."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
         lora = getattr(self.config, "lora", None)
+        quantized = lora is not None and getattr(lora, "quantize", None) is not None
+        if not quantized:
+            model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype)
+        else:  # QLoRA: the frozen base in 4-bit NF4, double quantization, computing in the training dtype
+            from peft import prepare_model_for_kbit_training
+            from transformers import BitsAndBytesConfig
+
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=lora.quantize,
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype,
+                                                         quantization_config=quantization)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if lora is None:
             return model
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return get_peft_model(model, self.lora_config())
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        lora = self.config.lora
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
     def export_module(self, module, state: dict | None, out_dir: str) -> None:
         """Write the trained model (``state``: gathered ZeRO-3 weights, or None for the module's own).
         A LoRA model is saved merged, a plain model that vLLM loads by path; merged on a copy, since
         ``merge_and_unload()`` strips the adapters from the module it is called on and training may
         go on after an epoch's export (validation picks the best epoch)."""
-        if getattr(self.config, "lora", None) is not None:
+        lora = getattr(self.config, "lora", None)
+        if lora is not None and getattr(lora, "quantize", None) is not None:
+            # QLoRA: the trained adapters merged into the base loaded unquantized, a model vLLM loads as is
+            from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+            from transformers import AutoModelForCausalLM
+
+            adapters = get_peft_model_state_dict(module)
+            base = AutoModelForCausalLM.from_pretrained(self.config.model, dtype="auto")  # the checkpoint's dtype
+            merged = get_peft_model(base, self.lora_config())
+            set_peft_model_state_dict(merged, {k: v.detach().to("cpu", base.dtype) for k, v in adapters.items()})
+            merged.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            return
+        if lora is not None:
             import copy
 
             copy.deepcopy(module).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)

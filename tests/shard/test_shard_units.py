@@ -149,16 +149,20 @@ def test_guidance_per_ablation():
     guidelines = load_guidelines(REPO / "configs" / "prompts" / "shard_guidelines.yaml")
     assert len(guidelines.universal) == 13 and guidelines.text().startswith("1. ")
     assert any("civic standing" in title for title, _ in guidelines.universal)  # SHARD's guideline on groups
-    assert guidance("full", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": "R1"}
-    assert guidance("universal_only", guidelines, "R1") == {"universal": guidelines.text(), "category_rules": ""}
-    assert guidance("instructions_only", guidelines, "R1") == {"universal": "", "category_rules": ""}
+    assert guidance("full", guidelines, "R1", "Fraud") == {"universal": guidelines.text(), "category_rules": "R1",
+                                                           "category": "Fraud"}
+    assert guidance("universal_only", guidelines, "R1", "Fraud") == {"universal": guidelines.text(),
+                                                                     "category_rules": "", "category": ""}
+    assert guidance("instructions_only", guidelines, "R1", "Fraud") == {"universal": "", "category_rules": "",
+                                                                        "category": ""}
     prompt = ChatPrompt(REPO / "configs" / "prompts" / "shard_reframe.yaml")
-    render = {"text": "q", "category": "Fraud", "retry": False, "problem": "", "previous_answer": ""}
-    full = prompt.render({**render, **guidance("full", guidelines, "RULES-FOR-FRAUD")})[0]["content"]
-    bare = prompt.render({**render, **guidance("instructions_only", guidelines, "RULES-FOR-FRAUD")})[0]["content"]
-    assert "Least restrictive transformation" in full and "RULES-FOR-FRAUD" in full
-    assert "Least restrictive transformation" not in bare and "RULES-FOR-FRAUD" not in bare
-    assert all(mode in bare for mode in RESPONSE_MODES)
+    render = {"text": "q", "retry": False, "problem": "", "previous_answer": ""}
+    full = prompt.render({**render, **guidance("full", guidelines, "RULES-FOR-FRAUD", "Fraud")})
+    bare = prompt.render({**render, **guidance("instructions_only", guidelines, "RULES-FOR-FRAUD", "Fraud")})
+    assert "Least restrictive transformation" in full[0]["content"] and "RULES-FOR-FRAUD" in full[0]["content"]
+    assert "Harm category: Fraud" in full[1]["content"] and "Fraud" not in bare[1]["content"]
+    assert "Least restrictive transformation" not in bare[0]["content"] and "RULES-FOR-FRAUD" not in bare[0]["content"]
+    assert all(mode in bare[0]["content"] for mode in RESPONSE_MODES)
 
 
 def test_guidelines_file_is_checked(tmp_path):
@@ -541,16 +545,20 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
 
     # the demo names models/tiny (built by `make demo`); a clean checkout has the session's kit
     lm, judge1, judge2 = tiny_models["causal-lm"], tiny_models["judge-1"], tiny_models["judge-2"]
-    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
-        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
-        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}"])
+    tiny = [f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
+            f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}", f"stages.mdpo.model={lm}"]
+    demo = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", tiny)
     stages = build_stages(demo)
     names = [s.name for s in stages]
     expected = ["seeds_dna", "seeds_linguasafe", "shard_split", "shard_answer", "shard_rules"]  # rules: once
     expected += [f"shard_{step}_self" for step in ("reframe", "refine", "judge", "select")]
     expected += ["shard_answer_teacher"] + [f"shard_{step}_teacher"
                                             for step in ("reframe", "refine", "judge", "select")]
-    assert names == expected + ["sft_self", "sft_teacher", "shard_eval"]
+    # the inference-time baselines, then SFT per supervision variant and DPO on the self variant's pairs
+    expected += [f"shard_{step}_{arm}" for arm in ("benign_intent", "rational")
+                 for step in ("prompt", "judge", "select")]
+    assert names == expected + ["sft_self", "sft_teacher", "mdpo", "shard_eval"]
+    assert list(demo.stages.shard_eval.systems) == ["self", "teacher", "dpo"]
     # SHARD's teacher baseline: the teacher answers first, refines its own O1 and is judged against it
     by_name = {s.name: s for s in stages}
     assert by_name["shard_answer_teacher"].endpoint.model == judge2 == by_name["shard_refine_teacher"].endpoint.model
@@ -558,9 +566,8 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     assert by_name["shard_reframe_self"].inputs == ("shard_answer",)
     assert by_name["shard_rules"].endpoint.model == lm  # one writer (the target) for every variant
     # ours, named for what it is: the teacher refines the target's drafts
-    target_drafts = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml", [
-        f"models.target.model={lm}", f"models.teacher.model={judge2}", f"models.judge.model={judge1}",
-        f"stages.sft.self.model={lm}", f"stages.sft.teacher.model={lm}", "stages.shard.variants.teacher.draft=target"])
+    target_drafts = load_recipe(REPO / "configs" / "recipes" / "shard_demo.yaml",
+                                [*tiny, "stages.shard.variants.teacher.draft=target"])
     names = [s.name for s in build_stages(target_drafts)]
     assert "shard_answer_teacher" not in names
     assert {s.name: s for s in build_stages(target_drafts)}["shard_reframe_teacher"].inputs == ("shard_answer",)
@@ -650,15 +657,23 @@ def test_category_examples_are_seeded_train_only_and_cover_uncategorised_rows(tm
 
 def test_rows_without_rules_for_their_category_are_errors():
     from pipelines.core.rows import to_table
+    from pipelines.shard.categories import category_map
     from pipelines.shard.rewriting import plan_reframing
 
     rows = [{**make_row(id="a", text="q"), "harm_category": "Fraud"},
             {**make_row(id="b", text="q"), "harm_category": "Privacy"},
-            {**make_row(id="c", text="q"), "harm_category": ""}]
+            {**make_row(id="c", text="q"), "harm_category": ""},
+            {**make_row(id="d", text="q"), "harm_category": "Assisting  illegal ACTIVITIES"}]
     table = to_table(rows, SHARD_COLUMNS)
-    full = plan_reframing(table, variant="self", mode="full", model="m",
-                          categories=frozenset({"Fraud", "uncategorised"})).to_pylist()
-    assert [(r["status"], r["reason"]) for r in full] == [(OK, ""), (ERROR, "missing_category_rules"), (OK, "")]
+    mapped = category_map("do_not_answer_to_linguasafe")
+    full = plan_reframing(table, variant="self", mode="full", model="m", rules_category=mapped,
+                          categories=frozenset({"Fraud", "uncategorised", "Crimes & Illegal Activities"})).to_pylist()
+    assert [(r["status"], r["reason"]) for r in full] == [(OK, ""), (ERROR, "missing_category_rules"), (OK, ""),
+                                                          (OK, "")]
     assert full[0]["variant"] == "self" and full[0]["reframer_model"] == "m" and full[0]["guidelines"] == "full"
-    ablation = plan_reframing(table, variant="u", mode="universal_only", model="m", categories=None).to_pylist()
+    unmapped = plan_reframing(table, variant="self", mode="full", model="m", rules_category=category_map("none"),
+                              categories=frozenset({"Fraud", "uncategorised", "Crimes & Illegal Activities"}))
+    assert unmapped.column("reason").to_pylist()[3] == "missing_category_rules"  # its own name: no rules
+    ablation = plan_reframing(table, variant="u", mode="universal_only", model="m", categories=None,
+                              rules_category=mapped).to_pylist()
     assert {r["status"] for r in ablation} == {OK}
