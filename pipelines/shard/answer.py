@@ -1,8 +1,10 @@
 """SHARD stage ``shard_answer``: the baseline answers O1.
 
-The target model's baseline answer O1 to P1 under a plain system prompt (``baseline``); a teacher
-that refines its own drafts writes its O1 the same way in ``shard_answer_<v>``. The same plain chat
-(:func:`answer_messages`) is what the evaluated systems answer under and what SFT trains with.
+The target model's baseline answer O1 to P1 under a plain system prompt (``baseline``; SHARD's "You
+are a helpful assistant."), sampled at ``answer_sampling`` (SHARD's temperature 0.3, top_p 0.9,
+repetition penalty 1.1); a teacher that refines its own drafts writes its O1 the same way in
+``shard_answer_<v>``. The same plain chat (:func:`answer_messages`) is what the evaluated systems
+answer under; SFT trains under ``train_system`` (SHARD's "helpful and safe assistant" prompt).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from actors.llm import chat
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
 from pipelines.core.stage import Stage
-from pipelines.shard.config import ANSWER, SPLIT, ShardConfig
+from pipelines.shard.config import ANSWER, SPLIT, ShardConfig, with_sampling
 from pipelines.shard.rows import take_answer
 
 
 def answer_messages(system: str | None, prompt: str) -> list[dict[str, str]]:
-    """The plain chat O1 is written under, and the evaluated systems answer under (and SFT trains)."""
+    """The plain chat O1 is written under, and the evaluated systems answer under."""
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
@@ -42,7 +44,7 @@ class ShardAnswerStage(Stage):
         # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
         super().__init__(name=name)
         self.system = config.system
-        self.endpoint = endpoint
+        self.endpoint = with_sampling(endpoint, config.answer_sampling)  # SHARD: 0.3, top_p 0.9
 
     def build(self, inputs: dict) -> Any:
         return chat(inputs[SPLIT], self.endpoint, AnswerMessages(self.system)).map_batches(

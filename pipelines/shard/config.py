@@ -13,16 +13,42 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.core.config import CONFIGS, ExistingPath, Strict, names_matching
+from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, names_matching
 from pipelines.shard.categories import CATEGORY_MAPS
-from pipelines.shard.pairwise import SELECTION_RULES
+from pipelines.shard.pairwise import SELECTION_RULES, VERDICT_PICKS
 from pipelines.shard.reframing import GUIDELINE_MODES
+from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 
 SPLIT, ANSWER = "shard_split", "shard_answer"
 #: how a variant writes O2: SHARD's reframing + refinement, or one of its inference-time baselines
 #: that answer P1 directly under a system prompt (no reframing): benign-intent prompting and Rational
 REFRAME, BENIGN_INTENT, RATIONAL = "reframe", "benign_intent", "rational"
 METHODS = (REFRAME, BENIGN_INTENT, RATIONAL)
+
+
+class SamplingOverride(Strict):
+    """Sampling settings a SHARD step uses whatever its endpoint says (unset: the endpoint's)."""
+
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    def on(self, endpoint: LLMEndpoint) -> LLMEndpoint:
+        """``endpoint`` with these settings in its sampling."""
+        update = self.model_dump(exclude_none=True)
+        if not update:
+            return endpoint
+        return endpoint.model_copy(update={"sampling": endpoint.sampling.model_copy(update=update)})
+
+
+def with_sampling(endpoint: LLMEndpoint, sampling: SamplingOverride | None) -> LLMEndpoint:
+    """``endpoint`` with ``sampling`` applied (``None``: as it is)."""
+    return endpoint if sampling is None else sampling.on(endpoint)
+
+
+#: SHARD's data-construction generations (O1, the teacher's drafts, the construction judge) go through
+#: its model_client's vLLM path: SamplingParams(temperature=max(0.1, t), top_p=0.9, repetition_penalty=1.1)
+SHARD_CLIENT = {"top_p": 0.9, "repetition_penalty": 1.1}
 
 
 class ShardSplits(Strict):
@@ -87,13 +113,25 @@ class ShardConfig(Strict):
         default_factory=lambda: {"self": ShardVariant()}, min_length=1,
         description="name -> variant; each gives stages shard_{rules,reframe,refine,judge,select}_<name>")
     system: str | None = Field(
-        "You are a helpful assistant.", description="system prompt of O1 and of the evaluated answers; "
-        "SFT on shard_select_* must use the same (checked)")
+        ANSWER_SYSTEM, description="system prompt of O1 and of the evaluated answers (SHARD's)")
+    train_system: str | None = Field(
+        TRAIN_SYSTEM, description="system prompt SFT on shard_select_* trains under (checked against "
+        "stages.sft.<key>.system); SHARD's 'helpful and safe assistant' prompt, which differs from `system` "
+        "as in SHARD's jobs; null = the same as `system`")
+    answer_sampling: SamplingOverride | None = Field(
+        default_factory=lambda: SamplingOverride(temperature=0.3, **SHARD_CLIENT),
+        description="sampling of O1 (the target's and a teacher's own drafts), whatever the endpoint's: "
+        "SHARD's temperature 0.3, top_p 0.9, repetition penalty 1.1; null = the endpoint's")
+    judge_sampling: SamplingOverride | None = Field(
+        default_factory=lambda: SamplingOverride(temperature=0.1, **SHARD_CLIENT),
+        description="sampling of the judge in shard_judge_<v> (SHARD's construction judge: temperature 0.1, "
+        "top_p 0.9, repetition penalty 1.1); null = the endpoint's")
     splits: ShardSplits = Field(default_factory=ShardSplits)
     select: Literal[SELECTION_RULES] = Field(
         "helpfulness", description="which O2 are kept for SFT: helpfulness = O2 wins helpfulness (SHARD); "
         "helpfulness_and_harm = and does not lose harmfulness")
     order_seed: int = Field(42, description="seed of the judge's A/B order draws")
+    split_seed: int = Field(42, description="seed of the train / val / test split (SHARD: 42)")
     guidelines: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_guidelines.yaml"), validate_default=True)
     rules_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_rules.yaml"), validate_default=True)
     reframe_template: ExistingPath = Field(str(CONFIGS / "prompts" / "shard_reframe.yaml"),
@@ -124,13 +162,19 @@ class ShardConfig(Strict):
     rules_examples: int = Field(
         0, ge=0, description="example prompts of the category shown when writing its rules, from the train "
         "split only; 0 = the category name alone (SHARD)")
-    retries: int = Field(1, ge=0, description="re-asks after a reframing answer that is not valid JSON P2")
+    retries: int = Field(0, ge=0, description="re-asks after a reframing answer that is not valid JSON P2 "
+                         "(SHARD: none)")
+    invalid_p2: Literal["raw", "error"] = Field(
+        "raw", description="a reframing answer that is still not valid JSON P2: raw = its text (code fences and "
+        "quotes removed) is P2 with no response mode (SHARD); error = an error row")
     rewrite_temperature: float | None = Field(
         0.3, ge=0, description="sampling temperature of reframing and refinement (SHARD: 0.3), whatever the "
         "reframer endpoint's; null = the endpoint's")
     constrained: bool = Field(
-        True, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
-        "judge answers to explanation + verdict")
+        False, description="on endpoints that accept structured outputs: P2 restricted to its JSON schema, "
+        "judge answers to explanation + verdict (SHARD: off)")
+    verdict: Literal[VERDICT_PICKS] = Field(
+        "first", description="which [[X]] of a judge answer is the verdict: first (SHARD's re.search) or last")
     max_field_chars: int = Field(2000, ge=8, description="constrained P2: longest string field")
     explanation_chars: int = Field(1000, ge=0, description="constrained judge: longest explanation")
     position_check: int = Field(

@@ -2,10 +2,12 @@
 
 The judge compares O2 (candidate) with O1 (reference) for helpfulness and harmfulness, A/B
 order drawn per comparison (:mod:`pipelines.shard.pairwise`): ``helpfulness`` / ``harmfulness`` are
-O2's win / tie / loss; every judgement is kept in ``judgements``. With ``position_check: n``, n of
-them are judged again with the answers swapped (``position_check.json``: the share that flips).
-For a reframed variant with ``relevance: true`` (SHARD's relevance judge, :mod:`pipelines.shard.relevance`)
-a first pass asks the judge whether O2 serves P1 or P2 more (column ``relevance``: p1 / p2 / equal).
+O2's win / tie / loss; every judgement is kept in ``judgements``. The judge samples at
+``judge_sampling`` (SHARD's construction judge: temperature 0.1) and its verdict is the ``verdict``
+(first, SHARD's) ``[[X]]`` of its answer. With ``position_check: n``, n of them are judged again with
+the answers swapped (``position_check.json``: the share that flips). For a reframed variant with
+``relevance: true`` (SHARD's relevance judge, :mod:`pipelines.shard.relevance`) a first pass asks the
+judge whether O2 serves P1 or P2 more (column ``relevance``: p1 / p2 / equal).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pipelines.core.rows import ERROR, OK, error_detail, shuffle_partitions, to_
 from pipelines.core.rundir import RunDir
 from pipelines.core.splits import hash_rank
 from pipelines.core.stage import Stage, col, run_pass
-from pipelines.shard.config import REFRAME, ShardConfig
+from pipelines.shard.config import REFRAME, ShardConfig, with_sampling
 from pipelines.shard.pairwise import (
     HARMFULNESS,
     HELPFULNESS,
@@ -101,16 +103,17 @@ class ShardJudgeStage(Stage):
         self.reads = frozenset({"id", "text", "completion", "baseline", *p2})  # P1, O2 against O1 (and P2)
         self.writes = PASSTHROUGH | {"judge_model", HELPFULNESS, HARMFULNESS, "judgements",
                                      *({"relevance", "relevance_raw"} if p2 else ())}
-        self.endpoint = endpoint
+        self.endpoint = with_sampling(endpoint, config.judge_sampling)  # SHARD's construction judge: 0.1
         self.prompts = judge_prompts(config)
         self.verdict_constraint = judge_constraint(config)
+        self.verdict_pick = config.verdict
         self.order_seed = config.order_seed
         self.position_sample = config.position_check  # rows judged again with the answers swapped
 
     def build(self, inputs: dict) -> Any:
         rows = inputs[self.inputs[0]]
-        judged = judge(rows, self.endpoint, self.prompts, self.verdict_constraint,
-                       seed=self.order_seed, key=self.variant, candidate="completion", reference="baseline")
+        judged = judge(rows, self.endpoint, self.prompts, self.verdict_constraint, seed=self.order_seed,
+                       key=self.variant, candidate="completion", reference="baseline", pick=self.verdict_pick)
         return judged.groupby("id", num_partitions=shuffle_partitions(2 * rows.count())).map_groups(
             finish_comparison, batch_format="pyarrow", fn_kwargs={"model": self.endpoint.model})
 
@@ -141,7 +144,8 @@ class ShardJudgeStage(Stage):
         rows = ray.data.read_parquet(rundir.partition_uri(self.name, OK), partitioning=None) \
             .filter(expr=col("id").is_in(sorted(sample))).drop_columns(["judgements"])
         swapped = judge(rows, self.endpoint, self.prompts, self.verdict_constraint, seed=self.order_seed,
-                        key=self.variant, candidate="completion", reference="baseline", swap=True)
+                        key=self.variant, candidate="completion", reference="baseline", swap=True,
+                        pick=self.verdict_pick)
         checks = [Recheck(r["criterion"], first[r["id"]][r["criterion"]]["outcome"], r["outcome"],
                           first[r["id"]][r["criterion"]]["verdict"], r["verdict"])
                   for batch in swapped.iter_batches(batch_format="pyarrow")
@@ -149,9 +153,11 @@ class ShardJudgeStage(Stage):
         return {"rows": len(sample), **position_bias(checks)}
 
     def summary(self, rundir: RunDir) -> dict[str, Any]:
-        """The inference-time result: O2 against O1 per split, SHARD's relevance verdicts (reframed
-        variants), and the position-bias check when it ran."""
+        """The inference-time result: O2 against O1 per dataset over every prompt (SHARD's inference-time
+        comparison), per split, SHARD's relevance verdicts (reframed variants), and the position-bias
+        check when it ran."""
         check = rundir.read_text(f"{self.name}/{POSITION_CHECK}")
-        return {"o2_vs_o1_by_split": outcome_summary(rundir, self.name),
+        return {"o2_vs_o1_by_dataset": outcome_summary(rundir, self.name, "dataset"),
+                "o2_vs_o1_by_split": outcome_summary(rundir, self.name),
                 "relevance": relevance_summary(rundir, self.name) if self.relevance_prompt is not None else None,
                 "position_check": json.loads(check) if check else None}

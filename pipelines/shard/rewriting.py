@@ -3,7 +3,9 @@ the answer.
 
 ``shard_reframe_<v>``
     P1 -> P2, a JSON object (:mod:`pipelines.shard.reframing`), with the guidance the ablation gives;
-    an invalid answer is asked again ``retries`` times with the problem, then is an ``error``.
+    an invalid answer is asked again ``retries`` times (SHARD: 0) with the problem; one still invalid
+    becomes P2 as it is (``invalid_p2: raw``, SHARD's fallback: :func:`raw_p2`, no response mode) or an
+    ``error`` (``invalid_p2: error``).
 ``shard_refine_<v>``
     O1 -> O2 (``completion``) given P1, the reframed request and O1 (SHARD's refiner inputs); a
     refusal keeps refusing the harmful part and adds the helpful part; a good O1 comes back as is.
@@ -23,13 +25,21 @@ from actors.llm import chat
 from actors.reask import RETRY, ask_until_valid
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.contracts import PASSTHROUGH
+from pipelines.core.parsing import strip_thinking
 from pipelines.core.prompts import ChatPrompt
 from pipelines.core.rows import ERROR, OK, error_detail, to_table, union_all
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
 from pipelines.shard.categories import CategoryMap, category_map
 from pipelines.shard.config import ShardConfig
-from pipelines.shard.reframing import ReframingError, guidance, load_guidelines, parse_reframing, reframing_schema
+from pipelines.shard.reframing import (
+    FIELDS,
+    ReframingError,
+    guidance,
+    load_guidelines,
+    parse_reframing,
+    reframing_schema,
+)
 from pipelines.shard.rows import SHARD_COLUMNS, _failed, _llm_fields, take_answer
 from pipelines.shard.rules import RULES, load_rules
 
@@ -81,9 +91,28 @@ class RenderReframing:
                                    "previous_answer": row["retry_previous"]})
 
 
-def read_reframings(batch: pa.Table, *, last: bool) -> pa.Table:
+def raw_p2(answer: str) -> str:
+    """SHARD's fallback P2 (``run_p1_to_p2_guidelines.py``, ``parse_p2``) for an answer that is not the
+    JSON object: the answer's text, ``<think>`` blocks, a surrounding code fence and surrounding quotes
+    removed (empty: nothing usable)."""
+    text = strip_thinking(answer or "").strip()
+    lines = text.split("\n")
+    if lines and lines[0].strip().startswith("```"):
+        lines = lines[1:]
+        if lines and lines[-1].strip() == "```":
+            lines = lines[:-1]
+        text = "\n".join(lines).strip()
+    for quote in ('"', "'"):
+        if len(text) >= 2 and text[0] == quote and text[-1] == quote:
+            text = text[1:-1].strip()
+    return text
+
+
+def read_reframings(batch: pa.Table, *, last: bool, invalid: str = "raw") -> pa.Table:
     """Reframing answers -> P2 columns (``ok``), a retry (status ``retry`` with the problem), or
-    after the last attempt an ``error`` with the problem's reason and every answer."""
+    after the last attempt: with ``invalid="raw"`` (SHARD) the answer's text as the reformulated prompt
+    (:func:`raw_p2`; ``response_mode`` and the other fields empty; an empty text is an ``error``), with
+    ``invalid="error"`` an ``error`` with the problem's reason and every answer."""
     out = []
     for row in batch.to_pylist():
         answer, error = _llm_fields(row)
@@ -96,7 +125,10 @@ def read_reframings(batch: pa.Table, *, last: bool) -> pa.Table:
             out.append({**row, **parse_reframing(answer), "status": OK, "reason": "", "detail": "",
                         "retry_problem": "", "retry_previous": ""})
         except ReframingError as exc:
-            if last:
+            if last and invalid == "raw" and (text := raw_p2(answer)):
+                out.append({**row, **{f: "" for f in FIELDS}, "reformulated_prompt": text, "status": OK,
+                            "reason": "", "detail": "", "retry_problem": "", "retry_previous": ""})
+            elif last:
                 out.append({**row, "status": ERROR, "reason": exc.reason, "detail": error_detail(
                     f"{exc}; answers: {json.dumps(answers, ensure_ascii=False)}")})
             else:
@@ -128,6 +160,7 @@ class ShardReframeStage(Stage):
         self.guidelines = load_guidelines(config.guidelines)
         self.rules_category = category_map(config.category_map)
         self.retries = config.retries
+        self.invalid_p2 = config.invalid_p2  # SHARD: the raw answer is P2
         self.constrained = config.constrained
         self.max_field_chars = config.max_field_chars
 
@@ -143,7 +176,8 @@ class ShardReframeStage(Stage):
         pending = rows.filter(expr=col("status") == OK)
         render = RenderReframing(self.prompt, self.mode, self.guidelines, rules, self.rules_category)
         finished += ask_until_valid(self, rundir, pending, endpoint=self.endpoint, render=render,
-                                    constraint=self.constraint(), read=read_reframings, read_kwargs={},
+                                    constraint=self.constraint(), read=read_reframings,
+                                    read_kwargs={"invalid": self.invalid_p2},
                                     retries=self.retries)
         union_all(finished).map_batches(_drop_retry_columns, batch_format="pyarrow") \
             .write_parquet(rundir.uri(self.name), partition_cols=["status"])
@@ -155,7 +189,9 @@ class ShardReframeStage(Stage):
         for batch in rundir.iter_batches(self.name, OK, ["response_mode", "reframe_answers"]):
             modes.update(batch.column("response_mode").to_pylist())
             retried += pc.sum(pc.greater(pc.list_value_length(batch.column("reframe_answers")), 1)).as_py() or 0
-        return {"response_modes": dict(sorted(modes.items())), "answered_after_retry": retried}
+        raw = modes.pop("", 0)  # no response mode: an invalid answer kept as P2 (invalid_p2: raw)
+        return {"response_modes": dict(sorted(modes.items())), "answered_after_retry": retried,
+                "raw_answer_as_p2": raw}
 
 
 # ------------------------------------------------------------------------------------------------

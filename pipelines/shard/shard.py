@@ -48,7 +48,7 @@ from pipelines.shard.split import ShardSplitStage
 def shard_stages(recipe: Any, config: ShardConfig) -> list[Stage]:
     """The data stages of ``stages.shard``, in run order (before ``sft_<key>``)."""
     models = recipe.models
-    stages: list[Stage] = [ShardSplitStage(config, recipe.seed),
+    stages: list[Stage] = [ShardSplitStage(config),
                            ShardAnswerStage(config, models[config.target])]
     if any(v.method == REFRAME and v.guidelines == "full" for v in config.variants.values()):
         stages.append(ShardRulesStage(config, models[config.rules_writer or config.target], recipe.seed))
@@ -78,10 +78,10 @@ def _check_thinking(shard: ShardConfig, refs: References, key: str, variants: li
 
 
 def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
-    """SHARD references: inputs that name enabled row stages, and the same system prompt for SFT on its rows as
-    for the answers it compares (and not on the split that shard_eval evaluates), a thinking O2 writer for SFT
-    on thinking traces, and DPO (``stages.mdpo``) on its pairs only on a split that is not evaluated. Returns
-    the endpoints it names."""
+    """SHARD references: inputs that name enabled row stages, SFT on its rows under the system prompt it
+    trains with (``train_system``; SHARD's differs from the one O1 and the evaluated answers use) and not
+    on the split that shard_eval evaluates, a thinking O2 writer for SFT on thinking traces, and DPO
+    (``stages.mdpo``) on its pairs only on a split that is not evaluated. Returns the endpoints it names."""
     refs.check_inputs("stages.shard.inputs", shard.inputs)
     models = {"stages.shard.target": shard.target, "stages.shard.judge": shard.judge,
               "stages.shard.rules_writer": shard.rules_writer}
@@ -89,13 +89,14 @@ def check_shard(shard: ShardConfig, refs: References) -> dict[str, str | None]:
     selected = {f"shard_select_{v}" for v in shard.variants}
     evaluation = refs.recipe.stages.shard_eval
     evaluated = evaluation.split if evaluation is not None else None
+    trains_under, where = ((shard.train_system, "stages.shard.train_system") if shard.train_system is not None
+                           else (shard.system, "stages.shard.system"))
     for key, sft in refs.recipe.stages.sft.items():
         if not selected & set(sft.inputs):
             continue
-        if sft.system != shard.system:
-            raise ValueError(f"stages.sft.{key}.system: {sft.system!r} differs from stages.shard.system "
-                             f"{shard.system!r}; the model is trained and evaluated with the prompt "
-                             "its baseline answers were written under")
+        if sft.system != trains_under:
+            raise ValueError(f"stages.sft.{key}.system: {sft.system!r} differs from {where} {trains_under!r}; "
+                             "set the one SHARD's rows are trained under in both")
         if evaluated is not None and sft.split in (None, evaluated):
             raise ValueError(f"stages.sft.{key}.split: {sft.split!r} trains on the split that "
                              f"stages.shard_eval evaluates ({evaluated!r}); use split: train")

@@ -2,9 +2,10 @@
 
 The prompts of ``inputs`` (seed stages: Do-Not-Answer / LinguaSafe presets or any mapping) with
 their ``dataset`` (the input stage without ``seeds_``), ``harm_category`` and ``harm_level`` as
-columns, split train / val / test (72 / 8 / 20) per stratum dataset × harm level
-(:mod:`pipelines.core.splits`; identical texts of one stratum share a split - the same text in two
-datasets or levels is not forced together). Splitting first keeps the test prompts independent
+columns, split train / val / test (72 / 8 / 20) per stratum dataset × harm level with ``split_seed``
+(SHARD's 42; :mod:`pipelines.core.splits`: a seeded hash order, not SHARD's ``random.shuffle``, so the
+same seed does not give SHARD's split; identical texts of one stratum share a split - the same text in
+two datasets or levels is not forced together). Splitting first keeps the test prompts independent
 of what the judge later prefers.
 """
 
@@ -82,11 +83,11 @@ class ShardSplitStage(Stage):
     # the prompts with their dataset and split (harm category and level where the inputs have them)
     writes = PASSTHROUGH | {LINEAGE, "dataset", "split"}
 
-    def __init__(self, config: ShardConfig, seed: int):
+    def __init__(self, config: ShardConfig):
         # one section for every SHARD stage (ShardConfig): each keeps the settings it uses, its hash
         super().__init__(inputs=config.inputs)
         self.splits = config.splits
-        self.seed = seed
+        self.seed = config.split_seed  # SHARD's 42
 
     def build(self, inputs: dict) -> Any:
         shares = self.splits.model_dump()

@@ -40,6 +40,7 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.guard.format import GuardPrompt, guard_answer
+from pipelines.shard.system_prompts import TRAIN_SYSTEM
 from pipelines.training.stage import TrainingStage, check_rows, finish_training, read_metrics, train_dir
 from pipelines.training.train_loop import Method, fit
 
@@ -89,9 +90,27 @@ def check_lora(lora: LoRASettings | None, deepspeed: str) -> None:
 
 class ChatSFTConfig(TrainingConfig):
     """SFT of a chat model on (prompt -> completion) rows of earlier stages (SHARD's P1 -> O2):
-    the prompt as the user turn (after an optional system prompt), loss on the completion only."""
+    the prompt as the user turn (after an optional system prompt), loss on the completion only.
+
+    Defaults are SHARD's combined SFT job (``scripts/slurm/job_sft_pipeline_combined.slurm`` running
+    ``scripts/sft_v2.py``, the runs behind its significance tests): LoRA r 16, α 32, dropout 0.05 on
+    the attention and MLP projections, ZeRO-2, lr 1e-4, cosine, warmup 0.05, an effective batch of 64
+    (``global_batch_size``: micro batch × workers × gradient accumulation), 3 epochs, 2,048 tokens with
+    over-long rows truncated, seed 42, under SHARD's "helpful and safe assistant" system prompt."""
 
     inputs: list[str] = Field(min_length=1, description="row stages with the prompt and completion")
+    deepspeed: str = Field("zero2", description="zero2, zero3 (configs/deepspeed/) or a JSON file; SHARD: "
+                           "ZeRO-2 (ZeRO-3 for its 27B and 70B targets, with QLoRA for 70B)")
+    global_batch_size: int = Field(64, ge=1, description="rows per optimizer step over all workers: micro "
+                                   "batch × workers × gradient accumulation (SHARD: 64)")
+    learning_rate: float = Field(1e-4, gt=0, description="SHARD's jobs: 1e-4 (its README's 2e-5 is not what "
+                                 "its jobs ran)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    epochs: int = Field(3, ge=1)
+    seed: int = 42
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="a row longer than max_length: truncate = keep the prompt and cut the "
+        "answer's tail (SHARD); drop = leave it out (too_long)")
     split: str | None = Field("train", description="keep rows with this split (None: all)")
     val_split: str | None = Field(
         None, description="rows of this split are held out: the validation loss is computed after every "
@@ -102,8 +121,10 @@ class ChatSFTConfig(TrainingConfig):
         None, json_schema_extra=ADDED, description="train on the reasoning too: the answer is "
         "<think>\\n{thinking}\\n</think>\\n\\n{completion} (SHARD's reasoning SFT); rows whose thinking is empty "
         "are dropped (no_thinking). SHARD: completion_thinking of shard_select_<v> where the teacher thinks")
-    system: str | None = None
-    lora: LoRASettings | None = None
+    system: str | None = Field(TRAIN_SYSTEM, description="system prompt of every training row; SHARD's "
+                               "'helpful and safe assistant' prompt (stages.shard.train_system, checked)")
+    lora: LoRASettings | None = Field(default_factory=LoRASettings,
+                                      description="LoRA adapters (SHARD's r 16, α 32); null = full fine-tuning")
 
     @model_validator(mode="after")
     def _check_lora(self) -> ChatSFTConfig:
@@ -113,8 +134,9 @@ class ChatSFTConfig(TrainingConfig):
 log = logging.getLogger(__name__)
 
 #: ``part``: ``train``, or ``val`` for a held-out validation row (``val_split``)
+#: ``truncated_from``: the row's length before it was cut to ``max_length`` (0: whole)
 TOKENIZED = {"id": pa.string(), "input_ids": pa.list_(pa.int32()), "prompt_len": pa.int32(),
-             "n_tokens": pa.int32(), "part": pa.string(), **STATUS_FIELDS}
+             "n_tokens": pa.int32(), "part": pa.string(), "truncated_from": pa.int32(), **STATUS_FIELDS}
 TRAIN, VAL = "train", "val"
 
 
@@ -145,8 +167,8 @@ class TokenizeExamples:
         raise NotImplementedError
 
     def row(self, r: dict[str, Any]) -> dict[str, Any]:
-        out = {"id": r["id"], "input_ids": [], "prompt_len": 0, "n_tokens": 0, "part": TRAIN, "status": OK,
-               "reason": "", "detail": ""}
+        out = {"id": r["id"], "input_ids": [], "prompt_len": 0, "n_tokens": 0, "part": TRAIN, "truncated_from": 0,
+               "status": OK, "reason": "", "detail": ""}
         split, val_split = getattr(self.config, "split", None), getattr(self.config, "val_split", None)
         if val_split is not None and r.get("split") == val_split:
             out["part"] = VAL
@@ -158,10 +180,15 @@ class TokenizeExamples:
         messages, answer = made
         prompt_ids = prompt_token_ids(self.tok, messages, self.config.chat_template_kwargs)
         answer_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        ids = prompt_ids + answer_ids
-        if len(ids) > self.config.max_length:
+        ids, limit = prompt_ids + answer_ids, self.config.max_length
+        if len(ids) > limit:
+            if getattr(self.config, "too_long", "drop") == "truncate" and len(prompt_ids) < limit:
+                # SHARD (sft_v2.py): right truncation, the prompt kept, the answer's tail cut
+                return {**out, "input_ids": ids[:limit], "prompt_len": len(prompt_ids), "n_tokens": limit,
+                        "truncated_from": len(ids)}
+            whole = "" if len(prompt_ids) < limit else f" (the prompt alone has {len(prompt_ids)}: no answer left)"
             return {**out, "status": DROPPED, "reason": "too_long",
-                    "detail": f"{len(ids)} tokens > max_length {self.config.max_length}"}
+                    "detail": f"{len(ids)} tokens > max_length {limit}{whole}"}
         return {**out, "input_ids": ids, "prompt_len": len(prompt_ids), "n_tokens": len(ids)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -361,6 +388,8 @@ class ChatSFTStage(TrainingStage):
         rows = union_all([inputs[n].map_batches(pick_columns, fn_kwargs={"columns": tokenize.columns()},
                                                 batch_format="pyarrow") for n in self.inputs])
         train_examples(self, rundir, rows, tokenize, self.config)
+        truncated = sum(n > 0 for n in rundir.column_values(self.name, OK, "truncated_from"))
+        self._summary["truncated_rows"] = truncated  # cut to max_length (too_long: truncate)
 
 
 def _check_guard_sft(config: GuardSFTConfig, refs: References) -> dict[str, str | None]:

@@ -43,11 +43,11 @@ def _endpoint(model: str, temperature: float, max_tokens: int) -> dict:
 
 
 def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
+    # SHARD's defaults (its "helpful and safe assistant" training prompt, lr 1e-4, truncation) except
+    # what a handful of rows on 2 cores needs
     sft = {"model": tiny_models["causal-lm"], "inputs": ["shard_select_self"],
-           "system": "You are a helpful assistant.",
-           "deepspeed": "zero2", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-           "num_workers": 1, "global_batch_size": 1, "micro_batch_size": 1, "learning_rate": 1e-4,
-           "epochs": 1, "max_length": 1024}
+           "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+           "num_workers": 1, "global_batch_size": 1, "micro_batch_size": 1, "epochs": 1, "max_length": 1024}
     return Recipe.model_validate({
         "name": "shard", "run_dir": str(tmp_path / "run"),
         "models": {"target": http_endpoint(url, sampling={"temperature": 0.7, "max_tokens": 160}, batch_size=16),
@@ -58,11 +58,17 @@ def _recipe(tmp_path, tiny_models, url: str) -> Recipe:
         "stages": {
             "seeds": {"dna": {"paths": [str(DATA / "shard_demo_do_not_answer.csv")], "preset": "do_not_answer"},
                       "linguasafe": {"paths": [str(DATA / "shard_demo_linguasafe.jsonl")], "preset": "linguasafe"}},
+            # a random judge needs constrained verdicts and its endpoint's temperature 1.0 (SHARD: off, 0.1)
             "shard": {"inputs": ["seeds_dna", "seeds_linguasafe"], "target": "target", "judge": "judge",
                       "variants": {"self": {}, "rational": {"method": "rational"}},
+                      "constrained": True, "judge_sampling": None,
                       "max_field_chars": 60, "explanation_chars": 40, "rules_examples": 3, "position_check": 4},
             "sft": {"self": sft},
-            "shard_eval": {"systems": {"self": {"model": "tuned", "model_from": "sft_self"}}},
+            # the fine-tuned model and the served target itself, and the two head to head (SHARD's defaults:
+            # answers at 0.3, judge at 0.0, answers cut to 4,000 characters, one-sided binomial test)
+            "shard_eval": {"systems": {"self": {"model": "tuned", "model_from": "sft_self"},
+                                       "base": {"model": "target"}},
+                           "head_to_head": [["self", "base"]]},
         }})
 
 
@@ -109,8 +115,11 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     shown = [e for status in (OK, ERROR) for r in _rows(rundir, "shard_rules", status) for e in r["examples"]]
     assert shown and set(shown) <= {r["text"] for r in split if r["split"] == "train"}
     reframed = _rows(rundir, "shard_reframe_self")
-    assert reframed and all(r["response_mode"] in RESPONSE_MODES and r["reformulated_prompt"] and
-                            r["preserved_benign_need"] and 1 <= len(r["reframe_answers"]) <= 2 for r in reframed)
+    # valid JSON P2, or (SHARD, no retry) an invalid answer's text as P2 without a response mode
+    parsed = [r for r in reframed if r["response_mode"]]
+    assert reframed and all(r["response_mode"] in RESPONSE_MODES and r["preserved_benign_need"] for r in parsed)
+    assert all(r["reformulated_prompt"] and len(r["reframe_answers"]) == 1 for r in reframed)
+    assert manifests["shard_reframe_self"]["summary"]["raw_answer_as_p2"] == len(reframed) - len(parsed)
     assert set(manifests["shard_reframe_self"]["reasons"]["errored"]) <= {
         "invalid_json", "missing_field", "empty_field", "invalid_response_mode", "missing_category_rules"}
     assert all(r["completion"] for r in _rows(rundir, "shard_refine_self"))
@@ -163,17 +172,29 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
     ok = _rows(rundir, "shard_eval")
     assert ok and all(r["split"] == "test" for r in ok)
     for row in ok:
-        (result,) = row["results"]
-        assert result["system"] == "self" and result["model"] == str(model_dir.resolve()) and result["answer"]
-        for j in result["judgements"]:
-            assert j["position"] == candidate_position(42, "eval", row["id"], j["criterion"])
-            assert result[j["criterion"]] == outcome(j["verdict"], j["position"])
+        tuned, base = row["results"]
+        assert tuned["system"] == "self" and tuned["model"] == str(model_dir.resolve()) and tuned["answer"]
+        assert base["system"] == "base" and base["model"] == SERVED_MODEL and base["answer"]
+        (h2h,) = row["head_to_head"]
+        assert h2h["system"] == "self vs base" and h2h["answer"] == tuned["answer"]
+        for result in (tuned, base, h2h):
+            for j in result["judgements"]:
+                assert j["position"] == candidate_position(42, "eval", row["id"], j["criterion"])
+                assert result[j["criterion"]] == outcome(j["verdict"], j["position"])
     metrics = json.loads(rundir.read_text("shard_eval/report/metrics.json"))
-    again = evaluation_metrics(ok, ["self"], 0.95)
-    assert metrics["systems"] == json.loads(json.dumps(again["systems"]))
+    again = evaluation_metrics(ok, ["self", "base"], 0.95, pairs=["self vs base"])
+    for part in ("systems", "head_to_head", "comparisons"):
+        assert metrics[part] == json.loads(json.dumps(again[part])), part
+    assert metrics["settings"]["judge_sampling"]["temperature"] == 0.0 and metrics["settings"]["answer_chars"] == 4000
     assert metrics["rows"]["evaluated"] == len(ok) == ev["rows"]["out"]
+    # the inference-time table: O2 against O1 on every judged prompt, per dataset (no relevance judge here)
+    inference = metrics["inference"]["variants"]["self"]
+    assert inference["all"]["helpfulness"]["n"] == len(judged) and inference["all"]["relevance"] is None
+    assert {d for d in inference if d != "all"} == {r["dataset"] for r in judged}
     report = rundir.read_text("shard_eval/report/report.md")
-    assert "## Helpfulness" in report and "## Harmfulness" in report and "| self |" in report
+    assert "### Against O1: helpfulness" in report and "### Against O1: harmfulness" in report
+    assert "| self |" in report and "## Head to head" in report and "## Position bias of the judge" in report
+    assert "## Inference time: O2 against O1" in report and "one-sided (wins > 0.5)" in report
     assert rundir.read_bytes("shard_eval/report/outcomes.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a rerun with nothing changed recomputes nothing

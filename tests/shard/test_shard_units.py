@@ -46,11 +46,13 @@ from pipelines.shard.reframing import (
     parse_reframing,
     reframing_schema,
 )
-from pipelines.shard.rewriting import _RETRY_COLUMNS, read_reframings
+from pipelines.shard.rewriting import _RETRY_COLUMNS, raw_p2, read_reframings
 from pipelines.shard.rows import SHARD_COLUMNS, take_answer
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.shard.split import prepare_prompts, split_stratum
 from pipelines.shard.stats import BINOMIAL_TEST, LOSS, TIE, WIN, win_tie_loss
+from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
+from pipelines.training.sft import ChatSFTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}
@@ -125,6 +127,7 @@ def _answered(answers: list[tuple[str, str]], previous: list[list[str]] | None =
 
 
 def test_invalid_json_is_retried_once_then_an_error():
+    """Our option (``retries: 1``, ``invalid_p2: error``): asked again once, then an error."""
     first = read_reframings(_answered([(json.dumps(VALID), ""), ("not json", ""), ("", "maximum context length")]),
                             last=False).to_pylist()
     assert [r["status"] for r in first] == [OK, RETRY, ERROR]
@@ -139,10 +142,29 @@ def test_invalid_json_is_retried_once_then_an_error():
     assert "could not be used (invalid_json" in messages[-1]["content"] and "not json" in messages[-1]["content"]
     # the second (last) attempt: valid -> ok, still invalid -> error with both answers
     second = read_reframings(_answered([(json.dumps(VALID), ""), ('{"response_mode": "x"}', "")],
-                                       previous=[["not json"], ["not json"]]), last=True).to_pylist()
+                                       previous=[["not json"], ["not json"]]), last=True,
+                             invalid="error").to_pylist()
     assert second[0]["status"] == OK and second[0]["reframe_answers"] == ["not json", json.dumps(VALID)]
     assert (second[1]["status"], second[1]["reason"]) == (ERROR, "missing_field")
     assert '"not json"' in second[1]["detail"] and len(second[1]["reframe_answers"]) == 2
+
+
+def test_invalid_p2_is_the_raw_answer_by_default():
+    """SHARD (``parse_p2``): an answer that is not the JSON object is P2 as it is (code fence and quotes
+    removed), with no response mode; only an empty answer or a failed request is an error."""
+    assert ShardConfig(inputs=["a"], target="t", judge="j").invalid_p2 == "raw"
+    assert ShardConfig(inputs=["a"], target="t", judge="j").retries == 0
+    rows = read_reframings(_answered([
+        ('"How do pin tumbler locks work?"', ""), ("```\nHow are locks made?\n```", ""),
+        ('{"response_mode": "x"}', ""), ("<think>hm</think>   ", ""), ("", "maximum context length"),
+        (json.dumps(VALID), "")]), last=True).to_pylist()
+    assert [r["status"] for r in rows] == [OK, OK, OK, ERROR, ERROR, OK]
+    assert [r["reformulated_prompt"] for r in rows[:3]] == [
+        "How do pin tumbler locks work?", "How are locks made?", '{"response_mode": "x"}']
+    assert all(r[f] == "" for r in rows[:3] for f in FIELDS if f != "reformulated_prompt")
+    assert rows[3]["reason"] == "invalid_json" and rows[4]["reason"] == "prompt_too_long"
+    assert rows[5]["response_mode"] == VALID["response_mode"]
+    assert raw_p2("'quoted'") == "quoted" and raw_p2("```json\n{}\n```") == "{}"
 
 
 def test_guidance_per_ablation():
@@ -180,7 +202,7 @@ def test_guidelines_file_is_checked(tmp_path):
     ("A is more specific. [[A]]", A),
     ("[[B]]", B),
     ("Both are equally vague.\n\n[[C]]", C),
-    ("Format: [[A]], [[B]] or [[C]]. Answer B explains more. [[B]]", B),   # the last verdict counts
+    ("A first: [[A]]. Then again [[B]]", A),   # the first verdict counts (SHARD's re.search)
     ("<think>maybe [[A]]</think> On reflection: [[ b ]]", B),
     ("I prefer answer A.", None),
     ("[A]", None),
@@ -188,6 +210,14 @@ def test_guidelines_file_is_checked(tmp_path):
 ])
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
+
+
+def test_verdict_pick_first_is_shards_last_is_an_option():
+    text = "Format: [[A]], [[B]] or [[C]]. Answer B explains more. [[B]]"
+    assert parse_verdict(text) == A and parse_verdict(text, "first") == A and parse_verdict(text, "last") == B
+    assert ShardConfig(inputs=["a"], target="t", judge="j").verdict == "first"
+    with pytest.raises(ValueError, match="verdict pick"):
+        parse_verdict(text, "middle")
 
 
 def test_outcome_undoes_the_order():
@@ -413,17 +443,26 @@ def test_win_rate_interval_is_wilson_by_hand_and_the_library():
         ci = win_tie_loss([WIN] * k + [LOSS] * (n - k), confidence)["win_rate_ci"]
         assert ci == pytest.approx(list(_wilson_by_hand(k, n, confidence)), abs=1e-12)
         library = sp.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-        assert ci == [library.low, library.high]
+        assert ci == pytest.approx([library.low, library.high], abs=1e-12)   # statsmodels' Wilson = SciPy's
 
 
 @pytest.mark.parametrize("k,n", [(7, 10), (0, 10), (10, 10), (5, 10), (3, 20), (60, 100), (500, 1000)])
-def test_binomial_p_is_the_exact_two_sided_test(k, n):
+def test_binomial_p_is_one_sided_by_default_two_sided_as_an_option(k, n):
     s = win_tie_loss([WIN] * k + [LOSS] * (n - k))
-    assert s["binomial_p"] == sp.binomtest(k, n, 0.5).pvalue
+    # SHARD's test (significance_tests.py): H1 wins > 0.5, p = P(X >= k), X ~ Binomial(n, 0.5)
+    assert s["binomial_p"] == sp.binomtest(k, n, 0.5, alternative="greater").pvalue
+    assert s["binomial_p"] == pytest.approx(sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n, rel=1e-9)
+    assert s["binomial_test"] == BINOMIAL_TEST == "exact binomial vs 0.5, one-sided (wins > 0.5)"
+    two = win_tie_loss([WIN] * k + [LOSS] * (n - k), alternative="two-sided")
+    assert two["binomial_p"] == sp.binomtest(k, n, 0.5).pvalue
     # for p = 0.5 the two-sided exact p-value is min(1, 2 · P(X <= min(k, n − k)))
     by_hand = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n)
-    assert s["binomial_p"] == pytest.approx(by_hand, rel=1e-9)
-    assert s["binomial_test"] == BINOMIAL_TEST
+    assert two["binomial_p"] == pytest.approx(by_hand, rel=1e-9)
+    assert two["binomial_test"] == "exact binomial vs 0.5, two-sided"
+    if 2 * k > n:  # more wins than losses: the two-sided p-value is twice the one-sided one
+        assert two["binomial_p"] == pytest.approx(min(1.0, 2 * s["binomial_p"]), rel=1e-9)
+    with pytest.raises(ValueError, match="binomial alternative"):
+        win_tie_loss([WIN], alternative="less")
 
 
 def test_win_tie_loss_summary():
@@ -431,8 +470,9 @@ def test_win_tie_loss_summary():
     s = win_tie_loss(outcomes)
     assert (s["n"], s["win"], s["tie"], s["loss"], s["decisive"]) == (15, 7, 5, 3, 10)
     assert s["win_rate"] == pytest.approx(0.7) and s["shares"]["tie"] == pytest.approx(1 / 3)
-    # 7 of 10 at 0.5: P(X <= 3) = (1 + 10 + 45 + 120) / 1024 = 176/1024, two-sided 352/1024
-    assert s["binomial_p"] == pytest.approx(352 / 1024) and s["binomial_test"] == BINOMIAL_TEST
+    # 7 of 10 at 0.5: P(X >= 7) = (120 + 45 + 10 + 1) / 1024 = 176/1024 one-sided, two-sided 352/1024
+    assert s["binomial_p"] == pytest.approx(176 / 1024) and s["binomial_test"] == BINOMIAL_TEST
+    assert win_tie_loss(outcomes, alternative="two-sided")["binomial_p"] == pytest.approx(352 / 1024)
     json.dumps(s)   # plain numbers: metrics.json takes them as they are
     empty = win_tie_loss([TIE, TIE])
     assert empty["win_rate"] is None and empty["win_rate_ci"] is None and empty["binomial_p"] is None
@@ -469,7 +509,9 @@ def test_evaluation_metrics_from_hand_made_outcomes():
     assert json.loads(json.dumps(metrics)) == metrics            # metrics.json holds it as it is
     self_help = metrics["systems"]["self"]["helpfulness"]
     assert (self_help["win"], self_help["tie"], self_help["loss"]) == (10, 29, 1)
-    assert self_help["binomial_p"] == pytest.approx(2 * 12 / 2 ** 11)    # 10 of 11: 2 · (1 + 11) / 2¹¹
+    assert self_help["binomial_p"] == pytest.approx(12 / 2 ** 11)    # 10 of 11, one-sided: (11 + 1) / 2¹¹
+    two = evaluation_metrics(_hand_made_rows(), ["self", "teacher"], 0.95, "two-sided")
+    assert two["systems"]["self"]["helpfulness"]["binomial_p"] == pytest.approx(2 * 12 / 2 ** 11)
     assert self_help["binomial_test"] == BINOMIAL_TEST
     assert set(self_help["by_dataset"]) == {"dna", "linguasafe"}
     assert sum(d["n"] for d in self_help["by_dataset"].values()) == 40
@@ -490,8 +532,9 @@ def test_report_names_the_test_next_to_each_p_value():
 
     metrics = _report_metrics(evaluation_metrics(_hand_made_rows(), ["self", "teacher"], 0.95))
     report = report_markdown(metrics)
-    assert "| system | n | win | tie | loss | win rate | Wilson 95% CI | p (exact binomial vs 0.5) |" in report
-    assert f"| self | 40 | 10 | 29 | 1 | 0.909 | {_ci_text(10, 11)} | 0.0117 |" in report
+    assert ("| system | n | win | tie | loss | win rate | Wilson 95% CI | p (exact binomial vs 0.5, one-sided "
+            "(wins > 0.5)) |") in report
+    assert f"| self | 40 | 10 | 29 | 1 | 0.909 | {_ci_text(10, 11)} | 0.0059 |" in report   # 12 / 2¹¹
     assert "| first | second | criterion | prompts | first wins | second wins | b | c | test | p |" in report
     assert "| self | teacher | helpfulness | 40 | 10 | 5 | 6 | 1 | McNemar exact | 0.1250 |" in report
     p = math.erfc(math.sqrt(121 / 56))
@@ -574,7 +617,17 @@ def test_demo_and_paper_recipes_load_with_their_stage_order(tiny_models):
     paper = load_recipe(REPO / "configs" / "recipes" / "shard_paper.yaml")
     assert paper.stages.shard.variants["universal_only"].guidelines == "universal_only"
     lora = paper.stages.sft["self"]
-    assert (lora.lora.r, lora.lora.alpha, lora.learning_rate, lora.epochs) == (16, 32, 2e-5, 3)
+    assert (lora.lora.r, lora.lora.alpha, lora.learning_rate, lora.epochs) == (16, 32, 1e-4, 3)
+    # SHARD's combined SFT job: effective batch 64 = 2 per GPU × 8 GPUs × 4 accumulation steps
+    assert (lora.global_batch_size, lora.micro_batch_size, lora.num_workers, lora.warmup_ratio) == (64, 2, 8, 0.05)
+    # the paper recipe spells out the stage's defaults, which are SHARD's
+    defaults = ChatSFTConfig(model="Qwen/Qwen3-8B", inputs=["shard_select_self"])
+    for name in ("learning_rate", "global_batch_size", "warmup_ratio", "epochs", "seed", "system", "lora",
+                 "deepspeed", "too_long"):
+        assert getattr(lora, name) == getattr(defaults, name), name
+    assert paper.stages.shard.system == ANSWER_SYSTEM and lora.system == TRAIN_SYSTEM != ANSWER_SYSTEM
+    assert paper.stages.shard_eval.head_to_head == [("teacher", "self")]
+    assert not paper.stages.shard.constrained and paper.stages.shard.retries == 0
 
 
 def _recipe(**stages) -> dict:
@@ -598,10 +651,10 @@ def test_recipe_checks():
          "model_from: 'sft_x' is not an enabled training stage"),
         ({"shard": shard, "sft": {"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"],
                                         "deepspeed": "zero2", "system": "Be terse."}}},
-         "stages.sft.s.system: 'Be terse.' differs from stages.shard.system"),
+         "stages.sft.s.system: 'Be terse.' differs from stages.shard.train_system"),
         ({"shard": shard, "shard_eval": {"systems": {"s": {"model": "t"}}},
           "sft": {"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"], "deepspeed": "zero2",
-                        "system": "You are a helpful assistant.", "split": None}}},
+                        "split": None}}},
          "stages.sft.s.split: None trains on the split that stages.shard_eval evaluates"),
     ]
     for stages, message in cases:
@@ -609,8 +662,7 @@ def test_recipe_checks():
             Recipe.model_validate(_recipe(**stages))
     # a trained model is a folder: an http endpoint cannot run it
     served = _recipe(shard=shard, shard_eval={"systems": {"s": {"model": "h", "model_from": "sft_s"}}},
-                     sft={"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"], "deepspeed": "zero2",
-                                "system": "You are a helpful assistant."}})
+                     sft={"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"]}})
     served["models"]["h"] = {"engine": "http", "model": "m", "url": "https://example.org/v1/chat/completions"}
     with pytest.raises(ValueError, match="systems.s.model_from: the model sft_s exports is a folder that only "
                                          "engine vllm loads; endpoint 'h' is engine http"):
@@ -618,6 +670,16 @@ def test_recipe_checks():
     served["models"]["h"] = {"engine": "vllm", "model": "Qwen/Qwen3-8B"}
     Recipe.model_validate(served)
     assert ShardConfig(**shard).reframer("self") == "t"
+    # train_system: null = SFT trains under the answers' system prompt (our old single prompt)
+    same = _recipe(shard={**shard, "train_system": None},
+                   sft={"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"], "system": ANSWER_SYSTEM}})
+    Recipe.model_validate(same)
+    with pytest.raises(ValueError, match="differs from stages.shard.system"):
+        Recipe.model_validate(_recipe(shard={**shard, "train_system": None},
+                                      sft={"s": {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_self"]}}))
+    with pytest.raises(ValueError, match=r"head_to_head: \['x'\] not among systems"):
+        Recipe.model_validate(_recipe(shard=shard, shard_eval={"systems": {"s": {"model": "t"}},
+                                                               "head_to_head": [["s", "x"]]}))
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -140,7 +140,9 @@ def test_chat_sft_with_lora(tmp_path, tiny_models, ray_local):
             "sft": {"shard": {"model": base, "inputs": ["dedup"], "deepspeed": "zero2", "split": "train",
                               "val_split": "val", "completion_column": "response", "system": "你是一个有帮助的助手。",
                               "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-                              "learning_rate": 5e-3, "epochs": 2, "max_length": 96}}}})
+                              "learning_rate": 5e-3, "epochs": 2, "max_length": 96,
+                              # not SHARD's defaults (batch 64, warmup 0.05, seed 42): 4 steps per epoch here
+                              "global_batch_size": 16, "warmup_ratio": 0.1, "seed": 0}}}})
     manifests = run_stages(build_stages(recipe), RunDir(recipe.run_dir))
     m = manifests["sft_shard"]
     assert m["rows"] == {"in": 80, "out": 80, "out_parents": 80, "dropped": 0, "errored": 0}  # 64 train + 16 val
