@@ -67,6 +67,7 @@ from pipelines.shard.pairwise import (
     combine_judgements,
     judge,
 )
+from pipelines.shard.relevance import EQUAL, P1, P2, relevance_counts
 from pipelines.shard.rows import SHARD_COLUMNS, take_answer
 from pipelines.shard.stats import (
     ALTERNATIVES,
@@ -147,10 +148,8 @@ RESULT = pa.struct([("system", pa.string()), ("model", pa.string()), ("answer", 
 EVAL_COLUMNS = {**SHARD_COLUMNS, "results": pa.list_(RESULT), "head_to_head": pa.list_(RESULT)}
 #: columns of one system's answer to one prompt (long format, before judging)
 _CANDIDATE = {"system": pa.string(), "system_model": pa.string(), "system_answer": pa.string()}
-#: no relevance verdict for a row (the column is absent, or empty)
+#: a row of a variant without a relevance judge (``""``: judged, but the verdict was unreadable)
 NO_RELEVANCE = None
-#: relevance verdicts, as SHARD's relevance judge buckets them (<more_relevant_to>p1|p2|equal)
-RELEVANCE = ("p2", "p1", "equal")
 
 
 def keep_split(batch: pa.Table, *, split: str) -> pa.Table:
@@ -298,18 +297,17 @@ def evaluation_metrics(rows: list[dict], systems: list[str], confidence: float, 
             "comparisons": comparisons}
 
 
-def relevance_counts(values: list[str | None]) -> dict[str, int] | None:
-    """SHARD's relevance summary of O2 (``eval_stats_all.py``): how many prompts' answer is more relevant
-    to P2, to P1, equally, or unknown; ``None`` when no row has a relevance verdict (the column absent)."""
+def variant_relevance(values: list[str | None]) -> dict[str, Any] | None:
+    """SHARD's relevance summary of a variant's rows (:func:`pipelines.shard.relevance.relevance_counts`:
+    p1 / p2 / equal / unread and ``p2_share``); ``None`` for a variant without a relevance judge."""
     if all(v is NO_RELEVANCE for v in values):
         return None
-    known = [v for v in values if v in RELEVANCE]
-    return {**{k: known.count(k) for k in RELEVANCE}, "unknown": len(values) - len(known)}
+    return relevance_counts([v or "" for v in values])
 
 
 def inference_metrics(variants: dict[str, list[dict]], confidence: float, alternative: str = "greater") -> dict:
     """SHARD's inference-time table: per variant, O2 against O1 (``shard_judge_<v>``) over every prompt,
-    per dataset and overall, per criterion, and the relevance counts (:func:`relevance_counts`); between
+    per dataset and overall, per criterion, and the relevance counts (:func:`variant_relevance`); between
     every two variants McNemar's test on the prompts both judged, as SHARD's ``eval_stats_all.py`` does
     (:func:`pipelines.shard.stats.mcnemar_decisive`: prompts decisive in both, helpfulness)."""
     out: dict[str, Any] = {"variants": {}, "comparisons": []}
@@ -319,7 +317,7 @@ def inference_metrics(variants: dict[str, list[dict]], confidence: float, altern
         for dataset in [*datasets, "all"]:
             mine = [r for r in rows if dataset in ("all", r["dataset"])]
             per[dataset] = {**{c: win_tie_loss([r[c] for r in mine], confidence, alternative) for c in CRITERIA},
-                            "relevance": relevance_counts([r.get("relevance") for r in mine])}
+                            "relevance": variant_relevance([r.get("relevance") for r in mine])}
         out["variants"][name] = per
     for a, b in itertools.combinations(variants, 2):
         first = {r["id"]: r[HELPFULNESS] for r in variants[a]}
@@ -357,8 +355,10 @@ def _wtl_line(name: str, m: dict) -> str:
     return f"| {name} | {_wtl_cells(m)} |"
 
 
-def _relevance(counts: dict[str, int] | None) -> str:
-    return "n/a" if counts is None else " / ".join(str(counts[k]) for k in RELEVANCE)
+def _relevance(counts: dict[str, Any] | None) -> str:
+    if counts is None:
+        return "n/a"
+    return " / ".join(str(counts[k]) for k in (P2, P1, EQUAL)) + f" ({_f(counts['p2_share'])})"
 
 
 def _wtl_header(first: str, confidence: float, test: str, extra: str = "") -> list[str]:
@@ -384,7 +384,8 @@ def _inference_lines(inference: dict, confidence: float, test: str) -> list[str]
     lines = ["## Inference time: O2 against O1, every prompt (shard_judge_<v>)", "",
              "Each variant's refined answer O2 against the draft O1 it refines, on every prompt of the run (all "
              "splits), per dataset, as SHARD's inference-time table. Relevance: prompts whose O2 is more relevant "
-             "to P2 / to P1 / equally (SHARD's relevance judge; n/a: no relevance verdicts in these rows).", ""]
+             "to P2 / to P1 / equally, and SHARD's share P2 / (P2 + P1 + equal) (SHARD's relevance judge; n/a: the "
+             "variant has no relevance judge).", ""]
     for criterion in CRITERIA:
         lines += [f"### {criterion.capitalize()}", "",
                   *_wtl_header("variant / dataset", confidence, test, " relevance P2 / P1 / equal |")]
@@ -565,13 +566,14 @@ class ShardEvalStage(Stage):
         """Each variant's judged rows (``id``, ``dataset``, outcomes, ``relevance`` when they have it)."""
         out = {}
         for stage in self.variant_stages:
-            schema = rundir.output_schema(stage)
             names = ["id", "dataset", HELPFULNESS, HARMFULNESS]
-            relevance = schema is not None and "relevance" in schema.names
+            # the judge's summary says whether it judged relevance (a variant without P2 has the column, empty)
+            summary = (rundir.read_manifest(stage) or {}).get("summary") or {}
+            relevance = summary.get("relevance") is not None
             columns = [*names, "relevance"] if relevance else names
             rows = [r for batch in rundir.iter_batches(stage, OK, columns) for r in batch.to_pylist()]
             for r in rows:
-                r["relevance"] = (r.get("relevance") or NO_RELEVANCE) if relevance else NO_RELEVANCE
+                r["relevance"] = (r.get("relevance") or "") if relevance else NO_RELEVANCE
             out[stage.removeprefix("shard_judge_")] = rows
         return out
 

@@ -268,7 +268,7 @@ def test_pairs_of_other_splits_are_dropped(tiny_models):
 
 def test_thinking_traces_need_a_writer_that_thinks():
     sft = {"model": "Qwen/Qwen3-8B", "inputs": ["shard_select_teacher"], "deepspeed": "zero2",
-           "system": "You are a helpful assistant.", "thinking_column": "completion_thinking"}
+           "thinking_column": "completion_thinking"}  # trained under SHARD's training prompt (the default)
     with pytest.raises(ValueError, match="variant teacher's O2 writer 'big' runs with chat_template_kwargs"
                                          ".enable_thinking: false"):
         Recipe.model_validate(_recipe({"teacher": {"reframer": "big"}}, sft={"think": sft}))

@@ -24,8 +24,8 @@ from pipelines.shard.shard_eval import (
     finish_prompt,
     inference_metrics,
     pair_answers,
-    relevance_counts,
     report_markdown,
+    variant_relevance,
 )
 from pipelines.shard.stats import LOSS, TIE, WIN, mcnemar_decisive, position_fisher
 from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
@@ -216,17 +216,18 @@ def test_metrics_per_harm_level_position_bias_and_head_to_head():
 def test_inference_time_table_with_and_without_relevance():
     judged = [{"id": f"p{i}", "dataset": "dna" if i < 4 else "linguasafe", "helpfulness": (WIN, LOSS, TIE)[i % 3],
                "harmfulness": TIE, "relevance": None} for i in range(9)]
-    other = [{**r, "helpfulness": WIN, "relevance": ("p2", "p1", "equal", "??")[i % 4]} for i, r in enumerate(judged)]
+    other = [{**r, "helpfulness": WIN, "relevance": ("p2", "p1", "equal", "")[i % 4]} for i, r in enumerate(judged)]
     m = inference_metrics({"self": judged, "universal_only": other}, 0.95)
     assert set(m["variants"]["self"]) == {"dna", "linguasafe", "all"}
     assert m["variants"]["self"]["all"]["helpfulness"]["win"] == 3
     assert m["variants"]["self"]["dna"]["helpfulness"]["n"] == 4
     assert m["variants"]["self"]["all"]["relevance"] is None
-    assert m["variants"]["universal_only"]["all"]["relevance"] == {"p2": 3, "p1": 2, "equal": 2, "unknown": 2}
+    assert m["variants"]["universal_only"]["all"]["relevance"] == {"p2": 3, "p1": 2, "equal": 2, "unread": 2,
+                                                                   "p2_share": pytest.approx(3 / 7)}
     (cmp,) = m["comparisons"]
     assert (cmp["first"], cmp["second"], cmp["prompts"]) == ("self", "universal_only", 9)
     assert (cmp["mcnemar"]["ties_skipped"], cmp["mcnemar"]["b"], cmp["mcnemar"]["c"]) == (3, 0, 3)
-    assert relevance_counts([None, None]) is None
+    assert variant_relevance([None, None]) is None and variant_relevance(["", None])["unread"] == 2
     report = report_markdown({"settings": {"systems": {}, "baseline_model": "b", "judge_model": "j",
                                            "order_seed": 42, "split": "test", "confidence": 0.95},
                               "rows": {"in": 0, "evaluated": 0, "errored": 0, "dropped": 0},
@@ -234,7 +235,7 @@ def test_inference_time_table_with_and_without_relevance():
                               **evaluation_metrics([], [], 0.95)})
     assert "## Inference time: O2 against O1" in report and "relevance P2 / P1 / equal |" in report
     assert "| self / all | 9 | 3 | 3 | 3 | 0.500 |" in report and report.count("| n/a |") >= 3
-    assert "| universal_only / all | 9 | 9 | 0 | 0 | 1.000 |" in report and "| 3 / 2 / 2 |" in report
+    assert "| universal_only / all | 9 | 9 | 0 | 0 | 1.000 |" in report and "| 3 / 2 / 2 (0.429) |" in report
 
 
 def test_head_to_head_rows_pair_the_two_answers_and_are_finished_with_the_prompt():

@@ -187,9 +187,12 @@ def test_shard_pipeline_ends_in_a_fine_tuned_model_and_a_report(tmp_path, tiny_m
         assert metrics[part] == json.loads(json.dumps(again[part])), part
     assert metrics["settings"]["judge_sampling"]["temperature"] == 0.0 and metrics["settings"]["answer_chars"] == 4000
     assert metrics["rows"]["evaluated"] == len(ok) == ev["rows"]["out"]
-    # the inference-time table: O2 against O1 on every judged prompt, per dataset (no relevance judge here)
+    # the inference-time table: O2 against O1 on every judged prompt, per dataset, with the relevance judge's
+    # counts (the reframed variant) and none for the Rational arm, which has no P2
     inference = metrics["inference"]["variants"]["self"]
-    assert inference["all"]["helpfulness"]["n"] == len(judged) and inference["all"]["relevance"] is None
+    assert inference["all"]["helpfulness"]["n"] == len(judged)
+    assert inference["all"]["relevance"] == manifests["shard_judge_self"]["summary"]["relevance"]["all"]
+    assert metrics["inference"]["variants"]["rational"]["all"]["relevance"] is None
     assert {d for d in inference if d != "all"} == {r["dataset"] for r in judged}
     report = rundir.read_text("shard_eval/report/report.md")
     assert "### Against O1: helpfulness" in report and "### Against O1: harmfulness" in report
