@@ -152,18 +152,14 @@ COUNTERS = {"prefix_cache_queries": "vllm:prefix_cache_queries_total",
 
 def server_counters(base: str) -> dict[str, float] | None:
     """The server's cumulative counters (summed over label sets), or ``None`` if unreadable."""
+    from cluster.prometheus import metric_sum, scrape
+
     try:
-        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        text = scrape(f"{base}/metrics")
     except OSError:
         return None
-    out = {}
-    for key, metric in COUNTERS.items():
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(metric + "{") or line.startswith(metric + " ")]
-        if not values:
-            return None
-        out[key] = sum(values)
-    return out
+    out = {key: metric_sum(text, metric, default=None) for key, metric in COUNTERS.items()}
+    return None if any(v is None for v in out.values()) else out
 
 
 class ServerWatch:
@@ -182,17 +178,14 @@ class ServerWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _gauges(self) -> tuple[float, float, float] | None:
+        from cluster.prometheus import metric_sum, scrape
+
         try:
-            text = urllib.request.urlopen(f"{self.base}/metrics", timeout=5).read().decode()
+            text = scrape(f"{self.base}/metrics", timeout=5)
         except OSError:
             return None
-        values = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0, "vllm:prompt_tokens_total": 0.0}
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in values:
-                values[name] += float(line.rsplit(" ", 1)[1])
-        return (values["vllm:num_requests_running"], values["vllm:num_requests_waiting"],
-                values["vllm:prompt_tokens_total"])
+        return (metric_sum(text, "vllm:num_requests_running"), metric_sum(text, "vllm:num_requests_waiting"),
+                metric_sum(text, "vllm:prompt_tokens_total"))
 
     def _run(self) -> None:
         base_tokens = None

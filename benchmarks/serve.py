@@ -50,7 +50,6 @@ import datetime
 import os
 import platform
 import random
-import re
 import sys
 import time
 import urllib.request
@@ -62,6 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import add_output_args, finish, fresh_dir
 from cluster.processes import free_port
+from cluster.prometheus import metric_sum, scrape
 
 MIN_ANSWERS = 20
 TARGET_BATCHING, TARGET_CEILING, TARGET_ONE_PASS = 3.0, 0.6, 1.5
@@ -126,21 +126,6 @@ def summarize(run: dict) -> dict:
     return out
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` (any of its labels; with ``labels`` those must match)."""
-    total = 0.0
-    for found in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
-
-
 COUNTERS = {"prefix_hits": ("ray_vllm_prefix_cache_hits_total", {}),
             "prefix_queries": ("ray_vllm_prefix_cache_queries_total", {}),
             "first_token_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "first_token"}),
@@ -151,7 +136,7 @@ COUNTERS = {"prefix_hits": ("ray_vllm_prefix_cache_hits_total", {}),
 def settled_counters(port: int, timeout: float = 40) -> dict[str, float]:
     """The counters once Ray's export (a 10 s tick per process) shows the same values 12 s apart."""
     def read() -> dict[str, float]:
-        text = scrape(port)
+        text = scrape(f"http://127.0.0.1:{port}/metrics")
         return {key: metric_sum(text, name, **labels) for key, (name, labels) in COUNTERS.items()}
 
     deadline, last = time.time() + timeout, read()

@@ -46,7 +46,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -177,16 +176,13 @@ async def run_set(url: str, rows: list[dict], run: str, concurrency: int) -> lis
 
 def prefix_counters() -> tuple[float, float] | None:
     """``(hits, queries)`` of vLLM's prefix cache on this Ray node's Prometheus export, or None."""
-    import ray
+    from cluster.prometheus import metric_sum, node_metrics_url, scrape
 
-    port = ray._private.worker._global_node.metrics_export_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
+    text = scrape(node_metrics_url())
 
-    def total(name: str) -> float | None:
-        values = [float(m.group(1)) for m in re.finditer(rf"^ray_vllm[:_]{name}_total(?:{{[^}}]*}})? (\S+)$", text,
-                                                          re.MULTILINE)]
-        return sum(values) if values else None
+    def total(name: str) -> float | None:  # Ray exports vLLM's `vllm:` metrics as ray_vllm: or ray_vllm_
+        found = [metric_sum(text, f"ray_vllm{sep}{name}_total", default=None) for sep in (":", "_")]
+        return None if all(v is None for v in found) else sum(v or 0.0 for v in found)
 
     hits, queries = total("prefix_cache_hits"), total("prefix_cache_queries")
     return None if hits is None or queries is None else (hits, queries)

@@ -191,23 +191,16 @@ def http_endpoint(url: str, **overrides) -> dict:
 
 def scrape_metrics() -> str:
     """The Prometheus export of this process's Ray node (Ray's metrics and ``ray.util.metrics``)."""
-    import ray
+    from cluster.prometheus import node_metrics_url, scrape
 
-    port = ray._private.worker._global_node.metrics_export_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
+    return scrape(node_metrics_url())
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of metric ``name`` in a Prometheus scrape whose labels include ``labels``."""
-    import re
+    from cluster.prometheus import metric_sum
 
-    total = 0.0
-    for found in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE):
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
+    return metric_sum(text, name, **labels)
 
 
 def has_metric(text: str, name: str) -> bool:

@@ -1,0 +1,30 @@
+"""Reading a Prometheus text export (a Ray node's ``/metrics``, a ``vllm serve`` endpoint's): one
+parser for the benchmarks and tests, ``prometheus_client``'s (labels with escaped quotes, histograms'
+``_sum`` / ``_count`` / ``_bucket`` samples, counters' ``_total`` samples as they are exported)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(url: str, timeout: float = 10) -> str:
+    """The export at ``url`` (``http://host:port/metrics``)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return answer.read().decode()
+
+
+def node_metrics_url() -> str:
+    """The Prometheus export of this process's Ray node (Ray's metrics, ``ray.util.metrics``, and the
+    engine metrics of ``ray.serve.llm`` replicas)."""
+    import ray
+
+    return f"http://127.0.0.1:{ray._private.worker._global_node.metrics_export_port}/metrics"
+
+
+def metric_sum(text: str, name: str, default: float | None = 0.0, **labels: str) -> float | None:
+    """Sum of the samples named ``name`` whose labels include ``labels``; ``default`` when none is."""
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
+    return sum(values) if values else default

@@ -1,0 +1,31 @@
+"""cluster/prometheus.py: the one reader of Prometheus text exports (benchmarks and tests)."""
+
+from __future__ import annotations
+
+from cluster.prometheus import metric_sum
+
+EXPORT = '''# HELP ray_chillguard_serve_requests_total requests
+# TYPE ray_chillguard_serve_requests_total counter
+ray_chillguard_serve_requests_total{route="moderations",status="200"} 3.0
+ray_chillguard_serve_requests_total{route="moderations",status="503"} 1.0
+ray_chillguard_serve_requests_total{route="guard",status="200",note="a \\"quoted\\" value"} 2.0
+# TYPE ray_chillguard_serve_batch_size histogram
+ray_chillguard_serve_batch_size_bucket{call="first_token",le="1.0"} 1.0
+ray_chillguard_serve_batch_size_bucket{call="first_token",le="+Inf"} 2.0
+ray_chillguard_serve_batch_size_sum{call="first_token"} 33.0
+ray_chillguard_serve_batch_size_count{call="first_token"} 2.0
+ray_vllm:prefix_cache_hits_total{model_name="g"} 90.0
+vllm:num_requests_running 4.0
+'''
+
+
+def test_sums_samples_by_name_and_labels():
+    assert metric_sum(EXPORT, "ray_chillguard_serve_requests_total") == 6.0
+    assert metric_sum(EXPORT, "ray_chillguard_serve_requests_total", route="moderations", status="200") == 3.0
+    assert metric_sum(EXPORT, "ray_chillguard_serve_requests_total", note='a "quoted" value') == 2.0
+    assert metric_sum(EXPORT, "ray_chillguard_serve_batch_size_sum", call="first_token") == 33.0
+    assert metric_sum(EXPORT, "ray_chillguard_serve_batch_size_count", call="first_token") == 2.0
+    assert metric_sum(EXPORT, "ray_vllm:prefix_cache_hits_total") == 90.0
+    assert metric_sum(EXPORT, "vllm:num_requests_running") == 4.0
+    assert metric_sum(EXPORT, "ray_chillguard_serve_requests_total", route="nowhere") == 0.0
+    assert metric_sum(EXPORT, "absent_total", default=None) is None
