@@ -17,7 +17,7 @@ from pipelines.core.config import CONFIGS, ExistingPath, LLMEndpoint, Strict, na
 from pipelines.shard.categories import CATEGORY_MAPS
 from pipelines.shard.pairwise import SELECTION_RULES, VERDICT_PICKS
 from pipelines.shard.reframing import GUIDELINE_MODES
-from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
+from pipelines.training.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 
 SPLIT, ANSWER = "shard_split", "shard_answer"
 #: how a variant writes O2: SHARD's reframing + refinement, or one of its inference-time baselines

@@ -40,8 +40,8 @@ from pipelines.core.rundir import RunDir
 from pipelines.core.stage import Stage, col
 from pipelines.core.taxonomy import load_taxonomy
 from pipelines.guard.format import GuardPrompt, guard_answer
-from pipelines.shard.system_prompts import TRAIN_SYSTEM
 from pipelines.training.stage import TrainingStage, check_rows, finish_training, read_metrics, train_dir
+from pipelines.training.system_prompts import TRAIN_SYSTEM
 from pipelines.training.train_loop import Method, fit
 
 

@@ -28,8 +28,8 @@ from pipelines.shard.shard_eval import (
     variant_relevance,
 )
 from pipelines.shard.stats import LOSS, TIE, WIN, mcnemar_decisive, position_fisher
-from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 from pipelines.training.sft import DROPPED, ChatSFTConfig, TokenizeChatRows
+from pipelines.training.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 
 # ------------------------------------------------------------------------------------------------
 # Defaults = SHARD's code

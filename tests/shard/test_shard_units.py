@@ -51,8 +51,8 @@ from pipelines.shard.rows import SHARD_COLUMNS, take_answer
 from pipelines.shard.shard_eval import compare_systems, evaluation_metrics, finish_prompt, report_markdown
 from pipelines.shard.split import prepare_prompts, split_stratum
 from pipelines.shard.stats import BINOMIAL_TEST, LOSS, TIE, WIN, win_tie_loss
-from pipelines.shard.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 from pipelines.training.sft import ChatSFTConfig
+from pipelines.training.system_prompts import ANSWER_SYSTEM, TRAIN_SYSTEM
 
 REPO = Path(__file__).resolve().parents[2]
 SHARES = {"train": 0.72, "val": 0.08, "test": 0.2}

@@ -6,7 +6,8 @@
 - :data:`TRAIN_SYSTEM`: what SFT trains (P1 -> O2) under (``SYSTEM_PROMPT`` of ``scripts/sft_v2.py``,
   injected into every training row that has ``p1`` / ``o2`` fields, which all of SHARD's SFT splits do).
 
-Kept in a module of its own, without imports, so that the training stages can use them as defaults.
+They live with training (a layer below SHARD) because chat SFT (`stages.sft`, the SHARD arms' trainer)
+uses TRAIN_SYSTEM as its default; SHARD imports them from here.
 """
 
 ANSWER_SYSTEM = "You are a helpful assistant."
