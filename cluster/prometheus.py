@@ -24,7 +24,11 @@ def node_metrics_url() -> str:
 
 
 def metric_sum(text: str, name: str, default: float | None = 0.0, **labels: str) -> float | None:
-    """Sum of the samples named ``name`` whose labels include ``labels``; ``default`` when none is."""
-    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+    """Sum of the samples named ``name`` whose labels include ``labels``; ``default`` when none is.
+
+    Only the export's lines that start with ``name`` are parsed (as untyped samples, which keep their
+    names): a Ray node's export is thousands of lines, and pollers call this several times a second."""
+    lines = "\n".join(line for line in text.splitlines() if line.startswith(name))
+    values = [sample.value for family in text_string_to_metric_families(lines) for sample in family.samples
               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
     return sum(values) if values else default
