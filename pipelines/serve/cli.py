@@ -10,11 +10,13 @@ SIGTERM and then shuts Serve down; on a cluster it deploys the app and returns (
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,45 @@ def serve_settings(args, *, cuda: bool) -> tuple[GuardServeConfig, dict[str, Any
     return config, http, what
 
 
+def route_lines(config: GuardServeConfig) -> list[str]:
+    """One line per route of the served app (``pipelines.serve.ingress``), as the serve command prints them."""
+    proxy = (f"guarded OpenAI chat, upstream {config.proxy.upstream_base_url}" if config.proxy.upstream_base_url
+             else "guarded OpenAI chat: 404 until proxy.upstream_base_url is set")
+    return ["POST /v1/moderations          OpenAI-style moderation (our codes, or OpenAI's categories by model)",
+            "POST /v1/guard                verdict, P(unsafe) and micro code; per-request policy",
+            "POST /v1/moderations/stream   streaming moderation (NDJSON chunks in, server-sent events out)",
+            f"POST /v1/chat/completions     {proxy}",
+            "GET  /readyz                  200 once a warm-up guard request went through the engine",
+            "GET  /healthz                 liveness (200 while the engine loads)",
+            "GET  /                        playground"]
+
+
+def wait_until_ready(url: str, started: float, *, every_s: float = 5.0) -> None:
+    """Poll ``url/readyz`` until it answers 200, printing each change of state, so that "ready" on the
+    terminal means a request is answered at normal speed (the engine loaded and warmed up). ``started``:
+    the ``time.monotonic()`` of the deployment, for the time it took."""
+    import urllib.error
+    import urllib.request
+
+    last = ""
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=every_s):
+                print(f"ready after {time.monotonic() - started:.0f} s", flush=True)
+                return
+        except urllib.error.HTTPError as exc:  # 503 while warming up: the body says which state
+            try:
+                state = json.loads(exc.read()).get("status", str(exc.code))
+            except ValueError:
+                state = str(exc.code)
+        except OSError as exc:  # the HTTP proxy is not listening yet
+            state = type(exc).__name__
+        if state != last:
+            print(f"waiting for readiness ({state}) ...", flush=True)
+            last = state
+        time.sleep(every_s)
+
+
 def serve_command(args) -> int:
     from cluster.connect import connect, cuda_device_count
     from pipelines.core.config import ClusterConfig
@@ -85,13 +126,17 @@ def serve_command(args) -> int:
 
     connect(ClusterConfig(), address)
     serve.start(http_options={"host": http["host"], "port": http["port"]})
+    started = time.monotonic()
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
     url = f"http://{http['host']}:{http['port']}"
-    print(f"serving {what} at {url}  (POST /v1/moderations, POST /v1/guard, GET /healthz, playground GET /)",
-          flush=True)
+    print(f"serving {what} at {url}", flush=True)
+    for line in route_lines(config):
+        print(f"  {line}", flush=True)
     if address:
-        print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it")
+        print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it; "
+              f"{url}/readyz answers 200 once it is ready")
         return 0
+    wait_until_ready(url, started)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -204,6 +204,23 @@ def test_serve_settings_precedence_and_errors(tiny_models):
         serve_settings(serve_args(config="nowhere.yaml"), cuda=False)
 
 
+def test_the_serve_command_lists_every_route_of_the_ingress(tiny_models):
+    """What ``chillguard serve`` prints is the ingress's routes, no more and no fewer, and names the upstream."""
+    from fastapi.routing import APIRoute
+
+    from pipelines.serve.cli import route_lines, serve_settings
+    from pipelines.serve.ingress import api
+
+    config, _, _ = serve_settings(serve_args(model=tiny_models["causal-lm"]), cuda=False)
+    printed = {tuple(line.split()[:2]) for line in route_lines(config)}
+    served = {(method, route.path) for route in api.routes if isinstance(route, APIRoute) for method in route.methods}
+    assert printed == served
+    assert "404 until proxy.upstream_base_url" in "\n".join(route_lines(config))
+    config, _, _ = serve_settings(serve_args(model=tiny_models["causal-lm"],
+                                             overrides=["proxy.upstream_base_url=http://llm:8000/v1"]), cuda=False)
+    assert "upstream http://llm:8000/v1" in "\n".join(route_lines(config))
+
+
 def test_engine_placement():
     from pipelines.serve.app import llm_config
     from pipelines.serve.config import GuardServeConfig
