@@ -52,7 +52,6 @@ import platform
 import random
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import add_output_args, finish, fresh_dir
 from cluster.processes import free_port
-from cluster.prometheus import metric_sum, scrape
+from cluster.prometheus import metric_sum, scrape, vllm_counter
 
 MIN_ANSWERS = 20
 TARGET_BATCHING, TARGET_CEILING, TARGET_ONE_PASS = 3.0, 0.6, 1.5
@@ -126,9 +125,8 @@ def summarize(run: dict) -> dict:
     return out
 
 
-COUNTERS = {"prefix_hits": ("ray_vllm_prefix_cache_hits_total", {}),
-            "prefix_queries": ("ray_vllm_prefix_cache_queries_total", {}),
-            "first_token_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "first_token"}),
+VLLM_COUNTERS = {"prefix_hits": "prefix_cache_hits", "prefix_queries": "prefix_cache_queries"}
+COUNTERS = {"first_token_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "first_token"}),
             "continuation_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "continuation"}),
             "decode_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "decode"})}
 
@@ -137,7 +135,8 @@ def settled_counters(port: int, timeout: float = 40) -> dict[str, float]:
     """The counters once Ray's export (a 10 s tick per process) shows the same values 12 s apart."""
     def read() -> dict[str, float]:
         text = scrape(f"http://127.0.0.1:{port}/metrics")
-        return {key: metric_sum(text, name, **labels) for key, (name, labels) in COUNTERS.items()}
+        return {**{key: metric_sum(text, name, **labels) for key, (name, labels) in COUNTERS.items()},
+                **{key: vllm_counter(text, name) or 0.0 for key, name in VLLM_COUNTERS.items()}}
 
     deadline, last = time.time() + timeout, read()
     while time.time() < deadline:
@@ -149,24 +148,11 @@ def settled_counters(port: int, timeout: float = 40) -> dict[str, float]:
     return last
 
 
-def wait_ready(url: str, timeout: float = 600) -> float:
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
-                if answer.status == 200:
-                    return time.perf_counter() - started
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready within {timeout} s")
-
-
 def serve_variant(model: str, port: int, metrics_port: int, name: str, args) -> dict:
     from ray import serve
 
     from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, build_app
-    from pipelines.serve.cli import serve_settings
+    from pipelines.serve.cli import serve_settings, wait_until_ready
 
     overrides = [f"model={model}", "constrained=true", f"max_tokens={ANSWER_TOKENS}",
                  "ingress.max_ongoing_requests=256", *VARIANTS[name]]
@@ -175,7 +161,7 @@ def serve_variant(model: str, port: int, metrics_port: int, name: str, args) -> 
     started = time.perf_counter()
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
     base = f"http://127.0.0.1:{port}"
-    ready = wait_ready(base)
+    ready = wait_until_ready(base, time.monotonic(), every_s=0.5, timeout_s=600)
     print(f"\n{name}: app up in {time.perf_counter() - started:.1f} s (ready {ready:.1f} s after serve.run "
           "returned)", flush=True)
     url = f"{base}/v1/moderations"

@@ -176,15 +176,10 @@ async def run_set(url: str, rows: list[dict], run: str, concurrency: int) -> lis
 
 def prefix_counters() -> tuple[float, float] | None:
     """``(hits, queries)`` of vLLM's prefix cache on this Ray node's Prometheus export, or None."""
-    from cluster.prometheus import metric_sum, node_metrics_url, scrape
+    from cluster.prometheus import node_metrics_url, scrape, vllm_counter
 
     text = scrape(node_metrics_url())
-
-    def total(name: str) -> float | None:  # Ray exports vLLM's `vllm:` metrics as ray_vllm: or ray_vllm_
-        found = [metric_sum(text, f"ray_vllm{sep}{name}_total", default=None) for sep in (":", "_")]
-        return None if all(v is None for v in found) else sum(v or 0.0 for v in found)
-
-    hits, queries = total("prefix_cache_hits"), total("prefix_cache_queries")
+    hits, queries = vllm_counter(text, "prefix_cache_hits"), vllm_counter(text, "prefix_cache_queries")
     return None if hits is None or queries is None else (hits, queries)
 
 

@@ -32,3 +32,10 @@ def metric_sum(text: str, name: str, default: float | None = 0.0, **labels: str)
     values = [sample.value for family in text_string_to_metric_families(lines) for sample in family.samples
               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]
     return sum(values) if values else default
+
+
+def vllm_counter(text: str, name: str) -> float | None:
+    """vLLM's counter ``vllm:<name>`` (e.g. ``prefix_cache_hits``) as Ray's export names it, ``ray_vllm:<name>_total``
+    or ``ray_vllm_<name>_total`` by Ray version, summed over replicas; None when the export has neither."""
+    found = [metric_sum(text, f"ray_vllm{sep}{name}_total", default=None) for sep in (":", "_")]
+    return None if all(v is None for v in found) else sum(v or 0.0 for v in found)

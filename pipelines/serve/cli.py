@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,12 @@ def route_lines(config: GuardServeConfig) -> list[str]:
             "GET  /                        playground"]
 
 
-def wait_until_ready(url: str, started: float, *, every_s: float = 5.0) -> None:
-    """Poll ``url/readyz`` until it answers 200, printing each change of state, so that "ready" on the
-    terminal means a request is answered at normal speed (the engine loaded and warmed up). ``started``:
-    the ``time.monotonic()`` of the deployment, for the time it took."""
+def wait_until_ready(url: str, started: float, *, every_s: float = 5.0, timeout_s: float | None = None,
+                     report: Callable[[str], None] | None = None) -> float:
+    """Poll ``url/readyz`` until it answers 200 and return the seconds since ``started`` (a
+    ``time.monotonic()``, the deployment's), so that "ready" means a request is answered at normal speed
+    (the engine loaded and warmed up). ``report`` gets each change of state and the final line (the
+    serve command prints them); past ``timeout_s`` a ``TimeoutError``."""
     import urllib.error
     import urllib.request
 
@@ -94,8 +97,10 @@ def wait_until_ready(url: str, started: float, *, every_s: float = 5.0) -> None:
     while True:
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=every_s):
-                print(f"ready after {time.monotonic() - started:.0f} s", flush=True)
-                return
+                waited = time.monotonic() - started
+                if report:
+                    report(f"ready after {waited:.0f} s")
+                return waited
         except urllib.error.HTTPError as exc:  # 503 while warming up: the body says which state
             try:
                 state = json.loads(exc.read()).get("status", str(exc.code))
@@ -103,8 +108,10 @@ def wait_until_ready(url: str, started: float, *, every_s: float = 5.0) -> None:
                 state = str(exc.code)
         except OSError as exc:  # the HTTP proxy is not listening yet
             state = type(exc).__name__
-        if state != last:
-            print(f"waiting for readiness ({state}) ...", flush=True)
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{url}/readyz not ready within {timeout_s:g} s (last: {state})")
+        if report and state != last:
+            report(f"waiting for readiness ({state}) ...")
             last = state
         time.sleep(every_s)
 
@@ -136,7 +143,7 @@ def serve_command(args) -> int:
         print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it; "
               f"{url}/readyz answers 200 once it is ready")
         return 0
-    wait_until_ready(url, started)
+    wait_until_ready(url, started, report=lambda line: print(line, flush=True))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

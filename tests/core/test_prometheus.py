@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.prometheus import metric_sum
+from cluster.prometheus import metric_sum, vllm_counter
 
 EXPORT = '''# HELP ray_chillguard_serve_requests_total requests
 # TYPE ray_chillguard_serve_requests_total counter
@@ -15,6 +15,8 @@ ray_chillguard_serve_batch_size_bucket{call="first_token",le="+Inf"} 2.0
 ray_chillguard_serve_batch_size_sum{call="first_token"} 33.0
 ray_chillguard_serve_batch_size_count{call="first_token"} 2.0
 ray_vllm:prefix_cache_hits_total{model_name="g"} 90.0
+ray_vllm_prefix_cache_hits_total{model_name="h"} 10.0
+ray_vllm_prefix_cache_queries_total{model_name="h"} 40.0
 vllm:num_requests_running 4.0
 '''
 
@@ -29,3 +31,9 @@ def test_sums_samples_by_name_and_labels():
     assert metric_sum(EXPORT, "vllm:num_requests_running") == 4.0
     assert metric_sum(EXPORT, "ray_chillguard_serve_requests_total", route="nowhere") == 0.0
     assert metric_sum(EXPORT, "absent_total", default=None) is None
+
+
+def test_a_vllm_counter_under_either_of_rays_names():
+    assert vllm_counter(EXPORT, "prefix_cache_hits") == 100.0  # ray_vllm: + ray_vllm_ (two Ray versions' names)
+    assert vllm_counter(EXPORT, "prefix_cache_queries") == 40.0
+    assert vllm_counter(EXPORT, "num_preemptions") is None

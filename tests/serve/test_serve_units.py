@@ -221,6 +221,42 @@ def test_the_serve_command_lists_every_route_of_the_ingress(tiny_models):
     assert "upstream http://llm:8000/v1" in "\n".join(route_lines(config))
 
 
+def test_waiting_for_readiness_reads_each_state_until_200():
+    """The serve command's wait (and the serving benchmark's) against a real HTTP server: 503 warming_up,
+    then 200; it reports each change of state once, and gives up past its timeout naming the last state."""
+    import http.server
+    import threading
+    import time
+
+    from pipelines.serve.cli import wait_until_ready
+
+    answers = [(503, b'{"status": "warming_up"}')] * 3 + [(200, b'{"status": "ready"}')]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # http.server's name for the GET handler
+            status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        lines = []
+        waited = wait_until_ready(url, time.monotonic(), every_s=0.05, report=lines.append)
+        assert lines[0] == "waiting for readiness (warming_up) ..." and lines[-1].startswith("ready after")
+        assert len(lines) == 2 and waited >= 0.1
+        answers[:] = [(503, b'{"status": "failed"}')]
+        with pytest.raises(TimeoutError, match="not ready within 0.2 s \\(last: failed\\)"):
+            wait_until_ready(url, time.monotonic(), every_s=0.05, timeout_s=0.2)
+    finally:
+        server.shutdown()
+
+
 def test_engine_placement():
     from pipelines.serve.app import llm_config
     from pipelines.serve.config import GuardServeConfig
