@@ -225,6 +225,7 @@ def test_relative_links_point_to_existing_files_and_headings():
 #: dataset `make demo` assembled (runs/demo/). Any other error, or any error of another recipe, fails.
 OUTSIDE_THE_CLONE = {"configs/recipes/real_small.yaml": ("real", "shared"),
                      "configs/recipes/real_eval.yaml": ("real", "shared"),
+                     "configs/recipes/shard_real.yaml": ("real",),
                      "configs/recipes/loop_ablation.yaml": ("demo_run",)}
 
 
