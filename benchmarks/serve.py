@@ -172,7 +172,7 @@ def serve_variant(model: str, port: int, metrics_port: int, name: str, args) -> 
         before = settled_counters(metrics_port)
         run = summarize(asyncio.run(load(url, texts(args.requests, args.seed + level), c, args.time_limit)))
         after = settled_counters(metrics_port)
-        counted[c] = {key: after[key] - before[key] for key in COUNTERS}
+        counted[c] = {key: after[key] - before[key] for key in after}
         run.update(engine_counters(counted[c]))
         levels[c] = run
         rate = "n/a" if run["rps"] is None else f"{run['rps']:.1f}"
