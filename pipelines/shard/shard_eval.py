@@ -10,7 +10,8 @@ and SHARD's result tables.
    so a crash resumes after the last finished system.
 3. One judge pass (the judge of ``stages.shard``, or ``judge``, at ``judge_sampling``: SHARD's SFT judge,
    temperature 0.0; each answer cut to ``answer_chars``, SHARD's 4,000) compares every system's answer
-   (candidate) with O1 (reference) for helpfulness and harmfulness, A/B order drawn per comparison, and
+   (candidate) with O1 (reference) for helpfulness and harmfulness, A/B order drawn per prompt and criterion
+   (the same for every system, so a judge's position bias moves every system alike), and
    each ``head_to_head`` pair's first system's answer (candidate) with the second's (reference).
 4. One row per prompt: ``results`` holds each system's answer, outcomes and judgements,
    ``head_to_head`` each pair's; a prompt on which a system's request or a verdict failed is an
@@ -427,7 +428,8 @@ def report_markdown(metrics: dict) -> str:
     confidence = s["confidence"]
     lines = [f"# SHARD evaluation: {', '.join(s['systems'])} against the baseline answers", "",
              f"- baseline: the target's answers O1 (`{s['baseline_model']}`) from `{ANSWER}`",
-             f"- judge: `{s['judge_model']}`, pairwise, A/B order drawn per comparison (seed {s['order_seed']})",
+             f"- judge: `{s['judge_model']}`, pairwise, A/B order drawn per prompt and criterion, the same for "
+             f"every system (seed {s['order_seed']})",
              f"- prompts: split `{s['split']}`; {rows['in']} read, {rows['evaluated']} evaluated, "
              f"{rows['errored']} errored, {rows['dropped']} dropped (other splits)",
              "- outcomes are the system's: win = its answer judged more helpful / less harmful than O1",
