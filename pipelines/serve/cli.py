@@ -85,16 +85,18 @@ def route_lines(config: GuardServeConfig) -> list[str]:
 
 
 def wait_until_ready(url: str, started: float, *, every_s: float = 5.0, timeout_s: float | None = None,
-                     report: Callable[[str], None] | None = None) -> float:
+                     report: Callable[[str], None] | None = None,
+                     stop: threading.Event | None = None) -> float | None:
     """Poll ``url/readyz`` until it answers 200 and return the seconds since ``started`` (a
     ``time.monotonic()``, the deployment's), so that "ready" means a request is answered at normal speed
     (the engine loaded and warmed up). ``report`` gets each change of state and the final line (the
-    serve command prints them); past ``timeout_s`` a ``TimeoutError``."""
+    serve command prints them); past ``timeout_s`` a ``TimeoutError``; ``None`` once ``stop`` is set (the
+    command was asked to stop while waiting)."""
     import urllib.error
     import urllib.request
 
     last = ""
-    while True:
+    while stop is None or not stop.is_set():
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=every_s):
                 waited = time.monotonic() - started
@@ -113,7 +115,11 @@ def wait_until_ready(url: str, started: float, *, every_s: float = 5.0, timeout_
         if report and state != last:
             report(f"waiting for readiness ({state}) ...")
             last = state
-        time.sleep(every_s)
+        if stop is None:
+            time.sleep(every_s)
+        else:
+            stop.wait(every_s)
+    return None
 
 
 def serve_command(args) -> int:
@@ -143,10 +149,10 @@ def serve_command(args) -> int:
         print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it; "
               f"{url}/readyz answers 200 once it is ready")
         return 0
-    wait_until_ready(url, started, report=lambda line: print(line, flush=True))
-    stop = threading.Event()
+    stop = threading.Event()  # Ctrl-C / SIGTERM, also while waiting for readiness: shut Serve down
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    wait_until_ready(url, started, report=lambda line: print(line, flush=True), stop=stop)
     stop.wait()
     log.info("shutting the guard down")
     serve.shutdown()

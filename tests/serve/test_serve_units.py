@@ -250,6 +250,9 @@ def test_waiting_for_readiness_reads_each_state_until_200():
         waited = wait_until_ready(url, time.monotonic(), every_s=0.05, report=lines.append)
         assert lines[0] == "waiting for readiness (warming_up) ..." and lines[-1].startswith("ready after")
         assert len(lines) == 2 and waited >= 0.1
+        stopped = threading.Event()
+        stopped.set()  # asked to stop (Ctrl-C) while still warming up: no wait, no answer
+        assert wait_until_ready(url, time.monotonic(), every_s=0.05, stop=stopped) is None
         answers[:] = [(503, b'{"status": "failed"}')]
         with pytest.raises(TimeoutError, match="not ready within 0.2 s \\(last: failed\\)"):
             wait_until_ready(url, time.monotonic(), every_s=0.05, timeout_s=0.2)
