@@ -138,6 +138,10 @@ def serve_command(args) -> int:
     from pipelines.serve.app import build_app
 
     connect(ClusterConfig(), address)
+    stop = threading.Event()
+    if not address:  # the embedded Ray: Ctrl-C / SIGTERM, even while deploying or warming up, shut Serve down
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": http["host"], "port": http["port"]})
     started = time.monotonic()
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
@@ -149,9 +153,6 @@ def serve_command(args) -> int:
         print(f"deployed on {address}: `serve status` shows it, `serve shutdown` removes it; "
               f"{url}/readyz answers 200 once it is ready")
         return 0
-    stop = threading.Event()  # Ctrl-C / SIGTERM, also while waiting for readiness: shut Serve down
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     wait_until_ready(url, started, report=lambda line: print(line, flush=True), stop=stop)
     stop.wait()
     log.info("shutting the guard down")
