@@ -50,6 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import add_output_args, finish, fresh_dir
 from cluster.processes import free_port, stop_group
+from cluster.prometheus import metric_sum, scrape
 
 SERVED = "tiny"
 #: the issue's target: n = k at least this many times faster than k separate requests
@@ -152,8 +153,6 @@ COUNTERS = {"prefix_cache_queries": "vllm:prefix_cache_queries_total",
 
 def server_counters(base: str) -> dict[str, float] | None:
     """The server's cumulative counters (summed over label sets), or ``None`` if unreadable."""
-    from cluster.prometheus import metric_sum, scrape
-
     try:
         text = scrape(f"{base}/metrics")
     except OSError:
@@ -178,8 +177,6 @@ class ServerWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _gauges(self) -> tuple[float, float, float] | None:
-        from cluster.prometheus import metric_sum, scrape
-
         try:
             text = scrape(f"{self.base}/metrics", timeout=5)
         except OSError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.processes import free_port, stop_group
+from cluster.prometheus import metric_sum, node_metrics_url, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,21 +191,12 @@ def http_endpoint(url: str, **overrides) -> dict:
 
 def scrape_metrics() -> str:
     """The Prometheus export of this process's Ray node (Ray's metrics and ``ray.util.metrics``)."""
-    from cluster.prometheus import node_metrics_url, scrape
-
     return scrape(node_metrics_url())
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of metric ``name`` in a Prometheus scrape whose labels include ``labels``."""
-    from cluster.prometheus import metric_sum
-
-    return metric_sum(text, name, **labels)
 
 
 def has_metric(text: str, name: str) -> bool:
     """Whether a Prometheus scrape has a sample of metric ``name`` (any value, 0 included)."""
-    return bool(re.search(rf"^{name}[{{ ]", text, re.MULTILINE))
+    return metric_sum(text, name, default=None) is not None
 
 
 def _wait_for_scrape(ready, timeout: float) -> str:
@@ -222,7 +213,7 @@ def _wait_for_scrape(ready, timeout: float) -> str:
 
 def wait_for_metric(name: str, timeout: float = 60, **labels: str) -> str:
     """A scrape in which ``name`` (with ``labels``) has a non-zero value."""
-    return _wait_for_scrape(lambda text: metric_value(text, name, **labels), timeout)
+    return _wait_for_scrape(lambda text: metric_sum(text, name, **labels), timeout)
 
 
 def wait_for_metric_names(names: list[str], timeout: float = 60) -> str:
@@ -250,7 +241,7 @@ class MetricsWatcher:
                 text = scrape_metrics()
             except OSError:
                 text = ""
-            values = {name: metric_value(text, name, **self.labels) for name in self.names}
+            values = {name: metric_sum(text, name, **self.labels) for name in self.names}
             if values[self.names[0]]:
                 self.samples.append(values)
             self._stop.wait(self.period)

@@ -95,8 +95,9 @@ def wait_until_ready(url: str, started: float, *, every_s: float = 5.0, timeout_
     import urllib.error
     import urllib.request
 
+    stop = stop or threading.Event()  # sleeps between polls as an interruptible wait
     last = ""
-    while stop is None or not stop.is_set():
+    while not stop.is_set():
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=every_s):
                 waited = time.monotonic() - started
@@ -115,10 +116,7 @@ def wait_until_ready(url: str, started: float, *, every_s: float = 5.0, timeout_
         if report and state != last:
             report(f"waiting for readiness ({state}) ...")
             last = state
-        if stop is None:
-            time.sleep(every_s)
-        else:
-            stop.wait(every_s)
+        stop.wait(every_s)
     return None
 
 

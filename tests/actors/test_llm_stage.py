@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from actors.llm import BearerSession, build_processor
+from cluster.prometheus import metric_sum
 from pipelines.core.config import LLMEndpoint
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages, status_table
@@ -19,7 +20,6 @@ from tests.conftest import (
     TEST_API_KEY_ENV,
     assert_balanced,
     http_endpoint,
-    metric_value,
     wait_for_metric,
     write_jsonl,
 )
@@ -81,12 +81,12 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     wait_for_metric("ray_chillguard_llm_tokens_total", kind="output", **tags)  # workers and driver export alike
     text = wait_for_metric("ray_chillguard_stage_rows_total", **tags)
     for status in ("in", "out", "dropped", "errored"):
-        assert metric_value(text, "ray_chillguard_stage_rows_total", status=status, **tags) == rewrite["rows"][status]
-    assert metric_value(text, "ray_chillguard_stage_reason_rows_total", status="errored", reason="prompt_too_long",
+        assert metric_sum(text, "ray_chillguard_stage_rows_total", status=status, **tags) == rewrite["rows"][status]
+    assert metric_sum(text, "ray_chillguard_stage_reason_rows_total", status="errored", reason="prompt_too_long",
                         **tags) == 1
-    assert metric_value(text, "ray_chillguard_stage_seconds", **tags) == pytest.approx(rewrite["seconds"])
-    assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="output", model="tiny", **tags) > 0
-    assert metric_value(text, "ray_chillguard_llm_tokens_total", kind="prompt", **tags) > 0
+    assert metric_sum(text, "ray_chillguard_stage_seconds", **tags) == pytest.approx(rewrite["seconds"])
+    assert metric_sum(text, "ray_chillguard_llm_tokens_total", kind="output", model="tiny", **tags) > 0
+    assert metric_sum(text, "ray_chillguard_llm_tokens_total", kind="prompt", **tags) > 0
 
     # rerun: nothing to do, same outputs
     again = run_stages(stages, rundir)

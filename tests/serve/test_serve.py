@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from cluster.prometheus import metric_sum
 from tests.conftest import (
     TEST_API_KEY,
     TEST_API_KEY_ENV,
     free_port,
     has_metric,
-    metric_value,
     wait_for_metric_names,
 )
 
@@ -173,20 +173,20 @@ def test_metrics_and_one_engine_call_per_list(guard_app, ray_local):
     requests = "ray_chillguard_serve_requests_total"
 
     def answered(n: int) -> str:  # a scrape once the ingress reported n answered requests
-        return _wait_for_scrape(lambda text: metric_value(text, requests) >= n, 60)
+        return _wait_for_scrape(lambda text: metric_sum(text, requests) >= n, 60)
 
     before = answered(FIRST_REQUESTS)
-    assert metric_value(before, requests, route="moderations", status="200") == FIRST_REQUESTS
-    first = (metric_value(before, count, call="first_token"), metric_value(before, total, call="first_token"))
+    assert metric_sum(before, requests, route="moderations", status="200") == FIRST_REQUESTS
+    first = (metric_sum(before, count, call="first_token"), metric_sum(before, total, call="first_token"))
     assert first[0] >= FIRST_REQUESTS + 1  # theirs and the warm-up's
     n = 6
     assert call(url, "/v1/moderations", {"input": [f"list item {i}" for i in range(n)]})[0] == 200
     after = answered(FIRST_REQUESTS + 1)
-    assert metric_value(after, requests, route="moderations", status="200") == FIRST_REQUESTS + 1
-    assert (metric_value(after, count, call="first_token") - first[0],
-            metric_value(after, total, call="first_token") - first[1]) == (1, n)
+    assert metric_sum(after, requests, route="moderations", status="200") == FIRST_REQUESTS + 1
+    assert (metric_sum(after, count, call="first_token") - first[0],
+            metric_sum(after, total, call="first_token") - first[1]) == (1, n)
     # one-pass scoring decodes no whole answers
-    assert metric_value(after, count, call="decode") == 0
+    assert metric_sum(after, count, call="decode") == 0
     # Serve's proxy reports on its own tick: wait for each name asserted (a clean-clone run once scraped
     # ours before Serve's http counter had arrived)
     names = ["ray_chillguard_serve_texts_total", "ray_chillguard_serve_latency_s_bucket",

@@ -12,13 +12,14 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+from cluster.prometheus import metric_sum
 from pipelines.construction import Recipe, build_stages
 from pipelines.core.rows import OK
 from pipelines.core.rundir import RunDir
 from pipelines.core.stage import run_stages
 from pipelines.guard.format import GuardFormatError, parse_guard_answer
 from pipelines.training.train_loop import make_plan
-from tests.conftest import MetricsWatcher, answer_loss, metric_value, wait_for_metric, write_jsonl
+from tests.conftest import MetricsWatcher, answer_loss, wait_for_metric, write_jsonl
 
 # A synthetic guard task: a text is unsafe exactly when it contains a trigger word, whose micro
 # category the guard must name.
@@ -114,7 +115,7 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
         assert sample["ray_chillguard_train_loss"] == pytest.approx(history[step - 1]["loss"], rel=1e-5)
     # and once it is done, the numbers of its summary from the driver (its final loss among them)
     text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_sft", field="final_metrics.loss")
-    assert metric_value(text, "ray_chillguard_stage_summary", run="run", stage="guard_sft",
+    assert metric_sum(text, "ray_chillguard_stage_summary", run="run", stage="guard_sft",
                         field="final_metrics.loss") == pytest.approx(m["summary"]["final_metrics"]["loss"], rel=1e-6)
 
 
