@@ -1,6 +1,7 @@
 """Streaming moderation through the guarded proxy: leaks, detection delay, added latency, throughput.
 
-    python benchmarks/stream_guard.py [--model DIR] [--data FILE] [--token-rate 20] [--concurrency 1 8]
+    python benchmarks/stream_guard.py [--model DIR | --run RUN_DIR [--stage S]] [--data FILE | --rows STAGE]
+                                      [--token-rate 20] [--concurrency 1 8]
 
 On an embedded local Ray, the product's app (:func:`pipelines.serve.app.build_app`) serves the guard with
 its guarded ``/v1/chat/completions`` in front of an upstream started in this process: a small real
@@ -9,11 +10,18 @@ tokenizer) every ``1 / --token-rate`` seconds, the way a model generates it. Wit
 offline tiny model is the guard (random weights, answers constrained to the guard format): its quality
 figures are then meaningless (it flags by chance, not by content) and the run checks the flow and the
 latency only. ``--model`` takes a real guard (or a base model as a zero-shot guard; add
-``--set constrained=true`` for a model not trained on the guard format).
+``--set constrained=true`` for a model not trained on the guard format). ``--run`` serves the guard a run
+trained, as ``chillguard serve RUN_DIR`` does (its prompt, chat template and evaluated threshold).
 
 The labelled set (``--data``, JSONL; default ``configs/data/stream_guard_responses.jsonl``, written for
 this repo) holds response-level rows ``{prompt, response, label, unsafe_from}``: ``unsafe_from`` is the
 character where the first unsafe sentence of an unsafe response starts (a safe lead-in precedes it).
+``--rows STAGE`` reads the labelled rows of a stage of ``--run`` instead (``text`` as the prompt, ``response``,
+``label``; e.g. ``configs/recipes/stream_guard_real.yaml``'s ToxiCN posts read as answers): labels per text
+have no ``unsafe_from``, so every token of an unsafe response counts as unsafe (its first sentence is the
+first unsafe one). ``--lead-in`` puts a safe row's response before each unsafe one (cycling through the safe
+rows), so that the guard must pass a safe start and stop the stream once the unsafe text begins: the case the
+hold-back window is for.
 Each row is streamed once through the proxy (``openai``-style SSE, aiohttp) and once straight from the
 upstream (the unguarded baseline). Figures:
 
@@ -67,6 +75,47 @@ def load_rows(path: str) -> list[dict]:
         if row["label"] == "unsafe" and not isinstance(row.get("unsafe_from"), int):
             raise SystemExit(f"{path}: unsafe row {i + 1} needs unsafe_from (the first unsafe character)")
     return rows
+
+
+def stage_rows(run_dir: str, stage: str) -> list[dict]:
+    """The ok rows of ``stage`` in run ``run_dir`` as benchmark rows; an unsafe one is unsafe from its start."""
+    from pipelines.core.rows import OK, column_or_lineage
+    from pipelines.core.rundir import NotARunDir, RunDir
+
+    rundir = RunDir(run_dir, create=False)
+    try:
+        rundir.check_is_run_dir()
+    except NotARunDir as exc:
+        raise SystemExit(str(exc)) from None
+    if rundir.read_manifest(stage) is None:
+        raise SystemExit(f"{run_dir}: no finished stage {stage!r} (finished: {', '.join(rundir.manifests())})")
+    columns = [c for c in ("id", "text", "response", "label", "lineage") if c in rundir.output_schema(stage).names]
+    rows = []
+    for batch in rundir.iter_batches(stage, OK, columns):
+        for r in batch.to_pylist():
+            response = column_or_lineage(r, "response") or ""
+            if r.get("label") in ("safe", "unsafe") and response.strip():
+                rows.append({"id": r["id"], "prompt": r["text"], "response": response, "label": r["label"],
+                             **({"unsafe_from": 0} if r["label"] == "unsafe" else {})})
+    if not rows:
+        raise SystemExit(f"{run_dir}: stage {stage!r} has no labelled rows with a response")
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def with_lead_ins(rows: list[dict], separator: str = "\n") -> list[dict]:
+    """Each unsafe row's response preceded by a safe row's (the safe rows in turn), ``unsafe_from`` moved past
+    the lead-in; safe rows unchanged. Without safe rows there is nothing to lead in with."""
+    safe = [r for r in rows if r["label"] == "safe"]
+    if not safe:
+        raise SystemExit("--lead-in needs safe rows to lead in with")
+    lead = itertools.cycle(safe)
+    out = []
+    for row in rows:
+        if row["label"] == "unsafe":
+            head = next(lead)["response"] + separator
+            row = {**row, "response": head + row["response"], "unsafe_from": len(head) + row["unsafe_from"]}
+        out.append(row)
+    return out
 
 
 def token_pieces(tokenizer, text: str) -> list[str]:
@@ -228,6 +277,10 @@ def fmt(value, unit="", scale=1.0, digits=3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="guard model folder (default: build the tiny model)")
+    parser.add_argument("--run", help="serve the guard this run trained (as chillguard serve RUN_DIR)")
+    parser.add_argument("--stage", help="with --run: which guard-training stage (default: the last finished)")
+    parser.add_argument("--rows", help="with --run: stream this stage's labelled rows instead of --data")
+    parser.add_argument("--lead-in", action="store_true", help="a safe response before each unsafe one")
     parser.add_argument("--config", default=str(ROOT / "configs/serve/cpu.yaml"))
     parser.add_argument("--data", default=str(ROOT / "configs/data/stream_guard_responses.jsonl"))
     parser.add_argument("--token-rate", type=float, default=20, help="upstream tokens per second per stream")
@@ -244,19 +297,30 @@ def main() -> None:
     from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, build_app
     from pipelines.serve.cli import serve_settings
 
-    rows = load_rows(args.data)
+    if args.run and args.model:
+        raise SystemExit("give --model or --run, not both")
+    if (args.rows or args.stage) and not args.run:
+        raise SystemExit("--rows and --stage read a run: give --run RUN_DIR")
+    rows = stage_rows(args.run, args.rows) if args.rows else load_rows(args.data)
+    data = f"{args.run}:{args.rows}" if args.rows else args.data
+    if args.lead_in:
+        rows, data = with_lead_ins(rows), data + " (safe lead-ins)"
     if max(args.concurrency) > len(rows):
-        raise SystemExit(f"--concurrency at most {len(rows)} (the rows of {args.data}: one stream each)")
+        raise SystemExit(f"--concurrency at most {len(rows)} (the rows of {data}: one stream each)")
     work = fresh_dir(args.workdir)
-    tiny = args.model is None
-    model = args.model or __import__("pipelines.training.tiny_models", fromlist=["x"]).build_tiny_models(
-        work / "models")["causal-lm"]
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tiny = args.model is None and args.run is None
+    model = args.model or (None if args.run else __import__(
+        "pipelines.training.tiny_models", fromlist=["x"]).build_tiny_models(work / "models")["causal-lm"])
+    overrides = ["ingress.max_ongoing_requests=256", *(["constrained=true", "max_tokens=4"] if tiny else []),
+                 *args.set]
+    config, _, what = serve_settings(argparse.Namespace(run_dir=args.run, overrides=overrides, model=model,
+                                                        stage=args.stage, config=args.config, host=None,
+                                                        port=None), cuda=False)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
     upstream = Upstream({r["id"]: token_pieces(tokenizer, r["response"]) for r in rows}, args.token_rate)
-    overrides = [f"model={model}", "ingress.max_ongoing_requests=256", f"proxy.upstream_base_url={upstream.url}",
-                 *(["constrained=true", "max_tokens=4"] if tiny else []), *args.set]
-    config, _, _ = serve_settings(argparse.Namespace(run_dir=None, overrides=overrides, model=None, stage=None,
-                                                     config=args.config, host=None, port=None), cuda=False)
+    config = config.model_copy(update={"proxy": config.proxy.model_copy(
+        update={"upstream_base_url": upstream.url})})
+    print(f"guard: {what}; threshold {config.threshold}; {len(rows)} rows from {data}", flush=True)
     port = free_port()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=512 * 1024**2)
     try:
@@ -316,7 +380,7 @@ def main() -> None:
               f"p95 {fmt(level['token_delay_s_p95'], ' s')}")
     finish({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "date": time.strftime("%Y-%m-%d"), "note": note,
-            "settings": {"model": model, "data": args.data, "token_rate": args.token_rate,
+            "settings": {"model": config.model, "run": args.run, "data": data, "token_rate": args.token_rate,
                          "hold_back_tokens": config.stream.hold_back_tokens,
                          "judge_every_tokens": config.stream.judge_every_tokens, "threshold": config.threshold,
                          "concurrency": args.concurrency, "set": args.set},

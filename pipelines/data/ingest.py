@@ -96,6 +96,11 @@ class IngestConfig(Strict):
     require_response: bool = Field(
         False, json_schema_extra=ADDED,
         description="response-level sets: a row without a response is an error (missing_response)")
+    prompt: str | None = Field(
+        None, json_schema_extra=ADDED,
+        description="one user prompt for every row, and each record's columns.response as the answer to "
+        "it: a set labelled per text read as assistant answers, for response-level guards and streaming "
+        "moderation (implies require_response; columns.text is not read)")
     group_column: str = Field(
         "group", json_schema_extra=ADDED,
         description="format json, an object {key: [records]}: the column that receives each list's "
@@ -138,6 +143,12 @@ class IngestConfig(Strict):
         """Settings that read a column need it mapped: without one they would silently do nothing."""
         if self.micro_map and not self.columns.micro:
             raise ValueError("micro_map maps the values of columns.micro: set columns.micro")
+        if self.prompt is not None:
+            if not self.prompt.strip():
+                raise ValueError("prompt is empty: give the user prompt every row's answer replies to")
+            if not self.columns.response:
+                raise ValueError("prompt reads each record's answer from columns.response: set it")
+            self.__dict__["require_response"] = True  # the label is the answer's; ids must cover it
         if self.require_response and not self.columns.response:
             raise ValueError("require_response needs columns.response")
         return self
@@ -293,7 +304,7 @@ def record_to_row(record: Any, config: IngestConfig, origin: str,
         return make_row(id=content_id(repr(record)), source=config.source, method="ingest",
                         origin=origin, status=ERROR, reason="not_an_object", detail=error_detail(record))
     raw_id = lookup(record, columns.id) if columns.id else None
-    text = lookup(record, columns.text)
+    text = config.prompt if config.prompt is not None else lookup(record, columns.text)
     fields: dict[str, Any] = {"source": config.source, "method": config.preset or "ingest",
                               "origin": origin}
     for name, field in _KEPT.items():
@@ -511,7 +522,7 @@ def _first_file(fs, folder: str, fmt: str) -> str | None:
 def _required_columns(config: IngestConfig) -> dict[str, str]:
     """Columns whose absence would turn every row of a file into an error or a drop -> the recipe
     setting that names them. Optional lineage columns (id, lang, response, ...) may be absent."""
-    required = {config.columns.text: "columns.text"}
+    required = {} if config.prompt is not None else {config.columns.text: "columns.text"}
     if config.label is None and config.columns.label:  # a fixed `label` wins over the column
         required.setdefault(config.columns.label, "columns.label")
     if config.micro_map:

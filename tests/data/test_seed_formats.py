@@ -397,6 +397,27 @@ def test_toxicn_label_and_first_targeted_group(tmp_path):
     assert rows[0]["harm_category"] == "gender"
 
 
+def test_labelled_texts_as_answers_to_one_prompt(tmp_path):
+    """``prompt``: every row's text is that prompt and its response the record's text, labelled as the
+    record is: ToxiCN's posts read as an assistant's answers, for a response-level guard."""
+    posts = [{"content": "地图炮帖子", "toxic": 1, "target": [0, 1, 0, 0, 0, 0]},
+             {"content": "正常讨论", "toxic": 0, "target": [0, 0, 0, 0, 0, 1]},
+             {"content": "   ", "toxic": 0, "target": [0, 0, 0, 0, 0, 1]}]
+    path = str(write_jsonl(tmp_path / "t.jsonl", posts))
+    config = IngestConfig(paths=[path], preset="toxicn", prompt="说说你的看法。", columns={"response": "content"})
+    assert config.require_response
+    rows = _read(config)
+    assert [(r["status"], r["reason"], r["text"], r["response"], r["label"], r["micro"]) for r in rows] == [
+        (OK, "", "说说你的看法。", "地图炮帖子", "unsafe", "B4"), (OK, "", "说说你的看法。", "正常讨论", "safe", ""),
+        (ERROR, "missing_response", "", "   ", "safe", "")]
+    assert len({r["id"] for r in rows}) == 3  # one prompt: the ids come from the answers
+    assert {r["id"] for r in rows[:2]}.isdisjoint(r["id"] for r in _read(IngestConfig(paths=[path], preset="toxicn")))
+    with pytest.raises(ValueError, match="columns.response"):
+        IngestConfig(paths=[path], preset="toxicn", prompt="说说你的看法。")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        IngestConfig(paths=[path], preset="toxicn", prompt=" ", columns={"response": "content"})
+
+
 def test_chineseharm_bench_classes_map_to_micro_codes(tmp_path):
     rows = _read(IngestConfig(paths=[str(write_jsonl(tmp_path / "b.jsonl", [
         {"文本": "加我微信日结", "标签": "黑产广告"}, {"文本": "今天天气不错", "标签": "不违规"},

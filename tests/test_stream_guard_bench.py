@@ -1,0 +1,47 @@
+"""The streaming benchmark's labelled rows: a run's stage as rows, and safe lead-ins before unsafe answers
+(pure; no engine is started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.stream_guard import stage_rows, with_lead_ins
+from pipelines.core.rows import ERROR, OK, make_row, to_table
+from pipelines.core.rundir import RunDir
+from pipelines.data.ingest import ORIGIN
+
+
+def _row(id_: str, label: str, response: str) -> dict:
+    return {"id": id_, "prompt": "说说你的看法。", "response": response, "label": label,
+            **({"unsafe_from": 0} if label == "unsafe" else {})}
+
+
+def test_lead_ins_put_safe_answers_before_the_unsafe_ones_in_turn():
+    rows = [_row("u1", "unsafe", "坏话一"), _row("s1", "safe", "好话一"), _row("u2", "unsafe", "坏话二"),
+            _row("s2", "safe", "好话二"), _row("u3", "unsafe", "坏话三")]
+    out = with_lead_ins(rows)
+    assert [r["response"] for r in out] == ["好话一\n坏话一", "好话一", "好话二\n坏话二", "好话二", "好话一\n坏话三"]
+    for row, before in zip(out, rows, strict=True):
+        if row["label"] == "unsafe":  # the unsafe part starts where the original answer does
+            assert row["response"][row["unsafe_from"]:] == before["response"] and row["unsafe_from"] == 4
+    with pytest.raises(SystemExit, match="safe rows"):
+        with_lead_ins([_row("u1", "unsafe", "坏话一")])
+
+
+def test_a_stages_labelled_rows_with_answers_become_benchmark_rows(tmp_path):
+    rundir = RunDir(str(tmp_path / "run"))
+    rows = [make_row(id="b", text="说说你的看法。", label="unsafe", response="坏话"),
+            make_row(id="a", text="说说你的看法。", label="safe", response="好话"),
+            make_row(id="c", text="说说你的看法。", label="safe", response=""),  # no answer: not streamable
+            make_row(id="d", text="说说你的看法。", label="", response="没有标签")]
+    rundir.write_table("seeds_answers", OK, to_table(rows, ORIGIN))  # as ingestion writes them
+    rundir.write_table("seeds_answers", ERROR, to_table([make_row(id="e", status=ERROR, reason="missing_response")],
+                                                        ORIGIN))
+    rundir.write_manifest("seeds_answers", {"stage": "seeds_answers"})
+    assert stage_rows(rundir.root, "seeds_answers") == [
+        {"id": "a", "prompt": "说说你的看法。", "response": "好话", "label": "safe"},
+        {"id": "b", "prompt": "说说你的看法。", "response": "坏话", "label": "unsafe", "unsafe_from": 0}]
+    with pytest.raises(SystemExit, match="no finished stage 'guard_sft'"):
+        stage_rows(rundir.root, "guard_sft")
+    with pytest.raises(SystemExit, match="not a run directory"):
+        stage_rows(str(tmp_path), "seeds_answers")
