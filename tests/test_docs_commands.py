@@ -226,6 +226,7 @@ def test_relative_links_point_to_existing_files_and_headings():
 OUTSIDE_THE_CLONE = {"configs/recipes/real_small.yaml": ("real", "shared"),
                      "configs/recipes/real_eval.yaml": ("real", "shared"),
                      "configs/recipes/shard_real.yaml": ("real",),
+                     "configs/recipes/stream_guard_real.yaml": ("real", "shared"),
                      "configs/recipes/loop_ablation.yaml": ("demo_run",)}
 
 
