@@ -52,6 +52,19 @@ def require_resources(needed: dict[str, float], what: str, remedy: str) -> None:
     log.warning("%s now, so it waits for the autoscaler (on a fixed cluster: %s)", message, remedy)
 
 
+#: Ray Train's detached placement-group cleaner asks the State API once a second whether the training
+#: controller lives; the State API is served by the dashboard, so without it every ask fails and warns
+PLACEMENT_GROUP_CLEANER_LOG = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_dashboard() -> None:
+    """Worker setup hook of an embedded Ray started without the dashboard: the cleaner's once-a-second
+    "State API may be temporarily unavailable" warning (~900 lines in 15 minutes of training) says only
+    that there is no dashboard, so it is kept to errors. Without the State API the cleaner cannot tell a
+    dead controller either; the embedded Ray ends with its driver, placement groups and all."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOG).setLevel(logging.ERROR)
+
+
 def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
     """Initialise Ray once for this process; return the cluster's resources.
 
@@ -82,6 +95,8 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> dict:
         # reaches the workers through the runtime env. A value set by the user wins.
         footer = os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         runtime_env["env_vars"]["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = footer
+        if not cluster.include_dashboard:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_without_dashboard"
         # address="local" always starts a fresh local instance, even if a stale
         # ray_current_cluster file points at a cluster that no longer exists.
         global _EMBEDDED
