@@ -60,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import add_output_args, finish, fresh_dir
 from cluster.processes import free_port
-from cluster.prometheus import metric_sum, scrape, vllm_counter
+from cluster.prometheus import metric_sum, scrape, settled, vllm_counter
 
 MIN_ANSWERS = 20
 TARGET_BATCHING, TARGET_CEILING, TARGET_ONE_PASS = 3.0, 0.6, 1.5
@@ -131,21 +131,14 @@ COUNTERS = {"first_token_prompts": ("ray_chillguard_serve_batch_size_sum", {"cal
             "decode_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "decode"})}
 
 
-def settled_counters(port: int, timeout: float = 40) -> dict[str, float]:
-    """The counters once Ray's export (a 10 s tick per process) shows the same values 12 s apart."""
+def settled_counters(port: int) -> dict[str, float]:
+    """The counters once Ray's export shows the same values twice (:func:`cluster.prometheus.settled`)."""
     def read() -> dict[str, float]:
         text = scrape(f"http://127.0.0.1:{port}/metrics")
         return {**{key: metric_sum(text, name, **labels) for key, (name, labels) in COUNTERS.items()},
                 **{key: vllm_counter(text, name) or 0.0 for key, name in VLLM_COUNTERS.items()}}
 
-    deadline, last = time.time() + timeout, read()
-    while time.time() < deadline:
-        time.sleep(12)
-        now = read()
-        if now == last:
-            return now
-        last = now
-    return last
+    return settled(read)
 
 
 def serve_variant(model: str, port: int, metrics_port: int, name: str, args) -> dict:

@@ -224,12 +224,11 @@ async def run_set(url: str, rows: list[dict], run: str, concurrency: int) -> lis
 
 
 def prefix_counters() -> tuple[float, float] | None:
-    """``(hits, queries)`` of vLLM's prefix cache on this Ray node's Prometheus export, or None."""
-    from cluster.prometheus import node_metrics_url, scrape, vllm_counter
+    """``(hits, queries)`` of vLLM's prefix cache on this Ray node's Prometheus export once it settled, or None."""
+    from cluster.prometheus import node_metrics_url, prefix_cache_counters, scrape, settled
 
-    text = scrape(node_metrics_url())
-    hits, queries = vllm_counter(text, "prefix_cache_hits"), vllm_counter(text, "prefix_cache_queries")
-    return None if hits is None or queries is None else (hits, queries)
+    url = node_metrics_url()
+    return settled(lambda: prefix_cache_counters(scrape(url)))
 
 
 def quality(rows: list[dict], streams: dict[str, dict], tokenizer) -> dict:

@@ -4,9 +4,14 @@ parser for the benchmarks and tests, ``prometheus_client``'s (labels with escape
 
 from __future__ import annotations
 
+import time
 import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
 
 
 def scrape(url: str, timeout: float = 10) -> str:
@@ -39,3 +44,24 @@ def vllm_counter(text: str, name: str) -> float | None:
     or ``ray_vllm_<name>_total`` by Ray version, summed over replicas; None when the export has neither."""
     found = [metric_sum(text, f"ray_vllm{sep}{name}_total", default=None) for sep in (":", "_")]
     return None if all(v is None for v in found) else sum(v or 0.0 for v in found)
+
+
+def prefix_cache_counters(text: str) -> tuple[float, float] | None:
+    """``(hits, queries)`` of vLLM's prefix cache, in prompt tokens, summed over replicas; None before any
+    engine exported its queries. Ray exports a counter from its first increment, so a prompt that never
+    filled a whole KV block (short prompts: no hit yet) has queries and no hits line: 0 hits, not unknown."""
+    queries = vllm_counter(text, "prefix_cache_queries")
+    return None if queries is None else (vllm_counter(text, "prefix_cache_hits") or 0.0, queries)
+
+
+def settled(read: Callable[[], T], *, every_s: float = 12, timeout_s: float = 40) -> T:
+    """``read()`` once two reads ``every_s`` apart agree (Ray exports each process's metrics on a 10 s tick,
+    so a read right after the work may miss its last seconds); the last read after ``timeout_s``."""
+    deadline, last = time.monotonic() + timeout_s, read()
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last

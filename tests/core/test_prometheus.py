@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.prometheus import metric_sum, vllm_counter
+from cluster.prometheus import metric_sum, prefix_cache_counters, settled, vllm_counter
 
 EXPORT = '''# HELP ray_chillguard_serve_requests_total requests
 # TYPE ray_chillguard_serve_requests_total counter
@@ -37,3 +37,18 @@ def test_a_vllm_counter_under_either_of_rays_names():
     assert vllm_counter(EXPORT, "prefix_cache_hits") == 100.0  # ray_vllm: + ray_vllm_ (two Ray versions' names)
     assert vllm_counter(EXPORT, "prefix_cache_queries") == 40.0
     assert vllm_counter(EXPORT, "num_preemptions") is None
+
+
+def test_prefix_cache_counters_before_the_first_hit():
+    assert prefix_cache_counters(EXPORT) == (100.0, 40.0)
+    # Ray exports a counter from its first increment: queries without a hits line are 0 hits
+    short_prompts = "\n".join(line for line in EXPORT.splitlines() if "prefix_cache_hits" not in line)
+    assert prefix_cache_counters(short_prompts) == (0.0, 40.0)
+    assert prefix_cache_counters("vllm:num_requests_running 4.0\n") is None  # no engine exported yet
+
+
+def test_settled_reads_until_two_reads_agree():
+    reads = iter([1, 2, 2, 3])
+    assert settled(lambda: next(reads), every_s=0, timeout_s=5) == 2
+    climbing = iter(range(1000))
+    assert settled(lambda: next(climbing), every_s=0.01, timeout_s=0.05) >= 1  # never settles: the last read
