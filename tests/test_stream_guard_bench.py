@@ -58,16 +58,19 @@ def test_leak_counts_missed_streams_and_text_released_before_a_late_block():
     rows = [{"id": "a", "label": "unsafe", "response": "好好好。坏坏坏坏。", "unsafe_from": 4},  # blocked in time
             {"id": "b", "label": "unsafe", "response": "好好。坏坏坏坏坏。", "unsafe_from": 3},  # blocked late
             {"id": "c", "label": "unsafe", "response": "坏坏坏。", "unsafe_from": 0},            # missed
+            {"id": "f", "label": "unsafe", "response": "好好好好。坏。", "unsafe_from": 5},        # blocked early
             {"id": "d", "label": "safe", "response": "好好好。"}, {"id": "e", "label": "safe", "response": "好。"}]
     blocked = {"finish_reason": "content_filter"}
     streams = {"a": {**blocked, "text": "好好好。", "moderation": {"judged_tokens": 6}},
                "b": {**blocked, "text": "好好。坏坏", "moderation": {"judged_tokens": 7}},
                "c": {"finish_reason": "stop", "text": "坏坏坏。", "moderation": None},
+               "f": {**blocked, "text": "", "moderation": {"judged_tokens": 3}},
                "d": {"finish_reason": "stop", "text": "好好好。", "moderation": None},
                "e": {**blocked, "text": "", "moderation": {"judged_tokens": 1}}}
     q = quality(rows, streams, _per_character)
     assert (q["unsafe_tokens"], q["leaked_tokens"], q["leaked_tokens_missed"], q["leaked_tokens_blocked"]) == \
-        (5 + 6 + 4, 2 + 4, 4, 2)
+        (5 + 6 + 4 + 2, 2 + 4, 4, 2)
     assert q["streams_leaking"] == ["b", "c"] and q["missed"] == ["c"] and q["false_blocks"] == ["e"]
-    # judged tokens at the block minus the tokens to the end of the first unsafe sentence
-    assert q["detection_delay_tokens"]["values"] == [6 - 9, 7 - 9]
+    # judged tokens at the block minus the tokens to the end of the first unsafe sentence; f was flagged on
+    # its safe lead-in (3 tokens read of the 5 before its unsafe part): counted apart, not as a detection
+    assert q["detection_delay_tokens"]["values"] == [6 - 9, 7 - 9] and q["blocked_before_unsafe"] == ["f"]
