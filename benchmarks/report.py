@@ -26,8 +26,10 @@ def fresh_dir(path: str | Path) -> Path:
 
 
 def finish(result: dict, out: str) -> None:
+    """Print each target as met, MISSED, or n/a (``None``: its figure was not measured in this run), and
+    write ``result`` as JSON to ``out``."""
     for name, ok in result["targets"].items():
-        print(f"  target {name}: {'met' if ok else 'MISSED'}")
+        print(f"  target {name}: {'n/a (not measured in this run)' if ok is None else 'met' if ok else 'MISSED'}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
