@@ -181,10 +181,6 @@ def _loop_runs_resumes_and_reports(tmp_path, tiny_models, vllm_server, gate):
     second = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-5000:]
-    # no dashboard here: Ray Train's placement-group cleaner, which asks the State API, is kept quiet
-    # (cluster.connect.quiet_without_dashboard) instead of warning once a second while a model trains
-    first_log = (tmp_path / "first.log").read_text()
-    assert "loop1_train_c1" in first_log and "State API may be temporarily unavailable" not in first_log + out
     for name in ("loop1_generate", "loop1_decontaminate", "loop1_train_c1", "loop2_label"):
         assert f"stage {name:<10} up to date, skipped" in out, name
         assert rundir.read_manifest(name) == done_before[name]  # finished stages are not recomputed
