@@ -91,7 +91,10 @@ def stage_rows(run_dir: str, stage: str) -> list[dict]:
         raise SystemExit(str(exc)) from None
     if rundir.read_manifest(stage) is None:
         raise SystemExit(f"{run_dir}: no finished stage {stage!r} (finished: {', '.join(rundir.manifests())})")
-    columns = [c for c in ("id", "text", "response", "label", "lineage") if c in rundir.output_schema(stage).names]
+    schema = rundir.output_schema(stage)
+    if schema is None:
+        raise SystemExit(f"{run_dir}: stage {stage!r} wrote no rows")
+    columns = [c for c in ("id", "text", "response", "label", "lineage") if c in schema.names]
     rows = []
     for batch in rundir.iter_batches(stage, OK, columns):
         for r in batch.to_pylist():

@@ -43,6 +43,9 @@ def test_a_stages_labelled_rows_with_answers_become_benchmark_rows(tmp_path):
         {"id": "b", "prompt": "说说你的看法。", "response": "坏话", "label": "unsafe", "unsafe_from": 0}]
     with pytest.raises(SystemExit, match="no finished stage 'guard_sft'"):
         stage_rows(rundir.root, "guard_sft")
+    rundir.write_manifest("seeds_empty", {"stage": "seeds_empty"})
+    with pytest.raises(SystemExit, match="'seeds_empty' wrote no rows"):
+        stage_rows(rundir.root, "seeds_empty")
     with pytest.raises(SystemExit, match="not a run directory"):
         stage_rows(str(tmp_path), "seeds_answers")
 
