@@ -60,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.report import add_output_args, finish, fresh_dir
 from cluster.processes import free_port
-from cluster.prometheus import metric_sum, scrape, settled, vllm_counter
+from cluster.prometheus import metric_sum, prefix_cache_counters, scrape, settled
 
 MIN_ANSWERS = 20
 TARGET_BATCHING, TARGET_CEILING, TARGET_ONE_PASS = 3.0, 0.6, 1.5
@@ -125,7 +125,6 @@ def summarize(run: dict) -> dict:
     return out
 
 
-VLLM_COUNTERS = {"prefix_hits": "prefix_cache_hits", "prefix_queries": "prefix_cache_queries"}
 COUNTERS = {"first_token_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "first_token"}),
             "continuation_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "continuation"}),
             "decode_prompts": ("ray_chillguard_serve_batch_size_sum", {"call": "decode"})}
@@ -135,8 +134,9 @@ def settled_counters(port: int) -> dict[str, float]:
     """The counters once Ray's export shows the same values twice (:func:`cluster.prometheus.settled`)."""
     def read() -> dict[str, float]:
         text = scrape(f"http://127.0.0.1:{port}/metrics")
+        hits, queries = prefix_cache_counters(text) or (0.0, 0.0)
         return {**{key: metric_sum(text, name, **labels) for key, (name, labels) in COUNTERS.items()},
-                **{key: vllm_counter(text, name) or 0.0 for key, name in VLLM_COUNTERS.items()}}
+                "prefix_hits": hits, "prefix_queries": queries}
 
     return settled(read)
 

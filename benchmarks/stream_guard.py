@@ -305,6 +305,7 @@ def main() -> None:
 
     from pipelines.serve.app import APP_NAME, ROUTE_PREFIX, build_app
     from pipelines.serve.cli import serve_settings
+    from pipelines.training.tiny_models import build_tiny_models
 
     if args.run and args.model:
         raise SystemExit("give --model or --run, not both")
@@ -318,8 +319,7 @@ def main() -> None:
         raise SystemExit(f"--concurrency at most {len(rows)} (the rows of {data}: one stream each)")
     work = fresh_dir(args.workdir)
     tiny = args.model is None and args.run is None
-    model = args.model or (None if args.run else __import__(
-        "pipelines.training.tiny_models", fromlist=["x"]).build_tiny_models(work / "models")["causal-lm"])
+    model = build_tiny_models(work / "models")["causal-lm"] if tiny else args.model
     overrides = ["ingress.max_ongoing_requests=256", *(["constrained=true", "max_tokens=4"] if tiny else []),
                  *args.set]
     config, _, what = serve_settings(argparse.Namespace(run_dir=args.run, overrides=overrides, model=model,

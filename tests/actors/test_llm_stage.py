@@ -83,7 +83,7 @@ def test_rewrite_stage_over_http(tmp_path, vllm_server, ray_local, monkeypatch):
     for status in ("in", "out", "dropped", "errored"):
         assert metric_sum(text, "ray_chillguard_stage_rows_total", status=status, **tags) == rewrite["rows"][status]
     assert metric_sum(text, "ray_chillguard_stage_reason_rows_total", status="errored", reason="prompt_too_long",
-                        **tags) == 1
+                      **tags) == 1
     assert metric_sum(text, "ray_chillguard_stage_seconds", **tags) == pytest.approx(rewrite["seconds"])
     assert metric_sum(text, "ray_chillguard_llm_tokens_total", kind="output", model="tiny", **tags) > 0
     assert metric_sum(text, "ray_chillguard_llm_tokens_total", kind="prompt", **tags) > 0

@@ -116,7 +116,7 @@ def test_guard_sft_learns(tmp_path, tiny_models, ray_local):
     # and once it is done, the numbers of its summary from the driver (its final loss among them)
     text = wait_for_metric("ray_chillguard_stage_summary", run="run", stage="guard_sft", field="final_metrics.loss")
     assert metric_sum(text, "ray_chillguard_stage_summary", run="run", stage="guard_sft",
-                        field="final_metrics.loss") == pytest.approx(m["summary"]["final_metrics"]["loss"], rel=1e-6)
+                      field="final_metrics.loss") == pytest.approx(m["summary"]["final_metrics"]["loss"], rel=1e-6)
 
 
 @pytest.mark.slow
